@@ -1,0 +1,203 @@
+"""The engine's public interface: segment requests in, audio+video segments out.
+
+This module holds the only types that cross from ``engine`` into ``streaming`` and
+``avatar_server``. It is pure Python/NumPy/PyTorch: no asyncio, no I/O. Every engine
+(the real MagiHuman pipeline at any preset, the test-pattern engine) implements
+:class:`SegmentEngine`; callers run :meth:`SegmentEngine.generate` in a worker thread,
+never on an event loop.
+
+Timeline conventions (PIPELINE.md §3):
+
+* video runs at ``fps`` = 25 frames per second; a segment of ``seconds`` s has
+  ``A = round(25 * seconds) + 1`` audio latents, ``T = (A - 1) // 4 + 1`` latent frames and
+  ``F = 4 T - 3`` decoded frames;
+* the segment's media duration is ``F / fps`` seconds, and its audio is trimmed or padded to
+  exactly that duration so that audio and video of one segment start and end together.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+VIDEO_FPS = 25
+"""Video frame rate and audio-latent rate of the model (PIPELINE.md §2.1)."""
+
+
+class SegmentKind(str, enum.Enum):
+    """What a segment shows.
+
+    * ``SPEAK``: the avatar speaks ``SegmentRequest.text`` (text-to-audio-video).
+    * ``IDLE``: the avatar waits, mouth closed, no speech (silence as audio).
+    * ``LISTEN``: the avatar listens attentively to the user (silence as audio).
+    * ``LIPSYNC``: audio-to-video; ``SegmentRequest.audio`` drives the lips and is the
+      segment's audio (PIPELINE.md §13).
+    """
+
+    SPEAK = "speak"
+    IDLE = "idle"
+    LISTEN = "listen"
+    LIPSYNC = "lipsync"
+
+
+class EngineInputError(ValueError):
+    """A request field is outside what the engine supports; the message names field and limit."""
+
+
+@dataclass(frozen=True)
+class Identity:
+    """A session's identity: the reference image encoded once at session start.
+
+    Attributes:
+        image: uint8 ``[H, W, 3]`` RGB reference image at the engine's output size (after the
+            centre crop and Lanczos resize of PIPELINE.md §7).
+        latent: float32 ``[1, 48, 1, h, w]`` normalised Wan2.2 latent of ``image``
+            (``h = H / 16``, ``w = W / 16``), or ``None`` for engines without a VAE.
+        appearance: the appearance text (the body of the enhanced prompt) given at session start.
+    """
+
+    image: np.ndarray
+    latent: Any
+    appearance: str
+
+
+@dataclass
+class Continuation:
+    """What the next segment needs to continue from this one.
+
+    Attributes:
+        last_frame: uint8 ``[H, W, 3]`` last decoded frame of the segment.
+        last_frame_latent: float32 ``[1, 48, 1, h, w]`` latent of ``last_frame`` (image
+            conditioning of the next segment, PIPELINE.md §7), or ``None``.
+        video_latent: float32 ``[1, 48, T, h, w]`` final video latent of the segment, or ``None``.
+        audio_latent: float32 ``[1, A, 64]`` final audio latent of the segment, or ``None``.
+    """
+
+    last_frame: np.ndarray
+    last_frame_latent: Any = None
+    video_latent: Any = None
+    audio_latent: Any = None
+
+
+@dataclass
+class SegmentRequest:
+    """One segment to generate.
+
+    Attributes:
+        identity: the session's :class:`Identity`.
+        kind: what the segment shows (:class:`SegmentKind`).
+        prompt: the full prompt given to the text encoder (enhanced-prompt format: appearance
+            body, ``Dialogue:`` block, ``Background Sound:`` block). Built by the caller.
+        text: the words spoken in this segment (``SPEAK`` only; informational for engines that
+            read ``prompt``).
+        seconds: requested segment length in seconds, ``> 0``; the engine's
+            ``max_segment_seconds`` is the upper limit.
+        seed: RNG seed for all noise drawn for this segment (PIPELINE.md §4).
+        audio: float32 mono ``[N]`` waveform in [-1, 1] for ``LIPSYNC``, else ``None``.
+        audio_sample_rate: sample rate of ``audio`` in Hz.
+        continue_from: the previous segment's :class:`Continuation`, or ``None`` for the first
+            segment of a session (conditioned on the identity image).
+    """
+
+    identity: Identity
+    kind: SegmentKind = SegmentKind.IDLE
+    prompt: str = ""
+    text: str = ""
+    seconds: float = 2.0
+    seed: int = 42
+    audio: np.ndarray | None = None
+    audio_sample_rate: int = 48_000
+    continue_from: Continuation | None = None
+
+
+@dataclass
+class Segment:
+    """A generated audio+video segment.
+
+    Attributes:
+        frames: uint8 ``[F, H, W, 3]`` RGB frames at ``fps``.
+        audio: float32 mono ``[N]`` waveform in [-1, 1] at ``sample_rate`` Hz, with
+            ``N == round(F / fps * sample_rate)`` (same media duration as the video).
+        sample_rate: audio sample rate in Hz.
+        fps: video frame rate in frames per second.
+        continuation: what the next segment continues from.
+        timings_s: wall-clock seconds per stage (``text``, ``dit``, ``decode_video``,
+            ``decode_audio``, ``total``, ...), for metrics.
+    """
+
+    frames: np.ndarray
+    audio: np.ndarray
+    sample_rate: int
+    fps: int
+    continuation: Continuation
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.frames.shape[0])
+
+    @property
+    def duration_s(self) -> float:
+        """Media duration of the segment in seconds (``F / fps``)."""
+        return self.num_frames / self.fps
+
+
+class CancelledError(RuntimeError):
+    """Raised inside :meth:`SegmentEngine.generate` when its cancel event was set."""
+
+
+@runtime_checkable
+class SegmentEngine(Protocol):
+    """What streaming needs from an engine. Implementations are thread-compatible, not
+    thread-safe: one worker thread calls ``generate`` at a time.
+
+    Attributes:
+        width, height: output frame size in pixels.
+        fps: video frame rate (25).
+        sample_rate: sample rate of generated (non-lipsync) audio in Hz.
+        max_segment_seconds: longest segment the engine accepts.
+        name: short engine name for logs and metrics (``preview``, ``full``, ``testpattern``).
+    """
+
+    width: int
+    height: int
+    fps: int
+    sample_rate: int
+    max_segment_seconds: float
+    name: str
+
+    def prepare_identity(self, image: np.ndarray, appearance: str) -> Identity:
+        """Encode a session's reference image (uint8 ``[H, W, 3]`` RGB, any size).
+
+        Raises:
+            EngineInputError: the image is empty or not 3-channel.
+        """
+        ...
+
+    def generate(self, request: SegmentRequest, cancel: Any = None) -> Segment:
+        """Generate one segment. Blocking; call from a worker thread.
+
+        Args:
+            request: the segment to generate.
+            cancel: optional ``threading.Event``; when set, generation stops at the next
+                denoising step and :class:`CancelledError` is raised.
+
+        Raises:
+            EngineInputError: a request field is out of range (message names field and limit).
+            CancelledError: ``cancel`` was set.
+        """
+        ...
+
+
+def segment_frame_count(seconds: float, fps: int = VIDEO_FPS) -> int:
+    """Decoded frames ``F = 4 T - 3`` for a segment of ``seconds`` (PIPELINE.md §3).
+
+    ``A = round(fps * seconds) + 1`` audio latents, ``T = (A - 1) // 4 + 1`` latent frames.
+    Example: 5 s -> A 126, T 32, F 125; 2 s -> A 51, T 13, F 49.
+    """
+    audio_latents = round(fps * seconds) + 1
+    latent_frames = (audio_latents - 1) // 4 + 1
+    return 4 * latent_frames - 3
