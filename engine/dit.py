@@ -29,6 +29,7 @@ tolerances of fixtures/upstream/README.md §1.5):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -172,6 +173,11 @@ def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
 
 
+AttentionKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+"""``(q [L, Hq, D], k [L, Hkv, D], v [L, Hkv, D], mask [L, L] bool | None) -> [L, Hq, D]``, the
+contract of an attention backend (FlashAttention 3/2, SDPA) plugged into :class:`DiTModel`."""
+
+
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, exact: bool
 ) -> torch.Tensor:
@@ -206,8 +212,10 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(hd, num_experts, config.norm_eps)
         self.k_norm = RMSNorm(hd, num_experts, config.norm_eps)
 
-    def forward(self, h, spans, rope, mask, dtype, exact_attention):
-        """``h`` fp32 ``[L, d]`` -> attention branch output ``[L, d]`` in ``dtype`` (bf16 values)."""
+    def forward(self, h, spans, rope, mask, dtype, exact_attention, kernel: AttentionKernel | None = None):
+        """``h`` fp32 ``[L, d]`` -> attention branch output ``[L, d]`` in ``dtype`` (bf16 values).
+
+        ``kernel`` replaces the default SDPA attention (it must implement GQA itself)."""
         cfg = self.config
         hq, hkv, hd = cfg.num_heads_q, cfg.num_heads_kv, cfg.head_dim
         a = self.pre_norm(h, spans).to(dtype)  # §4.6.1: bf16(RMSNorm(h))
@@ -217,7 +225,11 @@ class Attention(nn.Module):
         v = qkvg[:, (hq + hkv) * hd : (hq + 2 * hkv) * hd].view(-1, hkv, hd)
         q, k = self.q_norm(q, spans), self.k_norm(k, spans)  # §4.6.4: fp32 per-head RMSNorm
         q, k = apply_rope(q, rope), apply_rope(k, rope)  # §4.6.5: fp32 rotary
-        o = attention(q.to(dtype), k.to(dtype), v.to(dtype), mask if self.local else None, exact_attention)
+        layer_mask = mask if self.local else None
+        if kernel is not None:
+            o = kernel(q.to(dtype), k.to(dtype), v.to(dtype), layer_mask)
+        else:
+            o = attention(q.to(dtype), k.to(dtype), v.to(dtype), layer_mask, exact_attention)
         if cfg.enable_attn_gating:  # §4.6.7: fp32 product, then bf16
             gate = torch.sigmoid(qkvg[:, (hq + 2 * hkv) * hd :]).unsqueeze(-1)
             o = (o.float() * gate).to(dtype)
@@ -263,8 +275,8 @@ class TransformerLayer(nn.Module):
         self.attention = Attention(config, experts, local=index in config.local_attn_layers)
         self.mlp = MLP(config, experts, gelu7=index in config.gelu7_layers)
 
-    def forward(self, h, spans, rope, mask, dtype, exact_attention, taps=None):
-        attn_out = self.attention(h, spans, rope, mask, dtype, exact_attention)
+    def forward(self, h, spans, rope, mask, dtype, exact_attention, taps=None, kernel=None):
+        attn_out = self.attention(h, spans, rope, mask, dtype, exact_attention, kernel)
         h = h + attn_out.float()
         mlp_out = self.mlp(h, spans, dtype)
         if taps is not None:
@@ -318,6 +330,7 @@ class DiTModel(nn.Module):
         self.final_norm_audio = RMSNorm(d, 1, config.norm_eps)
         self.final_linear_video = nn.Linear(d, config.video_in_channels, bias=False, dtype=torch.float32)
         self.final_linear_audio = nn.Linear(d, config.audio_in_channels, bias=False, dtype=torch.float32)
+        self.attention_kernel: AttentionKernel | None = None  # set by engine.backends; None = SDPA
 
     def forward(
         self,
@@ -364,7 +377,7 @@ class DiTModel(nn.Module):
             intermediates["rope"], intermediates["adapter_out"] = rope, h
         for i, layer in enumerate(self.block.layers):
             taps = {} if (intermediates is not None and i == 0) else None
-            h = layer(h, spans, rope, mask, compute_dtype, exact_attention, taps)
+            h = layer(h, spans, rope, mask, compute_dtype, exact_attention, taps, self.attention_kernel)
             if intermediates is not None:
                 if taps:
                     intermediates["layer0_attn_out"] = taps["attn_out"]
