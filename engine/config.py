@@ -154,16 +154,17 @@ def full_config() -> DiTConfig:
 def preview_config() -> DiTConfig:
     """A small DiT of the same classes for CPU demos and tests (seeded, untrained weights).
 
-    8 layers, d 256, head_dim 32 (8 query heads, 2 K/V heads), sandwich layers at both ends
-    ([0, 1] gelu7 + [6, 7] swiglu7), text features of the preview T5Gemma encoder (128 wide).
+    6 layers, d 192, head_dim 32 (6 query heads, 2 K/V heads), sandwich layers at both ends
+    ([0, 1] gelu7 + [4, 5] swiglu7), text features of the preview T5Gemma encoder (128 wide).
+    Sized so that a segment generates in about its own duration on 2 CPU cores.
     """
     return DiTConfig(
-        num_layers=8,
-        hidden_size=256,
+        num_layers=6,
+        hidden_size=192,
         head_dim=32,
         num_query_groups=2,
         text_in_channels=128,
-        mm_layers=(0, 1, 6, 7),
+        mm_layers=(0, 1, 4, 5),
         gelu7_layers=(0, 1),
     )
 
