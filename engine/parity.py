@@ -250,7 +250,7 @@ def check_scheduler(fixture_dir: Path) -> list[Check]:
                                sde=flags["using_sde_flag"])
         videos, audios = [traj["init_video"]], [traj["init_audio"]]
         sample(velocity, traj["init_video"], traj["init_audio"], config, noise_fn=_recorded_noise(traj, mode),
-               on_step=lambda k, i: (videos.append(i["video"]), audios.append(i["audio"])))
+               on_step=lambda k, i, v=videos, a=audios: (v.append(i["video"]), a.append(i["audio"])))
         checks.append(Check(f"scheduler/{mode}.trajectory", [
             ("video_max_abs", max_abs(torch.stack(videos), traj[f"{mode}.video_traj"]), 1e-5),
             ("audio_max_abs", max_abs(torch.stack(audios), traj[f"{mode}.audio_traj"]), 1e-5)]))
@@ -275,7 +275,7 @@ def check_sampler_loops(fixture_dir: Path) -> list[Check]:
         image = loops["image_latent"] if info["mode"] == "ti2v" else None
         steps: list[dict] = []
         video, audio = sample(velocity, loops[f"{init}_video"], loops[f"{init}_audio"], config, image_latent=image,
-                              noise_fn=_recorded_noise(loops, mode), on_step=lambda k, i: steps.append(i))
+                              noise_fn=_recorded_noise(loops, mode), on_step=lambda k, i, s=steps: s.append(i))
         metrics = [("video_max_abs", max_abs(video, loops[f"{mode}.final_video"]), 1e-5),
                    ("audio_max_abs", max_abs(audio, loops[f"{mode}.final_audio"]), 1e-5)]
         for key, field in (("v_cfg_video", "v_video"), ("v_cfg_audio", "v_audio"), ("video_after_step", "video"),
@@ -301,7 +301,7 @@ def check_sr_noise(fixture_dir: Path) -> list[Check]:
         target = f[f"{run}.sr_stage_video_in"]
         video, audio = prepare_sr_inputs(
             f[f"{run}.br_stage_video_out"], f[f"{run}.br_stage_audio_out"], target.shape[-2], target.shape[-1],
-            lambda like, which: draws.pop(0), noise_value=value)
+            lambda like, which, d=draws: d.pop(0), noise_value=value)
         checks.append(Check(f"sr_noise/{run}", [
             ("interp_max_abs", max_abs(
                 torch.nn.functional.interpolate(f[f"{run}.br_stage_video_out"], size=target.shape[2:],
