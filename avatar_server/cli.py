@@ -1,0 +1,231 @@
+"""``avatar-server``: ``serve`` (the server), ``client`` (the Python client), and ``generate``
+(one offline clip) and ``download`` (the model stack) from :mod:`avatar_server.offline_cli`.
+
+Flags override environment variables (``AVATAR_SERVER_*``), which override the defaults;
+see :mod:`avatar_server.settings`. Logging is configured here, once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from avatar_server import offline_cli
+from avatar_server.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+# flag dest -> (settings group or None, field name)
+_SERVE_FLAGS: dict[str, tuple[str | None, str]] = {
+    "host": (None, "host"),
+    "port": (None, "port"),
+    "engine": (None, "engine"),
+    "checkpoint_dir": (None, "checkpoint_dir"),
+    "device": (None, "device"),
+    "seed": (None, "seed"),
+    "testpattern_delay_s": (None, "testpattern_delay_s"),
+    "segment_seconds": (None, "segment_seconds"),
+    "idle_segment_seconds": (None, "idle_segment_seconds"),
+    "playout_target_ms": (None, "playout_target_ms"),
+    "max_sessions": (None, "max_sessions"),
+    "log_level": (None, "log_level"),
+    "log_format": (None, "log_format"),
+    "max_image_bytes": ("limits", "max_image_bytes"),
+    "max_image_pixels": ("limits", "max_image_pixels"),
+    "max_prompt_chars": ("limits", "max_prompt_chars"),
+    "max_text_chars": ("limits", "max_text_chars"),
+    "max_utterance_chars": ("limits", "max_utterance_chars"),
+    "max_message_bytes": ("limits", "max_message_bytes"),
+    "webrtc_host_addresses": ("webrtc", "host_addresses"),
+    "ice_servers": ("webrtc", "ice_servers"),
+}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message (and the exception, if any)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def configure_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # Plain HTTP requests (page, health, metrics) are logged by websockets as rejected
+    # handshakes; keep those out of the INFO log.
+    logging.getLogger("websockets.server").setLevel(max(logging.WARNING, root.level))
+    # ICE and RTP internals log every check at INFO; keep them for --log-level DEBUG.
+    for noisy in ("aioice", "aiortc"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if root.level <= logging.DEBUG else logging.WARNING)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Settings with the given flags on top of environment and defaults."""
+    overrides: dict[str, Any] = {}
+    for dest, (group, name) in _SERVE_FLAGS.items():
+        value = getattr(args, dest, None)
+        if value is None:
+            continue
+        if group is None:
+            overrides[name] = value
+        else:
+            overrides.setdefault(group, {})[name] = value
+    return Settings(**overrides)
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run the server", description="Run the avatar server on one port.")
+    p.add_argument("--host", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default 8080; 0 picks a free one)")
+    p.add_argument("--engine", choices=["preview", "testpattern", "full"], help="engine preset (default preview)")
+    p.add_argument("--checkpoint-dir", type=Path, help="local checkpoint directory")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="engine device (default cpu)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--testpattern-delay-s", type=float, help="simulated generation time (testpattern engine)")
+    p.add_argument("--segment-seconds", type=float, help="speech/lip-sync segment length (default 2.0)")
+    p.add_argument("--idle-segment-seconds", type=float, help="idle segment length (default 2.0)")
+    p.add_argument("--playout-target-ms", type=float, help="media queued ahead of playback (default 2000)")
+    p.add_argument("--max-sessions", type=int, help="concurrent sessions (default 2)")
+    p.add_argument("--max-image-bytes", type=int, help="largest reference image in bytes (default 8 MiB)")
+    p.add_argument("--max-image-pixels", type=int, help="largest reference image, width x height")
+    p.add_argument("--max-prompt-chars", type=int, help="longest appearance prompt")
+    p.add_argument("--max-text-chars", type=int, help="longest speak chunk")
+    p.add_argument("--max-utterance-chars", type=int, help="longest utterance")
+    p.add_argument("--max-message-bytes", type=int, help="largest WebSocket message")
+    p.add_argument(
+        "--webrtc-host-address",
+        dest="webrtc_host_addresses",
+        action="append",
+        help="ICE host candidate address (repeatable; default 127.0.0.1 for a loopback host)",
+    )
+    p.add_argument("--ice-server", dest="ice_servers", action="append", help="STUN/TURN URL (repeatable)")
+    p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--log-format", choices=["text", "json"])
+
+
+def _add_client(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "client",
+        help="connect as a client, record to MP4",
+        description="Start a session with an image, speak text or play an audio file as the microphone, "
+        "and record what comes back.",
+    )
+    p.add_argument("--url", default="http://127.0.0.1:8080/", help="server URL")
+    p.add_argument("--image", type=Path, required=True, help="reference image (PNG/JPEG)")
+    p.add_argument("--prompt", default="", help="appearance text")
+    p.add_argument("--prompt-file", type=Path, help="read the appearance text from this file (first paragraph)")
+    p.add_argument("--say", action="append", default=[], help="text to speak (repeatable: one utterance each)")
+    p.add_argument("--language", help="language of --say text, e.g. English (goes into the prompt)")
+    p.add_argument("--chunk-words", type=int, default=3, help="send --say text in chunks of this many words")
+    p.add_argument("--mic", type=Path, help="audio file to send as the microphone")
+    p.add_argument("--record", type=Path, help="write the received audio+video to this MP4")
+    p.add_argument("--duration", type=float, default=3.0, help="seconds to stay connected after the last utterance")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each server reply")
+    p.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="avatar-server", description="Real-time streaming avatar server.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_serve(sub)
+    _add_client(sub)
+    offline_cli.add_generate_parser(sub)
+    offline_cli.add_download_parser(sub)
+    return parser
+
+
+async def _serve(settings: Settings) -> None:
+    from avatar_server.server import build_app, create_engine
+
+    engine = await asyncio.to_thread(create_engine, settings)
+    app = build_app(settings, engine)
+    await app.start()
+    print(f"avatar-server: open {app.url} in a browser (engine {engine.name})", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        logger.info("shutting down")
+        await app.close()
+
+
+def _first_paragraph(text: str) -> str:
+    return text.strip().strip('"').split("\n\n")[0].strip()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        try:
+            settings = settings_from_args(args)
+        except ValidationError as exc:
+            print(f"avatar-server: invalid settings:\n{exc}", file=sys.stderr)
+            return 2
+        configure_logging(settings.log_level, settings.log_format)
+        from avatar_server.server import EngineUnavailableError
+
+        try:
+            asyncio.run(_serve(settings))
+        except EngineUnavailableError as exc:
+            print(f"avatar-server: {exc}", file=sys.stderr)
+            return 1
+        return 0
+
+    if args.command in ("generate", "download"):
+        configure_logging(args.log_level, "text")
+        run = offline_cli.run_generate if args.command == "generate" else offline_cli.run_download
+        return run(args)
+
+    configure_logging(args.log_level, "text")
+    from clients.python_client import run_client
+
+    prompt = args.prompt
+    if args.prompt_file is not None:
+        prompt = _first_paragraph(args.prompt_file.read_text(encoding="utf-8"))
+    summary = asyncio.run(
+        run_client(
+            url=args.url,
+            image=args.image.read_bytes(),
+            prompt=prompt,
+            says=args.say,
+            language=args.language,
+            microphone=args.mic,
+            record=args.record,
+            chunk_words=args.chunk_words,
+            duration_s=args.duration,
+            timeout_s=args.timeout,
+        )
+    )
+    return 0 if summary["video_frames"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

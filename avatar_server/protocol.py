@@ -1,0 +1,231 @@
+"""The WebSocket control protocol as pydantic models (documented in docs/PROTOCOL.md).
+
+Every frame is a JSON object with a ``type``. Client frames form a discriminated union on
+``type``: an unknown type, malformed JSON or a field over its limit is a validation error,
+which :func:`parse_client_message` turns into an :class:`ErrorMessage` with a specific code.
+Limits come from the server settings through the validation context.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from avatar_server.settings import Limits
+
+UTTERANCE_ID_MAX_CHARS = 128
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+def _limits(info: ValidationInfo) -> Limits:
+    context = info.context or {}
+    return context.get("limits") or Limits()
+
+
+# ------------------------------------------------------------------------------- client -> server
+class SessionStart(_Message):
+    """Start a session: reference image (base64 PNG/JPEG/WebP, data-URL prefix allowed) + appearance."""
+
+    type: Literal["session.start"]
+    image: str
+    prompt: str = ""
+
+    @field_validator("image")
+    @classmethod
+    def _image_size(cls, value: str, info: ValidationInfo) -> str:
+        limits = _limits(info)
+        # base64 carries 3 bytes per 4 characters; a data-URL prefix is short.
+        estimate = (len(value) - value.find(",") - 1 if value.startswith("data:") else len(value)) * 3 // 4
+        if estimate > limits.max_image_bytes + 2:
+            raise PydanticCustomError(
+                "image_too_large",
+                "image: about {size} bytes; the limit is max_image_bytes = {limit}",
+                {"size": estimate, "limit": limits.max_image_bytes},
+            )
+        if not value:
+            raise PydanticCustomError("image_invalid", "image: empty; send a base64 PNG or JPEG", {})
+        return value
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_size(cls, value: str, info: ValidationInfo) -> str:
+        limit = _limits(info).max_prompt_chars
+        if len(value) > limit:
+            raise PydanticCustomError(
+                "prompt_too_long",
+                "prompt: {size} characters; the limit is max_prompt_chars = {limit}",
+                {"size": len(value), "limit": limit},
+            )
+        return value
+
+
+class WebRTCOffer(_Message):
+    """The client's SDP offer (no trickle ICE: candidates are inside the SDP)."""
+
+    type: Literal["webrtc.offer"]
+    sdp: str = Field(min_length=1)
+
+
+class Speak(_Message):
+    """A chunk of text of utterance ``utterance_id``; chunks are joined verbatim."""
+
+    type: Literal["speak"]
+    utterance_id: str = Field(min_length=1, max_length=UTTERANCE_ID_MAX_CHARS)
+    text: str
+    language: str | None = Field(None, max_length=32, description="e.g. English, German (goes into the prompt)")
+
+    @field_validator("text")
+    @classmethod
+    def _text_size(cls, value: str, info: ValidationInfo) -> str:
+        limit = _limits(info).max_text_chars
+        if len(value) > limit:
+            raise PydanticCustomError(
+                "text_too_long",
+                "text: {size} characters in one chunk; the limit is max_text_chars = {limit}",
+                {"size": len(value), "limit": limit},
+            )
+        return value
+
+
+class SpeakEnd(_Message):
+    """No more text will come for ``utterance_id``."""
+
+    type: Literal["speak.end"]
+    utterance_id: str = Field(min_length=1, max_length=UTTERANCE_ID_MAX_CHARS)
+
+
+class Interrupt(_Message):
+    """Stop speaking now."""
+
+    type: Literal["interrupt"]
+
+
+ClientMessage = Annotated[
+    SessionStart | WebRTCOffer | Speak | SpeakEnd | Interrupt,
+    Field(discriminator="type"),
+]
+CLIENT_MESSAGE_TYPES = ("session.start", "webrtc.offer", "speak", "speak.end", "interrupt")
+
+
+# ------------------------------------------------------------------------------- server -> client
+class SessionReady(_Message):
+    type: Literal["session.ready"] = "session.ready"
+    session_id: str
+    width: int
+    height: int
+    fps: int
+    sample_rate: int
+    engine: str
+
+
+class WebRTCAnswer(_Message):
+    type: Literal["webrtc.answer"] = "webrtc.answer"
+    sdp: str
+
+
+class State(_Message):
+    type: Literal["state"] = "state"
+    state: Literal["idle", "speaking", "listening"]
+
+
+class SpeakStarted(_Message):
+    type: Literal["speak.started"] = "speak.started"
+    utterance_id: str
+    played_ms: int = 0
+
+
+class SpeakEnded(_Message):
+    type: Literal["speak.ended"] = "speak.ended"
+    utterance_id: str
+    played_ms: int
+
+
+class Interrupted(_Message):
+    type: Literal["interrupted"] = "interrupted"
+    utterance_id: str | None
+    played_ms: int
+
+
+class Stats(_Message):
+    """Live figures of the session, sent every ``stats_interval_s``."""
+
+    type: Literal["stats"] = "stats"
+    buffer_ms: int
+    underruns: int
+    segments: int
+    frames_sent: int
+    rtf: float | None = None
+    ttff_ms: int | None = None
+    state: str
+
+
+class ErrorMessage(_Message):
+    """Something the client sent could not be used; the connection stays open."""
+
+    type: Literal["error"] = "error"
+    code: str
+    message: str
+    field: str | None = None
+
+
+ServerMessage = (
+    SessionReady | WebRTCAnswer | State | SpeakStarted | SpeakEnded | Interrupted | Stats | ErrorMessage
+)
+
+# Error types raised by the validators above; they are the error frame's code as they are.
+_CUSTOM_CODES = frozenset({"image_too_large", "image_invalid", "prompt_too_long", "text_too_long"})
+
+_CLIENT_ADAPTER: TypeAdapter[Any] = TypeAdapter(ClientMessage)
+
+_ERROR_CODES = {
+    "json_invalid": "bad_json",
+    "union_tag_invalid": "unknown_type",
+    "union_tag_not_found": "missing_type",
+    "model_attributes_type": "bad_message",
+    "model_type": "bad_message",
+}
+
+
+def parse_client_message(raw: str | bytes, limits: Limits) -> SessionStart | WebRTCOffer | Speak | SpeakEnd | Interrupt | ErrorMessage:
+    """Validate one client frame; returns the message or the :class:`ErrorMessage` to send back."""
+    try:
+        return _CLIENT_ADAPTER.validate_json(raw, context={"limits": limits})
+    except ValidationError as exc:
+        return error_from_validation(exc)
+
+
+def error_from_validation(exc: ValidationError) -> ErrorMessage:
+    """The error frame for the first validation error, its code specific to the failure."""
+    first = exc.errors(include_url=False)[0]
+    kind = first["type"]
+    loc = [str(part) for part in first.get("loc", ())]
+    # The first element of loc is the union tag (e.g. "speak"); the rest names the field.
+    field = ".".join(loc[1:]) if len(loc) > 1 else None
+    if kind == "union_tag_invalid":
+        tag = (first.get("ctx") or {}).get("tag", "?")
+        message = f"type: unknown message type {tag!r}; expected one of {', '.join(CLIENT_MESSAGE_TYPES)}"
+        return ErrorMessage(code="unknown_type", message=message, field="type")
+    if kind == "union_tag_not_found":
+        return ErrorMessage(code="missing_type", message="type: every message needs a 'type' field", field="type")
+    if kind == "json_invalid":
+        return ErrorMessage(code="bad_json", message=f"message is not valid JSON: {first['msg']}")
+    code = kind if kind in _CUSTOM_CODES else _ERROR_CODES.get(kind, "invalid_field")
+    if not loc:  # the frame itself is not an object
+        return ErrorMessage(code="bad_message", message="message: must be a JSON object with a 'type' field")
+    message = first["msg"]
+    if code == "invalid_field" and field:
+        message = f"{field}: {message}"
+    return ErrorMessage(code=code, message=message, field=field)

@@ -1,0 +1,456 @@
+"""The asyncio server: one port for the page, health, metrics (plain HTTP) and ``/ws``.
+
+``/ws`` carries the JSON control protocol (:mod:`avatar_server.protocol`); media flows over
+one WebRTC peer connection per session. Plain HTTP requests are answered from the
+``process_request`` hook of the ``websockets`` server, so no second web framework is needed.
+
+Layers: :class:`AvatarServer` (entry point, HTTP routes, capacity) -> :class:`ClientConnection`
+(one WebSocket: parses frames, owns the session and its peer connection) ->
+:class:`~streaming.session.SessionRunner` (segment loop) -> :class:`~streaming.session.EngineWorker`
+(the engine's one thread).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import http
+import logging
+import mimetypes
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+import websockets
+from aiortc import RTCPeerConnection, RTCSessionDescription
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.http11 import Request, Response
+
+from avatar_server import protocol
+from avatar_server.images import ImageError, decode_image, set_pixel_limit
+from avatar_server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from avatar_server.metrics import Metrics
+from avatar_server.settings import Settings
+from avatar_server.webrtc import make_peer_connection, use_host_addresses
+from engine.api import EngineInputError, SegmentEngine, SegmentKind, SegmentRequest
+from streaming import events
+from streaming.microphone import Microphone, load_vad_model
+from streaming.playout import PLAYOUT_SAMPLE_RATE_HZ
+from streaming.session import EngineWorker, LoopConfig, SessionInputError, SessionRunner
+
+logger = logging.getLogger(__name__)
+
+WEB_DIR = Path(__file__).resolve().parent.parent / "clients" / "web"
+STATIC_FILES = ("index.html", "app.js", "style.css")
+
+
+def _response(status: http.HTTPStatus, body: bytes, content_type: str) -> Response:
+    headers = Headers(
+        [
+            ("Content-Type", content_type),
+            ("Content-Length", str(len(body))),
+            ("Cache-Control", "no-store"),
+            ("Connection", "close"),
+        ]
+    )
+    return Response(status.value, status.phrase, headers, body)
+
+
+def _text(status: http.HTTPStatus, text: str) -> Response:
+    return _response(status, text.encode(), "text/plain; charset=utf-8")
+
+
+class AvatarServer:
+    """The server application. Build with :func:`build_app`; ``await start()``; ``await close()``.
+
+    Args:
+        settings: all settings.
+        engine: the engine shared by every session (tests inject ``TestPatternEngine``).
+        metrics: metrics holder (default: a fresh registry).
+        microphone_factory: builds the microphone consumer of a session (tests may inject).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        engine: SegmentEngine,
+        *,
+        metrics: Metrics | None = None,
+        microphone_factory: Any = None,
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.worker = EngineWorker(engine)
+        self.metrics = metrics or Metrics()
+        self.microphone_factory = microphone_factory or functools.partial(
+            Microphone,
+            threshold=settings.vad.threshold,
+            hangover_ms=settings.vad.hangover_ms,
+            preroll_ms=settings.vad.preroll_ms,
+        )
+        self.loop_config = LoopConfig(
+            segment_seconds=settings.segment_seconds,
+            idle_segment_seconds=settings.idle_segment_seconds,
+            min_segment_seconds=settings.min_segment_seconds,
+            playout_target_ms=settings.playout_target_ms,
+            words_per_second=settings.words_per_second,
+            max_utterance_chars=settings.limits.max_utterance_chars,
+            seed=settings.seed,
+        )
+        self.sessions_active = 0
+        self.connections: set[ClientConnection] = set()
+        self._server: Server | None = None
+        self._warm = False
+        self._not_ready_reason = "engine warming up"
+        self._warmup_task: asyncio.Task[None] | None = None
+        use_host_addresses(settings.ice_host_addresses())
+        set_pixel_limit(settings.limits.max_image_pixels)
+
+    # ----------------------------------------------------------------------------- lifecycle
+    async def start(self, *, warm_up: bool = True) -> None:
+        """Bind the port and start serving; warm the engine up in the background."""
+        self._server = await serve(
+            self._handle,
+            self.settings.host,
+            self.settings.port,
+            process_request=self._process_request,
+            max_size=self.settings.limits.max_message_bytes,
+            compression=None,
+        )
+        if warm_up:
+            self._warmup_task = asyncio.get_running_loop().create_task(self._warm_up(), name="warm-up")
+        else:
+            self._warm = True
+        logger.info("serving on %s (engine %s)", self.url, self.engine.name)
+
+    async def serve_forever(self) -> None:
+        assert self._server is not None
+        await self._server.serve_forever()
+
+    async def close(self) -> None:
+        """Close every connection (and its session), then the listening socket and the worker."""
+        if self._warmup_task is not None:
+            self._warmup_task.cancel()
+            try:
+                await self._warmup_task
+            except (asyncio.CancelledError, Exception):
+                pass
+        for conn in list(self.connections):
+            await conn.close()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        self.worker.close()
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return self._server.sockets[0].getsockname()[1]
+
+    @property
+    def url(self) -> str:
+        host = self.settings.host
+        shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
+        if ":" in shown:
+            shown = f"[{shown}]"
+        port = self.port if self._server is not None else self.settings.port
+        return f"http://{shown}:{port}/"
+
+    async def _warm_up(self) -> None:
+        started = time.perf_counter()
+        try:
+            image = np.full((self.engine.height, self.engine.width, 3), 128, dtype=np.uint8)
+            identity = await self.worker.prepare_identity(image, "")
+            request = SegmentRequest(
+                identity=identity, kind=SegmentKind.IDLE, seconds=min(1.0, self.engine.max_segment_seconds)
+            )
+            await self.worker.generate(request, threading.Event())
+            # Import torch and silero-vad now rather than on the first microphone.
+            await asyncio.to_thread(load_vad_model)
+        except Exception as exc:
+            logger.exception("engine warm-up failed")
+            self._not_ready_reason = f"engine warm-up failed: {type(exc).__name__}"
+            return
+        self._warm = True
+        logger.info("engine warmed up in %.2f s", time.perf_counter() - started)
+
+    def readiness(self) -> tuple[bool, str]:
+        if not self._warm:
+            return False, self._not_ready_reason
+        if self.sessions_active >= self.settings.max_sessions:
+            return False, f"at capacity: {self.sessions_active} of max_sessions = {self.settings.max_sessions}"
+        return True, "ready"
+
+    # ----------------------------------------------------------------------------- HTTP
+    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        path = urlsplit(request.path).path
+        if path == "/ws":
+            return None  # continue with the WebSocket handshake
+        if path == "/healthz":
+            return _text(http.HTTPStatus.OK, "ok\n")
+        if path == "/readyz":
+            ok, reason = self.readiness()
+            return _text(http.HTTPStatus.OK if ok else http.HTTPStatus.SERVICE_UNAVAILABLE, reason + "\n")
+        if path == "/metrics":
+            return _response(http.HTTPStatus.OK, self.metrics.render(), METRICS_CONTENT_TYPE)
+        name = "index.html" if path == "/" else path.lstrip("/")
+        if name in STATIC_FILES:
+            file = WEB_DIR / name
+            if file.is_file():
+                content_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
+                if content_type.startswith("text/") or content_type.endswith("javascript"):
+                    content_type += "; charset=utf-8"
+                return _response(http.HTTPStatus.OK, file.read_bytes(), content_type)
+        return _text(http.HTTPStatus.NOT_FOUND, f"not found: {path}\n")
+
+    # ----------------------------------------------------------------------------- WebSocket
+    async def _handle(self, ws: ServerConnection) -> None:
+        conn = ClientConnection(self, ws)
+        self.connections.add(conn)
+        self.metrics.websocket_connections_active.inc()
+        try:
+            await conn.run()
+        finally:
+            self.connections.discard(conn)
+            self.metrics.websocket_connections_active.dec()
+
+
+class ClientConnection:
+    """One WebSocket client: its session, its peer connection and its outgoing frames."""
+
+    def __init__(self, app: AvatarServer, ws: ServerConnection) -> None:
+        self.app = app
+        self.ws = ws
+        self.session: SessionRunner | None = None
+        self.session_id: str | None = None
+        self.pc: RTCPeerConnection | None = None
+        self._outbox: asyncio.Queue[protocol.ServerMessage | None] = asyncio.Queue()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._holds_slot = False
+        self._closed = False
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.create_task(self._send_loop(), name="ws-send"))
+        try:
+            async for raw in self.ws:
+                await self._on_frame(raw)
+        except websockets.ConnectionClosed:
+            pass
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        """Close the peer connection, the session, then this connection's tasks (reverse order)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.pc is not None:
+            await self.pc.close()
+        if self.session is not None:
+            await self.session.close()
+            logger.info("session %s closed", self.session_id)
+        if self._holds_slot:
+            self._holds_slot = False
+            self.app.sessions_active -= 1
+            self.app.metrics.sessions_active.dec()
+        for task in reversed(self._tasks):
+            task.cancel()
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
+        self._tasks.clear()
+        await self.ws.close()
+
+    def send(self, message: protocol.ServerMessage) -> None:
+        if isinstance(message, protocol.ErrorMessage):
+            self.app.metrics.client_errors.labels(message.code).inc()
+        self._outbox.put_nowait(message)
+
+    def send_error(self, code: str, message: str, field: str | None = None) -> None:
+        logger.info("client error %s (session %s)", code, self.session_id)
+        self.send(protocol.ErrorMessage(code=code, message=message, field=field))
+
+    async def _send_loop(self) -> None:
+        while True:
+            message = await self._outbox.get()
+            if message is None:
+                return
+            try:
+                await self.ws.send(message.model_dump_json())
+            except websockets.ConnectionClosed:
+                return
+
+    async def _stats_loop(self) -> None:
+        interval_s = self.app.settings.stats_interval_s
+        while self.session is not None:
+            await asyncio.sleep(interval_s)
+            stats = self.session.stats()
+            self.send(protocol.Stats(state=self.session.state, **stats))
+
+    # ----------------------------------------------------------------------------- frames
+    async def _on_frame(self, raw: str | bytes) -> None:
+        message = protocol.parse_client_message(raw, self.app.settings.limits)
+        if isinstance(message, protocol.ErrorMessage):
+            self.send(message)
+            logger.info("client error %s (session %s)", message.code, self.session_id)
+            return
+        try:
+            if isinstance(message, protocol.SessionStart):
+                await self._session_start(message)
+            elif isinstance(message, protocol.WebRTCOffer):
+                await self._webrtc_offer(message)
+            elif isinstance(message, protocol.Speak):
+                self._require_session("speak").speak(message.utterance_id, message.text, message.language)
+            elif isinstance(message, protocol.SpeakEnd):
+                self._require_session("speak.end").speak_end(message.utterance_id)
+            elif isinstance(message, protocol.Interrupt):
+                self._require_session("interrupt").interrupt()
+        except (ImageError, SessionInputError) as exc:
+            self.send_error(exc.code, str(exc), field=_field_of(str(exc)))
+        except EngineInputError as exc:
+            self.send_error("engine_input", str(exc))
+        except Exception:
+            logger.exception("handling a %s message failed", message.type)
+            self.send_error("internal", f"{message.type}: the server failed to handle this message")
+
+    def _require_session(self, what: str) -> SessionRunner:
+        if self.session is None:
+            raise SessionInputError("no_session", f"type: {what} needs a session; send session.start first")
+        return self.session
+
+    async def _session_start(self, message: protocol.SessionStart) -> None:
+        app = self.app
+        if self.session is not None or self._holds_slot:
+            raise SessionInputError("session_exists", "type: this connection already has a session")
+        if app.sessions_active >= app.settings.max_sessions:
+            raise SessionInputError(
+                "capacity", f"server at capacity: max_sessions = {app.settings.max_sessions}; try again later"
+            )
+        app.sessions_active += 1
+        app.metrics.sessions_active.inc()
+        self._holds_slot = True
+        try:
+            limits = app.settings.limits
+            image = await asyncio.to_thread(
+                decode_image, message.image, max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels
+            )
+            identity = await app.worker.prepare_identity(image, message.prompt)
+        except BaseException:
+            self._holds_slot = False
+            app.sessions_active -= 1
+            app.metrics.sessions_active.dec()
+            raise
+        self.session_id = uuid.uuid4().hex[:16]
+        self.session = SessionRunner(
+            worker=app.worker,
+            identity=identity,
+            on_event=self._on_session_event,
+            config=app.loop_config,
+            microphone_factory=app.microphone_factory,
+        )
+        self.session.start()
+        app.metrics.sessions_started.inc()
+        engine = app.engine
+        logger.info("session %s started (image %dx%d)", self.session_id, image.shape[1], image.shape[0])
+        self.send(
+            protocol.SessionReady(
+                session_id=self.session_id,
+                width=engine.width,
+                height=engine.height,
+                fps=engine.fps,
+                sample_rate=PLAYOUT_SAMPLE_RATE_HZ,
+                engine=engine.name,
+            )
+        )
+        self._tasks.append(asyncio.get_running_loop().create_task(self._stats_loop(), name="stats"))
+
+    async def _webrtc_offer(self, message: protocol.WebRTCOffer) -> None:
+        session = self._require_session("webrtc.offer")
+        if self.pc is not None:
+            if self.pc.connectionState not in ("failed", "closed"):
+                raise SessionInputError("webrtc_exists", "type: this session already has a peer connection")
+            await self.pc.close()
+        pc = make_peer_connection(self.app.settings.webrtc.ice_servers)
+        self.pc = pc
+        session_id = self.session_id
+
+        @pc.on("track")
+        def on_track(track) -> None:
+            if track.kind == "audio":
+                logger.info("session %s: microphone track received", session_id)
+                session.attach_microphone(track)
+
+        @pc.on("connectionstatechange")
+        def on_state() -> None:
+            logger.info("session %s: peer connection %s", session_id, pc.connectionState)
+
+        try:
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=message.sdp, type="offer"))
+            kinds = {t.kind for t in pc.getTransceivers()}
+            if "video" not in kinds:
+                raise ValueError("the offer has no video media section")
+            pc.addTrack(session.video_track(on_frame=self.app.metrics.video_frames_sent.inc))
+            if "audio" in kinds:
+                pc.addTrack(session.audio_track())
+            await pc.setLocalDescription(await pc.createAnswer())
+        except Exception as exc:
+            await pc.close()
+            self.pc = None
+            raise SessionInputError("bad_sdp", f"sdp: not a usable offer ({type(exc).__name__}: {exc})") from None
+        self.send(protocol.WebRTCAnswer(sdp=pc.localDescription.sdp))
+
+    # ----------------------------------------------------------------------------- events
+    def _on_session_event(self, event: events.SessionEvent) -> None:
+        self.app.metrics.observe(event)
+        if isinstance(event, events.StateChanged):
+            self.send(protocol.State(state=event.state))
+        elif isinstance(event, events.SpeakStarted):
+            self.send(protocol.SpeakStarted(utterance_id=event.utterance_id))
+        elif isinstance(event, events.SpeakEnded):
+            self.send(protocol.SpeakEnded(utterance_id=event.utterance_id, played_ms=event.played_ms))
+        elif isinstance(event, events.Interrupted):
+            self.send(protocol.Interrupted(utterance_id=event.utterance_id, played_ms=event.played_ms))
+        elif isinstance(event, events.SessionError):
+            self.send_error(event.code, event.message)
+
+
+def _field_of(message: str) -> str | None:
+    """Error messages start with the field they concern (``"text: ..."``)."""
+    head, sep, _ = message.partition(":")
+    return head if sep and head.isidentifier() else None
+
+
+def build_app(settings: Settings, engine: SegmentEngine, **kwargs: Any) -> AvatarServer:
+    """The server for ``settings`` around ``engine`` (not started: ``await app.start()``)."""
+    return AvatarServer(settings, engine, **kwargs)
+
+
+class EngineUnavailableError(RuntimeError):
+    """The configured engine preset cannot be built on this installation."""
+
+
+def create_engine(settings: Settings) -> SegmentEngine:
+    """The engine of ``settings.engine``; the model pipeline is imported only when needed."""
+    if settings.engine == "testpattern":
+        from engine.testpattern import TestPatternEngine
+
+        return TestPatternEngine(generate_delay_s=settings.testpattern_delay_s)
+    try:
+        from engine.pipeline import build_engine
+    except ImportError as exc:
+        raise EngineUnavailableError(
+            f"engine preset {settings.engine!r} needs engine.pipeline, which cannot be imported ({exc}); "
+            "use --engine testpattern to run without the model"
+        ) from exc
+    checkpoint_dir = None if settings.checkpoint_dir is None else str(settings.checkpoint_dir)
+    try:
+        return build_engine(settings.engine, checkpoint_dir=checkpoint_dir, device=settings.device, seed=settings.seed)
+    except ValueError as exc:
+        raise EngineUnavailableError(f"engine preset {settings.engine!r}: {exc}") from exc

@@ -1,0 +1,358 @@
+"""The playout buffer: generated segments on one media timeline, read frame by frame.
+
+Segments are queued back to back on a timeline counted in video frames (25 fps). Each frame
+``k`` owns the audio samples ``[k * 1920, (k + 1) * 1920)`` at 48 kHz, i.e. the 20 ms audio
+chunks ``2k`` and ``2k + 1``; a segment always starts on a frame boundary. The video track
+pulls frame ``k`` and the audio track pulls chunk ``j`` when the shared media clock says they
+are due, so the audio and video of one segment leave together.
+
+Two readers pull independently; the *head* is the first frame that the leading reader has not
+started yet. A segment begins (``on_segment_start``) when its first frame is pulled and ends
+(``on_segment_end``) when the frame after its last one is pulled; those callbacks drive
+``speak.started`` and ``speak.ended``. When the head runs past the last queued frame the buffer *underruns*: video
+repeats the last frame, audio is silence, and :attr:`PlayoutBuffer.underruns` counts it.
+A segment appended after an underrun starts at the head, never in the past.
+
+Everything here runs on the event loop; nothing blocks.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import soxr
+
+from engine.api import Continuation, SegmentKind
+
+PLAYOUT_FPS = 25
+PLAYOUT_SAMPLE_RATE_HZ = 48_000
+AUDIO_CHUNK_SAMPLES = 960  # 20 ms at 48 kHz, one Opus frame
+
+
+def resample_audio(audio: np.ndarray, from_hz: int, to_hz: int, num_samples: int | None = None) -> np.ndarray:
+    """Resample a whole mono float32 clip with soxr, then trim or zero-pad it to ``num_samples``.
+
+    A segment is an independent clip, so one-shot resampling per segment is exact; no per-chunk
+    arithmetic is involved.
+    """
+    clip = np.asarray(audio, dtype=np.float32).reshape(-1)
+    if from_hz != to_hz and clip.size:
+        clip = soxr.resample(clip, from_hz, to_hz, quality="HQ").astype(np.float32, copy=False)
+    if num_samples is None:
+        return clip
+    out = np.zeros(num_samples, dtype=np.float32)
+    count = min(num_samples, clip.size)
+    out[:count] = clip[:count]
+    return out
+
+
+@dataclass(eq=False)
+class QueuedSegment:
+    """One segment on the playout timeline.
+
+    Attributes:
+        frames: uint8 ``[F, H, W, 3]`` frames (shortened by :meth:`PlayoutBuffer.clear`).
+        audio: float32 mono samples at the buffer's rate, exactly ``F`` frames long.
+        kind: what the segment shows.
+        start_frame: timeline index of its first frame.
+        utterance_id: the utterance it speaks, if any.
+        continuation: what a following segment continues from.
+        tag: free slot for the caller.
+        played_frames: frames the head has passed so far.
+        started, ended: whether the start/end callbacks have fired.
+        cut: shortened by :meth:`PlayoutBuffer.clear`.
+        dropped: removed before it played.
+    """
+
+    frames: np.ndarray
+    audio: np.ndarray
+    kind: SegmentKind
+    start_frame: int
+    utterance_id: str | None = None
+    continuation: Continuation | None = None
+    tag: Any = None
+    played_frames: int = 0
+    started: bool = False
+    ended: bool = False
+    cut: bool = False
+    dropped: bool = False
+    fps: int = field(default=PLAYOUT_FPS, repr=False)
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.frames.shape[0])
+
+    @property
+    def end_frame(self) -> int:
+        return self.start_frame + self.num_frames
+
+    @property
+    def duration_ms(self) -> float:
+        return 1000.0 * self.num_frames / self.fps
+
+    @property
+    def played_ms(self) -> float:
+        return 1000.0 * self.played_frames / self.fps
+
+
+SegmentCallback = Callable[[QueuedSegment], None]
+
+
+class PlayoutBuffer:
+    """Queue of segments on one A/V timeline (see the module docstring).
+
+    Args:
+        width, height: frame size in pixels (for the hold frame before the first segment).
+        fps: video frame rate.
+        sample_rate_hz: audio rate of the outgoing track.
+        chunk_samples: samples per audio pull (20 ms at 48 kHz).
+        hold_frame: uint8 ``[H, W, 3]`` shown before the first segment (default black).
+        on_segment_start, on_segment_end: called on the event loop when the head enters or
+            leaves a segment.
+        on_underrun: called once at the start of each underrun.
+        max_reader_lag_frames: a reader further behind the head than this no longer holds
+            segments in memory (e.g. a peer that only receives video).
+    """
+
+    def __init__(
+        self,
+        *,
+        width: int,
+        height: int,
+        fps: int = PLAYOUT_FPS,
+        sample_rate_hz: int = PLAYOUT_SAMPLE_RATE_HZ,
+        chunk_samples: int = AUDIO_CHUNK_SAMPLES,
+        hold_frame: np.ndarray | None = None,
+        on_segment_start: SegmentCallback | None = None,
+        on_segment_end: SegmentCallback | None = None,
+        on_underrun: Callable[[], None] | None = None,
+        max_reader_lag_frames: int = 25,
+    ) -> None:
+        if sample_rate_hz % fps or (sample_rate_hz // fps) % chunk_samples:
+            raise ValueError(
+                f"{sample_rate_hz} Hz / {fps} fps must be a whole number of {chunk_samples}-sample chunks"
+            )
+        self.width = width
+        self.height = height
+        self.fps = fps
+        self.sample_rate_hz = sample_rate_hz
+        self.chunk_samples = chunk_samples
+        self.samples_per_frame = sample_rate_hz // fps
+        self.chunks_per_frame = self.samples_per_frame // chunk_samples
+        self.on_segment_start = on_segment_start
+        self.on_segment_end = on_segment_end
+        self.on_underrun = on_underrun
+        self.max_reader_lag_frames = max_reader_lag_frames
+
+        self._segments: collections.deque[QueuedSegment] = collections.deque()
+        self._end_frame = 0
+        self._video_next = 0
+        self._audio_next = 0
+        if hold_frame is None:
+            hold_frame = np.zeros((height, width, 3), dtype=np.uint8)
+        self._last_frame = hold_frame
+        self._silence = np.zeros(chunk_samples, dtype=np.float32)
+        self._played_any = False
+        self._in_underrun = False
+
+        self.underruns = 0
+        self.underrun_frames = 0
+        self.video_frames_pulled = 0
+        self.audio_chunks_pulled = 0
+
+    # ----------------------------------------------------------------------------- timeline
+    @property
+    def head_frame(self) -> int:
+        """First frame that the leading reader has not started: where new content may begin."""
+        return max(self._video_next, -(-self._audio_next // self.chunks_per_frame))
+
+    @property
+    def end_frame(self) -> int:
+        """Timeline index just after the last queued frame."""
+        return self._end_frame
+
+    @property
+    def depth_frames(self) -> int:
+        return max(0, self._end_frame - self.head_frame)
+
+    @property
+    def depth_ms(self) -> float:
+        """Media time queued ahead of the head, in milliseconds."""
+        return 1000.0 * self.depth_frames / self.fps
+
+    @property
+    def underrunning(self) -> bool:
+        return self._in_underrun
+
+    @property
+    def last_frame(self) -> np.ndarray:
+        """The frame most recently pulled (or the hold frame)."""
+        return self._last_frame
+
+    def segments(self) -> Iterator[QueuedSegment]:
+        """Segments still held: playing, queued, or played but not yet passed by both readers."""
+        return iter(tuple(self._segments))
+
+    def queued(self) -> list[QueuedSegment]:
+        """Segments that have not started playing."""
+        return [seg for seg in self._segments if not seg.started]
+
+    # ----------------------------------------------------------------------------- writing
+    def append(
+        self,
+        frames: np.ndarray,
+        audio: np.ndarray,
+        audio_sample_rate_hz: int,
+        *,
+        kind: SegmentKind,
+        utterance_id: str | None = None,
+        continuation: Continuation | None = None,
+        tag: Any = None,
+    ) -> QueuedSegment:
+        """Queue a segment after the last one (or at the head after an underrun).
+
+        ``audio`` (mono float32 at ``audio_sample_rate_hz``) is resampled to the buffer's rate
+        and trimmed or padded to exactly the video's duration.
+        """
+        if frames.ndim != 4 or frames.shape[0] == 0 or frames.shape[3] != 3:
+            raise ValueError(f"frames: expected uint8 [F>0, H, W, 3], got shape {frames.shape}")
+        num_samples = frames.shape[0] * self.samples_per_frame
+        audio_out = resample_audio(audio, audio_sample_rate_hz, self.sample_rate_hz, num_samples)
+        segment = QueuedSegment(
+            frames=frames,
+            audio=audio_out,
+            kind=kind,
+            start_frame=max(self._end_frame, self.head_frame),
+            utterance_id=utterance_id,
+            continuation=continuation,
+            tag=tag,
+            fps=self.fps,
+        )
+        self._segments.append(segment)
+        self._end_frame = segment.end_frame
+        return segment
+
+    def clear(self) -> tuple[QueuedSegment | None, list[QueuedSegment]]:
+        """Drop everything after the next frame boundary (interrupt).
+
+        The segment playing now is cut after the frames already started; later segments are
+        removed. Returns ``(cut_segment_or_None, dropped_segments)``.
+        """
+        cut = self.head_frame
+        kept: collections.deque[QueuedSegment] = collections.deque()
+        playing: QueuedSegment | None = None
+        dropped: list[QueuedSegment] = []
+        for seg in self._segments:
+            if seg.end_frame <= cut:
+                kept.append(seg)
+            elif seg.start_frame < cut:
+                keep = cut - seg.start_frame
+                seg.frames = seg.frames[:keep]
+                seg.audio = seg.audio[: keep * self.samples_per_frame]
+                seg.cut = True
+                kept.append(seg)
+                playing = seg
+            else:
+                seg.dropped = True
+                dropped.append(seg)
+        self._segments = kept
+        self._end_frame = min(self._end_frame, cut)
+        return playing, dropped
+
+    def drop_unstarted_tail(self, predicate: Callable[[QueuedSegment], bool]) -> list[QueuedSegment]:
+        """Remove queued segments from the end while they have not started and match ``predicate``.
+
+        Used to let speech overtake idle segments that are queued but not yet playing.
+        Returns the removed segments, last first.
+        """
+        dropped: list[QueuedSegment] = []
+        head = self.head_frame
+        while self._segments:
+            seg = self._segments[-1]
+            if seg.started or seg.start_frame < head or not predicate(seg):
+                break
+            self._segments.pop()
+            seg.dropped = True
+            dropped.append(seg)
+        if dropped:
+            self._end_frame = self._segments[-1].end_frame if self._segments else 0
+        return dropped
+
+    # ----------------------------------------------------------------------------- reading
+    def pull_video_frame(self, index: int) -> np.ndarray:
+        """Frame at timeline index ``index`` (the last frame again on underrun)."""
+        self._video_next = max(self._video_next, index + 1)
+        self.video_frames_pulled += 1
+        segment = self._find(index)
+        if segment is not None:
+            self._last_frame = segment.frames[index - segment.start_frame]
+            self._in_underrun = False
+        elif self._played_any:
+            self.underrun_frames += 1
+            if not self._in_underrun:
+                self._in_underrun = True
+                self.underruns += 1
+                if self.on_underrun is not None:
+                    self.on_underrun()
+        frame = self._last_frame
+        self._advance()
+        return frame
+
+    def pull_audio_chunk(self, index: int) -> np.ndarray:
+        """Audio chunk ``index`` (``chunk_samples`` float32 samples; silence on underrun)."""
+        self._audio_next = max(self._audio_next, index + 1)
+        self.audio_chunks_pulled += 1
+        segment = self._find(index // self.chunks_per_frame)
+        chunk = self._silence
+        if segment is not None:
+            offset = (index - segment.start_frame * self.chunks_per_frame) * self.chunk_samples
+            chunk = segment.audio[offset : offset + self.chunk_samples]
+        self._advance()
+        return chunk
+
+    def _find(self, frame_index: int) -> QueuedSegment | None:
+        for seg in self._segments:
+            if seg.start_frame <= frame_index < seg.end_frame:
+                return seg
+            if seg.start_frame > frame_index:
+                break
+        return None
+
+    def _advance(self) -> None:
+        head = self.head_frame
+        started: list[QueuedSegment] = []
+        ended: list[QueuedSegment] = []
+        for seg in self._segments:
+            if seg.start_frame >= head:
+                break
+            seg.played_frames = min(head, seg.end_frame) - seg.start_frame
+            if not seg.started:
+                seg.started = True
+                self._played_any = True
+                started.append(seg)
+            # A segment has ended once the frame after its last one is due, i.e. its last
+            # frame has been on screen for a full frame period.
+            if seg.end_frame < head and not seg.ended:
+                seg.ended = True
+                ended.append(seg)
+        both_done = min(self._video_next, self._audio_next // self.chunks_per_frame)
+        tail = max(both_done, head - self.max_reader_lag_frames)
+        while self._segments and self._segments[0].ended and self._segments[0].end_frame <= tail:
+            self._segments.popleft()
+        # Ends before starts: at a boundary the next segment starts as the previous one ends.
+        for seg in ended:
+            if self.on_segment_end is not None:
+                self.on_segment_end(seg)
+        for seg in started:
+            if self.on_segment_start is not None:
+                self.on_segment_start(seg)
+
+
+def frames_to_ms(frames: int, fps: int = PLAYOUT_FPS) -> int:
+    """Whole milliseconds of ``frames`` video frames."""
+    return int(math.floor(1000 * frames / fps + 0.5))

@@ -1,0 +1,109 @@
+"""Helpers of the end-to-end tests: a server on a free loopback port, and the measurements
+made on what the Python client received (flashes, clicks, envelopes)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import av
+import numpy as np
+
+from avatar_server.server import AvatarServer, build_app
+from avatar_server.settings import Settings
+from clients.python_client import AudioRecord, VideoRecord
+from engine.testpattern import TestPatternEngine
+
+FLASH_LUMA = 200.0  # a flash frame is white above the counter strip (mean luma ~240)
+CLICK_LEVEL = 0.3  # the click peaks at 0.9; speech-free test-pattern audio is silent
+
+
+@contextlib.asynccontextmanager
+async def running_server(*, generate_delay_s: float = 0.2, **settings) -> AsyncIterator[AvatarServer]:
+    config = {"engine": "testpattern", "port": 0, "max_sessions": 4, **settings}
+    app = build_app(Settings(**config), TestPatternEngine(generate_delay_s=generate_delay_s))
+    await app.start()
+    try:
+        for _ in range(300):  # like a load balancer: wait for /readyz (engine and VAD warmed up)
+            if app.readiness()[0]:
+                break
+            await asyncio.sleep(0.05)
+        assert app.readiness()[0], app.readiness()
+        yield app
+    finally:
+        await app.close()
+
+
+def first_paragraph(text: str) -> str:
+    return text.strip().strip('"').split("\n\n")[0].strip()
+
+
+def flash_times(video: list[VideoRecord]) -> list[VideoRecord]:
+    """Frames where a flash begins (the previous frame was not a flash)."""
+    out = []
+    for index, rec in enumerate(video):
+        if rec.mean_luma > FLASH_LUMA and (index == 0 or video[index - 1].mean_luma <= FLASH_LUMA):
+            out.append(rec)
+    return out
+
+
+def click_times(audio: list[AudioRecord]) -> list[tuple[float, float]]:
+    """``(pts_s, arrival_s)`` of each click onset (first sample above the level after >= 0.5 s quiet)."""
+    clicks: list[tuple[float, float]] = []
+    last_loud_s = -1.0
+    for rec in audio:
+        loud = np.flatnonzero(np.abs(rec.samples) > CLICK_LEVEL)
+        if loud.size == 0:
+            continue
+        onset_s = rec.pts_s + loud[0] / rec.sample_rate
+        if onset_s - last_loud_s > 0.5:
+            clicks.append((onset_s, rec.arrival_s + loud[0] / rec.sample_rate))
+        last_loud_s = rec.pts_s + loud[-1] / rec.sample_rate
+    return clicks
+
+
+def av_offsets_ms(video: list[VideoRecord], audio: list[AudioRecord]) -> tuple[np.ndarray, np.ndarray]:
+    """Audio minus video time of each flash/click pair: by pts and by arrival, in ms."""
+    clicks = click_times(audio)
+    by_pts, by_arrival = [], []
+    for flash in flash_times(video):
+        pts_s, arrival_s = min(clicks, key=lambda c: abs(c[0] - flash.pts_s))
+        if abs(pts_s - flash.pts_s) < 0.5:
+            by_pts.append(1000 * (pts_s - flash.pts_s))
+            by_arrival.append(1000 * (arrival_s - flash.arrival_s))
+    return np.array(by_pts), np.array(by_arrival)
+
+
+def load_audio(path, sample_rate: int = 48_000) -> np.ndarray:
+    """A file's audio as mono float32 at ``sample_rate`` (channels averaged)."""
+    resampler = av.AudioResampler(format="fltp", rate=sample_rate)
+    parts = []
+    with av.open(str(path)) as container:
+        for frame in container.decode(audio=0):
+            parts.extend(out.to_ndarray().mean(axis=0) for out in resampler.resample(frame))
+    parts.extend(out.to_ndarray().mean(axis=0) for out in resampler.resample(None))
+    return np.concatenate(parts).astype(np.float32)
+
+
+def rms_envelope(samples: np.ndarray, sample_rate: int = 48_000, window_ms: int = 10) -> np.ndarray:
+    size = sample_rate * window_ms // 1000
+    count = samples.size // size
+    return np.sqrt((samples[: count * size].reshape(count, size) ** 2).mean(axis=1))
+
+
+def best_lag_correlation(reference: np.ndarray, signal: np.ndarray) -> tuple[float, int]:
+    """Highest normalised cross-correlation of ``reference`` against windows of ``signal``,
+    and the lag (in envelope steps) where it occurs."""
+    n = reference.size
+    ref = (reference - reference.mean()) / (reference.std() + 1e-12)
+    best = (-1.0, 0)
+    for lag in range(0, signal.size - n + 1):
+        window = signal[lag : lag + n]
+        std = window.std()
+        if std == 0:
+            continue
+        corr = float(np.dot(ref, (window - window.mean()) / std) / n)
+        if corr > best[0]:
+            best = (corr, lag)
+    return best

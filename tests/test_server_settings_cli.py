@@ -1,0 +1,75 @@
+"""Settings precedence (flags > env > defaults), the CLI parser and the engine factory."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+import pytest
+
+from avatar_server import cli
+from avatar_server.server import EngineUnavailableError, create_engine
+from avatar_server.settings import Settings
+
+
+def test_defaults_work_on_a_fresh_machine(monkeypatch) -> None:
+    for key in list(__import__("os").environ):
+        if key.startswith("AVATAR_SERVER_"):
+            monkeypatch.delenv(key)
+    s = Settings()
+    assert (s.host, s.port, s.engine, s.device, s.checkpoint_dir) == ("127.0.0.1", 8080, "preview", "cpu", None)
+    assert s.limits.max_image_bytes >= 4 * 1024 * 1024
+    assert s.ice_host_addresses() == ["127.0.0.1"]  # loopback host: loopback ICE
+    assert Settings(host="0.0.0.0").ice_host_addresses() is None
+    assert Settings(host="0.0.0.0", webrtc={"host_addresses": ["10.0.0.2"]}).ice_host_addresses() == ["10.0.0.2"]
+
+
+def test_flags_override_env_which_overrides_defaults(monkeypatch) -> None:
+    monkeypatch.setenv("AVATAR_SERVER_PORT", "9001")
+    monkeypatch.setenv("AVATAR_SERVER_SEGMENT_SECONDS", "3.0")
+    monkeypatch.setenv("AVATAR_SERVER_LIMITS__MAX_TEXT_CHARS", "77")
+    monkeypatch.setenv("AVATAR_SERVER_WEBRTC__ICE_SERVERS", '["stun:stun.example.org:3478"]')
+    args = cli.build_parser().parse_args(["serve", "--port", "9100", "--max-utterance-chars", "500"])
+    s = cli.settings_from_args(args)
+    assert s.port == 9100  # flag
+    assert s.segment_seconds == 3.0  # env
+    assert (s.limits.max_text_chars, s.limits.max_utterance_chars) == (77, 500)  # env and flag, one group
+    assert s.webrtc.ice_servers == ["stun:stun.example.org:3478"]
+    assert s.playout_target_ms == 2000.0  # default
+
+
+def test_invalid_settings_exit_with_a_message(capsys) -> None:
+    assert cli.main(["serve", "--max-image-bytes", "1000"]) == 2
+    assert "max_image_bytes" in capsys.readouterr().err
+
+
+def test_parser_has_serve_and_client() -> None:
+    parser = cli.build_parser()
+    assert parser.parse_args(["download", "/data/x", "--variant", "base"]).variant == ["base"]
+    assert parser.parse_args(["generate", "--prompt", "A man speaks."]).command == "generate"
+    args = parser.parse_args(["client", "--image", "x.png", "--say", "Hello", "--say", "Bonjour", "--mic", "a.flac"])
+    assert args.command == "client" and args.say == ["Hello", "Bonjour"]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--engine", "nope"])
+
+
+def test_json_logging(capsys) -> None:
+    cli.configure_logging("INFO", "json")
+    logging.getLogger("avatar_server.test").info("hello %s", "world")
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert '"message": "hello world"' in err and '"level": "INFO"' in err
+    cli.configure_logging("WARNING", "text")
+
+
+def test_engine_factory() -> None:
+    engine = create_engine(Settings(engine="testpattern", testpattern_delay_s=0.25))
+    assert engine.name == "testpattern" and engine.generate_delay_s == 0.25
+    if importlib.util.find_spec("engine.pipeline") is None:
+        with pytest.raises(EngineUnavailableError, match="--engine testpattern"):
+            create_engine(Settings(engine="preview"))
+
+
+def test_download_fails_fast_offline(monkeypatch, tmp_path, capsys) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert cli.main(["download", str(tmp_path / "stack")]) == 2
+    assert "HF_HUB_OFFLINE" in capsys.readouterr().err

@@ -1,0 +1,168 @@
+"""PlayoutBuffer: one A/V timeline, exact frame/chunk counts, underrun, clear, played time."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engine.api import SegmentKind
+from streaming.playout import PlayoutBuffer, frames_to_ms, resample_audio
+
+W, H = 32, 16
+
+
+def frames(count: int, first: int = 0) -> np.ndarray:
+    """Frames whose pixel value is their index (mod 256), to tell them apart."""
+    values = (np.arange(first, first + count) % 256).astype(np.uint8)
+    return np.broadcast_to(values[:, None, None, None], (count, H, W, 3)).copy()
+
+
+def ramp_audio(count_frames: int, sample_rate: int = 48_000) -> np.ndarray:
+    n = count_frames * sample_rate // 25
+    return (np.arange(n, dtype=np.float32) / n).astype(np.float32)
+
+
+def make_buffer(**kwargs) -> tuple[PlayoutBuffer, list[tuple[str, int]]]:
+    log: list[tuple[str, int]] = []
+    buf = PlayoutBuffer(
+        width=W,
+        height=H,
+        on_segment_start=lambda seg: log.append(("start", seg.start_frame)),
+        on_segment_end=lambda seg: log.append(("end", seg.start_frame)),
+        **kwargs,
+    )
+    return buf, log
+
+
+def play(buf: PlayoutBuffer, first_frame: int, count: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Pull ``count`` frames and their two audio chunks each, audio first as on the wire."""
+    video, audio = [], []
+    for index in range(first_frame, first_frame + count):
+        audio.append(buf.pull_audio_chunk(2 * index))
+        video.append(buf.pull_video_frame(index))
+        audio.append(buf.pull_audio_chunk(2 * index + 1))
+    return video, audio
+
+
+def test_segment_plays_exactly_its_frames_and_audio() -> None:
+    buf, log = make_buffer()
+    audio = ramp_audio(49)
+    seg = buf.append(frames(49), audio, 48_000, kind=SegmentKind.SPEAK, utterance_id="u")
+    assert (seg.start_frame, seg.end_frame) == (0, 49)
+    assert buf.depth_ms == pytest.approx(1960.0)
+    video, chunks = play(buf, 0, 49)
+    assert [int(f[0, 0, 0]) for f in video] == list(range(49))
+    assert all(c.shape == (960,) for c in chunks) and len(chunks) == 98
+    np.testing.assert_array_equal(np.concatenate(chunks), audio)
+    assert log == [("start", 0)]  # ends only when the frame after its last one is due
+    play(buf, 49, 1)
+    assert log == [("start", 0), ("end", 0)]
+    assert seg.played_frames == 49 and frames_to_ms(seg.played_frames) == 1960
+    assert buf.underruns == 1  # frame 49 had nothing queued
+
+
+def test_segments_are_contiguous_and_callbacks_ordered_end_before_start() -> None:
+    buf, log = make_buffer()
+    a = buf.append(frames(5), ramp_audio(5), 48_000, kind=SegmentKind.IDLE)
+    b = buf.append(frames(7, first=5), ramp_audio(7), 48_000, kind=SegmentKind.SPEAK)
+    assert (a.start_frame, b.start_frame, buf.end_frame) == (0, 5, 12)
+    video, _ = play(buf, 0, 12)
+    assert [int(f[0, 0, 0]) for f in video] == list(range(12))
+    assert log == [("start", 0), ("end", 0), ("start", 5)]
+    assert buf.underruns == 0
+
+
+def test_audio_is_resampled_to_exactly_the_video_duration() -> None:
+    for rate in (16_000, 44_100, 48_000, 24_000):
+        clip = np.sin(np.linspace(0, 100, round(49 / 25 * rate))).astype(np.float32)
+        out = resample_audio(clip, rate, 48_000, 49 * 1920)
+        assert out.shape == (49 * 1920,) and out.dtype == np.float32
+    # too short: zero-padded; too long: trimmed
+    assert resample_audio(np.ones(100, np.float32), 48_000, 48_000, 200)[100:].max() == 0
+    assert resample_audio(np.ones(300, np.float32), 48_000, 48_000, 200).shape == (200,)
+    # a 44.1 kHz tone keeps its frequency
+    t = np.arange(44_100) / 44_100
+    tone = resample_audio(np.sin(2 * np.pi * 1000 * t).astype(np.float32), 44_100, 48_000, 48_000)
+    peak_hz = np.argmax(np.abs(np.fft.rfft(tone))) * 48_000 / tone.size
+    assert abs(peak_hz - 1000) <= 2
+
+
+def test_underrun_holds_last_frame_sends_silence_and_next_segment_starts_at_head() -> None:
+    buf, log = make_buffer()
+    buf.append(frames(3), np.ones(3 * 1920, np.float32), 48_000, kind=SegmentKind.IDLE)
+    play(buf, 0, 3)
+    video, audio = play(buf, 3, 4)  # nothing queued
+    assert all(int(f[0, 0, 0]) == 2 for f in video)  # the last frame, held
+    assert all(not c.any() for c in audio)
+    assert buf.underruns == 1 and buf.underrun_frames == 4 and buf.underrunning
+    seg = buf.append(frames(2, first=100), np.ones(2 * 1920, np.float32), 48_000, kind=SegmentKind.IDLE)
+    assert seg.start_frame == 7  # at the head, not back at frame 3
+    video, audio = play(buf, 7, 2)
+    assert [int(f[0, 0, 0]) for f in video] == [100, 101]
+    assert all(c.all() for c in audio)
+    assert not buf.underrunning
+
+
+def test_no_underrun_counted_before_the_first_segment() -> None:
+    hold = np.full((H, W, 3), 7, np.uint8)
+    buf, _ = make_buffer(hold_frame=hold)
+    video, audio = play(buf, 0, 5)
+    assert all(int(f[0, 0, 0]) == 7 for f in video)
+    assert buf.underruns == 0
+    seg = buf.append(frames(2), np.zeros(2 * 1920, np.float32), 48_000, kind=SegmentKind.IDLE)
+    assert seg.start_frame == 5
+
+
+def test_clear_cuts_at_the_next_frame_boundary() -> None:
+    buf, log = make_buffer()
+    first = buf.append(frames(10), ramp_audio(10), 48_000, kind=SegmentKind.SPEAK, utterance_id="u")
+    buf.append(frames(10, first=10), ramp_audio(10), 48_000, kind=SegmentKind.SPEAK, utterance_id="u")
+    play(buf, 0, 4)
+    # audio has started frame 4 (first chunk) but video has not
+    chunk_a = buf.pull_audio_chunk(8)
+    cut, dropped = buf.clear()
+    assert cut is first and cut.cut and cut.num_frames == 5
+    assert len(dropped) == 1 and dropped[0].dropped
+    # the second half of frame 4 still plays, in sync with its video frame
+    chunk_b = buf.pull_audio_chunk(9)
+    frame_4 = buf.pull_video_frame(4)
+    np.testing.assert_array_equal(np.concatenate([chunk_a, chunk_b]), first.audio[4 * 1920 : 5 * 1920])
+    assert int(frame_4[0, 0, 0]) == 4
+    video, audio = play(buf, 5, 2)
+    assert all(int(f[0, 0, 0]) == 4 for f in video) and not any(c.any() for c in audio)
+    assert first.played_frames == 5 and buf.depth_ms == 0
+    assert ("end", 0) in log
+
+
+def test_drop_unstarted_tail_only_drops_matching_unstarted_segments() -> None:
+    buf, _ = make_buffer()
+    buf.append(frames(4), ramp_audio(4), 48_000, kind=SegmentKind.IDLE)
+    buf.append(frames(4), ramp_audio(4), 48_000, kind=SegmentKind.SPEAK)
+    buf.append(frames(4), ramp_audio(4), 48_000, kind=SegmentKind.IDLE)
+    buf.append(frames(4), ramp_audio(4), 48_000, kind=SegmentKind.IDLE)
+    play(buf, 0, 1)
+    dropped = buf.drop_unstarted_tail(lambda seg: seg.kind is SegmentKind.IDLE)
+    assert [seg.start_frame for seg in dropped] == [12, 8]
+    assert buf.end_frame == 8
+    new = buf.append(frames(3), ramp_audio(3), 48_000, kind=SegmentKind.SPEAK)
+    assert new.start_frame == 8
+    # the playing idle segment is never dropped
+    buf2, _ = make_buffer()
+    buf2.append(frames(4), ramp_audio(4), 48_000, kind=SegmentKind.IDLE)
+    play(buf2, 0, 1)
+    assert buf2.drop_unstarted_tail(lambda seg: True) == []
+
+
+def test_played_segments_are_released_and_a_silent_reader_does_not_pin_memory() -> None:
+    buf, _ = make_buffer(max_reader_lag_frames=5)
+    for _ in range(4):
+        buf.append(frames(10), ramp_audio(10), 48_000, kind=SegmentKind.IDLE)
+    for index in range(31):  # video only, as for a peer that takes no audio
+        buf.pull_video_frame(index)
+    assert [seg.start_frame for seg in buf.segments()] == [20, 30]
+
+
+def test_frames_to_ms() -> None:
+    assert frames_to_ms(0) == 0
+    assert frames_to_ms(1) == 40
+    assert frames_to_ms(49) == 1960

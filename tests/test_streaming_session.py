@@ -1,0 +1,316 @@
+"""SessionRunner: segment choice, continuation chain, events, interrupt, lip-sync, worker thread."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from engine.api import EngineInputError, SegmentKind, SegmentRequest
+from engine.testpattern import TestPatternEngine
+from streaming import events
+from streaming.session import EngineWorker, LoopConfig, SessionInputError, SessionRunner
+
+
+class RecordingEngine(TestPatternEngine):
+    """Test pattern that records each request and the thread it ran in."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.requests: list[SegmentRequest] = []
+        self.results: list = []
+        self.threads: set[str] = set()
+        self.fail_next = 0
+
+    def generate(self, request, cancel=None):
+        self.threads.add(threading.current_thread().name)
+        if self.fail_next:
+            self.fail_next -= 1
+            raise EngineInputError("seconds: made-up failure")
+        result = super().generate(request, cancel)
+        self.requests.append(request)
+        self.results.append(result)
+        return result
+
+
+class FakeMicrophone:
+    """Voice state and audio of one lip-sync run under the test's control."""
+
+    def __init__(self) -> None:
+        self.speaking = False
+        self.run_active = False
+        self.run_id = 1
+        self.audio = np.zeros(0, np.float32)
+        self.taken: list[np.ndarray] = []
+
+    @property
+    def run_closing(self) -> bool:
+        return self.run_active and not self.speaking
+
+    def available_s(self) -> float:
+        return self.audio.size / 48_000 if self.run_active else 0.0
+
+    def voiced_remaining_s(self) -> float:
+        return self.available_s()
+
+    def take_audio(self, seconds: float) -> np.ndarray:
+        count = round(seconds * 48_000)
+        out = np.zeros(count, np.float32)
+        out[: min(count, self.audio.size)] = self.audio[:count]
+        self.audio = self.audio[count:]
+        self.taken.append(out)
+        return out
+
+    def end_run(self) -> None:
+        self.run_active = False
+
+    def discard_pending(self) -> None:
+        self.audio = np.zeros(0, np.float32)
+
+    async def close(self) -> None:
+        pass
+
+
+async def make_runner(engine=None, **config):
+    engine = engine or RecordingEngine()
+    worker = EngineWorker(engine)
+    identity = await worker.prepare_identity(np.full((720, 1280, 3), 90, np.uint8), "A calm person.")
+    log: list = []
+    cfg = {"playout_target_ms": 2000.0, **config}
+    runner = SessionRunner(worker=worker, identity=identity, on_event=log.append, config=LoopConfig(**cfg))
+    return runner, engine, log
+
+
+async def play(runner: SessionRunner, count: int, *, timeout_s: float = 10.0) -> None:
+    """Pull ``count`` frames (and their audio) as fast as the buffer has them."""
+    buf = runner.buffer
+    deadline = time.monotonic() + timeout_s
+    for _ in range(count):
+        while buf.depth_frames == 0:
+            assert time.monotonic() < deadline, "buffer never refilled"
+            await asyncio.sleep(0.002)
+        index = buf.head_frame
+        buf.pull_audio_chunk(2 * index)
+        buf.pull_video_frame(index)
+        buf.pull_audio_chunk(2 * index + 1)
+        await asyncio.sleep(0)
+
+
+async def play_until(runner: SessionRunner, log: list, predicate, *, timeout_s: float = 10.0):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for event in log:
+            if predicate(event):
+                return event
+        assert time.monotonic() < deadline, f"no matching event in {log}"
+        await play(runner, 1)
+
+
+async def wait_until(predicate, *, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "condition never became true"
+        await asyncio.sleep(0.01)
+
+
+def of_type(log: list, kind: type) -> list:
+    return [e for e in log if isinstance(e, kind)]
+
+
+async def test_idle_segments_fill_and_each_continues_from_the_last() -> None:
+    runner, engine, log = await make_runner()
+    runner.start()
+    try:
+        await play(runner, 150)
+    finally:
+        await runner.close()
+    kinds = {r.kind for r in engine.requests}
+    assert kinds == {SegmentKind.IDLE}
+    assert engine.requests[0].continue_from is None
+    for previous, request in zip(engine.results, engine.requests[1:], strict=False):
+        assert request.continue_from is previous.continuation
+    seeds = [r.seed for r in engine.requests]
+    assert seeds == sorted(set(seeds))
+    assert "Dialogue:\n<No dialogue>" in engine.requests[0].prompt
+    assert runner.buffer.underruns == 0
+    assert of_type(log, events.FirstFrame)
+
+
+async def test_generation_runs_on_one_worker_thread_shared_by_sessions() -> None:
+    engine = RecordingEngine()
+    worker = EngineWorker(engine)
+    identity = await worker.prepare_identity(np.zeros((64, 64, 3), np.uint8), "")
+    runners = [SessionRunner(worker=worker, identity=identity, on_event=lambda e: None) for _ in range(2)]
+    for runner in runners:
+        runner.start()
+    await asyncio.gather(*(play(r, 60) for r in runners))
+    for runner in runners:
+        await runner.close()
+    assert len(engine.threads) == 1
+    assert threading.current_thread().name not in engine.threads
+
+
+async def test_speak_in_chunks_starts_before_speak_end_and_reports_played_ms() -> None:
+    runner, engine, log = await make_runner()
+    runner.start()
+    try:
+        await play(runner, 5)
+        runner.speak("u1", "Hello there, this is ", language="English")
+        runner.speak("u1", "the first utterance of the test. It has ")
+        await play_until(runner, log, lambda e: isinstance(e, events.SegmentGenerated) and e.kind is SegmentKind.SPEAK)
+        assert not of_type(log, events.SpeakEnded)
+        runner.speak("u1", "two sentences.")
+        runner.speak_end("u1")
+        ended = await play_until(runner, log, lambda e: isinstance(e, events.SpeakEnded))
+    finally:
+        await runner.close()
+    speak_requests = [r for r in engine.requests if r.kind is SegmentKind.SPEAK]
+    assert " ".join(r.text for r in speak_requests) == (
+        "Hello there, this is the first utterance of the test. It has two sentences."
+    )
+    assert all("<The person, English>" in r.prompt and r.text in r.prompt for r in speak_requests)
+    speak_frames = sum(res.num_frames for req, res in zip(engine.requests, engine.results, strict=True) if req.kind is SegmentKind.SPEAK)
+    assert ended.utterance_id == "u1" and ended.played_ms == speak_frames * 40
+    started = of_type(log, events.SpeakStarted)
+    assert [e.utterance_id for e in started] == ["u1"] and log.index(started[0]) < log.index(ended)
+    states = [e.state for e in of_type(log, events.StateChanged)]
+    assert states[:2] == ["speaking", "idle"]
+
+
+async def test_speech_overtakes_idle_that_is_queued_but_not_playing() -> None:
+    runner, engine, log = await make_runner(playout_target_ms=8000.0)
+    runner.start()
+    try:
+        await play(runner, 1)
+        await wait_until(lambda: runner.buffer.depth_ms >= 6000)
+        playing = next(iter(runner.buffer.segments()))
+        assert len(runner.buffer.queued()) >= 2
+        runner.speak("u1", "Short and sweet.")
+        runner.speak_end("u1")
+        await wait_until(lambda: any(s.kind is SegmentKind.SPEAK for s in runner.buffer.segments()))
+        held = list(runner.buffer.segments())
+    finally:
+        await runner.close()
+    assert held[0] is playing and held[1].kind is SegmentKind.SPEAK
+    assert held[1].start_frame == playing.end_frame
+    speak_request = next(r for r in engine.requests if r.kind is SegmentKind.SPEAK)
+    assert speak_request.continue_from is playing.continuation
+
+
+async def test_interrupt_clears_and_reports_played_ms() -> None:
+    runner, engine, log = await make_runner()
+    runner.start()
+    try:
+        runner.speak("u1", "This is a long utterance that will be cut off in the middle by an interrupt. " * 3)
+        runner.speak_end("u1")
+        await play_until(runner, log, lambda e: isinstance(e, events.SpeakStarted))
+        await play(runner, 10)
+        speak_played = sum(s.played_frames for s in runner.buffer.segments() if s.kind is SegmentKind.SPEAK)
+        result = runner.interrupt()
+        assert result == [events.Interrupted("u1", speak_played * 40)]
+        assert runner.buffer.depth_ms == 0
+        runner.speak("u1", "late chunk")  # dropped quietly
+        runner.speak_end("u1")
+        await play(runner, 60)
+    finally:
+        await runner.close()
+    assert not of_type(log, events.SpeakEnded)
+    assert of_type(log, events.Interrupted) == result
+    assert all(r.kind is SegmentKind.IDLE for r in engine.requests[-2:])
+    assert runner.state == "idle"
+
+
+async def test_interrupt_with_nothing_pending() -> None:
+    runner, _, log = await make_runner()
+    assert runner.interrupt() == [events.Interrupted(None, 0)]
+    await runner.close()
+
+
+async def test_input_errors() -> None:
+    runner, _, _ = await make_runner(max_utterance_chars=20)
+    with pytest.raises(SessionInputError):
+        runner.speak("u0", "x" * 21)
+    with pytest.raises(SessionInputError) as info:
+        runner.speak_end("u0")  # a refused first chunk leaves no utterance behind
+    assert info.value.code == "unknown_utterance"
+    runner.speak("u1", "0123456789")
+    with pytest.raises(SessionInputError) as info:
+        runner.speak("u1", "01234567890")
+    assert info.value.code == "utterance_too_long" and "max_utterance_chars = 20" in str(info.value)
+    runner.speak_end("u1")
+    with pytest.raises(SessionInputError) as info:
+        runner.speak("u1", "more")
+    assert info.value.code == "utterance_ended"
+    with pytest.raises(SessionInputError) as info:
+        runner.speak_end("nope")
+    assert info.value.code == "unknown_utterance"
+    await runner.close()
+
+
+async def test_lipsync_segments_carry_the_microphone_audio() -> None:
+    runner, engine, log = await make_runner()
+    mic = FakeMicrophone()
+    runner.microphone = mic
+    runner.start()
+    try:
+        await play(runner, 3)
+        mic.speaking = mic.run_active = True
+        t = np.arange(3 * 48_000) / 48_000
+        mic.audio = (0.4 * np.sin(2 * np.pi * 300 * t)).astype(np.float32)
+        segment = await play_until(
+            runner, log, lambda e: isinstance(e, events.SegmentGenerated) and e.kind is SegmentKind.LIPSYNC
+        )
+        mic.speaking = False
+        await play(runner, 120)
+    finally:
+        await runner.close()
+    lipsync = [(req, res) for req, res in zip(engine.requests, engine.results, strict=True) if req.kind is SegmentKind.LIPSYNC]
+    first_req, first_res = lipsync[0]
+    assert first_req.audio_sample_rate == 48_000 and first_req.audio is mic.taken[0]
+    assert first_res.audio.size == first_req.audio.size == first_res.num_frames * 1920  # same duration
+    np.testing.assert_allclose(first_res.audio, mic.taken[0], atol=1e-6)
+    # the tail after the voice ended is played out as a shorter lip-sync segment, then the run ends
+    assert [round(res.duration_s, 2) for _, res in lipsync] == [1.96, 1.0]
+    assert segment.duration_s == pytest.approx(1.96) and not mic.run_active
+    np.testing.assert_allclose(lipsync[1][1].audio, mic.taken[1], atol=1e-6)
+    assert "speaking" in [e.state for e in of_type(log, events.StateChanged)]
+
+
+async def test_listen_while_the_user_speaks_and_the_buffer_runs_low() -> None:
+    runner, engine, log = await make_runner(playout_target_ms=200.0)
+    mic = FakeMicrophone()
+    mic.speaking = mic.run_active = True
+    runner.microphone = mic
+    runner.start()
+    try:
+        await play(runner, 60)
+    finally:
+        await runner.close()
+    assert {r.kind for r in engine.requests} == {SegmentKind.LISTEN}
+    assert runner.state == "listening"
+
+
+async def test_engine_errors_are_reported_and_the_loop_goes_on() -> None:
+    engine = RecordingEngine()
+    engine.fail_next = 1
+    runner, _, log = await make_runner(engine)
+    runner.start()
+    try:
+        await play(runner, 30)
+    finally:
+        await runner.close()
+    assert of_type(log, events.SessionError)[0].code == "engine_input"
+    assert engine.requests
+
+
+async def test_close_cancels_generation_in_flight() -> None:
+    runner, _, _ = await make_runner(RecordingEngine(generate_delay_s=30.0))
+    runner.start()
+    await asyncio.sleep(0.05)
+    started = time.monotonic()
+    await runner.close()
+    assert time.monotonic() - started < 1.0
+    runner.worker.close()
