@@ -126,6 +126,8 @@ class Segment:
         continuation: what the next segment continues from.
         timings_s: wall-clock seconds per stage (``text``, ``dit``, ``decode_video``,
             ``decode_audio``, ``total``, ...), for metrics.
+        request: the request that produced the segment (needed to upgrade it later).
+        super_resolved: True once the frames come from the latent SR stage (PIPELINE.md §14).
     """
 
     frames: np.ndarray
@@ -134,6 +136,8 @@ class Segment:
     fps: int
     continuation: Continuation
     timings_s: dict[str, float] = field(default_factory=dict)
+    request: SegmentRequest | None = None
+    super_resolved: bool = False
 
     @property
     def num_frames(self) -> int:
@@ -179,6 +183,10 @@ class SegmentEngine(Protocol):
 
     def generate(self, request: SegmentRequest, cancel: Any = None) -> Segment:
         """Generate one segment. Blocking; call from a worker thread.
+
+        Engines that can upscale also offer ``sr_width``/``sr_height`` (pixels, or None when no SR
+        model is loaded) and ``upgrade(segment, cancel) -> Segment``, which re-renders a generated
+        segment through the latent SR stage at ``sr_width x sr_height`` (same duration and audio).
 
         Args:
             request: the segment to generate.

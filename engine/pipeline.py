@@ -120,6 +120,8 @@ class MagiHumanEngine:
         video_decoder=None,
         max_segment_seconds: float = MAX_SEGMENT_SECONDS,
         name: str = "magihuman",
+        sr_dit: DiTModel | None = None,
+        sr_size: tuple[int, int] | None = None,
     ):
         check_resolution(width, height)
         self.dit, self.text_encoder, self.video_vae, self.audio_vae = dit, text_encoder, video_vae, audio_vae
@@ -132,6 +134,12 @@ class MagiHumanEngine:
         self.max_segment_seconds = max_segment_seconds
         self.sample_rate = int(getattr(audio_vae, "output_sample_rate", 44_100))
         self.name = name
+        self.sr_dit = sr_dit
+        if (sr_dit is None) != (sr_size is None):
+            raise ValueError("sr_dit and sr_size must be given together")
+        if sr_size is not None:
+            check_resolution(*sr_size)
+        self.sr_width, self.sr_height = sr_size if sr_size is not None else (None, None)
         self._lock = threading.Lock()
 
     # -- identity -------------------------------------------------------------------------
@@ -165,6 +173,21 @@ class MagiHumanEngine:
                 raise EngineInputError(f"audio_sample_rate {request.audio_sample_rate} Hz below 8000 Hz")
         if request.identity.latent is None:
             raise EngineInputError("identity has no latent; call prepare_identity first")
+
+    def _conditioning_latent(self, request: SegmentRequest) -> torch.Tensor:
+        """Latent written into frame 0 (PIPELINE.md §7): the previous segment's last frame (its
+        latent, or the frame itself encoded now when only ``last_frame`` is given, e.g. the frame
+        on screen at an interrupt), else the identity image."""
+        prev = request.continue_from
+        if prev is None:
+            return request.identity.latent
+        if prev.last_frame_latent is not None:
+            return prev.last_frame_latent
+        frame = np.asarray(prev.last_frame)
+        if frame.shape != (self.height, self.width, 3):
+            raise EngineInputError(
+                f"continue_from.last_frame shape {frame.shape} must be ({self.height}, {self.width}, 3)")
+        return self.video_vae.encode_image(np.ascontiguousarray(frame, dtype=np.uint8)).float().to(self.device)
 
     def _velocity_fn(self, text_features: torch.Tensor, num_text: int, timings: dict):
         cfg = self.dit.config
@@ -224,8 +247,7 @@ class MagiHumanEngine:
 
         # 3. distilled loop with image conditioning (§7, §10.3)
         prev = request.continue_from
-        image_latent = prev.last_frame_latent if prev is not None and prev.last_frame_latent is not None \
-            else request.identity.latent
+        image_latent = self._conditioning_latent(request)
         config = dataclasses.replace(self.sampler, a2v=lipsync, keep_audio_clean=self.keep_audio_clean)
         video, audio = sample(self._velocity_fn(features, num_text, timings), video, audio, config,
                               image_latent=image_latent.to(self.device), noise_fn=generator_noise(gen),
@@ -258,7 +280,70 @@ class MagiHumanEngine:
         timings["encode_last_frame"] = time.perf_counter() - t0
         timings["total"] = time.perf_counter() - t_start
         return Segment(frames=frames, audio=waveform, sample_rate=rate, fps=self.fps,
-                       continuation=continuation, timings_s=timings)
+                       continuation=continuation, timings_s=timings, request=request)
+
+    # -- latent super-resolution of a buffered segment ------------------------------------
+    @torch.inference_mode()
+    def upgrade(self, segment: Segment, cancel: threading.Event | None = None) -> Segment:
+        """Re-render ``segment`` at ``sr_width x sr_height`` through the latent SR stage
+        (PIPELINE.md §14: trilinear upsample, re-noise at S[220], fixed 70 %-noise audio context,
+        5 UniPC steps of the SR DiT with coords v1, image latent re-encoded at SR size).
+
+        The audio, duration, frame count and continuation are unchanged; only ``frames`` (now
+        ``[F, sr_height, sr_width, 3]``) and ``super_resolved`` differ.
+
+        Raises:
+            EngineInputError: no SR model loaded, or the segment lacks its latents/request.
+            CancelledError: ``cancel`` was set (checked before every step and the decode).
+        """
+        if self.sr_dit is None:
+            raise EngineInputError("no super-resolution model is loaded (sr_dit)")
+        request, state = segment.request, segment.continuation
+        if request is None or state.video_latent is None or state.audio_latent is None:
+            raise EngineInputError("segment has no request or latents to upgrade")
+        with self._lock:
+            return self._upgrade(segment, request, cancel)
+
+    def _upgrade(self, segment: Segment, request: SegmentRequest, cancel) -> Segment:
+        from engine.codecs.image import preprocess_image
+        from engine.sampler import SR, prepare_sr_inputs
+
+        start = time.perf_counter()
+        timings: dict[str, float] = {}
+        gen = torch.Generator(device=self.device).manual_seed(int(request.seed) + 1_000_003)
+        state = segment.continuation
+        h_sr, w_sr = self.sr_height // 16, self.sr_width // 16
+        sr_video, sr_audio = prepare_sr_inputs(state.video_latent.to(self.device), state.audio_latent.to(self.device),
+                                               h_sr, w_sr, generator_noise(gen))
+        prev = request.continue_from
+        source = prev.last_frame if prev is not None else request.identity.image
+        image_latent = self.video_vae.encode_image(preprocess_image(source, self.sr_width, self.sr_height)).float()
+        features, num_text = self.text_encoder.encode(request.prompt)
+        cfg = self.sr_dit.config
+
+        def velocity(video, audio, timestep, conditional):
+            t0 = time.perf_counter()
+            packed = pack(video, audio, features.to(self.device), num_text=num_text, in_channels=cfg.in_channels,
+                          coords_style="v1")
+            out = self.sr_dit(packed.x, packed.coords, packed.modality, spans=packed.spans,
+                              local_ranges=packed.local_ranges, compute_dtype=self.compute_dtype)
+            timings["sr_dit"] = timings.get("sr_dit", 0.0) + time.perf_counter() - t0
+            return unpack(out, packed, cfg.audio_in_channels)
+
+        video, _ = sample(velocity, sr_video, sr_audio, SR, image_latent=image_latent.to(self.device),
+                          noise_fn=generator_noise(gen), cancel=cancel)
+        if cancel is not None and cancel.is_set():
+            raise CancelledError("cancelled before decoding the upgraded segment")
+        t0 = time.perf_counter()
+        frames = self.video_decoder.decode_to_uint8(video)
+        timings["sr_decode_video"] = time.perf_counter() - t0
+        if prev is not None and frames.shape[0] > 1:
+            frames = frames[1:]
+        if frames.shape[0] != segment.num_frames:
+            raise RuntimeError(f"upgraded segment has {frames.shape[0]} frames, expected {segment.num_frames}")
+        timings["sr_total"] = time.perf_counter() - start
+        return dataclasses.replace(segment, frames=frames, super_resolved=True,
+                                   timings_s={**segment.timings_s, **timings})
 
 
 def fit_length(waveform: np.ndarray, num_samples: int) -> np.ndarray:
@@ -272,12 +357,14 @@ PREVIEW_WIDTH, PREVIEW_HEIGHT = 224, 128
 
 
 def build_preview_engine(*, seed: int = 0, device: str = "cpu", width: int = PREVIEW_WIDTH,
-                         height: int = PREVIEW_HEIGHT, compute_dtype: torch.dtype | None = None) -> MagiHumanEngine:
+                         height: int = PREVIEW_HEIGHT, compute_dtype: torch.dtype | None = None,
+                         sr: bool = False) -> MagiHumanEngine:
     """The ``preview`` preset: the same classes at a small size with seeded, untrained weights.
 
     Its pictures and sounds are noise by design; the structure (shapes, rates, timing, the
     whole streaming path) is the real one. ``compute_dtype`` defaults to fp32 on CPU (fast on
-    CPUs without bf16 matrix units) and bf16 on CUDA.
+    CPUs without bf16 matrix units) and bf16 on CUDA. ``sr=True`` adds a seeded preview SR DiT
+    that upgrades segments to twice the size (``2 width x 2 height``).
     """
     from engine.codecs.audio_vae import OobleckAudioVAE
     from engine.codecs.text_encoder import T5GemmaTextEncoder
@@ -291,13 +378,20 @@ def build_preview_engine(*, seed: int = 0, device: str = "cpu", width: int = PRE
     dit.eval().to(device)
     if compute_dtype is None:
         compute_dtype = torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+    sr_dit = None
+    if sr:
+        sr_dit = DiTModel(config)
+        init_seeded(sr_dit, seed + 1)
+        sr_dit.eval().to(device)
     return MagiHumanEngine(
         dit, text_encoder, WanVideoVAE.preview(seed=seed).to(device), OobleckAudioVAE.preview(seed=seed),
         width=width, height=height, device=device, compute_dtype=compute_dtype, name="preview",
+        sr_dit=sr_dit, sr_size=(2 * width, 2 * height) if sr else None,
     )
 
 
-def build_engine(preset: str, *, checkpoint_dir: str | None = None, device: str = "cpu", seed: int = 0):
+def build_engine(preset: str, *, checkpoint_dir: str | None = None, device: str = "cpu", seed: int = 0,
+                 sr: bool = False):
     """Build a :class:`engine.api.SegmentEngine` by preset name.
 
     * ``preview``: :func:`build_preview_engine` (CPU friendly, seeded weights).
@@ -310,7 +404,7 @@ def build_engine(preset: str, *, checkpoint_dir: str | None = None, device: str 
         ValueError: unknown preset, or ``full`` without ``checkpoint_dir``.
     """
     if preset == "preview":
-        return build_preview_engine(seed=seed, device=device)
+        return build_preview_engine(seed=seed, device=device, sr=sr)
     if preset == "testpattern":
         from engine.testpattern import TestPatternEngine
 
