@@ -1,0 +1,210 @@
+"""Stable-Audio-Open-1.0 "Oobleck" audio VAE (CODECS.md §3) on top of ``diffusers.AutoencoderOobleck``.
+
+Rate convention (PIPELINE.md §6, §13, §15.2): the VAE hop is 2048 samples and MagiHuman feeds and
+interprets its audio at **51,200 Hz**, so one latent row is exactly 1/25 s (the video frame rate).
+Decoded audio is FFT-resampled by 441/512 to 44,100 Hz for output. Latents are raw and unscaled
+(no mean/std, no scale factor), stored time-major ``[1, A, 64]`` float32. The module runs in fp32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import scipy.signal
+import soxr
+import torch
+from diffusers import AutoencoderOobleck
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "HOP_SAMPLES",
+    "LATENT_DIM",
+    "LATENT_RATE_HZ",
+    "MAX_ENCODE_SECONDS",
+    "MODEL_SAMPLE_RATE",
+    "OUTPUT_SAMPLE_RATE",
+    "OUTPUT_SAMPLES_PER_LATENT",
+    "OobleckAudioVAE",
+]
+
+LATENT_RATE_HZ = 25
+MODEL_SAMPLE_RATE = 51200  # Hz, the rate the VAE is fed/interpreted at (PIPELINE.md §13)
+OUTPUT_SAMPLE_RATE = 44100  # Hz, after the 441/512 FFT resample (PIPELINE.md §15.2)
+HOP_SAMPLES = MODEL_SAMPLE_RATE // LATENT_RATE_HZ  # 2048 = product of the downsampling ratios
+OUTPUT_SAMPLES_PER_LATENT = OUTPUT_SAMPLE_RATE // LATENT_RATE_HZ  # 1764 = 2048 * 441 / 512
+LATENT_DIM = 64
+MAX_ENCODE_SECONDS = 29.0  # single-window encode limit (PIPELINE.md §13 step 3); longer is not supported
+
+# Preview: the widest stage is the encoder's first one, which diffusers ties to 2 x latent dim (128);
+# the decoder is shrunk to 8 channels. Strides [2, 4, 4, 8, 8] keep the 2048 hop.
+_PREVIEW_CONFIG = dict(
+    encoder_hidden_size=2 * LATENT_DIM,
+    downsampling_ratios=[2, 4, 4, 8, 8],
+    channel_multiples=[1, 1, 1, 1, 1],
+    decoder_channels=8,
+    decoder_input_channels=LATENT_DIM,
+    audio_channels=2,
+    sampling_rate=OUTPUT_SAMPLE_RATE,
+)
+
+
+@contextlib.contextmanager
+def _quiet_weight_norm() -> Iterator[None]:
+    """Silence torch's FutureWarning about ``weight_norm``, which diffusers' Oobleck layers still use."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*weight_norm.*deprecated", category=FutureWarning)
+        yield
+
+
+class OobleckAudioVAE:
+    """Oobleck audio VAE: ``[1, A, 64]`` latents <-> stereo waveforms, 25 latents per second.
+
+    Build with :meth:`preview` (small random weights, CPU tests) or :meth:`from_pretrained`.
+    """
+
+    output_sample_rate: int = OUTPUT_SAMPLE_RATE  # Hz of :meth:`decode`'s waveform
+    latent_rate_hz: int = LATENT_RATE_HZ
+
+    def __init__(self, vae: AutoencoderOobleck) -> None:
+        """Wrap a diffusers ``AutoencoderOobleck``.
+
+        Raises:
+            ValueError: hop is not 2048, latent dim is not 64, or it is not stereo.
+        """
+        cfg = vae.config
+        hop = int(np.prod(cfg.downsampling_ratios))
+        if hop != HOP_SAMPLES or cfg.decoder_input_channels != LATENT_DIM or cfg.audio_channels != 2:
+            raise ValueError(
+                f"vae must have hop {HOP_SAMPLES}, latent dim {LATENT_DIM} and 2 audio channels, got hop={hop}, "
+                f"decoder_input_channels={cfg.decoder_input_channels}, audio_channels={cfg.audio_channels}"
+            )
+        self.vae = vae.eval().requires_grad_(False)
+
+    @classmethod
+    def preview(cls, seed: int = 0) -> OobleckAudioVAE:
+        """Same class with small channels and seeded random weights (``torch.manual_seed(seed)``), fp32.
+
+        Keeps hop 2048, latent dim 64 (encoder output 128) and stereo.
+        """
+        torch.manual_seed(seed)
+        with _quiet_weight_norm():
+            return cls(AutoencoderOobleck(**_PREVIEW_CONFIG))
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, device: str | torch.device = "cpu", subfolder: str | None = None
+    ) -> OobleckAudioVAE:
+        """Load the diffusers-format VAE (``stabilityai/stable-audio-open-1.0``, subfolder ``vae``) in fp32.
+
+        Raises:
+            ValueError: the checkpoint is not hop 2048 / latent 64 / stereo.
+        """
+        with _quiet_weight_norm():
+            vae = AutoencoderOobleck.from_pretrained(
+                str(path), subfolder=subfolder, torch_dtype=torch.float32
+            )
+        return cls(vae.to(device))
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the wrapped module."""
+        return next(self.vae.parameters()).device
+
+    @torch.no_grad()
+    def decode_model_rate(self, latent: torch.Tensor) -> torch.Tensor:
+        """Oobleck decode at the model rate (PIPELINE.md §15.2 step 1).
+
+        Args:
+            latent: ``float32 [1, A, 64]``, ``A >= 1``.
+
+        Returns:
+            ``float32 [1, 2, 2048 * A]`` at 51,200 Hz, unclipped.
+
+        Raises:
+            ValueError: ``latent`` is not ``[1, A>=1, 64]``.
+        """
+        if latent.ndim != 3 or latent.shape[0] != 1 or latent.shape[2] != LATENT_DIM or latent.shape[1] < 1:
+            raise ValueError(f"latent must be [1, A>=1, {LATENT_DIM}], got {list(latent.shape)}")
+        z = latent.to(self.device, torch.float32).permute(0, 2, 1)
+        return self.vae.decode(z).sample.float()
+
+    def decode(self, latent: torch.Tensor) -> tuple[np.ndarray, int]:
+        """Decode audio latents to a 44.1 kHz stereo waveform (PIPELINE.md §15.2).
+
+        Oobleck decode to ``2048 * A`` samples treated as 51.2 kHz, then ``scipy.signal.resample``
+        (FFT, no window) along time to ``1764 * A`` samples; no clipping.
+
+        Args:
+            latent: ``float32 [1, A, 64]``.
+
+        Returns:
+            ``(wave, 44100)`` with ``wave`` ``float32 [1764 * A, 2]`` (duration exactly ``A / 25`` s).
+
+        Raises:
+            ValueError: ``latent`` is not ``[1, A>=1, 64]``.
+        """
+        wave = self.decode_model_rate(latent)[0].T.cpu().numpy()  # [2048 A, 2]
+        n_out = OUTPUT_SAMPLES_PER_LATENT * latent.shape[1]
+        out = scipy.signal.resample(wave, n_out, axis=0)
+        return np.ascontiguousarray(out, dtype=np.float32), OUTPUT_SAMPLE_RATE
+
+    @torch.no_grad()
+    def encode(
+        self,
+        waveform: np.ndarray,
+        sample_rate: int,
+        generator: torch.Generator | None = None,
+        max_seconds: float | None = None,
+    ) -> torch.Tensor:
+        """Encode mono audio to latents for audio-to-video (PIPELINE.md §13 steps 1-4).
+
+        Resamples to 51,200 Hz with soxr, keeps the first ``max_seconds * 51200`` samples, duplicates
+        mono to stereo, runs the encoder in fp32 and draws a posterior **sample**
+        ``mean + (softplus(scale) + 1e-4) * eps`` with ``generator``.
+
+        Args:
+            waveform: ``float32 [N]`` mono samples in [-1, 1].
+            sample_rate: rate of ``waveform`` in Hz (> 0).
+            generator: torch generator for the posterior noise (``None``: global RNG).
+            max_seconds: optional cap on the encoded duration in seconds.
+
+        Returns:
+            ``float32 [1, A, 64]`` with ``A = floor(N_51200 / 2048)``.
+
+        Raises:
+            ValueError: not mono, bad ``sample_rate``/``max_seconds``, fewer than 2048 samples at 51.2 kHz,
+                or more than 29 s (the windowed long-audio path is not implemented).
+        """
+        x = np.asarray(waveform, dtype=np.float32)
+        if x.ndim != 1:
+            raise ValueError(f"waveform must be mono [N], got shape {list(x.shape)}")
+        if sample_rate <= 0:
+            raise ValueError(f"sample_rate must be > 0 Hz, got {sample_rate}")
+        if max_seconds is not None and max_seconds <= 0:
+            raise ValueError(f"max_seconds must be > 0, got {max_seconds}")
+        if sample_rate != MODEL_SAMPLE_RATE:
+            x = soxr.resample(x, sample_rate, MODEL_SAMPLE_RATE).astype(np.float32, copy=False)
+        if max_seconds is not None:
+            x = x[: int(max_seconds * MODEL_SAMPLE_RATE)]
+        n = x.shape[0]
+        if n > MAX_ENCODE_SECONDS * MODEL_SAMPLE_RATE:
+            raise ValueError(
+                f"audio is {n / MODEL_SAMPLE_RATE:.2f} s long; the limit is {MAX_ENCODE_SECONDS:g} s "
+                f"({int(MAX_ENCODE_SECONDS * MODEL_SAMPLE_RATE)} samples at {MODEL_SAMPLE_RATE} Hz)"
+            )
+        if n < HOP_SAMPLES:
+            raise ValueError(
+                f"audio must have at least {HOP_SAMPLES} samples at {MODEL_SAMPLE_RATE} Hz, got {n}"
+            )
+        stereo = torch.from_numpy(x).to(self.device)[None, None].expand(1, 2, n).contiguous()
+        z = self.vae.encode(stereo).latent_dist.sample(generator=generator)  # [1, 64, A]
+        a = n // HOP_SAMPLES
+        if z.shape[-1] != a:
+            raise RuntimeError(f"encoder produced {z.shape[-1]} latents for {n} samples, expected {a}")
+        return z.permute(0, 2, 1).float().contiguous()
