@@ -3,18 +3,26 @@
 // session.start over the WebSocket, then one RTCPeerConnection: video recvonly, audio
 // sendrecv (the microphone is attached to that transceiver with replaceTrack, so toggling it
 // needs no renegotiation). ICE is not trickled: the offer is sent once gathering completes.
+//
+// For tests and debugging the page exposes `window.avatarEvents` (every server message, in
+// order of arrival) and `window.avatar` (`pc`, the peer connection, and `figures`, the last
+// figures shown in the overlay).
 
 const $ = (id) => document.getElementById(id);
 
 const MAX_SIDE_PX = 2048;          // larger pictures are scaled down before upload
 const MAX_UPLOAD_BYTES = 6 << 20;  // below the server's default max_image_bytes (8 MiB)
+const MAX_CHUNK_CHARS = 1000;      // below the server's default max_text_chars (2000)
+const STATS_INTERVAL_MS = 1000;
 
 const ui = {
-  video: $("video"), image: $("image"), preview: $("preview"), prompt: $("prompt"),
-  start: $("start"), stop: $("stop"), text: $("text"), language: $("language"),
-  speak: $("speak"), interrupt: $("interrupt"), mic: $("mic"), log: $("log"), unmute: $("unmute"),
-  fps: $("stat-fps"), buffer: $("stat-buffer"), ttff: $("stat-ttff"), jitter: $("stat-jitter"),
-  underruns: $("stat-underruns"), rtf: $("stat-rtf"), state: $("stat-state"),
+  video: $("video"), placeholder: $("placeholder"), overlay: $("overlay"), unmute: $("unmute"),
+  image: $("image"), preview: $("preview"), prompt: $("prompt"), start: $("start"), stop: $("stop"),
+  speakFields: $("speak-fields"), text: $("text"), language: $("language"), interrupt: $("interrupt"),
+  mic: $("mic"), log: $("log"), error: $("error"), errorText: $("error-text"),
+  fps: $("stat-fps"), decoded: $("stat-decoded"), dropped: $("stat-dropped"), jitter: $("stat-jitter"),
+  level: $("stat-level"), levelBar: $("stat-level-bar"), figuresToggle: $("figures"), audio: $("stat-audio"), ttff: $("stat-ttff"),
+  state: $("stat-state"), serverStats: $("server-stats"),
 };
 
 let ws = null;
@@ -24,8 +32,16 @@ let micStream = null;
 let statsTimer = null;
 let startedAt = 0;
 let utteranceCount = 0;
-let lastInbound = null;
+let running = false;
+let sessionReady = false;
+let previous = {};  // last inbound-rtp report per kind, for rates
 
+const events = [];
+const figures = {};
+window.avatarEvents = events;
+window.avatar = { get pc() { return pc; }, figures };
+
+// ------------------------------------------------------------------------------- helpers
 function log(text, cls) {
   const item = document.createElement("li");
   item.textContent = `${new Date().toLocaleTimeString()} ${text}`;
@@ -34,16 +50,131 @@ function log(text, cls) {
   while (ui.log.children.length > 200) ui.log.lastChild.remove();
 }
 
-function setRunning(running) {
-  ui.start.disabled = running;
+function showError(text) {
+  ui.errorText.textContent = text;
+  ui.error.hidden = false;
+  log(text, "error");
+}
+
+function clearError() {
+  ui.error.hidden = true;
+  ui.errorText.textContent = "";
+}
+
+function updateControls() {
+  ui.start.disabled = running || ui.image.files.length === 0;
   ui.stop.disabled = !running;
-  for (const el of [ui.text, ui.language, ui.speak, ui.interrupt, ui.mic]) el.disabled = !running;
+  ui.image.disabled = running;
+  ui.speakFields.disabled = !running;
 }
 
 function send(message) {
   if (ws && ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify(message));
 }
 
+function setFigure(el, key, value, text) {
+  figures[key] = value;
+  el.textContent = text;
+}
+
+// ------------------------------------------------------------------------------- server stats
+// Every numeric field of a `stats` message is shown; the unit comes from the name's suffix.
+const SERVER_LABELS = {
+  buffer_ms: "buffer depth",
+  underruns: "underruns",
+  segments: "segments",
+  frames_sent: "frames sent",
+  frames_dropped: "frames dropped (server)",
+  rtf: "real-time factor",
+  ttff_ms: "first frame (server)",
+  gen_ms: "segment generation",
+  segment_generation_ms: "segment generation",
+  encode_ms: "encode",
+  queue: "queue",
+  queue_length: "queue",
+  interrupt_ms: "interrupt → silence",
+  interrupt_to_silence_ms: "interrupt → silence",
+  av_offset_ms: "A/V offset",
+  upgraded: "segments upgraded",
+};
+// Not shown as figures: the state has its own row, the size is shown as one "resolution" row.
+const SKIPPED_FIELDS = new Set(["type", "state", "width", "height"]);
+
+function serverRow(name, label) {
+  let dd = ui.serverStats.querySelector(`dd[data-field="${name}"]`);
+  if (!dd) {
+    const row = document.createElement("div");
+    const dt = document.createElement("dt");
+    dt.textContent = label;
+    dd = document.createElement("dd");
+    dd.dataset.field = name;
+    row.append(dt, dd);
+    ui.serverStats.append(row);
+  }
+  return dd;
+}
+
+function serverLabel(name) {
+  if (name in SERVER_LABELS) return SERVER_LABELS[name];
+  return name.replace(/_(ms|s|hz|bytes|pct|percent|ratio)$/, "").replaceAll("_", " ");
+}
+
+function formatServerValue(name, value) {
+  if (value == null) return "–";
+  if (name === "rtf" || name.endsWith("_ratio") || name.endsWith("_rtf")) return `${value.toFixed(2)}×`;
+  if (name.endsWith("_ms")) return `${Math.round(value)} ms`;
+  if (name.endsWith("_s")) return `${value.toFixed(2)} s`;
+  if (name.endsWith("_hz")) return `${Math.round(value)} Hz`;
+  if (name.endsWith("_bytes")) return value >= 1 << 20 ? `${(value / (1 << 20)).toFixed(1)} MiB` : `${Math.round(value / 1024)} KiB`;
+  if (name.endsWith("_pct") || name.endsWith("_percent")) return `${value.toFixed(1)} %`;
+  return Number.isInteger(value) ? String(value) : value.toFixed(2);
+}
+
+function showServerStats(message) {
+  for (const [name, value] of Object.entries(message)) {
+    if (SKIPPED_FIELDS.has(name) || (value !== null && typeof value !== "number")) continue;
+    serverRow(name, serverLabel(name)).textContent = formatServerValue(name, value);
+    figures[`server_${name}`] = value;
+  }
+  if (typeof message.width === "number" && typeof message.height === "number") {
+    serverRow("resolution", "resolution").textContent = `${message.width}×${message.height}`;
+  }
+  if (message.state) ui.state.textContent = message.state;
+}
+
+// ------------------------------------------------------------------------------- client stats
+async function pollStats() {
+  if (!pc) return;
+  const report = await pc.getStats();
+  report.forEach((s) => {
+    if (s.type !== "inbound-rtp") return;
+    const last = previous[s.kind];
+    const seconds = last ? (s.timestamp - last.timestamp) / 1000 : 0;
+    if (s.kind === "video") {
+      const fps = s.framesPerSecond ?? (seconds > 0 ? (s.framesDecoded - last.framesDecoded) / seconds : null);
+      if (fps != null) setFigure(ui.fps, "fps", fps, fps.toFixed(1));
+      setFigure(ui.decoded, "framesDecoded", s.framesDecoded ?? 0, String(s.framesDecoded ?? 0));
+      setFigure(ui.dropped, "framesDropped", s.framesDropped ?? 0, String(s.framesDropped ?? 0));
+      if (last && s.jitterBufferEmittedCount > last.jitterBufferEmittedCount) {
+        const delayMs = 1000 * (s.jitterBufferDelay - last.jitterBufferDelay)
+          / (s.jitterBufferEmittedCount - last.jitterBufferEmittedCount);
+        setFigure(ui.jitter, "jitterBufferMs", delayMs, `${Math.round(delayMs)} ms`);
+      }
+    } else if (s.kind === "audio") {
+      if (s.audioLevel != null) {
+        const dbfs = s.audioLevel > 0 ? 20 * Math.log10(s.audioLevel) : -Infinity;
+        // bar: -60 dBFS (empty) to 0 dBFS (full)
+        ui.levelBar.style.width = `${Math.max(0, Math.min(100, (dbfs + 60) * 100 / 60))}%`;
+        setFigure(ui.level, "audioLevel", s.audioLevel, Number.isFinite(dbfs) ? `${dbfs.toFixed(0)} dBFS` : "silent");
+      }
+      const receivedS = (s.totalSamplesReceived ?? 0) / 48000;
+      setFigure(ui.audio, "audioReceivedS", receivedS, `${receivedS.toFixed(1)} s`);
+    }
+    previous[s.kind] = s;
+  });
+}
+
+// ------------------------------------------------------------------------------- WebRTC
 // The chosen file as base64 (scaled down first when it is very large).
 async function imageAsBase64(file) {
   const bitmap = await createImageBitmap(file);
@@ -80,93 +211,119 @@ function waitForIceGathering(peer) {
   });
 }
 
-async function startWebRTC() {
-  pc = new RTCPeerConnection({ iceServers: [] });
-  pc.addTransceiver("video", { direction: "recvonly" });
-  micSender = pc.addTransceiver("audio", { direction: "sendrecv" }).sender;
+function onFirstFrame() {
+  const ms = performance.now() - startedAt;
+  ui.placeholder.hidden = true;
+  setFigure(ui.ttff, "ttffMs", ms, `${Math.round(ms)} ms`);
+}
+
+async function startWebRTC(iceServers) {
+  pc = new RTCPeerConnection({ iceServers });
+  const peer = pc;
+  peer.addTransceiver("video", { direction: "recvonly" });
+  micSender = peer.addTransceiver("audio", { direction: "sendrecv" }).sender;
   const remote = new MediaStream();
   ui.video.srcObject = remote;
-  pc.ontrack = (event) => remote.addTrack(event.track);
-  pc.onconnectionstatechange = () => log(`webrtc ${pc.connectionState}`);
+  peer.ontrack = (event) => remote.addTrack(event.track);
+  peer.onconnectionstatechange = () => {
+    log(`webrtc ${peer.connectionState}`);
+    if (peer.connectionState === "failed") {
+      showError("The media connection failed (no usable ICE candidate pair). Check that the server is reachable, or configure a TURN server.");
+    }
+  };
   if ("requestVideoFrameCallback" in HTMLVideoElement.prototype) {
-    ui.video.requestVideoFrameCallback(() => {
-      ui.ttff.textContent = `${Math.round(performance.now() - startedAt)} ms`;
-    });
+    ui.video.requestVideoFrameCallback(onFirstFrame);
+  } else {
+    ui.video.addEventListener("loadeddata", onFirstFrame, { once: true });
   }
-  await pc.setLocalDescription(await pc.createOffer());
-  await waitForIceGathering(pc);
-  send({ type: "webrtc.offer", sdp: pc.localDescription.sdp });
+  await peer.setLocalDescription(await peer.createOffer());
+  await waitForIceGathering(peer);
+  if (pc !== peer) return; // stopped meanwhile
+  send({ type: "webrtc.offer", sdp: peer.localDescription.sdp });
   ui.video.play().catch(() => { ui.unmute.hidden = false; });
 }
 
+// ------------------------------------------------------------------------------- messages
 async function onMessage(event) {
   let message;
   try { message = JSON.parse(event.data); } catch { return; }
+  events.push(message);
   switch (message.type) {
     case "session.ready":
-      log(`session ${message.session_id}: ${message.width}x${message.height} @ ${message.fps} fps (${message.engine})`);
-      await startWebRTC();
+      sessionReady = true;
+      log(`session ${message.session_id}: ${message.width}×${message.height} at ${message.fps} fps (${message.engine})`);
+      await startWebRTC(Array.isArray(message.ice_servers) ? message.ice_servers : []);
       break;
     case "webrtc.answer":
-      await pc.setRemoteDescription({ type: "answer", sdp: message.sdp });
+      if (pc) await pc.setRemoteDescription({ type: "answer", sdp: message.sdp });
       break;
     case "state":
       ui.state.textContent = message.state;
       break;
     case "stats":
-      ui.buffer.textContent = `${message.buffer_ms} ms`;
-      ui.underruns.textContent = String(message.underruns);
-      ui.rtf.textContent = message.rtf == null ? "–" : message.rtf.toFixed(2);
+      showServerStats(message);
       break;
     case "error":
-      log(`error ${message.code}: ${message.message}`, "error");
+      showError(`Error ${message.code}: ${message.message}`);
+      if (!sessionReady) stop(); // session.start was refused: nothing runs
+      break;
+    case "session.ended":
+      showError(`The server ended the session (${message.reason})${message.message ? `: ${message.message}` : "."}`);
       break;
     case "speak.started":
     case "speak.ended":
-    case "interrupted":
-      log(`${message.type} ${message.utterance_id ?? ""} ${message.played_ms ?? ""}`.trim());
+    case "interrupted": {
+      const played = message.played_ms ? ` after ${message.played_ms} ms` : "";
+      log(`${message.type} ${message.utterance_id ?? "(nothing pending)"}${played}`);
       break;
+    }
     default:
       log(message.type);
   }
 }
 
-async function pollStats() {
-  if (!pc) return;
-  const report = await pc.getStats();
-  report.forEach((s) => {
-    if (s.type !== "inbound-rtp" || s.kind !== "video") return;
-    if (s.framesPerSecond != null) {
-      ui.fps.textContent = s.framesPerSecond.toFixed(1);
-    } else if (lastInbound && s.framesDecoded != null) {
-      const seconds = (s.timestamp - lastInbound.timestamp) / 1000;
-      ui.fps.textContent = ((s.framesDecoded - lastInbound.framesDecoded) / seconds).toFixed(1);
-    }
-    if (lastInbound && s.jitterBufferEmittedCount > lastInbound.jitterBufferEmittedCount) {
-      const delay = (s.jitterBufferDelay - lastInbound.jitterBufferDelay)
-        / (s.jitterBufferEmittedCount - lastInbound.jitterBufferEmittedCount);
-      ui.jitter.textContent = `${Math.round(delay * 1000)} ms`;
-    }
-    lastInbound = s;
-  });
-}
-
+// ------------------------------------------------------------------------------- actions
 async function start(event) {
   event.preventDefault();
   const file = ui.image.files[0];
-  if (!file) { log("choose a reference image first", "error"); return; }
-  setRunning(true);
+  if (!file) { showError("Choose a reference image first."); return; }
+  clearError();
+  running = true;
+  updateControls();
   startedAt = performance.now();
+  events.length = 0;
   let image;
   try { image = await imageAsBase64(file); } catch (err) {
-    log(`cannot read the image: ${err}`, "error"); setRunning(false); return;
+    showError(`Cannot read the image: ${err}`);
+    running = false;
+    updateControls();
+    return;
   }
   const scheme = location.protocol === "https:" ? "wss" : "ws";
-  ws = new WebSocket(`${scheme}://${location.host}/ws`);
-  ws.onopen = () => send({ type: "session.start", image, prompt: ui.prompt.value });
-  ws.onmessage = (e) => { onMessage(e).catch((err) => log(String(err), "error")); };
-  ws.onclose = (e) => { log(`connection closed (${e.code})`); stop(); };
-  statsTimer = setInterval(() => { pollStats().catch(() => {}); }, 1000);
+  // A session token given to the page (`/?token=...`) is passed on to /ws.
+  const token = new URLSearchParams(location.search).get("token");
+  const query = token ? `?token=${encodeURIComponent(token)}` : "";
+  const socket = new WebSocket(`${scheme}://${location.host}/ws${query}`);
+  ws = socket;
+  socket.onopen = () => send({ type: "session.start", image, prompt: ui.prompt.value });
+  socket.onmessage = (e) => { onMessage(e).catch((err) => showError(String(err))); };
+  socket.onclose = (e) => {
+    if (ws !== socket) return;
+    log(`connection closed (${e.code}${e.reason ? `: ${e.reason}` : ""})`);
+    if (events.some((m) => m.type === "session.ended")) {
+      // already shown
+    } else if (e.code === 1006 && !sessionReady) {
+      showError("Cannot open the connection to the server (refused or unreachable). A server with an API key "
+        + "needs a session token: open this page as /?token=<session token>.");
+    } else if (e.code !== 1000) {
+      showError(`The server closed the connection (code ${e.code}${e.reason ? `: ${e.reason}` : ""}).`);
+    }
+    stop();
+  };
+  statsTimer = setInterval(() => { pollStats().catch(() => {}); }, STATS_INTERVAL_MS);
+  ui.figuresToggle.hidden = false;
+  showFigures(ui.figuresToggle.getAttribute("aria-pressed") === "true");
+  ui.text.focus();
 }
 
 function stop() {
@@ -174,24 +331,59 @@ function stop() {
   statsTimer = null;
   if (micStream) { micStream.getTracks().forEach((t) => t.stop()); micStream = null; }
   if (pc) { pc.close(); pc = null; }
-  if (ws && ws.readyState <= WebSocket.OPEN) ws.close();
+  const socket = ws;
   ws = null;
-  lastInbound = null;
+  if (socket && socket.readyState <= WebSocket.OPEN) socket.close(1000);
+  micSender = null;
+  previous = {};
+  ui.video.srcObject = null;
+  ui.placeholder.hidden = false;
+  ui.overlay.hidden = true;
+  ui.figuresToggle.hidden = true;
   ui.mic.setAttribute("aria-pressed", "false");
   ui.mic.textContent = "Microphone off";
-  setRunning(false);
+  running = false;
+  sessionReady = false;
+  updateControls();
+}
+
+function showFigures(show) {
+  ui.overlay.hidden = !show;
+  ui.figuresToggle.setAttribute("aria-pressed", String(show));
+}
+
+function splitText(text) {
+  const chunks = [];
+  let rest = text;
+  while (rest.length > MAX_CHUNK_CHARS) {
+    let cut = rest.lastIndexOf(" ", MAX_CHUNK_CHARS);
+    if (cut <= 0) cut = MAX_CHUNK_CHARS;
+    chunks.push(rest.slice(0, cut));
+    rest = rest.slice(cut);
+  }
+  chunks.push(rest);
+  return chunks;
 }
 
 function speak(event) {
   event.preventDefault();
   const text = ui.text.value.trim();
-  if (!text) return;
+  if (!text || !running) return;
   const utteranceId = `u${++utteranceCount}`;
-  const message = { type: "speak", utterance_id: utteranceId, text };
-  if (ui.language.value) message.language = ui.language.value;
-  send(message);
+  for (const chunk of splitText(text)) {
+    const message = { type: "speak", utterance_id: utteranceId, text: chunk };
+    if (ui.language.value) message.language = ui.language.value;
+    send(message);
+  }
   send({ type: "speak.end", utterance_id: utteranceId });
+  log(`speak ${utteranceId} (${text.length} characters${ui.language.value ? `, ${ui.language.value}` : ""})`);
   ui.text.value = "";
+}
+
+function interrupt() {
+  if (!running) return;
+  send({ type: "interrupt" });
+  log("interrupt");
 }
 
 async function toggleMic() {
@@ -207,23 +399,34 @@ async function toggleMic() {
   try {
     micStream = await navigator.mediaDevices.getUserMedia({ audio: { echoCancellation: true, noiseSuppression: true } });
   } catch (err) {
-    log(`microphone: ${err.message}`, "error");
+    showError(`Microphone: ${err.message}`);
     return;
   }
+  if (!micSender) { micStream.getTracks().forEach((t) => t.stop()); micStream = null; return; }
   await micSender.replaceTrack(micStream.getAudioTracks()[0]);
   ui.mic.setAttribute("aria-pressed", "true");
   ui.mic.textContent = "Microphone on";
 }
 
+// ------------------------------------------------------------------------------- wiring
 ui.image.addEventListener("change", () => {
   const file = ui.image.files[0];
   ui.preview.hidden = !file;
   if (file) ui.preview.src = URL.createObjectURL(file);
+  updateControls();
 });
-$("start-form").addEventListener("submit", (e) => { start(e).catch((err) => log(String(err), "error")); });
+$("start-form").addEventListener("submit", (e) => { start(e).catch((err) => showError(String(err))); });
 ui.stop.addEventListener("click", stop);
 $("speak-form").addEventListener("submit", speak);
-ui.interrupt.addEventListener("click", () => send({ type: "interrupt" }));
-ui.mic.addEventListener("click", () => { toggleMic().catch((err) => log(String(err), "error")); });
+ui.text.addEventListener("keydown", (e) => {
+  if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) { e.preventDefault(); $("speak-form").requestSubmit(); }
+});
+document.addEventListener("keydown", (e) => {
+  if (e.key === "Escape" && running && e.target.tagName !== "SELECT") interrupt();
+});
+ui.interrupt.addEventListener("click", interrupt);
+ui.mic.addEventListener("click", () => { toggleMic().catch((err) => showError(String(err))); });
 ui.unmute.addEventListener("click", () => { ui.video.play(); ui.unmute.hidden = true; });
-setRunning(false);
+$("error-close").addEventListener("click", clearError);
+ui.figuresToggle.addEventListener("click", () => showFigures(ui.overlay.hidden));
+updateControls();
