@@ -1,0 +1,132 @@
+"""``torch.compile`` of the DiT's transformer layers with static shapes per segment geometry.
+
+Set-up (packing, rotary table, span bookkeeping, the sampler) stays eager; only the per-layer hot
+function is compiled (STYLE.md §4). Each :class:`engine.dit.TransformerLayer` is compiled with
+``dynamic=False``: one graph per (layer kind, sequence length), i.e. per segment geometry and text
+length. The 40 layers come in 4 kinds (gelu7/swiglu7 × sandwich/shared), and with PyTorch's inlining
+of built-in modules the parameters are graph inputs, so layers of one kind share a compiled graph.
+
+Modes:
+
+* ``max-autotune-no-cudagraphs`` (CUDA default): Triton autotuning of GEMM/fused kernels, no CUDA
+  graphs; the safest choice when the layer mixes in FlashAttention custom ops or FP8 ``_scaled_mm``.
+* ``reduce-overhead``: CUDA graphs (cudagraph trees, one capture per layer graph) to remove launch
+  gaps in the 8-step loop. The runtime copies inputs into static buffers, and a replay may overwrite
+  the outputs of the previous one; the residual stream consumes each layer's output at once, and the
+  caller marks every DiT forward as a new step (:func:`mark_step`). Not measured yet (no GPU here).
+* ``default`` (CPU default): Inductor's C++/OpenMP code generation without autotuning.
+
+Compile time is paid on the first call per geometry; the benchmark reports it separately
+(``compile_s``). Caching across runs (documented here because it is environment, not code):
+
+* ``TORCHINDUCTOR_CACHE_DIR`` (default ``/tmp/torchinductor_$USER``) holds the FX-graph cache
+  (``TORCHINDUCTOR_FX_GRAPH_CACHE=1``, on by default), the AOTAutograd cache and autotuning results;
+  point it at a persistent volume so a restarted server skips code generation and autotuning.
+* ``torch.compiler.save_cache_artifacts()`` / ``load_cache_artifacts(blob)`` ("mega-cache") pack every
+  cache entry of this process into one blob that can be shipped with the deployment;
+  :func:`save_compile_cache` / :func:`load_compile_cache` wrap them.
+* Dynamo's guards are not cached across processes: the first call of a fresh process still traces
+  (seconds), even with a warm Inductor cache.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "compile_layers",
+    "default_compile_mode",
+    "load_compile_cache",
+    "mark_step",
+    "save_compile_cache",
+    "uncompile",
+]
+
+RECOMPILE_LIMIT = 64  # 4 layer kinds x several geometries; PyTorch's default of 8 would fall back to eager
+
+
+def default_compile_mode(device: str | torch.device) -> str:
+    """``max-autotune-no-cudagraphs`` on CUDA, ``default`` elsewhere."""
+    return "max-autotune-no-cudagraphs" if torch.device(device).type == "cuda" else "default"
+
+
+def _raise_recompile_limit(limit: int) -> None:
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):  # renamed in PyTorch 2.6
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), limit))
+            return
+
+
+def compile_layers(model: nn.Module, *, mode: str, scope: str = "layer", fullgraph: bool = False,
+                   backend: str = "inductor") -> int:
+    """Compile ``model``'s transformer layers (``scope="layer"``) or its whole forward (``"model"``).
+
+    Uses :meth:`torch.nn.Module.compile`, which compiles the module's call in place, so the model's
+    own ``forward`` loop keeps calling its layers unchanged. Returns the number of modules compiled.
+
+    Args:
+        mode: ``torch.compile`` mode (``default`` = none given).
+        scope: ``layer`` or ``model``.
+        fullgraph: fail on graph breaks instead of splitting the graph.
+        backend: ``torch.compile`` backend; tests use ``eager`` to check graph capture without codegen.
+
+    Raises:
+        ValueError: unknown ``scope``.
+    """
+    _raise_recompile_limit(RECOMPILE_LIMIT)
+    kwargs = {"dynamic": False, "fullgraph": fullgraph, "backend": backend}
+    if mode != "default" and backend == "inductor":
+        kwargs["mode"] = mode
+    if scope == "layer":
+        layers = list(model.block.layers)
+        for layer in layers:
+            layer.compile(**kwargs)
+        return len(layers)
+    if scope == "model":
+        model.compile(**kwargs)
+        return 1
+    raise ValueError(f"compile scope must be 'layer' or 'model', got {scope!r}")
+
+
+def mark_step() -> None:
+    """Start a new CUDA-graph step (``torch.compiler.cudagraph_mark_step_begin``); call before every DiT
+    forward when the layers are compiled with ``mode="reduce-overhead"``."""
+    torch.compiler.cudagraph_mark_step_begin()
+
+
+def uncompile(model: nn.Module) -> None:
+    """Drop every module's compiled call so that the eager code runs again."""
+    for module in model.modules():
+        if getattr(module, "_compiled_call_impl", None) is not None:
+            module._compiled_call_impl = None
+
+
+def save_compile_cache(path: str | Path) -> bool:
+    """Write this process's compile caches (``torch.compiler.save_cache_artifacts``) to ``path``.
+
+    Returns False when there is nothing to save.
+    """
+    result = torch.compiler.save_cache_artifacts()
+    if result is None:
+        return False
+    blob, _info = result
+    Path(path).write_bytes(blob)
+    logger.info("saved compile cache artifacts (%d bytes) to %s", len(blob), path)
+    return True
+
+
+def load_compile_cache(path: str | Path) -> bool:
+    """Load caches written by :func:`save_compile_cache`; False when ``path`` does not exist."""
+    path = Path(path)
+    if not path.exists():
+        return False
+    torch.compiler.load_cache_artifacts(path.read_bytes())
+    logger.info("loaded compile cache artifacts from %s", path)
+    return True

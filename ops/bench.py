@@ -1,0 +1,764 @@
+"""Segment benchmark of the MagiHuman DiT and its decoders, backend by backend (issue 5).
+
+Measures, for one segment geometry (default 5 s; 448x256 for ``full``, the preview engine's size for
+``preview``) and each requested text length and backend:
+
+* ``forward_s``: one DiT forward (median of ``--repeats``);
+* ``dit_8step_s``: the distilled sampling loop (``--steps``, default 8) including packing/unpacking;
+* ``decode_s``: video decode of the final latent with the pipeline's decoder (Turbo when
+  ``engine.codecs.turbo_vae`` provides one, else Wan2.2), plus ``decode_turbo_s`` and ``decode_wan_s``;
+* ``first_frame_s``: from the start of the segment (noise drawn, text already encoded) to the first
+  decoded frames (Turbo ``decode_chunks`` first window; Wan2.2: its first, causally decodable frame);
+* ``segment_s``: end to end. ``preview``: ``build_preview_engine().generate(...)`` (text encoding,
+  denoising, video+audio decode, last-frame encode). ``full``: noise, denoising, video decode and
+  Oobleck audio decode (no text encoder weights: random text features, text encoding off the
+  critical path);
+* ``peak_mem_gb``: CUDA ``max_memory_allocated`` per record (decimal GB); on CPU the process's peak
+  resident set (``ru_maxrss``, process-wide);
+* ``mfu``: FLOPs of the 8-step loop (TIMING.md §2 model, computed from the config) / time / peak.
+  Peak: H100 SXM and H200 989 TFLOP/s bf16, 1,979 TFLOP/s FP8 (``fp8`` backend); H100 PCIe 756 /
+  1,513; unknown GPUs need ``--peak-tflops``. On CPU the "peak" is a measured GEMM rate in the compute
+  dtype (``peak_source`` says so), so CPU MFU is relative to what that CPU's BLAS reaches.
+* ``rel_err_vs_eager``: ``‖v - v_eager‖ / ‖v_eager‖`` of one forward's velocity on the same inputs.
+* ``compile_s``: wall time of the first forward after applying the backend (compile + autotune for
+  ``compile``; near the forward time otherwise).
+
+Full preset on a GPU: the 15.3 B model is built on the meta device, materialised with ``to_empty``
+and filled with seeded normal draws generated on the device in chunks (:func:`build_seeded_dit`), so
+no checkpoint and no 30 GB of host RAM are needed. Timing: CUDA events around each region after
+``--warmup`` runs, median of the repeats.
+
+Usage::
+
+    python -m ops.bench --preset preview --device cpu --backend all --out ops/results/2026-11-22_cpu-preview.json
+    python -m ops.bench --preset full --device cuda --backend all --text-tokens 400 640
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import importlib
+import json
+import logging
+import math
+import os
+import platform
+import re
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.config import DiTConfig, full_config, preview_config
+from engine.dit import DiTModel, FourierRope, default_init_std
+from engine.packing import PackedInputs, pack, unpack
+from engine.pipeline import PREVIEW_HEIGHT, PREVIEW_WIDTH, Geometry
+from engine.sampler import DISTILL, generator_noise, sample
+
+logger = logging.getLogger(__name__)
+
+REQUIRED_KEYS = ("device", "backend", "text_tokens", "dit_8step_s", "decode_s", "segment_s", "first_frame_s",
+                 "peak_mem_gb", "mfu")
+DEFAULT_BACKENDS = ("eager", "fast", "compile", "fp8")
+FULL_WIDTH, FULL_HEIGHT = 448, 256  # the 256p example size (PIPELINE.md §3)
+AUDIO_CHANNELS = 64
+
+# Dense peak FLOP/s per GPU (bf16, fp8) from NVIDIA's datasheets; H200 has H100 SXM's compute.
+PEAK_FLOPS: dict[str, tuple[float, float]] = {
+    "H100 PCIe": (756e12, 1513e12),
+    "H100 NVL": (835e12, 1671e12),
+    "H100": (989e12, 1979e12),  # SXM
+    "H200": (989e12, 1979e12),
+}
+
+# Wan2.2-TI2V-5B VAE at full size (CODECS.md §1.7).
+WAN22_FULL_DIMS = dict(base_dim=160, decoder_base_dim=256, dim_mult=[1, 2, 4, 4], num_res_blocks=2)
+# Turbo decoder config (CODECS.md §2.1), for ``TurboVAED.from_config``.
+TURBO_FULL_CONFIG = dict(
+    latent_channels=48, out_channels=3, decoder_block_out_channels=[64, 128, 256, 512],
+    decoder_layers_per_block=[2, 2, 2, 3, 3], decoder_spatio_temporal_scaling=[False, True, True, True],
+    decoder_spatio_only=[False, True, False, False], patch_size=2, use_unpatchify=True, first_chunk_size=7,
+    step_size=7, spatial_compression_ratio=16, temporal_compression_ratio=4, decoder_causal=False,
+    resnet_norm_eps=1e-6,
+)
+# Preview Turbo decoder: every stride of the real one, small widths, one resnet per stage.
+TURBO_PREVIEW_OVERRIDES = dict(decoder_block_out_channels=[2, 2, 4, 4], decoder_layers_per_block=[1, 1, 1, 1, 1])
+
+
+# ---------------------------------------------------------------------------------------------
+# geometry and FLOPs
+
+
+@dataclass(frozen=True)
+class SegmentGeometry:
+    """Pixel size and length of one segment and the token counts it implies (PIPELINE.md §3)."""
+
+    width: int
+    height: int
+    seconds: float
+
+    @classmethod
+    def for_preset(cls, preset: str, width: int | None, height: int | None, seconds: float) -> SegmentGeometry:
+        default = (PREVIEW_WIDTH, PREVIEW_HEIGHT) if preset == "preview" else (FULL_WIDTH, FULL_HEIGHT)
+        return cls(width or default[0], height or default[1], seconds)
+
+    @property
+    def latent(self) -> Geometry:
+        return Geometry.for_audio_latents(round(25 * self.seconds) + 1, self.width, self.height)
+
+    @property
+    def video_tokens(self) -> int:
+        g = self.latent
+        return g.latent_frames * (g.latent_height // 2) * (g.latent_width // 2)
+
+    @property
+    def audio_tokens(self) -> int:
+        return self.latent.audio_latents
+
+    def latent_shape(self, channels: int = 48) -> tuple[int, int, int, int, int]:
+        g = self.latent
+        return (1, channels, g.latent_frames, g.latent_height, g.latent_width)
+
+    def to_dict(self) -> dict:
+        g = self.latent
+        return {"width": self.width, "height": self.height, "seconds": self.seconds,
+                "latent": list(self.latent_shape()[1:]), "frames": g.frames,
+                "video_tokens": self.video_tokens, "audio_tokens": self.audio_tokens}
+
+
+def linear_flops_per_token(config: DiTConfig) -> int:
+    """2 x the block-linear weights one token touches (its own expert in sandwich layers), TIMING.md §2.1."""
+    d = config.hidden_size
+    total = 0
+    for i in range(config.num_layers):
+        gelu = i in config.gelu7_layers
+        inner = config.gelu_intermediate if gelu else config.swiglu_intermediate
+        up_out = inner if gelu else 2 * inner
+        total += d * config.qkv_out_features + d * d + d * up_out + inner * d
+    return 2 * total
+
+
+def flops_per_forward(config: DiTConfig, num_video: int, num_audio: int, num_text: int) -> dict[str, int]:
+    """FLOPs of one DiT forward (TIMING.md §2): block linears, full attention (``4 L² Hq D`` per layer),
+    embedders and final heads. Local-attention layers are counted as full (none in the distilled model)."""
+    length = num_video + num_audio + num_text
+    d = config.hidden_size
+    linear = linear_flops_per_token(config) * length
+    attention = config.num_layers * 4 * config.num_heads_q * config.head_dim * length**2
+    vid, aud = config.video_in_channels * num_video, config.audio_in_channels * num_audio
+    embed = 2 * d * (vid + aud + config.text_in_channels * num_text) + 2 * d * (vid + aud)
+    return {"linear": linear, "attention": attention, "embed": embed, "total": linear + attention + embed}
+
+
+def peak_flops_for(device_name: str, fp8: bool) -> float | None:
+    """Datasheet dense peak of a known GPU (first table key contained in the name), else None."""
+    for key, (bf16, f8) in PEAK_FLOPS.items():
+        if key.lower() in device_name.lower():
+            return f8 if fp8 else bf16
+    return None
+
+
+def measure_gemm_peak(device: torch.device, dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> float:
+    """Achieved FLOP/s of a square GEMM in ``dtype`` (the CPU's practical ceiling, METHOD.md)."""
+    gen = torch.Generator(device=device).manual_seed(1)
+    a = torch.randn(size, size, generator=gen, device=device).to(dtype)
+    b = torch.randn(size, size, generator=gen, device=device).to(dtype)
+    times = measure(lambda: torch.matmul(a, b), device=device, warmup=1, repeats=repeats)
+    return 2 * size**3 / min(times)  # a ceiling: the best observed rate
+
+
+# ---------------------------------------------------------------------------------------------
+# models
+
+
+@torch.no_grad()
+def init_seeded_on_device(model: torch.nn.Module, seed: int, device: torch.device,
+                          chunk_elems: int = 1 << 26) -> None:
+    """Fill every parameter with ``randn * std`` (:func:`engine.dit.default_init_std`) drawn on ``device``
+    from one ``torch.Generator(device)``, ``chunk_elems`` at a time (at most 256 MB of fp32 scratch).
+
+    Same distribution as :func:`engine.dit.init_seeded`, not the same values (other generator)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for name, param in model.named_parameters():
+        std = default_init_std(name, param.shape)
+        flat = param.view(-1)
+        for start in range(0, flat.numel(), chunk_elems):
+            n = min(chunk_elems, flat.numel() - start)
+            flat[start : start + n].copy_(torch.randn(n, generator=gen, device=device).mul_(std))
+
+
+def build_seeded_dit(config: DiTConfig, device: str | torch.device, seed: int = 0) -> DiTModel:
+    """The DiT with seeded random weights built directly on ``device``: meta -> ``to_empty`` -> chunked draws."""
+    device = torch.device(device)
+    with torch.device("meta"):
+        model = DiTModel(config)
+    model = model.to_empty(device=device)
+    init_seeded_on_device(model, seed, device)
+    with torch.no_grad():  # to_empty left the rotary band buffer uninitialised
+        model.adapter.rope.bands.copy_(FourierRope(config.head_dim).bands.to(device))
+    return model.eval().requires_grad_(False)
+
+
+def build_dit(preset: str, device: str | torch.device, seed: int = 0) -> DiTModel:
+    """``full``: :func:`build_seeded_dit`; ``preview``: the preview engine's DiT (``init_seeded``)."""
+    if preset == "full":
+        return build_seeded_dit(full_config(), device, seed)
+    from engine.dit import init_seeded
+
+    model = DiTModel(preview_config())
+    init_seeded(model, seed)
+    return model.eval().requires_grad_(False).to(device)
+
+
+def example_inputs(config: DiTConfig, geo: SegmentGeometry, text_tokens: int, device, seed: int = 0) -> PackedInputs:
+    """Packed random latents and text features of the segment geometry (PIPELINE.md §8)."""
+    gen = torch.Generator().manual_seed(seed)
+    video = torch.randn(geo.latent_shape(config.latent_channels), generator=gen)
+    audio = torch.randn(1, geo.audio_tokens, config.audio_in_channels, generator=gen)
+    text = torch.randn(1, text_tokens, config.text_in_channels, generator=gen)
+    return pack(video.to(device), audio.to(device), text.to(device), in_channels=config.in_channels)
+
+
+# ---------------------------------------------------------------------------------------------
+# timing
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(fn: Callable[[], object], *, device: torch.device, warmup: int, repeats: int) -> list[float]:
+    """Seconds per call of ``fn``: CUDA events on GPU (after a synchronize), ``perf_counter`` on CPU."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+# ---------------------------------------------------------------------------------------------
+# decoders
+
+
+class VideoDecoder:
+    """A video decoder under test: ``decode(latent)`` and ``stream(latent)`` (frame chunks as they are ready)."""
+
+    def __init__(self, name: str, impl, first_frame_method: str):
+        self.name, self.impl, self.first_frame_method = name, impl, first_frame_method
+
+    def decode(self, latent: torch.Tensor):
+        fn = getattr(self.impl, "decode_to_uint8", None) or self.impl.decode
+        return fn(latent)
+
+    def stream(self, latent: torch.Tensor) -> Iterator[object]:
+        chunks = getattr(self.impl, "decode_chunks", None)
+        if chunks is not None:
+            yield from chunks(latent)
+        elif self.name == "wan2.2":
+            # Wan2.2's decoder is causal in time: latent frame 0 alone decodes to output frame 0, which can be
+            # sent while the whole segment decodes (the first frame is decoded twice).
+            yield self.impl.decode(latent[:, :, :1])
+            yield self.decode(latent)
+        else:
+            yield self.decode(latent)
+
+
+def build_wan(preset: str, device: torch.device, seed: int) -> VideoDecoder:
+    from engine.codecs.video_vae import WanVideoVAE
+
+    if preset == "preview":
+        wan = WanVideoVAE.preview(seed=seed).to(device)
+    else:
+        from diffusers import AutoencoderKLWan
+
+        from engine.codecs.video_vae import WAN22_LATENT_MEAN, WAN22_LATENT_STD
+
+        torch.manual_seed(seed)
+        layout = dict(z_dim=48, temperal_downsample=[False, True, True], is_residual=True, in_channels=12,
+                      out_channels=12, patch_size=2, scale_factor_spatial=16, scale_factor_temporal=4,
+                      latents_mean=list(WAN22_LATENT_MEAN), latents_std=list(WAN22_LATENT_STD))
+        wan = WanVideoVAE(AutoencoderKLWan(**WAN22_FULL_DIMS, **layout)).to(device, torch.bfloat16)
+    return VideoDecoder("wan2.2", wan, "wan2.2 causal first frame")
+
+
+def build_turbo(preset: str, device: torch.device, seed: int) -> tuple[VideoDecoder | None, str]:
+    """The Turbo decoder of :mod:`engine.codecs.turbo_vae` with seeded default-initialised weights.
+
+    ``full``: ``TurboVAED.from_config`` with the real config (CODECS.md §2.1), bf16 on ``device``;
+    ``preview``: ``TurboVAED.preview(seed=...)`` if the class has it, else the same strides at small widths
+    (:data:`TURBO_PREVIEW_OVERRIDES`), fp32. Returns ``(decoder or None, status)``; a missing module or an
+    unexpected API is reported, not raised, so that the rest is still measured.
+    """
+    try:
+        cls = importlib.import_module("engine.codecs.turbo_vae").TurboVAED
+        torch.manual_seed(seed)
+        if preset == "full":
+            impl = cls.from_config(dict(TURBO_FULL_CONFIG)).to(device, torch.bfloat16)
+        elif hasattr(cls, "preview"):
+            impl = cls.preview(seed=seed).to(device)
+        else:
+            impl = cls.from_config({**TURBO_FULL_CONFIG, **TURBO_PREVIEW_OVERRIDES}).to(device)
+        impl.eval().requires_grad_(False)
+        method = "turbo decode_chunks first window" if hasattr(impl, "decode_chunks") else "turbo full decode"
+        return VideoDecoder("turbo", impl, method), "ok"
+    except Exception as exc:
+        return None, f"unavailable: {type(exc).__name__}: {exc}"
+
+
+def build_audio_vae(preset: str, device: torch.device, seed: int):
+    from engine.codecs.audio_vae import OobleckAudioVAE
+
+    if preset == "preview":
+        return OobleckAudioVAE.preview(seed=seed)
+    from diffusers import AutoencoderOobleck
+
+    torch.manual_seed(seed)
+    vae = OobleckAudioVAE(AutoencoderOobleck())  # diffusers' defaults are Stable-Audio-Open's (CODECS.md §3.1)
+    vae.vae.to(device)
+    return vae
+
+
+# ---------------------------------------------------------------------------------------------
+# one segment
+
+
+def make_velocity_fn(dit: DiTModel, text: torch.Tensor, num_text: int, dtype: torch.dtype,
+                     before_forward: Callable[[], None] | None = None):
+    """The pipeline's velocity function (pack -> DiT -> unpack), as in ``MagiHumanEngine``."""
+    cfg = dit.config
+
+    def velocity(video, audio, timestep, conditional):
+        packed = pack(video, audio, text, num_text=num_text, in_channels=cfg.in_channels)
+        if before_forward is not None:
+            before_forward()
+        out = dit(packed.x, packed.coords, packed.modality, spans=packed.spans,
+                  local_ranges=packed.local_ranges, compute_dtype=dtype)
+        return unpack(out, packed, cfg.audio_in_channels)
+
+    return velocity
+
+
+def run_segment(velocity, geo: SegmentGeometry, steps: int, device: torch.device, seed: int,
+                decoder: VideoDecoder | None, audio_vae) -> dict[str, float]:
+    """Noise -> ``steps`` distilled steps -> streamed video decode -> audio decode, with wall-clock marks
+    (synchronised). Returns seconds from the start to ``dit``, ``first_frame``, ``video`` and ``end``."""
+    marks: dict[str, float] = {}
+    _sync(device)
+    t0 = time.perf_counter()
+    gen = torch.Generator(device=device).manual_seed(seed)
+    audio = torch.randn(1, geo.audio_tokens, AUDIO_CHANNELS, generator=gen, device=device)
+    video = torch.randn(geo.latent_shape(), generator=gen, device=device)
+    image_latent = torch.randn(geo.latent_shape()[:2] + (1,) + geo.latent_shape()[3:], generator=gen, device=device)
+    config = dataclasses.replace(DISTILL, num_steps=steps)
+    with torch.inference_mode():
+        video, audio = sample(velocity, video, audio, config, image_latent=image_latent, noise_fn=generator_noise(gen))
+        _sync(device)
+        marks["dit"] = time.perf_counter() - t0
+        if decoder is not None:
+            for i, _frames in enumerate(decoder.stream(video)):
+                if i == 0:
+                    _sync(device)
+                    marks["first_frame"] = time.perf_counter() - t0
+            _sync(device)
+            marks["video"] = time.perf_counter() - t0
+        if audio_vae is not None:
+            audio_vae.decode(audio)
+    _sync(device)
+    marks["end"] = time.perf_counter() - t0
+    return marks
+
+
+def _preview_prompt(engine, text_tokens: int) -> tuple[str, int]:
+    """A prompt that the preview ByteTokenizer turns into ``text_tokens`` tokens (BOS + bytes)."""
+    prompt = "x" * max(text_tokens - 1, 1)
+    return prompt, engine.text_encoder.encode(prompt)[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# the benchmark
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"cpu: {line.split(':', 1)[1].strip()}"
+    except OSError:
+        pass
+    return f"cpu: {platform.processor() or platform.machine()}"
+
+
+def _peak_mem_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux: KiB
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-30))
+
+
+def bench_backend(args, ctx: dict, backend: str, text_tokens: int) -> dict:
+    """One record: every figure of one backend at one text length."""
+    from engine.backends import apply_backend
+    from engine.backends.compile import mark_step
+
+    device, dit, geo = ctx["device"], ctx["dit"], ctx["geo"]
+    dtype = ctx["dtype"]
+    record: dict = {"device": ctx["device_name"], "backend": backend, "text_tokens": text_tokens,
+                    "seq_len": geo.video_tokens + geo.audio_tokens + text_tokens, "steps": args.steps}
+    _reset_peak(device)
+    options = {"attention": args.attention, "compile_mode": args.compile_mode, "compile_scope": args.compile_scope,
+               "fp8_impl": args.fp8_impl}
+    if backend == "tensorrt":
+        from ops.export_onnx import export_name
+
+        name = export_name(args.preset, geo.width, geo.height, geo.seconds, text_tokens, args.onnx_dtype)
+        options = {"onnx_path": Path(args.onnx_dir or ".") / f"{name}.onnx"}
+    info = apply_backend(dit, backend, device, **options)
+    record["backend_info"] = info.to_dict()
+    before = mark_step if info.compile_mode == "reduce-overhead" else None
+
+    packed = ctx["packed"][text_tokens]
+    text = ctx["text"][text_tokens]
+
+    def forward():
+        if before is not None:
+            before()
+        with torch.inference_mode():
+            return dit(packed.x, packed.coords, packed.modality, spans=packed.spans, compute_dtype=dtype)
+
+    _sync(device)
+    t0 = time.perf_counter()
+    out = forward()
+    _sync(device)
+    record["compile_s"] = time.perf_counter() - t0
+    eager_out = ctx["eager_out"].get(text_tokens)
+    record["rel_err_vs_eager"] = None if eager_out is None else _rel(out, eager_out)
+    if backend == "eager":
+        ctx["eager_out"][text_tokens] = out.detach().clone()
+        record["rel_err_vs_eager"] = 0.0
+    forward_times = measure(forward, device=device, warmup=args.warmup, repeats=args.repeats)
+    record["forward_s"], record["forward_s_all"] = _median(forward_times), forward_times
+    record["forward_min_s"] = min(forward_times) if forward_times else None
+
+    velocity = make_velocity_fn(dit, text, text_tokens, dtype, before)
+    config = dataclasses.replace(DISTILL, num_steps=args.steps)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    video0 = torch.randn(geo.latent_shape(), generator=gen, device=device)
+    audio0 = torch.randn(1, geo.audio_tokens, AUDIO_CHANNELS, generator=gen, device=device)
+
+    def loop():
+        with torch.inference_mode():
+            return sample(velocity, video0, audio0, config, noise_fn=generator_noise(gen))
+
+    loop_times = measure(loop, device=device, warmup=min(args.warmup, 1), repeats=args.loop_repeats)
+    record["dit_8step_s"], record["dit_8step_s_all"] = _median(loop_times), loop_times
+    record["dit_8step_min_s"] = min(loop_times) if loop_times else None
+
+    decoder = ctx["decoders"][0] if ctx["decoders"] else None
+    seg_marks = [run_segment(velocity, geo, args.steps, device, args.seed, decoder, ctx["audio_vae"])
+                 for _ in range(args.loop_repeats)]
+    record["first_frame_s"] = _median([m["first_frame"] for m in seg_marks if "first_frame" in m])
+    record["first_frame_method"] = decoder.first_frame_method if decoder is not None else None
+    record["segment_core_s"] = _median([m["end"] for m in seg_marks])
+    if args.preset == "preview" and ctx.get("engine") is not None and not args.no_generate:
+        record.update(_bench_generate(args, ctx, text_tokens))
+    else:
+        record["segment_s"] = record["segment_core_s"]
+        record["segment_method"] = "noise + denoise + video decode + audio decode (no text encoder)"
+    record.update(ctx["decode"])
+    record["peak_mem_gb"] = _peak_mem_gb(device)
+
+    flops = flops_per_forward(dit.config, geo.video_tokens, geo.audio_tokens, text_tokens)
+    record["flops_per_forward"] = flops["total"]
+    record["flops_breakdown"] = flops
+    peak, source = ctx["peak"](info.fp8 == "scaled_mm")
+    record["peak_flops"], record["peak_source"] = peak, source
+    peak_bf16 = ctx["peak"](False)[0]
+    loop_flops_per_s = args.steps * flops["total"] / record["dit_8step_s"]
+    record["achieved_tflops"] = loop_flops_per_s / 1e12
+    record["mfu"] = loop_flops_per_s / peak if peak else None
+    record["mfu_forward"] = flops["total"] / record["forward_s"] / peak if peak else None
+    record["mfu_vs_bf16_peak"] = loop_flops_per_s / peak_bf16 if peak_bf16 else None
+    return record
+
+
+def _bench_generate(args, ctx: dict, text_tokens: int) -> dict:
+    """Median wall time of ``engine.generate`` for a speak segment of the geometry (preview only)."""
+    from engine.api import SegmentKind, SegmentRequest
+
+    engine = ctx["engine"]
+    engine.sampler = dataclasses.replace(engine.sampler, num_steps=args.steps)
+    prompt, num_text = _preview_prompt(engine, text_tokens)
+    request = SegmentRequest(identity=ctx["identity"], kind=SegmentKind.SPEAK, prompt=prompt,
+                             seconds=args.seconds, seed=args.seed)
+    times, timings = [], {}
+    for i in range(args.loop_repeats + min(args.warmup, 1)):
+        _sync(ctx["device"])
+        t0 = time.perf_counter()
+        segment = engine.generate(request)
+        _sync(ctx["device"])
+        if i >= min(args.warmup, 1):
+            times.append(time.perf_counter() - t0)
+            timings = segment.timings_s
+    return {"segment_s": _median(times), "segment_s_all": times, "segment_text_tokens": num_text,
+            "segment_method": "build_preview_engine().generate (text, denoise, video+audio decode, last-frame encode)",
+            "segment_stage_s": timings}
+
+
+def _decode_figures(args, ctx: dict) -> dict:
+    device, geo = ctx["device"], ctx["geo"]
+    gen = torch.Generator(device=device).manual_seed(args.seed + 1)
+    latent = torch.randn(geo.latent_shape(), generator=gen, device=device)
+    figures = {"decode_turbo_s": None, "decode_wan_s": None, "turbo_status": ctx["turbo_status"]}
+    for decoder in ctx["decoders"]:
+        times = measure(lambda d=decoder: d.decode(latent), device=device, warmup=min(args.warmup, 1),
+                        repeats=args.loop_repeats)
+        figures["decode_turbo_s" if decoder.name == "turbo" else "decode_wan_s"] = _median(times)
+    primary = ctx["decoders"][0] if ctx["decoders"] else None
+    figures["decoder"] = primary.name if primary else None
+    figures["decode_s"] = figures["decode_turbo_s"] if primary and primary.name == "turbo" else figures["decode_wan_s"]
+    return figures
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m ops.bench", description="MagiHuman segment benchmark (issue 5)")
+    p.add_argument("--preset", choices=("full", "preview"), default="preview")
+    p.add_argument("--backend", default="all",
+                   help="eager|fast|compile|fp8|tensorrt (components combine with '+', e.g. fp8+compile), a comma "
+                        "list, or 'all' (= eager,fast,compile,fp8, plus fp8+compile on CUDA)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--text-tokens", type=int, nargs="+", default=[400, 640])
+    p.add_argument("--seconds", type=float, default=5.0, help="segment length (5 s: 126 audio latents, T = 32)")
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=10, help="repeats of the single forward")
+    p.add_argument("--loop-repeats", type=int, default=3, help="repeats of the loop, decode and segment")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compute-dtype", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="auto: bf16 on CUDA, fp32 on CPU (the preview engine's choice)")
+    p.add_argument("--attention", default=None, help="force an attention kernel (flash_attn_3, flash_attn_2, sdpa)")
+    p.add_argument("--compile-mode", default=None)
+    p.add_argument("--compile-scope", choices=("layer", "model"), default="layer")
+    p.add_argument("--compile-cache", type=Path, default=None, help="mega-cache blob to load before and save after")
+    p.add_argument("--fp8-impl", choices=("auto", "scaled_mm", "emulate"), default="auto")
+    p.add_argument("--onnx-dir", type=Path, default=None, help="tensorrt: directory of ops.export_onnx files")
+    p.add_argument("--onnx-dtype", choices=("fp32", "bf16"), default="bf16")
+    p.add_argument("--peak-tflops", type=float, default=None, help="override the peak used for MFU")
+    p.add_argument("--no-generate", action="store_true", help="preview: skip engine.generate")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--out", type=Path, default=None)
+    return p.parse_args(argv)
+
+
+def _backends(spec: str, device: torch.device) -> list[str]:
+    if spec == "all":  # FP8 is only worth compiling where it is real (emulated on CPU)
+        names = list(DEFAULT_BACKENDS) + (["fp8+compile"] if device.type == "cuda" else [])
+    else:
+        names = [b.strip() for b in spec.split(",") if b.strip()]
+    if "eager" in names:  # the reference first, so that every record can report its error against it
+        names.remove("eager")
+    return ["eager", *names]
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Run the benchmark described by ``args``; returns the result document."""
+    from engine.backends import BackendUnavailableError, reset_backend
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda requested but torch.cuda.is_available() is False")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(args.compute_dtype)
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    geo = SegmentGeometry.for_preset(args.preset, args.width, args.height, args.seconds)
+    if args.compile_cache is not None:
+        from engine.backends.compile import load_compile_cache
+
+        load_compile_cache(args.compile_cache)
+
+    load_before = os.getloadavg()
+    ctx: dict = {"device": device, "geo": geo, "dtype": dtype, "device_name": _device_name(device), "eager_out": {}}
+    t0 = time.perf_counter()
+    if args.preset == "preview":
+        from engine.pipeline import build_preview_engine
+
+        engine = build_preview_engine(seed=args.seed, device=str(device), width=geo.width, height=geo.height,
+                                      compute_dtype=dtype)
+        ctx["engine"], ctx["dit"] = engine, engine.dit
+        rng = np.random.default_rng(args.seed)
+        image = rng.integers(0, 256, (geo.height, geo.width, 3), dtype=np.uint8)
+        ctx["identity"] = engine.prepare_identity(image, "benchmark identity")
+    else:
+        ctx["dit"] = build_seeded_dit(full_config(), device, args.seed)
+    build_s = time.perf_counter() - t0
+    turbo, ctx["turbo_status"] = build_turbo(args.preset, device, args.seed)
+    ctx["decoders"] = [d for d in (turbo, build_wan(args.preset, device, args.seed)) if d is not None]
+    ctx["audio_vae"] = build_audio_vae(args.preset, device, args.seed)
+
+    cfg = ctx["dit"].config
+    gen = torch.Generator().manual_seed(args.seed + 2)
+    ctx["text"] = {n: torch.randn(640, cfg.text_in_channels, generator=gen).to(device) for n in args.text_tokens}
+    ctx["packed"] = {n: example_inputs(cfg, geo, n, device, seed=args.seed) for n in args.text_tokens}
+
+    if args.peak_tflops:
+        fixed = args.peak_tflops * 1e12
+        ctx["peak"] = lambda fp8: (fixed, "--peak-tflops")
+    elif device.type == "cuda":
+        name = ctx["device_name"]
+        ctx["peak"] = lambda fp8: (peak_flops_for(name, fp8), f"datasheet dense {'fp8' if fp8 else 'bf16'} ({name})")
+    else:
+        gemm = measure_gemm_peak(device, dtype)
+        ctx["peak"] = lambda fp8: (gemm, f"measured {str(dtype).replace('torch.', '')} 2048^3 GEMM on this CPU")
+    ctx["decode"] = _decode_figures(args, ctx)
+
+    records = []
+    for text_tokens in args.text_tokens:
+        for backend in _backends(args.backend, device):
+            logger.info("benchmark %s, %d text tokens", backend, text_tokens)
+            try:
+                records.append(bench_backend(args, ctx, backend, text_tokens))
+            except Exception as exc:  # one failing backend (missing package, OOM) must not lose the others
+                if isinstance(exc, BackendUnavailableError):
+                    logger.warning("backend %s unavailable: %s", backend, exc)
+                else:
+                    logger.exception("backend %s failed", backend)
+                records.append({"device": ctx["device_name"], "backend": backend, "text_tokens": text_tokens,
+                                "error": f"{type(exc).__name__}: {exc}"})
+            finally:
+                reset_backend(ctx["dit"])
+    if args.compile_cache is not None:
+        from engine.backends.compile import save_compile_cache
+
+        save_compile_cache(args.compile_cache)
+
+    return {
+        "schema": "avatar-server-bench/1",
+        "created_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "command": "python -m ops.bench " + " ".join(sys.argv[1:]),
+        "preset": args.preset,
+        "device": ctx["device_name"],
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
+        "python": platform.python_version(),
+        "cpu_threads": torch.get_num_threads(),
+        "compute_dtype": str(dtype).replace("torch.", ""),
+        "geometry": geo.to_dict(),
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "loop_repeats": args.loop_repeats,
+        "model_build_s": build_s,
+        "host_cpus": os.cpu_count(),
+        "host_load_avg_1m": {"start": load_before[0], "end": os.getloadavg()[0]},
+        "results": records,
+    }
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if value != 0 and (abs(value) < 10 ** -digits or abs(value) >= 1e5):
+            return f"{value:.2e}"
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def format_table(doc: dict) -> str:
+    """A fixed-width table of the records (seconds, GB, MFU in %)."""
+    cols = [("backend", "backend"), ("text_tokens", "Nt"), ("forward_s", "fwd_s"), ("dit_8step_s", "loop_s"),
+            ("decode_s", "dec_s"), ("first_frame_s", "first_s"), ("segment_s", "seg_s"), ("compile_s", "first_call_s"),
+            ("peak_mem_gb", "mem_gb"), ("mfu", "mfu_%"), ("rel_err_vs_eager", "rel_err")]
+    rows = [[h for _, h in cols]]
+    for r in doc["results"]:
+        if "error" in r:
+            rows.append([r["backend"], str(r["text_tokens"]), "error: " + r["error"][:80]])
+            continue
+        row = []
+        for key, _ in cols:
+            v = r.get(key)
+            row.append(_fmt(100 * v, 1) if key == "mfu" and v is not None else _fmt(v))
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows if i < len(r) and len(r) == len(cols)) for i in range(len(cols))]
+    lines = [f"{doc['device']} | torch {doc['torch']} | cuda {doc['cuda']} | {doc['preset']} "
+             f"{doc['geometry']['width']}x{doc['geometry']['height']} {doc['geometry']['seconds']:g} s, "
+             f"{doc['steps']} steps, {doc['compute_dtype']}"]
+    for row in rows:
+        if len(row) == len(cols):
+            lines.append("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
+        else:
+            lines.append("  ".join(row))
+    return "\n".join(lines)
+
+
+def default_out(doc: dict) -> Path:
+    slug = re.sub(r"[^a-z0-9]+", "-", doc["device"].lower().replace("nvidia", "")).strip("-")
+    if doc["device_type"] == "cpu":
+        slug = "cpu"
+    date = doc["created_utc"][:10]
+    return Path(__file__).resolve().parent / "results" / f"{date}_{slug}-{doc['preset']}.json"
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    args = _parse(argv)
+    doc = run(args)
+    out = args.out or default_out(doc)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=2, default=_json_default) + "\n")
+    print(format_table(doc))
+    print(f"wrote {out}")
+    return 0
+
+
+def _json_default(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    return str(value)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

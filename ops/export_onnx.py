@@ -1,0 +1,219 @@
+"""Export the distilled DiT for one fixed segment geometry to ONNX (external weight data) and check it.
+
+The exported module is :class:`FixedGeometryDiT`: ``(x [L, in_channels] fp32, coords [L, 9] fp32) ->
+velocity [L, out_channels] fp32``, with the modality spans of the standard ``[video | audio | text]``
+packing baked in (PIPELINE.md §8.4), so one file serves exactly one ``(width, height, seconds,
+text tokens)``. The TensorRT backend (:mod:`engine.backends.tensorrt_backend`) builds its engine from
+such a file.
+
+* Exporter: PyTorch's TorchScript-based ONNX exporter (``dynamo=False``), opset 18; the
+  ``dynamo=True`` exporter needs ``onnxscript``, which is not a dependency. Attention is traced
+  through :func:`engine.backends.attention.math_attention_kernel` (MatMul-Softmax-MatMul with GQA by
+  grouping), because SDPA with ``enable_gqa`` has no ONNX conversion.
+* ``--compute-dtype fp32`` (the default, and the one verified): every bf16 cast of DIT.md §6 becomes
+  fp32 and the bf16-valued weights are stored as fp32, so onnxruntime's CPU provider can run it.
+  ``bf16``: the reference numerics (bf16 weights, GEMMs and attention), the target of the TensorRT
+  backend; onnxruntime's CPU provider cannot run bf16 MatMul, so it is only structurally checked
+  (``onnx.checker``).
+* Weights go to one external-data file next to the graph (``save_as_external_data``), required for
+  the 15 B model (30.6 GB in bf16; protobuf files are limited to 2 GB).
+
+Usage::
+
+    python -m ops.export_onnx --preset preview --device cpu --seconds 1 --text-tokens 32 --out /tmp/onnx --verify
+    python -m ops.export_onnx --preset full --device cuda --text-tokens 400 --compute-dtype bf16 --out /data/onnx
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from engine.backends.attention import math_attention_kernel
+from engine.dit import DiTModel, Span
+from engine.packing import PackedInputs
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ExportInfo", "FixedGeometryDiT", "export_dit_onnx", "export_name", "main", "verify_onnx"]
+
+OPSET = 18
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+class FixedGeometryDiT(nn.Module):
+    """The DiT with its modality spans fixed: ``forward(x, coords) -> velocity`` (shapes as the packing).
+
+    Args:
+        model: the DiT.
+        spans: modality spans of the packed sequence.
+        modality: int64 ``[L]`` modality ids (kept for the DiT's signature; unused once spans are given).
+        compute_dtype: block compute dtype (``torch.float32`` or ``torch.bfloat16``).
+    """
+
+    def __init__(self, model: DiTModel, spans: list[Span], modality: torch.Tensor, compute_dtype: torch.dtype):
+        super().__init__()
+        self.model, self.spans, self.compute_dtype = model, list(spans), compute_dtype
+        self.register_buffer("modality", modality.clone(), persistent=False)
+
+    def forward(self, x: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+        """``x`` fp32 ``[L, in_channels]``, ``coords`` fp32 ``[L, 9]`` -> fp32 ``[L, out_channels]``."""
+        return self.model(x, coords, self.modality, spans=self.spans, compute_dtype=self.compute_dtype,
+                          exact_attention=True)
+
+
+@contextmanager
+def traceable_attention(model: DiTModel, upcast: bool):
+    """Temporarily route attention through :func:`math_attention_kernel` (restores the previous kernel)."""
+    previous = model.attention_kernel
+    model.attention_kernel = math_attention_kernel(upcast=upcast)
+    try:
+        yield
+    finally:
+        model.attention_kernel = previous
+
+
+@dataclass
+class ExportInfo:
+    """Result of :func:`export_dit_onnx` (sizes in bytes, times in seconds)."""
+
+    onnx_path: str
+    data_path: str
+    onnx_bytes: int
+    data_bytes: int
+    export_s: float
+    seq_len: int
+    compute_dtype: str
+    opset: int
+
+
+def export_name(preset: str, width: int, height: int, seconds: float, text_tokens: int, dtype: str) -> str:
+    """File stem of an export: ``dit_{preset}_{W}x{H}_{seconds}s_nt{N}_{dtype}``."""
+    return f"dit_{preset}_{width}x{height}_{seconds:g}s_nt{text_tokens}_{dtype}"
+
+
+@torch.no_grad()
+def export_dit_onnx(model: DiTModel, packed: PackedInputs, out_path: str | Path, *,
+                    compute_dtype: torch.dtype = torch.float32, opset: int = OPSET) -> ExportInfo:
+    """Export ``model`` for the geometry of ``packed`` to ``out_path`` (+ ``out_path.data``).
+
+    Args:
+        model: the DiT in eval mode (any device; tracing runs one forward there).
+        packed: example inputs; their length and spans fix the geometry.
+        out_path: the ``.onnx`` file to write; its weights go to ``<name>.onnx.data`` next to it.
+        compute_dtype: ``torch.float32`` (verifiable with onnxruntime on CPU) or ``torch.bfloat16``.
+        opset: ONNX opset.
+    """
+    import onnx
+
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    module = FixedGeometryDiT(model, packed.spans, packed.modality, compute_dtype).eval()
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp, \
+            traceable_attention(model, upcast=compute_dtype == torch.float32), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TracerWarnings of the rotary-table finiteness check (constant here)
+        raw = Path(tmp) / "raw.onnx"
+        torch.onnx.export(
+            module, (packed.x, packed.coords), str(raw), dynamo=False, opset_version=opset,
+            input_names=["x", "coords"], output_names=["velocity"], do_constant_folding=True,
+        )
+        proto = onnx.load(str(raw))  # also loads external data if the exporter wrote any (> 2 GB)
+        data_name = out_path.name + ".data"
+        (out_path.parent / data_name).unlink(missing_ok=True)
+        onnx.save_model(proto, str(out_path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data_name, size_threshold=1024)
+    export_s = time.perf_counter() - start
+    data_path = out_path.parent / data_name
+    onnx.checker.check_model(str(out_path))  # path form: large models with external data
+    return ExportInfo(str(out_path), str(data_path), out_path.stat().st_size,
+                      data_path.stat().st_size if data_path.exists() else 0, export_s, packed.length,
+                      str(compute_dtype).replace("torch.", ""), opset)
+
+
+@torch.no_grad()
+def verify_onnx(onnx_path: str | Path, model: DiTModel, packed: PackedInputs, *,
+                compute_dtype: torch.dtype = torch.float32, threads: int | None = None) -> dict:
+    """Run the export with onnxruntime (CPU) and compare with PyTorch on the same inputs.
+
+    Returns a dict with ``max_abs`` (ONNX vs the PyTorch model on its default attention), ``ref_max_abs``
+    (output scale), ``rel_max = max_abs / ref_max_abs``, ``rel_l2``, ``max_abs_traced`` (ONNX vs PyTorch with
+    the traced attention kernel), and the two run times.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    x, coords = packed.x.detach().cpu().float(), packed.coords.detach().cpu().float()
+    start = time.perf_counter()
+    (got,) = session.run(["velocity"], {"x": x.numpy(), "coords": coords.numpy()})
+    ort_s = time.perf_counter() - start
+    got = torch.from_numpy(got)
+    module = FixedGeometryDiT(model, packed.spans, packed.modality, compute_dtype).eval()
+    start = time.perf_counter()
+    ref = module(packed.x, packed.coords).float().cpu()
+    torch_s = time.perf_counter() - start
+    with traceable_attention(model, upcast=compute_dtype == torch.float32):
+        traced = module(packed.x, packed.coords).float().cpu()
+    err = (got - ref).abs()
+    return {
+        "max_abs": float(err.max()),
+        "ref_max_abs": float(ref.abs().max()),
+        "rel_max": float(err.max() / ref.abs().max().clamp(min=1e-30)),
+        "rel_l2": float((got - ref).norm() / ref.norm().clamp(min=1e-30)),
+        "max_abs_traced": float((got - traced).abs().max()),
+        "onnxruntime_s": ort_s,
+        "torch_s": torch_s,
+    }
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m ops.export_onnx", description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", choices=("preview", "full"), default="preview")
+    p.add_argument("--device", default="cpu", help="where to build the model and trace (cuda for full)")
+    p.add_argument("--width", type=int, default=None, help="pixels (default: 224 preview, 448 full)")
+    p.add_argument("--height", type=int, default=None, help="pixels (default: 128 preview, 256 full)")
+    p.add_argument("--seconds", type=float, default=5.0)
+    p.add_argument("--text-tokens", type=int, default=400)
+    p.add_argument("--compute-dtype", choices=tuple(_DTYPES), default="fp32")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument("--verify", action="store_true", help="compare with onnxruntime on CPU (fp32 only)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ops.bench import SegmentGeometry, build_dit, example_inputs
+
+    args = _parse(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    geo = SegmentGeometry.for_preset(args.preset, args.width, args.height, args.seconds)
+    dtype = _DTYPES[args.compute_dtype]
+    model = build_dit(args.preset, args.device, args.seed)
+    packed = example_inputs(model.config, geo, args.text_tokens, args.device, seed=args.seed)
+    name = export_name(args.preset, geo.width, geo.height, geo.seconds, args.text_tokens, args.compute_dtype)
+    info = export_dit_onnx(model, packed, args.out / f"{name}.onnx", compute_dtype=dtype)
+    report = {"export": asdict(info), "geometry": geo.to_dict(), "text_tokens": args.text_tokens}
+    if args.verify:
+        if dtype != torch.float32:
+            raise SystemExit("--verify needs --compute-dtype fp32 (onnxruntime's CPU provider has no bf16 MatMul)")
+        report["verify"] = verify_onnx(info.onnx_path, model, packed, compute_dtype=dtype)
+    (args.out / f"{name}.json").write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
