@@ -135,6 +135,7 @@ class MagiHumanEngine:
         self.sample_rate = int(getattr(audio_vae, "output_sample_rate", 44_100))
         self.name = name
         self.sr_dit = sr_dit
+        self.before_dit_call = None  # e.g. engine.backends.compile.mark_step for CUDA graphs
         if (sr_dit is None) != (sr_size is None):
             raise ValueError("sr_dit and sr_size must be given together")
         if sr_size is not None:
@@ -194,6 +195,8 @@ class MagiHumanEngine:
 
         def velocity(video, audio, timestep, conditional):
             start = time.perf_counter()
+            if self.before_dit_call is not None:
+                self.before_dit_call()
             packed = pack(video, audio, text_features, num_text=num_text, in_channels=cfg.in_channels)
             out = self.dit(packed.x, packed.coords, packed.modality, spans=packed.spans,
                            local_ranges=packed.local_ranges, compute_dtype=self.compute_dtype)
@@ -358,13 +361,14 @@ PREVIEW_WIDTH, PREVIEW_HEIGHT = 224, 128
 
 def build_preview_engine(*, seed: int = 0, device: str = "cpu", width: int = PREVIEW_WIDTH,
                          height: int = PREVIEW_HEIGHT, compute_dtype: torch.dtype | None = None,
-                         sr: bool = False) -> MagiHumanEngine:
+                         sr: bool = False, backend: str = "eager") -> MagiHumanEngine:
     """The ``preview`` preset: the same classes at a small size with seeded, untrained weights.
 
     Its pictures and sounds are noise by design; the structure (shapes, rates, timing, the
     whole streaming path) is the real one. ``compute_dtype`` defaults to fp32 on CPU (fast on
     CPUs without bf16 matrix units) and bf16 on CUDA. ``sr=True`` adds a seeded preview SR DiT
-    that upgrades segments to twice the size (``2 width x 2 height``).
+    that upgrades segments to twice the size (``2 width x 2 height``). ``backend`` selects the
+    DiT execution path (:func:`engine.backends.apply_backend`: eager, fast, compile, fp8, ...).
     """
     from engine.codecs.audio_vae import OobleckAudioVAE
     from engine.codecs.text_encoder import T5GemmaTextEncoder
@@ -383,15 +387,33 @@ def build_preview_engine(*, seed: int = 0, device: str = "cpu", width: int = PRE
         sr_dit = DiTModel(config)
         init_seeded(sr_dit, seed + 1)
         sr_dit.eval().to(device)
-    return MagiHumanEngine(
+    engine = MagiHumanEngine(
         dit, text_encoder, WanVideoVAE.preview(seed=seed).to(device), OobleckAudioVAE.preview(seed=seed),
         width=width, height=height, device=device, compute_dtype=compute_dtype, name="preview",
         sr_dit=sr_dit, sr_size=(2 * width, 2 * height) if sr else None,
     )
+    return use_backend(engine, backend)
+
+
+def use_backend(engine: MagiHumanEngine, backend: str) -> MagiHumanEngine:
+    """Switch the engine's DiT(s) to ``backend`` (:func:`engine.backends.apply_backend`)."""
+    if backend == "eager":
+        return engine
+    from engine.backends import apply_backend
+
+    info = None
+    for dit in (engine.dit, engine.sr_dit):
+        if dit is not None:
+            info = apply_backend(dit, backend, engine.device)
+    if info is not None and info.compile_mode == "reduce-overhead":
+        from engine.backends.compile import mark_step
+
+        engine.before_dit_call = mark_step
+    return engine
 
 
 def build_engine(preset: str, *, checkpoint_dir: str | None = None, device: str = "cpu", seed: int = 0,
-                 sr: bool = False):
+                 sr: bool = False, backend: str = "eager"):
     """Build a :class:`engine.api.SegmentEngine` by preset name.
 
     * ``preview``: :func:`build_preview_engine` (CPU friendly, seeded weights).
@@ -404,7 +426,7 @@ def build_engine(preset: str, *, checkpoint_dir: str | None = None, device: str 
         ValueError: unknown preset, or ``full`` without ``checkpoint_dir``.
     """
     if preset == "preview":
-        return build_preview_engine(seed=seed, device=device, sr=sr)
+        return build_preview_engine(seed=seed, device=device, sr=sr, backend=backend)
     if preset == "testpattern":
         from engine.testpattern import TestPatternEngine
 
@@ -414,5 +436,5 @@ def build_engine(preset: str, *, checkpoint_dir: str | None = None, device: str 
             raise ValueError("preset 'full' needs checkpoint_dir (the released daVinci-MagiHuman stack)")
         from engine.stack import build_full_engine
 
-        return build_full_engine(checkpoint_dir, device=device)
+        return use_backend(build_full_engine(checkpoint_dir, device=device), backend)
     raise ValueError(f"unknown engine preset {preset!r}; known: preview, testpattern, full")
