@@ -99,13 +99,19 @@ def test_encode_real_speech(vae, speech, monkeypatch):
     wave, rate = speech
     assert rate == 44100
     seen = {}
-    real = vae.vae.encode
+    build = vae._folded_encoder
 
-    def spy(x, *args, **kwargs):
-        seen["x"] = x.clone()
-        return real(x, *args, **kwargs)
+    def build_spy():
+        encoder = build()
 
-    monkeypatch.setattr(vae.vae, "encode", spy)
+        def spy(x):
+            seen["x"] = x.clone()
+            return encoder(x)
+
+        return spy
+
+    monkeypatch.setattr(vae, "_folded_encoder", build_spy)
+    monkeypatch.setattr(vae, "_fast_encoder", None)
     z = vae.encode(wave, rate, generator=torch.Generator().manual_seed(0))
     n = seen["x"].shape[-1]
     assert abs(n - 0.125 * MODEL_SAMPLE_RATE) <= 1  # resampled to 51.2 kHz (6,400 samples)

@@ -19,6 +19,7 @@ import scipy.signal
 import soxr
 import torch
 from diffusers import AutoencoderOobleck
+from diffusers.models.autoencoders.autoencoder_oobleck import OobleckDiagonalGaussianDistribution
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +63,22 @@ def _quiet_weight_norm() -> Iterator[None]:
         yield
 
 
+def _fold_weight_norm(module: torch.nn.Module) -> int:
+    """Fold every weight-normalised conv's ``weight_g * weight_v / ||weight_v||`` into a plain weight.
+
+    Inference only: the weights are fixed, so recomputing the norm on every call (diffusers keeps
+    ``torch.nn.utils.weight_norm`` hooks) is wasted work, about a quarter of the encoder's CPU time.
+    Folding changes the state-dict keys, so it is applied to a copy (the wrapped model still saves
+    and loads in the diffusers format). Returns the number of folded modules.
+    """
+    folded = 0
+    for child in module.modules():
+        if hasattr(child, "weight_g") and hasattr(child, "weight_v"):
+            torch.nn.utils.remove_weight_norm(child)
+            folded += 1
+    return folded
+
+
 class OobleckAudioVAE:
     """Oobleck audio VAE: ``[1, A, 64]`` latents <-> stereo waveforms, 25 latents per second.
 
@@ -85,6 +102,20 @@ class OobleckAudioVAE:
                 f"decoder_input_channels={cfg.decoder_input_channels}, audio_channels={cfg.audio_channels}"
             )
         self.vae = vae.eval().requires_grad_(False)
+        self._fast_encoder: torch.nn.Module | None = None  # weight-norm-folded copy, built on first encode
+
+    def _folded_encoder(self) -> torch.nn.Module:
+        """A copy of the encoder (same class, same weights) with weight norm folded in."""
+        cfg = self.vae.config
+        with _quiet_weight_norm():
+            encoder = type(self.vae.encoder)(
+                encoder_hidden_size=cfg.encoder_hidden_size, audio_channels=cfg.audio_channels,
+                downsampling_ratios=list(cfg.downsampling_ratios), channel_multiples=list(cfg.channel_multiples),
+            )
+        encoder.load_state_dict(self.vae.encoder.state_dict())
+        encoder = encoder.to(self.device).eval().requires_grad_(False)
+        _fold_weight_norm(encoder)
+        return encoder
 
     @classmethod
     def preview(cls, seed: int = 0) -> OobleckAudioVAE:
@@ -203,7 +234,10 @@ class OobleckAudioVAE:
                 f"audio must have at least {HOP_SAMPLES} samples at {MODEL_SAMPLE_RATE} Hz, got {n}"
             )
         stereo = torch.from_numpy(x).to(self.device)[None, None].expand(1, 2, n).contiguous()
-        z = self.vae.encode(stereo).latent_dist.sample(generator=generator)  # [1, 64, A]
+        if self._fast_encoder is None:
+            self._fast_encoder = self._folded_encoder()
+        moments = self._fast_encoder(stereo)  # [1, 128, A] = mean | scale
+        z = OobleckDiagonalGaussianDistribution(moments).sample(generator=generator)  # [1, 64, A]
         a = n // HOP_SAMPLES
         if z.shape[-1] != a:
             raise RuntimeError(f"encoder produced {z.shape[-1]} latents for {n} samples, expected {a}")
