@@ -122,6 +122,7 @@ class MagiHumanEngine:
         name: str = "magihuman",
         sr_dit: DiTModel | None = None,
         sr_size: tuple[int, int] | None = None,
+        max_text_tokens: int | None = None,
     ):
         check_resolution(width, height)
         self.dit, self.text_encoder, self.video_vae, self.audio_vae = dit, text_encoder, video_vae, audio_vae
@@ -136,6 +137,7 @@ class MagiHumanEngine:
         self.name = name
         self.sr_dit = sr_dit
         self.before_dit_call = None  # e.g. engine.backends.compile.mark_step for CUDA graphs
+        self.max_text_tokens = max_text_tokens  # None: the reference's 640 (PIPELINE.md §5)
         if (sr_dit is None) != (sr_size is None):
             raise ValueError("sr_dit and sr_size must be given together")
         if sr_size is not None:
@@ -246,6 +248,8 @@ class MagiHumanEngine:
         t0 = time.perf_counter()
         features, num_text = self.text_encoder.encode(request.prompt)
         features = features.to(self.device)
+        if self.max_text_tokens is not None:
+            num_text = min(num_text, self.max_text_tokens)
         timings["text"] = time.perf_counter() - t0
 
         # 3. distilled loop with image conditioning (§7, §10.3)
@@ -322,6 +326,8 @@ class MagiHumanEngine:
         source = prev.last_frame if prev is not None else request.identity.image
         image_latent = self.video_vae.encode_image(preprocess_image(source, self.sr_width, self.sr_height)).float()
         features, num_text = self.text_encoder.encode(request.prompt)
+        if self.max_text_tokens is not None:
+            num_text = min(num_text, self.max_text_tokens)
         cfg = self.sr_dit.config
 
         def velocity(video, audio, timestep, conditional):
@@ -357,6 +363,10 @@ def fit_length(waveform: np.ndarray, num_samples: int) -> np.ndarray:
 
 
 PREVIEW_WIDTH, PREVIEW_HEIGHT = 224, 128
+PREVIEW_TEXT_TOKENS = 256
+"""The preview's byte tokenizer makes one token per UTF-8 byte (a 1,600-character enhanced prompt is
+640 tokens after the reference's cap, where T5Gemma's tokenizer gives ~400); the preview keeps the
+first 256 so that text does not dominate its sequence on a CPU. The real stack keeps 640."""
 
 
 def build_preview_engine(*, seed: int = 0, device: str = "cpu", width: int = PREVIEW_WIDTH,
@@ -365,8 +375,9 @@ def build_preview_engine(*, seed: int = 0, device: str = "cpu", width: int = PRE
     """The ``preview`` preset: the same classes at a small size with seeded, untrained weights.
 
     Its pictures and sounds are noise by design; the structure (shapes, rates, timing, the
-    whole streaming path) is the real one. ``compute_dtype`` defaults to fp32 on CPU (fast on
-    CPUs without bf16 matrix units) and bf16 on CUDA. ``sr=True`` adds a seeded preview SR DiT
+    whole streaming path) is the real one. ``compute_dtype`` defaults to bf16 (the reference
+    numerics, DIT.md §6; also the faster one on CPUs with bf16 dot-product units); the Oobleck
+    encoder (lip-sync) runs in bf16 too, a preview-only speed choice (the reference: fp32). ``sr=True`` adds a seeded preview SR DiT
     that upgrades segments to twice the size (``2 width x 2 height``). ``backend`` selects the
     DiT execution path (:func:`engine.backends.apply_backend`: eager, fast, compile, fp8, ...).
     """
@@ -381,16 +392,17 @@ def build_preview_engine(*, seed: int = 0, device: str = "cpu", width: int = PRE
     init_seeded(dit, seed)
     dit.eval().to(device)
     if compute_dtype is None:
-        compute_dtype = torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+        compute_dtype = torch.bfloat16
     sr_dit = None
     if sr:
         sr_dit = DiTModel(config)
         init_seeded(sr_dit, seed + 1)
         sr_dit.eval().to(device)
     engine = MagiHumanEngine(
-        dit, text_encoder, WanVideoVAE.preview(seed=seed).to(device), OobleckAudioVAE.preview(seed=seed),
+        dit, text_encoder, WanVideoVAE.preview(seed=seed).to(device),
+        OobleckAudioVAE.preview(seed=seed, encode_dtype=torch.bfloat16),
         width=width, height=height, device=device, compute_dtype=compute_dtype, name="preview",
-        sr_dit=sr_dit, sr_size=(2 * width, 2 * height) if sr else None,
+        sr_dit=sr_dit, sr_size=(2 * width, 2 * height) if sr else None, max_text_tokens=PREVIEW_TEXT_TOKENS,
     )
     return use_backend(engine, backend)
 

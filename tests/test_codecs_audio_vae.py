@@ -153,3 +153,15 @@ def test_from_pretrained_round_trip(vae, tmp_path):
     loaded = OobleckAudioVAE.from_pretrained(tmp_path)
     z = torch.randn(1, 3, 64)
     np.testing.assert_array_equal(loaded.decode(z)[0], vae.decode(z)[0])
+
+
+def test_bf16_encoder_stays_close_to_fp32(speech):
+    """The preview's bf16 encoder (a speed choice) samples from nearly the same posterior."""
+    fp32 = OobleckAudioVAE.preview(seed=0)
+    bf16 = OobleckAudioVAE.preview(seed=0, encode_dtype=torch.bfloat16)
+    wave, rate = speech
+    a = fp32.encode(wave, rate, generator=torch.Generator().manual_seed(1))
+    b = bf16.encode(wave, rate, generator=torch.Generator().manual_seed(1))
+    assert a.dtype == b.dtype == torch.float32 and a.shape == b.shape
+    rel = ((a - b).norm() / a.norm()).item()
+    assert 0 < rel < 0.05
