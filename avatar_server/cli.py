@@ -38,6 +38,11 @@ _SERVE_FLAGS: dict[str, tuple[str | None, str]] = {
     "idle_segment_seconds": (None, "idle_segment_seconds"),
     "playout_target_ms": (None, "playout_target_ms"),
     "max_sessions": (None, "max_sessions"),
+    "sr": (None, "sr"),
+    "recordings_dir": (None, "recordings_dir"),
+    "session_idle_timeout_s": (None, "session_idle_timeout_s"),
+    "session_max_duration_s": (None, "session_max_duration_s"),
+    "drain_timeout_s": (None, "drain_timeout_s"),
     "log_level": (None, "log_level"),
     "log_format": (None, "log_format"),
     "max_image_bytes": ("limits", "max_image_bytes"),
@@ -48,6 +53,10 @@ _SERVE_FLAGS: dict[str, tuple[str | None, str]] = {
     "max_message_bytes": ("limits", "max_message_bytes"),
     "webrtc_host_addresses": ("webrtc", "host_addresses"),
     "ice_servers": ("webrtc", "ice_servers"),
+    "api_key": (None, "api_key"),
+    "allowed_origins": (None, "allowed_origins"),
+    "tls_cert": (None, "tls_cert"),
+    "tls_key": (None, "tls_key"),
 }
 
 
@@ -78,9 +87,21 @@ def configure_logging(level: str, fmt: str) -> None:
     # Plain HTTP requests (page, health, metrics) are logged by websockets as rejected
     # handshakes; keep those out of the INFO log.
     logging.getLogger("websockets.server").setLevel(max(logging.WARNING, root.level))
+    # websockets' DEBUG log prints request lines and headers, which carry session tokens.
+    logging.getLogger("websockets.client").setLevel(max(logging.WARNING, root.level))
     # ICE and RTP internals log every check at INFO; keep them for --log-level DEBUG.
     for noisy in ("aioice", "aiortc"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if root.level <= logging.DEBUG else logging.WARNING)
+
+
+def _ice_server(value: str) -> str | dict[str, Any]:
+    """``--ice-server``: a URL, or a JSON object with ``urls``, ``username``, ``credential``."""
+    if value.lstrip().startswith("{"):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from None
+    return value
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -110,6 +131,18 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--idle-segment-seconds", type=float, help="idle segment length (default 2.0)")
     p.add_argument("--playout-target-ms", type=float, help="media queued ahead of playback (default 2000)")
     p.add_argument("--max-sessions", type=int, help="concurrent sessions (default 2)")
+    p.add_argument(
+        "--sr",
+        action="store_const",
+        const=True,
+        help="idle super-resolution: upgrade buffered segments with the engine's SR model, send video at the SR size",
+    )
+    p.add_argument("--recordings-dir", type=Path, help="directory of record.start MP4 files (default ./recordings)")
+    p.add_argument("--session-idle-timeout-s", type=float, help="end a session idle this long (default 300)")
+    p.add_argument("--session-max-duration-s", type=float, help="longest session (default 3600)")
+    p.add_argument(
+        "--drain-timeout-s", type=float, help="on SIGTERM: time to finish speaking before sessions end (default 10)"
+    )
     p.add_argument("--max-image-bytes", type=int, help="largest reference image in bytes (default 8 MiB)")
     p.add_argument("--max-image-pixels", type=int, help="largest reference image, width x height")
     p.add_argument("--max-prompt-chars", type=int, help="longest appearance prompt")
@@ -122,7 +155,26 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         action="append",
         help="ICE host candidate address (repeatable; default 127.0.0.1 for a loopback host)",
     )
-    p.add_argument("--ice-server", dest="ice_servers", action="append", help="STUN/TURN URL (repeatable)")
+    p.add_argument(
+        "--ice-server",
+        dest="ice_servers",
+        action="append",
+        type=_ice_server,
+        help='STUN/TURN URL, or JSON {"urls": ..., "username": ..., "credential": ...} for TURN (repeatable)',
+    )
+    p.add_argument(
+        "--api-key",
+        help="key that mints session tokens (POST /v1/tokens); required on a non-loopback host "
+        "(prefer AVATAR_SERVER_API_KEY: flags show in the process list)",
+    )
+    p.add_argument(
+        "--allowed-origin",
+        dest="allowed_origins",
+        action="append",
+        help="browser Origin allowed on /ws (repeatable; default: the server's own host; '*': any)",
+    )
+    p.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve https:// and wss://")
+    p.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
     p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.add_argument("--log-format", choices=["text", "json"])
 
@@ -145,6 +197,7 @@ def _add_client(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--record", type=Path, help="write the received audio+video to this MP4")
     p.add_argument("--duration", type=float, default=3.0, help="seconds to stay connected after the last utterance")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each server reply")
+    p.add_argument("--token", help="session token from the server's POST /v1/tokens (servers with an api key)")
     p.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 
@@ -166,12 +219,23 @@ async def _serve(settings: Settings) -> None:
     await app.start()
     print(f"avatar-server: open {app.url} in a browser (engine {engine.name})", flush=True)
     stop = asyncio.Event()
+    signals = 0
+
+    def on_signal() -> None:  # the first signal drains, a second one skips the drain
+        nonlocal signals
+        signals += 1
+        stop.set()
+        if signals > 1:
+            app.cancel_drain()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal)
     try:
         await stop.wait()
+        logger.info("draining: no new sessions; %d running", app.sessions_active)
+        await app.drain(settings.drain_timeout_s)
     finally:
         logger.info("shutting down")
         await app.close()
@@ -188,6 +252,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             settings = settings_from_args(args)
         except ValidationError as exc:
             print(f"avatar-server: invalid settings:\n{exc}", file=sys.stderr)
+            return 2
+        from avatar_server.auth import startup_problem
+
+        problem = startup_problem(settings)
+        if problem is not None:
+            print(f"avatar-server: {problem}", file=sys.stderr)
             return 2
         configure_logging(settings.log_level, settings.log_format)
         from avatar_server.server import EngineUnavailableError
@@ -222,6 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             chunk_words=args.chunk_words,
             duration_s=args.duration,
             timeout_s=args.timeout,
+            token=args.token,
         )
     )
     return 0 if summary["video_frames"] else 1

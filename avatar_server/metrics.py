@@ -11,7 +11,9 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from streaming.events import (
     FirstFrame,
+    InterruptSilenced,
     SegmentGenerated,
+    SegmentUpgraded,
     SessionEvent,
     SpeakStarted,
     Underrun,
@@ -21,6 +23,9 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 _SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 60.0)
 _RTF_BUCKETS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0)
+_SHORT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64)
+_OFFSET_BUCKETS = (-0.16, -0.08, -0.04, -0.02, -0.01, 0.0, 0.01, 0.02, 0.04, 0.08, 0.16)
+_BUFFER_BUCKETS = (0.0, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 
 
 class Metrics:
@@ -70,6 +75,60 @@ class Metrics:
         self.websocket_connections_active = Gauge(
             "avatar_server_websocket_connections_active", "Open WebSocket connections", registry=r
         )
+        # Live behaviour (issue 4): aggregated over sessions, never labelled by session.
+        self.sessions_refused = Counter(
+            "avatar_server_sessions_refused", "session.start refused", ["reason"], registry=r
+        )
+        self.sessions_ended = Counter(
+            "avatar_server_sessions_ended", "Sessions ended, by reason", ["reason"], registry=r
+        )
+        self.playout_buffer_seconds = Histogram(
+            "avatar_server_playout_buffer_seconds",
+            "Media queued ahead of playback, sampled per session every stats interval",
+            buckets=_BUFFER_BUCKETS,
+            registry=r,
+        )
+        self.video_frames_dropped = Counter(
+            "avatar_server_video_frames_dropped",
+            "Generated frames removed before they played (interrupt, speech overtaking idle)",
+            registry=r,
+        )
+        self.video_encode_seconds = Histogram(
+            "avatar_server_video_encode_seconds",
+            "Per video frame: encode + packetise + send in the WebRTC sender",
+            buckets=_SHORT_BUCKETS,
+            registry=r,
+        )
+        self.av_offset_seconds = Histogram(
+            "avatar_server_av_offset_seconds",
+            "Audio minus video send time of the same media instant, sampled per session every stats interval",
+            buckets=_OFFSET_BUCKETS,
+            registry=r,
+        )
+        self.interrupt_to_silence_seconds = Histogram(
+            "avatar_server_interrupt_to_silence_seconds",
+            "From an interrupt to the first audio after its cut leaving the server",
+            buckets=_SHORT_BUCKETS,
+            registry=r,
+        )
+        self.generation_queue_length = Gauge(
+            "avatar_server_generation_queue_length", "Generation requests waiting for the engine", registry=r
+        )
+        self.segment_upgrades = Counter(
+            "avatar_server_segment_upgrades", "Idle super-resolution attempts, by result", ["result"], registry=r
+        )
+        self.segment_upgrade_seconds = Histogram(
+            "avatar_server_segment_upgrade_seconds",
+            "Submission to end of a finished idle super-resolution upgrade",
+            buckets=_SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.recordings_active = Gauge("avatar_server_recordings_active", "Session recordings running", registry=r)
+        self.recording_frames_dropped = Counter(
+            "avatar_server_recording_frames_dropped",
+            "Video frames and audio chunks a recording writer could not keep up with",
+            registry=r,
+        )
 
     def observe(self, event: SessionEvent) -> None:
         """Account one session event."""
@@ -86,6 +145,18 @@ class Metrics:
             self.speak_latency_seconds.observe(event.latency_s)
         elif isinstance(event, Underrun):
             self.underruns.inc()
+        elif isinstance(event, InterruptSilenced):
+            self.interrupt_to_silence_seconds.observe(event.seconds)
+        elif isinstance(event, SegmentUpgraded):
+            self.segment_upgrades.labels(event.result).inc()
+            if event.result == "done":
+                self.segment_upgrade_seconds.observe(event.seconds)
+
+    def sample_session(self, stats: dict) -> None:
+        """Account one session's periodic ``stats`` figures (buffer depth, A/V offset)."""
+        self.playout_buffer_seconds.observe(stats["buffer_ms"] / 1000)
+        if stats.get("av_offset_ms") is not None:
+            self.av_offset_seconds.observe(stats["av_offset_ms"] / 1000)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

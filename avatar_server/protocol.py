@@ -42,6 +42,11 @@ class SessionStart(_Message):
     type: Literal["session.start"]
     image: str
     prompt: str = ""
+    session_id: str | None = Field(None, max_length=64, description="must be the token's session id, if sent")
+    mode: Literal["lipsync", "conversation"] = Field(
+        "lipsync", description="microphone: the user's voice drives the lips (lipsync) or the avatar listens"
+    )
+    barge_in: bool = Field(False, description="the user starting to speak interrupts the avatar")
 
     @field_validator("image")
     @classmethod
@@ -113,11 +118,40 @@ class Interrupt(_Message):
     type: Literal["interrupt"]
 
 
+class SessionUpdate(_Message):
+    """Change session options while it runs (fields left out stay as they are)."""
+
+    type: Literal["session.update"]
+    mode: Literal["lipsync", "conversation"] | None = None
+    barge_in: bool | None = None
+
+
+class RecordStart(_Message):
+    """Start recording the session server-side (MP4 of what the client sees and hears)."""
+
+    type: Literal["record.start"]
+
+
+class RecordStop(_Message):
+    """Stop the recording; answered with ``record.stopped`` once the file is complete."""
+
+    type: Literal["record.stop"]
+
+
 ClientMessage = Annotated[
-    SessionStart | WebRTCOffer | Speak | SpeakEnd | Interrupt,
+    SessionStart | WebRTCOffer | Speak | SpeakEnd | Interrupt | SessionUpdate | RecordStart | RecordStop,
     Field(discriminator="type"),
 ]
-CLIENT_MESSAGE_TYPES = ("session.start", "webrtc.offer", "speak", "speak.end", "interrupt")
+CLIENT_MESSAGE_TYPES = (
+    "session.start",
+    "webrtc.offer",
+    "speak",
+    "speak.end",
+    "interrupt",
+    "session.update",
+    "record.start",
+    "record.stop",
+)
 
 
 # ------------------------------------------------------------------------------- server -> client
@@ -129,6 +163,12 @@ class SessionReady(_Message):
     fps: int
     sample_rate: int
     engine: str
+    ice_servers: list[dict[str, Any]] = Field(
+        default_factory=list, description="STUN/TURN servers for the client's RTCPeerConnection (RTCIceServer form)"
+    )
+    sr: bool = Field(False, description="idle super-resolution on: width x height is the SR size")
+    mode: Literal["lipsync", "conversation"] = "lipsync"
+    barge_in: bool = False
 
 
 class WebRTCAnswer(_Message):
@@ -170,6 +210,40 @@ class Stats(_Message):
     rtf: float | None = None
     ttff_ms: int | None = None
     state: str
+    frames_dropped: int = 0
+    gen_ms: int | None = None
+    encode_ms: float | None = None
+    av_offset_ms: float | None = None
+    interrupt_ms: int | None = None
+    queue: int = 0
+    upgraded: int = 0
+    width: int | None = None
+    height: int | None = None
+    mode: str | None = None
+    recording: bool = False
+
+
+class RecordStarted(_Message):
+    type: Literal["record.started"] = "record.started"
+    recording_id: str
+    path: str
+
+
+class RecordStopped(_Message):
+    type: Literal["record.stopped"] = "record.stopped"
+    recording_id: str
+    path: str
+    duration_ms: int
+    dropped_frames: int = 0
+    error: str | None = None
+
+
+class SessionEnded(_Message):
+    """The server ended the session (the WebSocket closes next)."""
+
+    type: Literal["session.ended"] = "session.ended"
+    reason: str = Field(description="idle_timeout, max_duration or shutdown")
+    message: str = ""
 
 
 class ErrorMessage(_Message):
@@ -182,7 +256,17 @@ class ErrorMessage(_Message):
 
 
 ServerMessage = (
-    SessionReady | WebRTCAnswer | State | SpeakStarted | SpeakEnded | Interrupted | Stats | ErrorMessage
+    SessionReady
+    | WebRTCAnswer
+    | State
+    | SpeakStarted
+    | SpeakEnded
+    | Interrupted
+    | Stats
+    | ErrorMessage
+    | RecordStarted
+    | RecordStopped
+    | SessionEnded
 )
 
 # Error types raised by the validators above; they are the error frame's code as they are.
@@ -199,7 +283,9 @@ _ERROR_CODES = {
 }
 
 
-def parse_client_message(raw: str | bytes, limits: Limits) -> SessionStart | WebRTCOffer | Speak | SpeakEnd | Interrupt | ErrorMessage:
+def parse_client_message(
+    raw: str | bytes, limits: Limits
+) -> SessionStart | WebRTCOffer | Speak | SpeakEnd | Interrupt | SessionUpdate | RecordStart | RecordStop | ErrorMessage:
     """Validate one client frame; returns the message or the :class:`ErrorMessage` to send back."""
     try:
         return _CLIENT_ADAPTER.validate_json(raw, context={"limits": limits})
@@ -215,7 +301,7 @@ def error_from_validation(exc: ValidationError) -> ErrorMessage:
     # The first element of loc is the union tag (e.g. "speak"); the rest names the field.
     field = ".".join(loc[1:]) if len(loc) > 1 else None
     if kind == "union_tag_invalid":
-        tag = (first.get("ctx") or {}).get("tag", "?")
+        tag = str((first.get("ctx") or {}).get("tag", "?"))[:64]  # never echo a huge tag back
         message = f"type: unknown message type {tag!r}; expected one of {', '.join(CLIENT_MESSAGE_TYPES)}"
         return ErrorMessage(code="unknown_type", message=message, field="type")
     if kind == "union_tag_not_found":

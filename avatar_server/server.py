@@ -13,13 +13,15 @@ Layers: :class:`AvatarServer` (entry point, HTTP routes, capacity) -> :class:`Cl
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
+import datetime
 import functools
 import http
 import logging
 import mimetypes
 import threading
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -32,11 +34,19 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from avatar_server import protocol
+from avatar_server.auth import Authenticator, startup_problem
 from avatar_server.images import ImageError, decode_image, set_pixel_limit
+from avatar_server.limits import AdmissionRegistry, ConnectionGuard
 from avatar_server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from avatar_server.metrics import Metrics
 from avatar_server.settings import Settings
-from avatar_server.webrtc import make_peer_connection, use_host_addresses
+from avatar_server.tls import serve_options
+from avatar_server.webrtc import (
+    close_peer_connection,
+    ice_server_dicts,
+    make_peer_connection,
+    use_host_addresses,
+)
 from engine.api import EngineInputError, SegmentEngine, SegmentKind, SegmentRequest
 from streaming import events
 from streaming.microphone import Microphone, load_vad_model
@@ -92,6 +102,7 @@ class AvatarServer:
             threshold=settings.vad.threshold,
             hangover_ms=settings.vad.hangover_ms,
             preroll_ms=settings.vad.preroll_ms,
+            history_s=settings.limits.max_microphone_buffer_s,
         )
         self.loop_config = LoopConfig(
             segment_seconds=settings.segment_seconds,
@@ -101,7 +112,13 @@ class AvatarServer:
             words_per_second=settings.words_per_second,
             max_utterance_chars=settings.limits.max_utterance_chars,
             seed=settings.seed,
+            upgrade=settings.sr,
         )
+        if settings.sr and not self.worker.can_upgrade:
+            logger.warning("sr is on but engine %s has no super-resolution model: sr is ignored", engine.name)
+        self.metrics.generation_queue_length.set_function(lambda: self.worker.scheduler.queue_length)
+        self.draining = False
+        self._drain_cancelled = asyncio.Event()
         self.sessions_active = 0
         self.connections: set[ClientConnection] = set()
         self._server: Server | None = None
@@ -110,10 +127,15 @@ class AvatarServer:
         self._warmup_task: asyncio.Task[None] | None = None
         use_host_addresses(settings.ice_host_addresses())
         set_pixel_limit(settings.limits.max_image_pixels)
+        self.auth = Authenticator(settings, static_files=STATIC_FILES)
+        self.admission = AdmissionRegistry(settings.limits)
 
     # ----------------------------------------------------------------------------- lifecycle
     async def start(self, *, warm_up: bool = True) -> None:
         """Bind the port and start serving; warm the engine up in the background."""
+        problem = startup_problem(self.settings)
+        if problem is not None:
+            raise ValueError(problem)
         self._server = await serve(
             self._handle,
             self.settings.host,
@@ -121,6 +143,7 @@ class AvatarServer:
             process_request=self._process_request,
             max_size=self.settings.limits.max_message_bytes,
             compression=None,
+            **serve_options(self.settings, self.auth),
         )
         if warm_up:
             self._warmup_task = asyncio.get_running_loop().create_task(self._warm_up(), name="warm-up")
@@ -145,7 +168,34 @@ class AvatarServer:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
-        self.worker.close()
+        await asyncio.to_thread(self.worker.close, 10.0)  # the engine thread stops before exit
+
+    async def drain(self, timeout_s: float) -> None:
+        """Graceful shutdown, step 1: accept no new connections or sessions, give running
+        sessions up to ``timeout_s`` to finish what they are saying, then end every session
+        with ``session.ended`` (reason ``shutdown``) and close its WebSocket (1001, going away).
+        :meth:`cancel_drain` (a second signal) skips the wait."""
+        self.draining = True
+        if self._server is not None:
+            self._server.close(close_connections=False)  # stop listening; keep the connections
+        deadline_s = time.monotonic() + timeout_s
+        while not self._drain_cancelled.is_set() and time.monotonic() < deadline_s:
+            if not any(conn.session is not None and conn.session.speech_pending for conn in self.connections):
+                break
+            try:
+                await asyncio.wait_for(self._drain_cancelled.wait(), 0.1)
+            except TimeoutError:
+                pass
+        await asyncio.gather(
+            *(
+                conn.end_session("shutdown", "the server is shutting down", close_code=1001)
+                for conn in list(self.connections)
+            ),
+            return_exceptions=True,
+        )
+
+    def cancel_drain(self) -> None:
+        self._drain_cancelled.set()
 
     @property
     def port(self) -> int:
@@ -159,7 +209,8 @@ class AvatarServer:
         if ":" in shown:
             shown = f"[{shown}]"
         port = self.port if self._server is not None else self.settings.port
-        return f"http://{shown}:{port}/"
+        scheme = "https" if self.settings.tls_cert is not None else "http"
+        return f"{scheme}://{shown}:{port}/"
 
     async def _warm_up(self) -> None:
         started = time.perf_counter()
@@ -180,6 +231,8 @@ class AvatarServer:
         logger.info("engine warmed up in %.2f s", time.perf_counter() - started)
 
     def readiness(self) -> tuple[bool, str]:
+        if self.draining:
+            return False, "draining: the server is shutting down"
         if not self._warm:
             return False, self._not_ready_reason
         if self.sessions_active >= self.settings.max_sessions:
@@ -188,10 +241,15 @@ class AvatarServer:
 
     # ----------------------------------------------------------------------------- HTTP
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        early = self.auth.process_request(connection, request) or self.admission.process_request(connection, request)
+        if early is not None:
+            return early
         path = urlsplit(request.path).path
         if path == "/ws":
             return None  # continue with the WebSocket handshake
         if path == "/healthz":
+            if not self.worker.scheduler.alive:
+                return _text(http.HTTPStatus.SERVICE_UNAVAILABLE, "engine worker stopped\n")
             return _text(http.HTTPStatus.OK, "ok\n")
         if path == "/readyz":
             ok, reason = self.readiness()
@@ -229,10 +287,17 @@ class ClientConnection:
         self.session: SessionRunner | None = None
         self.session_id: str | None = None
         self.pc: RTCPeerConnection | None = None
-        self._outbox: asyncio.Queue[protocol.ServerMessage | None] = asyncio.Queue()
+        self._outbox: asyncio.Queue[protocol.ServerMessage | None] = asyncio.Queue(
+            maxsize=app.settings.limits.max_send_queue_messages
+        )
         self._tasks: list[asyncio.Task[None]] = []
         self._holds_slot = False
         self._closed = False
+        self._ended = False  # end_session ran
+        self.last_control_s = time.monotonic()  # last client message (idle timeout)
+        self.recording_id: str | None = None
+        self.recordings = 0
+        self.guard = ConnectionGuard(self)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -250,11 +315,17 @@ class ClientConnection:
         if self._closed:
             return
         self._closed = True
+        await self.guard.close()
         if self.pc is not None:
-            await self.pc.close()
+            await close_peer_connection(self.pc)
         if self.session is not None:
+            if self.session.recorder is not None:
+                result = await self.session.stop_recording()
+                self._recording_stopped(result)
             await self.session.close()
             logger.info("session %s closed", self.session_id)
+            if not self._ended:
+                self.app.metrics.sessions_ended.labels("closed").inc()
         if self._holds_slot:
             self._holds_slot = False
             self.app.sessions_active -= 1
@@ -271,7 +342,10 @@ class ClientConnection:
     def send(self, message: protocol.ServerMessage) -> None:
         if isinstance(message, protocol.ErrorMessage):
             self.app.metrics.client_errors.labels(message.code).inc()
-        self._outbox.put_nowait(message)
+        try:
+            self._outbox.put_nowait(message)
+        except asyncio.QueueFull:
+            self.guard.send_queue_full()
 
     def send_error(self, code: str, message: str, field: str | None = None) -> None:
         logger.info("client error %s (session %s)", code, self.session_id)
@@ -283,25 +357,123 @@ class ClientConnection:
             if message is None:
                 return
             try:
-                await self.ws.send(message.model_dump_json())
+                async with asyncio.timeout(self.app.settings.limits.send_timeout_s):
+                    await self.ws.send(message.model_dump_json())
             except websockets.ConnectionClosed:
+                return
+            except TimeoutError:
+                self.guard.send_stalled()
                 return
 
     async def _stats_loop(self) -> None:
         interval_s = self.app.settings.stats_interval_s
+        metrics = self.app.metrics
+        dropped = 0
         while self.session is not None:
             await asyncio.sleep(interval_s)
             stats = self.session.stats()
+            metrics.sample_session(stats)
+            metrics.video_frames_dropped.inc(stats["frames_dropped"] - dropped)
+            dropped = stats["frames_dropped"]
             self.send(protocol.Stats(state=self.session.state, **stats))
+
+    async def _lifetime_watch(self) -> None:
+        """End the session after ``session_idle_timeout_s`` without a client message or
+        microphone voice, or after ``session_max_duration_s``."""
+        settings = self.app.settings
+        idle_s, max_s = settings.session_idle_timeout_s, settings.session_max_duration_s
+        period_s = min(1.0, idle_s / 4, max_s / 4)
+        started_s = time.monotonic()
+        while self.session is not None and not self._ended:
+            await asyncio.sleep(period_s)
+            session = self.session
+            now_s = time.monotonic()
+            if session.voice_active:
+                self.last_control_s = now_s
+            elif session.last_voice_s is not None:
+                self.last_control_s = max(self.last_control_s, session.last_voice_s)
+            if now_s - started_s >= max_s:
+                reason, message = "max_duration", f"session ended: it ran session_max_duration_s = {max_s:g}"
+            elif now_s - self.last_control_s >= idle_s:
+                reason = "idle_timeout"
+                message = f"session ended: no message and no voice for session_idle_timeout_s = {idle_s:g}"
+            else:
+                continue
+            await self.end_session(reason, message, error=True)
+            return
+
+    async def end_session(self, reason: str, message: str, *, close_code: int = 1000, error: bool = False) -> None:
+        """End this connection's session from the server side: an ``error`` frame (``error``:
+        the code is ``reason``), ``session.ended`` with ``reason``, then a WebSocket close
+        whose reason names it. The connection then closes as usual. Idempotent."""
+        if self._ended or self._closed:
+            return
+        self._ended = True
+        logger.info("session %s ended by the server: %s", self.session_id, reason)
+        if self.session is not None:
+            self.app.metrics.sessions_ended.labels(reason).inc()
+            if self.session.recorder is not None:  # finish the file before saying goodbye
+                self._recording_stopped(await self.session.stop_recording())
+        frames = [protocol.SessionEnded(reason=reason, message=message)]
+        if error:
+            self.app.metrics.client_errors.labels(reason).inc()
+            frames.insert(0, protocol.ErrorMessage(code=reason, message=message))
+        sender = next((task for task in self._tasks if task.get_name() == "ws-send"), None)
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(2.0):
+                # After what was queued before; the send loop stops at None.
+                for frame in frames if self.session is not None else []:
+                    await self._outbox.put(frame)
+                await self._outbox.put(None)
+                if sender is not None:
+                    await asyncio.shield(sender)
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(2.0):
+                await self.ws.close(close_code, f"{reason}: {message}"[:120])
+
+    # ----------------------------------------------------------------------------- recording
+    def _record_start(self, session: SessionRunner) -> None:
+        settings = self.app.settings
+        self.recordings += 1
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        recording_id = f"{self.session_id}-{self.recordings}"
+        path = settings.recordings_dir / f"{stamp}-{recording_id}.mp4"
+        session.start_recording(path)
+        self.recording_id = recording_id
+        self.app.metrics.recordings_active.inc()
+        logger.info("session %s: recording to %s", self.session_id, path)
+        self.send(protocol.RecordStarted(recording_id=recording_id, path=str(path)))
+
+    def _recording_stopped(self, result) -> None:
+        self.app.metrics.recordings_active.dec()
+        dropped = result.dropped_video_frames + result.dropped_audio_chunks
+        if dropped:
+            self.app.metrics.recording_frames_dropped.inc(dropped)
+        if result.error is not None:
+            self.send_error("recording_failed", f"record.stop: {result.error}")
+        self.send(
+            protocol.RecordStopped(
+                recording_id=self.recording_id or "",
+                path=str(result.path),
+                duration_ms=result.duration_ms,
+                dropped_frames=result.dropped_video_frames,
+                error=result.error,
+            )
+        )
+        self.recording_id = None
 
     # ----------------------------------------------------------------------------- frames
     async def _on_frame(self, raw: str | bytes) -> None:
+        if not await self.guard.allow_frame(raw):
+            return
+        self.last_control_s = time.monotonic()
         message = protocol.parse_client_message(raw, self.app.settings.limits)
         if isinstance(message, protocol.ErrorMessage):
             self.send(message)
             logger.info("client error %s (session %s)", message.code, self.session_id)
             return
         try:
+            self.guard.admit(message)
             if isinstance(message, protocol.SessionStart):
                 await self._session_start(message)
             elif isinstance(message, protocol.WebRTCOffer):
@@ -312,6 +484,14 @@ class ClientConnection:
                 self._require_session("speak.end").speak_end(message.utterance_id)
             elif isinstance(message, protocol.Interrupt):
                 self._require_session("interrupt").interrupt()
+            elif isinstance(message, protocol.SessionUpdate):
+                self._require_session("session.update").set_mode(mode=message.mode, barge_in=message.barge_in)
+            elif isinstance(message, protocol.RecordStart):
+                self._record_start(self._require_session("record.start"))
+            elif isinstance(message, protocol.RecordStop):
+                session = self._require_session("record.stop")
+                self._recording_stopped(await session.stop_recording())
+            self.guard.accepted(message)
         except (ImageError, SessionInputError) as exc:
             self.send_error(exc.code, str(exc), field=_field_of(str(exc)))
         except EngineInputError as exc:
@@ -329,10 +509,15 @@ class ClientConnection:
         app = self.app
         if self.session is not None or self._holds_slot:
             raise SessionInputError("session_exists", "type: this connection already has a session")
+        if app.draining:
+            app.metrics.sessions_refused.labels("shutting_down").inc()
+            raise SessionInputError("shutting_down", "the server is shutting down; try another instance")
         if app.sessions_active >= app.settings.max_sessions:
+            app.metrics.sessions_refused.labels("capacity").inc()
             raise SessionInputError(
                 "capacity", f"server at capacity: max_sessions = {app.settings.max_sessions}; try again later"
             )
+        session_id = self.guard.reserve_session(message)
         app.sessions_active += 1
         app.metrics.sessions_active.inc()
         self._holds_slot = True
@@ -346,37 +531,46 @@ class ClientConnection:
             self._holds_slot = False
             app.sessions_active -= 1
             app.metrics.sessions_active.dec()
+            self.guard.release_session()
             raise
-        self.session_id = uuid.uuid4().hex[:16]
+        self.session_id = session_id
         self.session = SessionRunner(
             worker=app.worker,
             identity=identity,
             on_event=self._on_session_event,
-            config=app.loop_config,
+            config=dataclasses.replace(app.loop_config, mode=message.mode, barge_in=message.barge_in),
             microphone_factory=app.microphone_factory,
         )
         self.session.start()
         app.metrics.sessions_started.inc()
         engine = app.engine
+        session = self.session
         logger.info("session %s started (image %dx%d)", self.session_id, image.shape[1], image.shape[0])
         self.send(
             protocol.SessionReady(
                 session_id=self.session_id,
-                width=engine.width,
-                height=engine.height,
+                width=session.width,
+                height=session.height,
                 fps=engine.fps,
                 sample_rate=PLAYOUT_SAMPLE_RATE_HZ,
                 engine=engine.name,
+                ice_servers=ice_server_dicts(app.settings.webrtc.ice_servers),
+                sr=session.upgrader is not None,
+                mode=session.config.mode,
+                barge_in=session.config.barge_in,
             )
         )
-        self._tasks.append(asyncio.get_running_loop().create_task(self._stats_loop(), name="stats"))
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.create_task(self._stats_loop(), name="stats"))
+        self._tasks.append(loop.create_task(self._lifetime_watch(), name="session-lifetime"))
 
     async def _webrtc_offer(self, message: protocol.WebRTCOffer) -> None:
         session = self._require_session("webrtc.offer")
+        self.guard.check_offer(message.sdp)
         if self.pc is not None:
             if self.pc.connectionState not in ("failed", "closed"):
                 raise SessionInputError("webrtc_exists", "type: this session already has a peer connection")
-            await self.pc.close()
+            await close_peer_connection(self.pc)
         pc = make_peer_connection(self.app.settings.webrtc.ice_servers)
         self.pc = pc
         session_id = self.session_id
@@ -385,7 +579,7 @@ class ClientConnection:
         def on_track(track) -> None:
             if track.kind == "audio":
                 logger.info("session %s: microphone track received", session_id)
-                session.attach_microphone(track)
+                session.attach_microphone(self.guard.wrap_microphone(track))
 
         @pc.on("connectionstatechange")
         def on_state() -> None:
@@ -396,19 +590,22 @@ class ClientConnection:
             kinds = {t.kind for t in pc.getTransceivers()}
             if "video" not in kinds:
                 raise ValueError("the offer has no video media section")
-            pc.addTrack(session.video_track(on_frame=self.app.metrics.video_frames_sent.inc))
+            video = session.video_track(on_frame=self.app.metrics.video_frames_sent.inc)
+            video.on_encode = self.app.metrics.video_encode_seconds.observe
+            pc.addTrack(self.guard.wrap_track(video))
             if "audio" in kinds:
-                pc.addTrack(session.audio_track())
+                pc.addTrack(self.guard.wrap_track(session.audio_track()))
             await pc.setLocalDescription(await pc.createAnswer())
         except Exception as exc:
-            await pc.close()
             self.pc = None
+            await close_peer_connection(pc)
             raise SessionInputError("bad_sdp", f"sdp: not a usable offer ({type(exc).__name__}: {exc})") from None
         self.send(protocol.WebRTCAnswer(sdp=pc.localDescription.sdp))
 
     # ----------------------------------------------------------------------------- events
     def _on_session_event(self, event: events.SessionEvent) -> None:
         self.app.metrics.observe(event)
+        self.guard.observe(event)
         if isinstance(event, events.StateChanged):
             self.send(protocol.State(state=event.state))
         elif isinstance(event, events.SpeakStarted):
@@ -451,6 +648,8 @@ def create_engine(settings: Settings) -> SegmentEngine:
         ) from exc
     checkpoint_dir = None if settings.checkpoint_dir is None else str(settings.checkpoint_dir)
     try:
-        return build_engine(settings.engine, checkpoint_dir=checkpoint_dir, device=settings.device, seed=settings.seed)
+        return build_engine(
+            settings.engine, checkpoint_dir=checkpoint_dir, device=settings.device, seed=settings.seed, sr=settings.sr
+        )
     except ValueError as exc:
         raise EngineUnavailableError(f"engine preset {settings.engine!r}: {exc}") from exc

@@ -12,7 +12,7 @@ import ipaddress
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MIB = 1024 * 1024
@@ -29,6 +29,34 @@ class Limits(BaseModel):
     max_text_chars: int = Field(2000, ge=1, description="longest text of one speak chunk")
     max_utterance_chars: int = Field(10_000, ge=1, description="longest utterance, all chunks")
     max_message_bytes: int = Field(16 * MIB, ge=1024, description="largest WebSocket message")
+    # Issue 6 (enforced by avatar_server/limits.py; the table is in docs/PROTOCOL.md, "Limits").
+    max_messages_per_s: float = Field(20.0, gt=0, description="sustained client messages per second (token bucket)")
+    message_burst: int = Field(40, ge=1, description="client messages allowed at once above the rate")
+    max_send_queue_messages: int = Field(256, ge=8, description="server messages waiting for a slow client")
+    send_timeout_s: float = Field(30.0, gt=0, description="longest wait for a client to take one message")
+    max_pending_utterances: int = Field(16, ge=1, description="utterances of a session not yet spoken")
+    max_sdp_bytes: int = Field(64 * 1024, ge=1024, description="largest webrtc.offer SDP")
+    max_sdp_media_sections: int = Field(2, ge=1, description="m= sections of an offer (audio/video only)")
+    offer_timeout_s: float = Field(30.0, gt=0, description="session.ready (or a lost peer connection) to offer")
+    ice_timeout_s: float = Field(20.0, gt=0, description="webrtc.answer to a connected peer connection")
+    ping_interval_s: float = Field(20.0, gt=0, description="WebSocket keepalive ping period")
+    ping_timeout_s: float = Field(20.0, gt=0, description="pong wait before a silent connection is dropped")
+    handshake_timeout_s: float = Field(10.0, gt=0, description="TCP accept to a complete HTTP/WebSocket handshake")
+    close_timeout_s: float = Field(10.0, gt=0, description="wait for a client's closing handshake before dropping it")
+    max_connections: int = Field(256, ge=1, description="open WebSocket connections in all (keep below the fd limit)")
+    max_connections_per_address: int = Field(32, ge=1, description="open WebSocket connections per client IP")
+    session_start_timeout_s: float = Field(60.0, gt=0, description="connection open to session.start")
+    max_sessions_per_address: int = Field(4, ge=1, description="running sessions per client IP")
+    max_sessions_per_token: int = Field(1, ge=1, description="running sessions per session token")
+    max_microphone_buffer_s: float = Field(30.0, ge=5, description="microphone audio kept for lip-sync")
+    max_microphone_lead_s: float = Field(2.0, gt=0, description="microphone audio ahead of wall-clock time")
+    max_microphone_channels: int = Field(2, ge=1, description="channels of an incoming microphone frame")
+    max_microphone_frame_ms: float = Field(120.0, gt=0, description="longest incoming microphone frame")
+    microphone_sample_rates_hz: list[int] = Field(
+        default_factory=lambda: [8000, 12000, 16000, 24000, 32000, 44100, 48000],
+        description="sample rates accepted on the microphone track",
+    )
+    max_engine_failures: int = Field(3, ge=1, description="failed segments in a row before a session ends")
 
     @model_validator(mode="after")
     def _message_fits_image(self) -> Limits:
@@ -42,6 +70,27 @@ class Limits(BaseModel):
         return self
 
 
+class IceServer(BaseModel):
+    """A STUN or TURN server with credentials, as a browser's ``RTCIceServer`` takes it."""
+
+    urls: str | list[str] = Field(description="stun:/turn:/turns: URL(s)")
+    username: str | None = None
+    credential: str | None = None
+
+
+class AuthSettings(BaseModel):
+    """Session tokens and admin access (issue 6; see avatar_server/auth.py)."""
+
+    token_secret: SecretStr | None = Field(
+        None, description="HS256 secret of session tokens; default: derived from api_key"
+    )
+    token_ttl_s: float = Field(300.0, gt=0, description="lifetime of a minted token unless the request asks less")
+    max_token_ttl_s: float = Field(3600.0, gt=0, description="longest lifetime a token request may ask for")
+    admin_from_loopback: bool = Field(
+        True, description="/metrics and admin routes answer loopback peers without the api key"
+    )
+
+
 class WebRTCSettings(BaseModel):
     """Peer-connection settings."""
 
@@ -52,8 +101,9 @@ class WebRTCSettings(BaseModel):
             "binds a loopback host, otherwise every interface (aioice's own discovery)"
         ),
     )
-    ice_servers: list[str] = Field(
-        default_factory=list, description="STUN/TURN URLs, e.g. stun:stun.example.org:3478 (none by default)"
+    ice_servers: list[str | IceServer] = Field(
+        default_factory=list,
+        description="STUN/TURN URLs, e.g. stun:stun.example.org:3478, or {urls, username, credential} (none by default)",
     )
 
 
@@ -87,10 +137,33 @@ class Settings(BaseSettings):
     words_per_second: float = Field(2.5, gt=0)
     max_sessions: int = Field(2, ge=1, description="concurrent sessions; /readyz is 503 when all are taken")
     stats_interval_s: float = Field(1.0, gt=0, description="period of the `stats` message")
+    # Issue 4 (live behaviour): super-resolution, recording, session lifetime, drain.
+    sr: bool = Field(
+        False,
+        description="upgrade buffered segments through the engine's SR model in spare time; video goes out at the SR size",
+    )
+    recordings_dir: Path = Field(Path("recordings"), description="directory of record.start MP4 files")
+    session_idle_timeout_s: float = Field(
+        300.0, gt=0, description="a session with no control message and no microphone voice for this long ends"
+    )
+    session_max_duration_s: float = Field(3600.0, gt=0, description="longest a session may run")
+    drain_timeout_s: float = Field(
+        10.0, ge=0, description="on SIGTERM: time sessions get to finish speaking before they are ended"
+    )
 
     limits: Limits = Field(default_factory=Limits)
     webrtc: WebRTCSettings = Field(default_factory=WebRTCSettings)
     vad: VadSettings = Field(default_factory=VadSettings)
+
+    api_key: SecretStr | None = Field(
+        None, description="mints session tokens (POST /v1/tokens); required to bind a non-loopback host"
+    )
+    allowed_origins: list[str] | None = Field(
+        None, description="browser Origins allowed on /ws; default: the server's own host; ['*']: any"
+    )
+    tls_cert: Path | None = Field(None, description="PEM certificate (chain) to serve https/wss")
+    tls_key: Path | None = Field(None, description="PEM private key of tls_cert")
+    auth: AuthSettings = Field(default_factory=AuthSettings)
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"

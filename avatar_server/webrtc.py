@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 import aioice.ice
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection
@@ -34,14 +36,66 @@ def use_host_addresses(addresses: Sequence[str] | None) -> None:
     logger.debug("ICE host candidates limited to %s", fixed)
 
 
-def make_peer_connection(ice_servers: Sequence[str] = ()) -> RTCPeerConnection:
-    """A peer connection with the given STUN/TURN URLs (none: host candidates only).
+def ice_server_dicts(ice_servers: Sequence[Any] = ()) -> list[dict[str, Any]]:
+    """STUN/TURN servers (URL strings, or objects/dicts with ``urls``, ``username``,
+    ``credential``) in the shape of the browser's ``RTCIceServer``: ``{"urls": [...], ...}``."""
+    out: list[dict[str, Any]] = []
+    for server in ice_servers:
+        if isinstance(server, str):
+            out.append({"urls": [server]})
+            continue
+        data = server if isinstance(server, dict) else server.model_dump()
+        urls = data["urls"]
+        entry: dict[str, Any] = {"urls": [urls] if isinstance(urls, str) else list(urls)}
+        for key in ("username", "credential"):
+            if data.get(key) is not None:
+                entry[key] = data[key]
+        out.append(entry)
+    return out
+
+
+def make_peer_connection(ice_servers: Sequence[Any] = ()) -> RTCPeerConnection:
+    """A peer connection with the given STUN/TURN servers (none: host candidates only); see
+    :func:`ice_server_dicts` for the accepted forms (TURN with username and credential).
 
     aiortc falls back to a public STUN server when ``iceServers`` is ``None``; an explicit
     empty list keeps gathering local, which is what a loopback or LAN deployment wants.
     """
-    servers = [RTCIceServer(urls=url) for url in ice_servers]
+    servers = [
+        RTCIceServer(urls=entry["urls"], username=entry.get("username"), credential=entry.get("credential"))
+        for entry in ice_server_dicts(ice_servers)
+    ]
     return RTCPeerConnection(RTCConfiguration(iceServers=servers))
+
+
+PC_CLOSE_TIMEOUT_S = 5.0
+
+
+async def close_peer_connection(pc: RTCPeerConnection, timeout_s: float = PC_CLOSE_TIMEOUT_S) -> None:
+    """``pc.close()`` that neither raises nor hangs.
+
+    aiortc's ``close`` raises when a transceiver has no transport (an offer that was applied
+    only in part, e.g. a BUNDLE group naming a missing mid), and from then on every ``close``
+    waits forever on its unresolved close future -- a connection that tried to close such a
+    peer connection would never release its session. Here the transports that exist are
+    stopped one by one (their UDP sockets closed) and the close future is resolved.
+    """
+    try:
+        await asyncio.wait_for(pc.close(), timeout_s)
+        return
+    except Exception as exc:  # noqa: BLE001 - any failure falls back to the manual path
+        logger.warning("peer connection close failed (%s); stopping its transports one by one", type(exc).__name__)
+    for transceiver in pc.getTransceivers():
+        for dtls in (transceiver.receiver.transport, transceiver.sender.transport):
+            if dtls is None:
+                continue
+            for transport in (dtls, dtls.transport):
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(transport.stop(), timeout_s)
+    closed = getattr(pc, "_RTCPeerConnection__isClosed", None)
+    if isinstance(closed, asyncio.Future) and not closed.done():
+        closed.set_result(True)
+    pc.remove_all_listeners()
 
 
 async def wait_connected(pc: RTCPeerConnection, timeout_s: float) -> None:

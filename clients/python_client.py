@@ -111,6 +111,8 @@ class AvatarClient:
         host_addresses: ICE host candidates; default ``["127.0.0.1"]`` for a loopback server.
         keep_audio: keep received audio samples in :attr:`received` (for analysis).
         on_video_frame: called with every received ``av.VideoFrame`` (after logging it).
+        token: session token (from the server's ``POST /v1/tokens``), sent as
+            ``Authorization: Bearer``; needed when the server has an api key.
     """
 
     def __init__(
@@ -122,8 +124,10 @@ class AvatarClient:
         host_addresses: Sequence[str] | None = None,
         keep_audio: bool = True,
         on_video_frame: Callable[[av.VideoFrame], None] | None = None,
+        token: str | None = None,
     ) -> None:
         self.url = ws_url(url)
+        self.token = token
         self.record_path = None if record_path is None else Path(record_path)
         self.ice_servers = list(ice_servers)
         host = urlsplit(self.url).hostname or ""
@@ -144,7 +148,8 @@ class AvatarClient:
 
     # ----------------------------------------------------------------------------- control
     async def connect(self) -> None:
-        self._ws = await connect(self.url, max_size=MAX_MESSAGE_BYTES, compression=None)
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
+        self._ws = await connect(self.url, max_size=MAX_MESSAGE_BYTES, compression=None, additional_headers=headers)
         self._tasks.append(asyncio.get_running_loop().create_task(self._read_loop(), name="client-ws-read"))
 
     async def send(self, message: dict[str, Any] | str) -> None:
@@ -222,7 +227,8 @@ class AvatarClient:
     async def start_media(self, *, microphone: str | Path | None = None, timeout_s: float = 20.0) -> None:
         """Negotiate WebRTC: receive video+audio; send ``microphone`` (an audio file) if given."""
         use_host_addresses(self.host_addresses)
-        pc = make_peer_connection(self.ice_servers)
+        # The server's STUN/TURN servers (session.ready) unless the caller chose its own.
+        pc = make_peer_connection(self.ice_servers or (self.session or {}).get("ice_servers") or [])
         self.pc = pc
         pc.addTransceiver("video", direction="recvonly")
         if microphone is not None:
@@ -339,9 +345,10 @@ async def run_client(
     duration_s: float,
     timeout_s: float,
     out: Callable[[str], None] = print,
+    token: str | None = None,
 ) -> dict[str, Any]:
     """What ``avatar-server client`` does; returns the summary it prints last."""
-    client = AvatarClient(url, record_path=record, keep_audio=False)
+    client = AvatarClient(url, record_path=record, keep_audio=False, token=token)
     started = time.monotonic()
     await client.connect()
     try:

@@ -74,6 +74,23 @@ class SessionError:
     message: str
 
 
+@dataclass(frozen=True)
+class InterruptSilenced:
+    """The first audio after an interrupt's cut left the server, ``seconds`` after the interrupt."""
+
+    seconds: float
+
+
+@dataclass(frozen=True)
+class SegmentUpgraded:
+    """An idle super-resolution attempt ended: ``result`` is ``done``, ``cancelled``, ``late`` or
+    ``failed``; ``seconds`` from its submission to its end, ``media_s`` the segment's length."""
+
+    result: str
+    seconds: float
+    media_s: float
+
+
 SessionEvent = (
     StateChanged
     | SpeakStarted
@@ -83,4 +100,6 @@ SessionEvent = (
     | FirstFrame
     | Underrun
     | SessionError
+    | InterruptSilenced
+    | SegmentUpgraded
 )

@@ -13,6 +13,22 @@ started yet. A segment begins (``on_segment_start``) when its first frame is pul
 repeats the last frame, audio is silence, and :attr:`PlayoutBuffer.underruns` counts it.
 A segment appended after an underrun starts at the head, never in the past.
 
+**Joins are cross-faded** so that no click is heard where one segment's audio ends and the
+next one's begins (each segment is generated on its own, so their waveforms do not meet): when
+a segment is appended right after one whose last ``crossfade_ms / 2`` of audio have not been
+pulled yet, the ``crossfade_ms`` around the join are a raised-cosine cross-fade of the two,
+each extended across the join by its mirror image. Where that cannot be done (audio after an
+underrun or an interrupt, silence after audio), the first pulled chunk after the
+discontinuity gets a *de-click* ramp: the jump from the last sample sent decays to zero over
+``crossfade_ms``.
+
+**Output size.** Frames of another size than ``width x height`` (segments not upgraded by
+super-resolution) are resized bilinearly as they are pulled, so the outgoing video never
+changes size.
+
+**Taps** (``video_taps``, ``audio_taps``) see every frame and chunk as it is pulled (the
+session recorder, latency probes), with its timeline index.
+
 Everything here runs on the event loop; nothing blocks.
 """
 
@@ -28,6 +44,7 @@ import numpy as np
 import soxr
 
 from engine.api import Continuation, SegmentKind
+from streaming.upscale import fit_frame
 
 PLAYOUT_FPS = 25
 PLAYOUT_SAMPLE_RATE_HZ = 48_000
@@ -67,6 +84,8 @@ class QueuedSegment:
         started, ended: whether the start/end callbacks have fired.
         cut: shortened by :meth:`PlayoutBuffer.clear`.
         dropped: removed before it played.
+        source: the engine's :class:`~engine.api.Segment` it came from (for an upgrade).
+        super_resolved: ``frames`` come from the super-resolution stage.
     """
 
     frames: np.ndarray
@@ -81,7 +100,13 @@ class QueuedSegment:
     ended: bool = False
     cut: bool = False
     dropped: bool = False
+    source: Any = field(default=None, repr=False)
+    super_resolved: bool = False
     fps: int = field(default=PLAYOUT_FPS, repr=False)
+    # cross-fade bookkeeping: the segment this one's head was faded with, and this one's tail
+    # as generated (restored when the segment faded into it is dropped)
+    crossfaded_from: QueuedSegment | None = field(default=None, repr=False)
+    tail_original: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def num_frames(self) -> int:
@@ -117,6 +142,7 @@ class PlayoutBuffer:
         on_underrun: called once at the start of each underrun.
         max_reader_lag_frames: a reader further behind the head than this no longer holds
             segments in memory (e.g. a peer that only receives video).
+        crossfade_ms: length of the cross-fade at a join (and of the de-click ramp).
     """
 
     def __init__(
@@ -132,6 +158,7 @@ class PlayoutBuffer:
         on_segment_end: SegmentCallback | None = None,
         on_underrun: Callable[[], None] | None = None,
         max_reader_lag_frames: int = 25,
+        crossfade_ms: float = 10.0,
     ) -> None:
         if sample_rate_hz % fps or (sample_rate_hz // fps) % chunk_samples:
             raise ValueError(
@@ -155,15 +182,26 @@ class PlayoutBuffer:
         self._audio_next = 0
         if hold_frame is None:
             hold_frame = np.zeros((height, width, 3), dtype=np.uint8)
-        self._last_frame = hold_frame
+        self._last_frame = fit_frame(hold_frame, width, height)
         self._silence = np.zeros(chunk_samples, dtype=np.float32)
         self._played_any = False
         self._in_underrun = False
+        self._gap_expected = False  # an interrupt emptied the buffer: its gap is no underrun
+        half = round(crossfade_ms / 2000 * sample_rate_hz)
+        self._fade_half = min(half, chunk_samples)
+        ramp = (np.arange(2 * self._fade_half, dtype=np.float64) + 0.5) / max(1, 2 * self._fade_half)
+        self._fade_in = (0.5 - 0.5 * np.cos(np.pi * ramp)).astype(np.float32)  # 0 -> 1, raised cosine
+        self._last_sample = 0.0  # last audio sample pulled
+        self._last_source: QueuedSegment | None = None  # segment of the last chunk pulled (None: silence)
 
+        self.video_taps: list[Callable[[int, np.ndarray], None]] = []
+        self.audio_taps: list[Callable[[int, np.ndarray], None]] = []
         self.underruns = 0
         self.underrun_frames = 0
         self.video_frames_pulled = 0
         self.audio_chunks_pulled = 0
+        self.frames_dropped = 0  # queued frames removed before they played (interrupt, overtaking)
+        self.declicks = 0
 
     # ----------------------------------------------------------------------------- timeline
     @property
@@ -213,11 +251,13 @@ class PlayoutBuffer:
         utterance_id: str | None = None,
         continuation: Continuation | None = None,
         tag: Any = None,
+        source: Any = None,
     ) -> QueuedSegment:
         """Queue a segment after the last one (or at the head after an underrun).
 
         ``audio`` (mono float32 at ``audio_sample_rate_hz``) is resampled to the buffer's rate
-        and trimmed or padded to exactly the video's duration.
+        and trimmed or padded to exactly the video's duration, and cross-faded with the
+        previous segment's audio where they meet.
         """
         if frames.ndim != 4 or frames.shape[0] == 0 or frames.shape[3] != 3:
             raise ValueError(f"frames: expected uint8 [F>0, H, W, 3], got shape {frames.shape}")
@@ -231,19 +271,58 @@ class PlayoutBuffer:
             utterance_id=utterance_id,
             continuation=continuation,
             tag=tag,
+            source=source,
             fps=self.fps,
         )
+        if self._segments:
+            self._crossfade(self._segments[-1], segment)
         self._segments.append(segment)
         self._end_frame = segment.end_frame
         return segment
 
-    def clear(self) -> tuple[QueuedSegment | None, list[QueuedSegment]]:
-        """Drop everything after the next frame boundary (interrupt).
+    def _crossfade(self, prev: QueuedSegment, new: QueuedSegment) -> None:
+        """Cross-fade the join of ``prev`` and ``new`` if ``prev``'s tail is not pulled yet."""
+        half = self._fade_half
+        prev_end = prev.end_frame * self.samples_per_frame
+        if (
+            half == 0
+            or new.start_frame != prev.end_frame
+            or prev.audio.size < half
+            or new.audio.size < half
+            or self._audio_next * self.chunk_samples > prev_end - half
+        ):
+            return
+        if prev.tail_original is None:
+            prev.tail_original = prev.audio[-half:].copy()
+        old = prev.tail_original
+        head = new.audio[:half].copy()
+        fade_in = self._fade_in
+        # before the join: prev fades out against new's head mirrored back in time; after it:
+        # prev's tail mirrored forward fades out against new's head
+        prev.audio[-half:] = old * (1 - fade_in[:half]) + head[::-1] * fade_in[:half]
+        new.audio[:half] = old[::-1] * (1 - fade_in[half:]) + head * fade_in[half:]
+        new.crossfaded_from = prev
 
-        The segment playing now is cut after the frames already started; later segments are
-        removed. Returns ``(cut_segment_or_None, dropped_segments)``.
+    def _restore_tail(self, dropped: QueuedSegment) -> None:
+        """Undo the cross-fade into ``dropped`` on the segment before it (not yet pulled)."""
+        prev = dropped.crossfaded_from
+        if prev is None or prev.tail_original is None or prev.dropped:
+            return
+        half = prev.tail_original.size
+        if self._audio_next * self.chunk_samples <= prev.end_frame * self.samples_per_frame - half:
+            prev.audio[-half:] = prev.tail_original
+
+    def clear(self, at_frame: int | None = None) -> tuple[QueuedSegment | None, list[QueuedSegment]]:
+        """Drop everything from timeline frame ``at_frame`` on (default, and at the earliest:
+        the next frame boundary, as for an interrupt).
+
+        The segment that ``at_frame`` falls in is cut there; later segments are removed.
+        Returns ``(cut_segment_or_None, dropped_segments)``. The silence that follows an
+        interrupt until new content arrives is not counted as an underrun.
         """
-        cut = self.head_frame
+        cut = self.head_frame if at_frame is None else max(self.head_frame, at_frame)
+        if at_frame is None:
+            self._gap_expected = True
         kept: collections.deque[QueuedSegment] = collections.deque()
         playing: QueuedSegment | None = None
         dropped: list[QueuedSegment] = []
@@ -252,15 +331,20 @@ class PlayoutBuffer:
                 kept.append(seg)
             elif seg.start_frame < cut:
                 keep = cut - seg.start_frame
+                self.frames_dropped += seg.num_frames - keep
                 seg.frames = seg.frames[:keep]
                 seg.audio = seg.audio[: keep * self.samples_per_frame]
+                seg.tail_original = None  # its tail is elsewhere now
                 seg.cut = True
                 kept.append(seg)
                 playing = seg
             else:
                 seg.dropped = True
+                self.frames_dropped += seg.num_frames
                 dropped.append(seg)
         self._segments = kept
+        for seg in dropped:
+            self._restore_tail(seg)
         self._end_frame = min(self._end_frame, cut)
         return playing, dropped
 
@@ -278,6 +362,8 @@ class PlayoutBuffer:
                 break
             self._segments.pop()
             seg.dropped = True
+            self.frames_dropped += seg.num_frames
+            self._restore_tail(seg)
             dropped.append(seg)
         if dropped:
             self._end_frame = self._segments[-1].end_frame if self._segments else 0
@@ -290,9 +376,9 @@ class PlayoutBuffer:
         self.video_frames_pulled += 1
         segment = self._find(index)
         if segment is not None:
-            self._last_frame = segment.frames[index - segment.start_frame]
-            self._in_underrun = False
-        elif self._played_any:
+            self._last_frame = fit_frame(segment.frames[index - segment.start_frame], self.width, self.height)
+            self._in_underrun = self._gap_expected = False
+        elif self._played_any and not self._gap_expected:
             self.underrun_frames += 1
             if not self._in_underrun:
                 self._in_underrun = True
@@ -300,6 +386,8 @@ class PlayoutBuffer:
                 if self.on_underrun is not None:
                     self.on_underrun()
         frame = self._last_frame
+        for tap in self.video_taps:
+            tap(index, frame)
         self._advance()
         return frame
 
@@ -312,8 +400,27 @@ class PlayoutBuffer:
         if segment is not None:
             offset = (index - segment.start_frame * self.chunks_per_frame) * self.chunk_samples
             chunk = segment.audio[offset : offset + self.chunk_samples]
+        if segment is not self._last_source:
+            faded = segment is not None and segment.crossfaded_from is self._last_source is not None
+            if not faded:
+                chunk = self._declick(chunk)
+            self._last_source = segment
+        self._last_sample = float(chunk[-1]) if chunk.size else 0.0
+        for tap in self.audio_taps:
+            tap(index, chunk)
         self._advance()
         return chunk
+
+    def _declick(self, chunk: np.ndarray) -> np.ndarray:
+        """``chunk`` with the jump from the last sample sent ramped away (a fresh array)."""
+        jump = self._last_sample - (float(chunk[0]) if chunk.size else 0.0)
+        if abs(jump) < 1e-4 or chunk.size == 0:
+            return chunk
+        self.declicks += 1
+        count = min(chunk.size, self._fade_in.size)
+        out = chunk.astype(np.float32, copy=True)
+        out[:count] += jump * (1 - self._fade_in[:count])
+        return out
 
     def _find(self, frame_index: int) -> QueuedSegment | None:
         for seg in self._segments:

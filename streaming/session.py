@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
+import dataclasses
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -49,7 +51,9 @@ from streaming.events import (
     AvatarState,
     FirstFrame,
     Interrupted,
+    InterruptSilenced,
     SegmentGenerated,
+    SegmentUpgraded,
     SessionError,
     SessionEvent,
     SpeakEnded,
@@ -57,10 +61,14 @@ from streaming.events import (
     StateChanged,
     Underrun,
 )
+from streaming.language import detect_language, normalize_language
 from streaming.microphone import MIC_SAMPLE_RATE_HZ, Microphone
 from streaming.playout import PlayoutBuffer, QueuedSegment, frames_to_ms
+from streaming.recorder import RecordingResult, SessionRecorder
+from streaming.scheduler import EdfScheduler
 from streaming.text import PromptStyle, build_prompt, speech_seconds, take_chunk
 from streaming.tracks import AvatarAudioTrack, AvatarVideoTrack
+from streaming.upscale import SegmentUpgrader, UpgradeResult, fit_frame
 
 logger = logging.getLogger(__name__)
 
@@ -68,10 +76,16 @@ _IDLE_KINDS = (SegmentKind.IDLE, SegmentKind.LISTEN)
 _ERROR_BACKOFF_S = 0.5
 _WAIT = object()  # "wait for more microphone audio"
 _MIN_LIPSYNC_S = 0.36  # 9 frames: the shortest lip-sync segment requested
+_CUT_MARGIN_S = 0.15  # planned cut of an idle segment: lead beyond the expected generation time
 
 
 class EngineWorker:
     """An engine and the one worker thread that runs it, shared by every session.
+
+    Requests from all sessions meet in one earliest-deadline-first queue
+    (:class:`~streaming.scheduler.EdfScheduler`): ``deadline_s`` is the monotonic time by which
+    the result must be there (for a segment: when it must start playing; default now).
+    Upgrades (:meth:`upgrade`) run only while no generation is queued.
 
     Args:
         engine: any :class:`~engine.api.SegmentEngine`.
@@ -79,26 +93,46 @@ class EngineWorker:
 
     def __init__(self, engine: SegmentEngine) -> None:
         self.engine = engine
-        self._executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix=f"engine-{engine.name}"
-        )
+        self.scheduler = EdfScheduler(engine.name)
+
+    @property
+    def can_upgrade(self) -> bool:
+        """The engine has a super-resolution model (``upgrade`` and ``sr_width`` set)."""
+        return getattr(self.engine, "sr_width", None) is not None and hasattr(self.engine, "upgrade")
 
     async def prepare_identity(self, image: np.ndarray, appearance: str) -> Identity:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.engine.prepare_identity, image, appearance)
+        return await self.scheduler.run(
+            self.engine.prepare_identity, image, appearance, deadline_s=time.monotonic()
+        )
 
-    async def generate(self, request: SegmentRequest, cancel: threading.Event) -> Segment:
+    async def generate(
+        self,
+        request: SegmentRequest,
+        cancel: threading.Event,
+        *,
+        deadline_s: float | None = None,
+        estimate_s: float = 0.0,
+    ) -> Segment:
         """Run ``engine.generate`` in the worker thread; cancelling the awaiting task sets ``cancel``."""
-        loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._executor, self.engine.generate, request, cancel)
-        try:
-            return await future
-        except asyncio.CancelledError:
-            cancel.set()
-            raise
+        return await self.scheduler.run(
+            self.engine.generate,
+            request,
+            cancel,
+            deadline_s=time.monotonic() if deadline_s is None else deadline_s,
+            cancel=cancel,
+            estimate_s=estimate_s,
+        )
 
-    def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+    async def upgrade(self, segment: Segment, cancel: threading.Event, *, deadline_s: float, estimate_s: float) -> Segment:
+        """Run ``engine.upgrade`` as background work (only while no generation is queued)."""
+        upgrade = self.engine.upgrade  # type: ignore[attr-defined]
+        return await self.scheduler.run(
+            upgrade, segment, cancel, deadline_s=deadline_s, cancel=cancel, background=True, estimate_s=estimate_s
+        )
+
+    def close(self, wait_s: float = 0.0) -> None:
+        """Cancel all engine work; ``wait_s``: wait that long for the job running now to stop."""
+        self.scheduler.close(wait_s)
 
 
 @dataclass(frozen=True)
@@ -114,6 +148,11 @@ class LoopConfig:
         max_utterance_chars: longest utterance (all chunks together).
         seed: base seed; segment ``n`` of a session uses ``seed + n``.
         prompt_style: wording of generated prompt parts.
+        mode: what the microphone does: ``lipsync`` (the user's voice drives the lips and is
+            played back) or ``conversation`` (the avatar listens while the user speaks).
+        barge_in: the user starting to speak interrupts the avatar's speech.
+        upgrade: upgrade queued segments through the engine's super-resolution model in its
+            spare time, and send video at the SR size (ignored without an SR model).
     """
 
     segment_seconds: float = 2.0
@@ -124,6 +163,9 @@ class LoopConfig:
     max_utterance_chars: int = 5000
     seed: int = 0
     prompt_style: PromptStyle = field(default_factory=PromptStyle)
+    mode: str = "lipsync"
+    barge_in: bool = False
+    upgrade: bool = False
 
 
 class SessionInputError(ValueError):
@@ -149,6 +191,13 @@ class _Utterance:
     @property
     def played_ms(self) -> int:
         return frames_to_ms(sum(seg.played_frames for seg in self.segments))
+
+
+@dataclass(frozen=True)
+class _PlannedCut:
+    segment: QueuedSegment  # the idle segment on screen
+    frame: int  # timeline frame where the next segment starts
+    continuation: Continuation  # frame ``frame - 1`` of it
 
 
 @dataclass(eq=False)
@@ -191,22 +240,38 @@ class SessionRunner:
         self._microphone_factory = microphone_factory
         self.created_s = time.monotonic()
 
-        hold = identity.image if identity.image.shape == (self.engine.height, self.engine.width, 3) else None
+        # With idle super-resolution the video goes out at the SR size from the first frame.
+        upgrade = self.config.upgrade and worker.can_upgrade
+        self.width, self.height = self.engine.width, self.engine.height
+        if upgrade:
+            self.width, self.height = self.engine.sr_width, self.engine.sr_height  # type: ignore[attr-defined]
         self.clock = MediaClock()
         self.buffer = PlayoutBuffer(
-            width=self.engine.width,
-            height=self.engine.height,
+            width=self.width,
+            height=self.height,
             fps=self.engine.fps,
-            hold_frame=hold,
+            hold_frame=identity.image,  # before the first segment: the reference, never black
             on_segment_start=self._on_segment_start,
             on_segment_end=self._on_segment_end,
             on_underrun=self._on_underrun,
         )
+        self.buffer.audio_taps.append(self._on_audio_pulled)
+        self.upgrader: SegmentUpgrader | None = None
+        if upgrade:
+            self.upgrader = SegmentUpgrader(
+                upgrade=worker.upgrade, buffer=self.buffer, clock=self.clock, on_result=self._on_upgrade
+            )
+        self.recorder: SessionRecorder | None = None
         self.microphone: Microphone | None = None
         self.state: AvatarState = "idle"
         self.segments_generated = 0
         self.last_real_time_factor: float | None = None
+        self.last_generate_s: float | None = None
         self.first_frame_s: float | None = None
+        self.last_voice_s: float | None = None  # monotonic time the microphone last carried voice
+        self.last_interrupt_to_silence_s: float | None = None
+        self.late_cuts = 0  # planned idle cuts that the new segment missed
+        self._silence_due: tuple[float, int] | None = None  # (interrupt time, first chunk after the cut)
 
         self._utterances: collections.OrderedDict[str, _Utterance] = collections.OrderedDict()
         self._closed_ids: collections.OrderedDict[str, str] = collections.OrderedDict()  # id -> "ended"/"interrupted"
@@ -233,6 +298,8 @@ class SessionRunner:
         if self._in_flight is not None:
             self._in_flight.stale = True
             self._in_flight.cancel.set()
+        if self.upgrader is not None:
+            await self.upgrader.close()
         for task in reversed(self._tasks):
             task.cancel()
             try:
@@ -242,6 +309,8 @@ class SessionRunner:
             except Exception:  # the loop logs its own failures; closing must go on
                 logger.exception("segment loop failed")
         self._tasks.clear()
+        if self.recorder is not None:
+            await self.stop_recording()
         if self.microphone is not None:
             await self.microphone.close()
         for track in self._tracks:
@@ -294,6 +363,7 @@ class SessionRunner:
                 f"text: utterance {utterance_id!r} would have {chars} characters; "
                 f"the limit is max_utterance_chars = {self.config.max_utterance_chars}",
             )
+        language = normalize_language(language)
         if utt is None:
             utt = _Utterance(utterance_id=utterance_id, language=language, created_s=time.monotonic())
             self._utterances[utterance_id] = utt
@@ -320,8 +390,12 @@ class SessionRunner:
         self._maybe_finish(utt)
         self._wake.set()
 
-    def interrupt(self) -> list[Interrupted]:
+    def interrupt(self, *, discard_microphone: bool = True) -> list[Interrupted]:
         """Stop speaking now: clear the buffer at the next frame, cancel work, drop pending text.
+
+        The next segment continues from the frame on screen at the cut (a bare
+        ``Continuation(last_frame=...)``, which the engine encodes). ``discard_microphone``
+        skips lip-sync to live audio (a barge-in keeps the voice that triggered it).
 
         Returns (and emits) one :class:`Interrupted` per pending utterance, or one with
         ``utterance_id=None`` when nothing was pending.
@@ -331,16 +405,21 @@ class SessionRunner:
             self._in_flight.cancel.set()
         cut, _dropped = self.buffer.clear()
         if cut is not None:
+            on_screen = fit_frame(cut.frames[-1], self.engine.width, self.engine.height, downscale=True)
+            cut.continuation = Continuation(last_frame=np.array(on_screen))
             self._tail_continuation = cut.continuation
         else:
             self._tail_continuation = self._played_continuation
+        self._silence_due = (time.monotonic(), self.buffer.end_frame * self.buffer.chunks_per_frame)
+        if self.upgrader is not None:
+            self.upgrader.check()
         events = [Interrupted(utt.utterance_id, utt.played_ms) for utt in self._utterances.values()]
         for utt in self._utterances.values():
             self._remember_closed(utt.utterance_id, "interrupted")
         self._utterances.clear()
         if not events:
             events.append(Interrupted(None, 0))
-        if self.microphone is not None:
+        if self.microphone is not None and discard_microphone:
             self.microphone.discard_pending()
         for event in events:
             self._emit(event)
@@ -348,8 +427,70 @@ class SessionRunner:
         self._wake.set()
         return events
 
-    def stats(self) -> dict[str, float | int | None]:
-        """Live figures for the client overlay."""
+    def set_mode(self, *, mode: str | None = None, barge_in: bool | None = None) -> None:
+        """Switch the microphone mode (``lipsync`` / ``conversation``) or barge-in while running.
+
+        A switch skips the microphone audio not used yet (in either direction: voice heard in
+        conversation mode is not played back later); lip-sync segments already queued play
+        out, so the picture and sound go on without a break.
+        """
+        changes: dict[str, object] = {}
+        if mode is not None and mode != self.config.mode:
+            if mode not in ("lipsync", "conversation"):
+                raise SessionInputError("invalid_field", f"mode: {mode!r} is not 'lipsync' or 'conversation'")
+            changes["mode"] = mode
+            if self.microphone is not None:  # audio from before the switch is not played back
+                self.microphone.discard_pending()  # (a voice going on is lip-synced from now)
+                if mode == "conversation":
+                    self.microphone.end_run()
+        if barge_in is not None:
+            changes["barge_in"] = barge_in
+        if changes:
+            self.config = dataclasses.replace(self.config, **changes)
+            self._wake.set()
+
+    def start_recording(self, path: str | Path) -> SessionRecorder:
+        """Record what the session plays out to ``path`` (MP4) from the next frame boundary.
+
+        Raises:
+            SessionInputError: ``recording_active``.
+        """
+        if self.recorder is not None:
+            raise SessionInputError("recording_active", f"record.start: already recording to {self.recorder.path.name}")
+        self.recorder = SessionRecorder(path, self.buffer)
+        return self.recorder
+
+    async def stop_recording(self) -> RecordingResult:
+        """Finish the recording (the file is complete when this returns).
+
+        Raises:
+            SessionInputError: ``no_recording``.
+        """
+        recorder, self.recorder = self.recorder, None
+        if recorder is None:
+            raise SessionInputError("no_recording", "record.stop: the session is not recording")
+        return await recorder.stop()
+
+    @property
+    def speech_pending(self) -> bool:
+        """Speech is pending, queued or on screen (a graceful drain waits for it)."""
+        return self._avatar_talking()
+
+    @property
+    def voice_active(self) -> bool:
+        """The microphone carries voice now."""
+        return self.microphone is not None and bool(self.microphone.speaking)
+
+    def stats(self) -> dict[str, float | int | str | bool | None]:
+        """Live figures for the client overlay (fields documented in docs/PROTOCOL.md, ``stats``)."""
+        # the newest tracks: a second offer (after a failed connection) makes new ones
+        video = next((t for t in reversed(self._tracks) if isinstance(t, AvatarVideoTrack)), None)
+        audio = next((t for t in reversed(self._tracks) if isinstance(t, AvatarAudioTrack)), None)
+        av_offset_ms = None
+        if video is not None and audio is not None and video.lateness_s is not None and audio.lateness_s is not None:
+            av_offset_ms = round(1000 * (audio.lateness_s - video.lateness_s), 1)
+        encode_ms = None if video is None or video.encode_s is None else round(1000 * video.encode_s, 2)
+        silence_s = self.last_interrupt_to_silence_s
         return {
             "buffer_ms": round(self.buffer.depth_ms),
             "underruns": self.buffer.underruns,
@@ -357,6 +498,17 @@ class SessionRunner:
             "rtf": None if self.last_real_time_factor is None else round(self.last_real_time_factor, 3),
             "ttff_ms": None if self.first_frame_s is None else round(1000 * self.first_frame_s),
             "frames_sent": self.buffer.video_frames_pulled,
+            "frames_dropped": self.buffer.frames_dropped,
+            "gen_ms": None if self.last_generate_s is None else round(1000 * self.last_generate_s),
+            "encode_ms": encode_ms,
+            "av_offset_ms": av_offset_ms,
+            "interrupt_ms": None if silence_s is None else round(1000 * silence_s),
+            "queue": self.worker.scheduler.queue_length,
+            "upgraded": 0 if self.upgrader is None else self.upgrader.counts["done"],
+            "width": self.width,
+            "height": self.height,
+            "mode": self.config.mode,
+            "recording": self.recorder is not None,
         }
 
     # ----------------------------------------------------------------------------- loop
@@ -366,11 +518,14 @@ class SessionRunner:
             self._wake.clear()
             choice = self._decide()
             if choice is None:
+                if self.upgrader is not None:
+                    self.upgrader.poke()  # the buffer is full: spare engine time may upgrade it
                 await self._sleep(self._poll_s())
                 continue
             request, utt = choice
             request.seed = self.config.seed + segment_index
             request.continue_from = self._tail_continuation
+            cut = self._plan_cut(request)
             segment_index += 1
             if utt is not None:
                 utt.in_flight += 1
@@ -380,7 +535,7 @@ class SessionRunner:
                 if utt is not None:
                     utt.in_flight -= 1
             if segment is not None:
-                self._queue(segment, request, utt)
+                self._queue(segment, request, utt, cut)
             if utt is not None:
                 self._maybe_finish(utt)
 
@@ -400,14 +555,25 @@ class SessionRunner:
         """The next request, or ``None`` to wait (buffer full, or waiting for mic audio)."""
         cfg = self.config
         mic = self.microphone
+        lipsync_mic = mic if cfg.mode == "lipsync" else None  # conversation: the mic only listens
         speech = self._next_speech_chunk(consume=False)
-        if speech is not None or (mic is not None and mic.available_s() >= self._lipsync_full_s()):
-            self._preempt_idle()  # speech and lip-sync overtake idle content
         depth_ms = self.buffer.depth_ms
+        held = list(self.buffer.segments())
+        last_kind = held[-1].kind if held else None
+        if speech is not None or (lipsync_mic is not None and lipsync_mic.available_s() >= self._lipsync_full_s()):
+            self._preempt_idle()  # speech and lip-sync overtake idle content
+            if last_kind in _IDLE_KINDS:
+                depth_ms = 0.0  # the idle content queued will be cut where the new segment starts
+        elif mic is not None and mic.speaking and last_kind is SegmentKind.IDLE:
+            depth_ms = 0.0  # listening overtakes idle content the same way
         if depth_ms >= cfg.playout_target_ms:
             return None
         if speech is not None:
-            utt, text = self._next_speech_chunk(consume=True) or speech
+            if speech[0].language is None:  # detected once, on the text there at its first segment
+                speech[0].language = detect_language(speech[0].text)
+            fit_s = self._fitting_speech_seconds(self.buffer.depth_ms)
+            taken = None if fit_s is None else self._next_speech_chunk(consume=True, max_seconds=fit_s)
+            utt, text = taken or self._next_speech_chunk(consume=True) or speech
             seconds = speech_seconds(
                 text,
                 words_per_second=cfg.words_per_second,
@@ -415,14 +581,21 @@ class SessionRunner:
                 max_seconds=self._max_seconds(cfg.segment_seconds),
             )
             return self._request(SegmentKind.SPEAK, seconds, text=text, language=utt.language), utt
-        if mic is not None:
-            choice = self._microphone_choice(mic, depth_ms)
+        if lipsync_mic is not None:
+            choice = self._microphone_choice(lipsync_mic, depth_ms)
             if choice is _WAIT:
                 return None
             if choice is not None:
                 return choice, None
         kind = SegmentKind.LISTEN if mic is not None and mic.speaking else SegmentKind.IDLE
-        return self._request(kind, self._max_seconds(cfg.idle_segment_seconds)), None
+        # A full-length segment only when it will be ready before the buffer runs dry; else a
+        # short one (session start, after an interrupt, a slow engine): the picture moves again
+        # after a shorter generation.
+        seconds = self._max_seconds(cfg.idle_segment_seconds)
+        ready_ms = 1000.0 * (self.last_real_time_factor or 0.0) * seconds + 200.0
+        if depth_ms < max(ready_ms, self._low_water_ms()):
+            seconds = self._max_seconds(min(cfg.min_segment_seconds, seconds))
+        return self._request(kind, seconds), None
 
     def _lipsync_full_s(self) -> float:
         """Media duration of a full-length lip-sync segment."""
@@ -492,9 +665,11 @@ class SessionRunner:
         rtf = self.last_real_time_factor or 0.0
         return max(200.0, 1000.0 * rtf * self.config.min_segment_seconds + 200.0)
 
-    def _next_speech_chunk(self, *, consume: bool) -> tuple[_Utterance, str] | None:
-        """The next speech chunk of the oldest open utterance (taken off its text if ``consume``)."""
-        max_words = self.config.words_per_second * self._max_seconds(self.config.segment_seconds)
+    def _next_speech_chunk(self, *, consume: bool, max_seconds: float | None = None) -> tuple[_Utterance, str] | None:
+        """The next speech chunk of the oldest open utterance (taken off its text if ``consume``),
+        of at most ``max_seconds`` of speech (default ``segment_seconds``)."""
+        seconds = self._max_seconds(self.config.segment_seconds if max_seconds is None else max_seconds)
+        max_words = self.config.words_per_second * seconds
         for utt in self._utterances.values():
             chunk = take_chunk(utt.text, max_words, final=utt.input_ended)
             if chunk is not None and chunk[0]:
@@ -508,8 +683,14 @@ class SessionRunner:
     async def _generate(self, request: SegmentRequest) -> Segment | None:
         in_flight = _InFlight(kind=request.kind, cancel=threading.Event())
         self._in_flight = in_flight
+        # Earliest deadline first across sessions: needed when the buffer's end will play.
+        now_s = time.monotonic()
+        deadline_s = self.clock.wall_time_s(self.buffer.end_frame / self.buffer.fps) if self.clock.started else now_s
+        estimate_s = (self.last_real_time_factor or 0.0) * request.seconds
         try:
-            segment = await self.worker.generate(request, in_flight.cancel)
+            segment = await self.worker.generate(
+                request, in_flight.cancel, deadline_s=deadline_s, estimate_s=estimate_s
+            )
         except CancelledError:
             return None
         except EngineInputError as exc:
@@ -527,9 +708,68 @@ class SessionRunner:
             return None
         return segment
 
-    def _queue(self, segment: Segment, request: SegmentRequest, utt: _Utterance | None) -> None:
+    def _fitting_speech_seconds(self, depth_ms: float) -> float | None:
+        """A shorter speech segment when a full one would not be generated before the media
+        queued now runs out (a slow engine, or speech arriving as an idle segment ends): it is
+        ready sooner, so speech starts sooner and the picture does not hold; the following
+        segments grow back to full length as the buffer fills. ``None``: full length."""
+        rtf = self.last_real_time_factor
+        if not rtf:
+            return None
+        fits_s = (depth_ms / 1000 - _CUT_MARGIN_S) / rtf
+        if fits_s >= self._max_seconds(self.config.segment_seconds):
+            return None
+        return max(self.config.min_segment_seconds, fits_s)
+
+    def _lead_frames(self, seconds: float) -> int:
+        """Frames from the head within which a new segment of ``seconds`` can be ready: its
+        generation time, the engine work queued before it (other sessions'), and a margin."""
+        rtf = self.last_real_time_factor if self.last_real_time_factor is not None else 1.0
+        scheduler = self.worker.scheduler
+        waiting = scheduler.queue_length + (1 if scheduler.busy else 0)
+        lead_s = rtf * seconds + waiting * (self.last_generate_s or 0.0) + _CUT_MARGIN_S
+        return max(1, math.ceil(lead_s * self.buffer.fps))
+
+    def _plan_cut(self, request: SegmentRequest) -> _PlannedCut | None:
+        """Let speech, lip-sync or listening start inside the idle content queued now instead
+        of after it.
+
+        Idle (or, for speech and lip-sync, listening) content is cut at frame ``c``, the lead
+        time (:meth:`_lead_frames`) ahead of the head, and the new segment continues from frame
+        ``c - 1``: the frame that will be on screen when it starts. Without this, speech waits
+        for the rest of the idle segment on screen (half a segment on average).
+        """
+        if request.kind is SegmentKind.IDLE:
+            return None
+        cuttable = (SegmentKind.IDLE,) if request.kind is SegmentKind.LISTEN else _IDLE_KINDS
+        held = list(self.buffer.segments())
+        frame = self.buffer.head_frame + self._lead_frames(request.seconds)
+        if not held or held[-1].kind not in cuttable or frame >= held[-1].end_frame - 1:
+            return None  # nothing idle to cut, or it ends about then anyway
+        segment = next((seg for seg in held if seg.start_frame < frame <= seg.end_frame), None)
+        if segment is None or any(seg.kind not in cuttable for seg in held if seg.start_frame >= segment.start_frame):
+            return None
+        on_screen = segment.frames[frame - 1 - segment.start_frame]
+        continuation = Continuation(
+            last_frame=np.array(fit_frame(on_screen, self.engine.width, self.engine.height, downscale=True))
+        )
+        request.continue_from = continuation
+        return _PlannedCut(segment, frame, continuation)
+
+    def _queue(
+        self, segment: Segment, request: SegmentRequest, utt: _Utterance | None, cut: _PlannedCut | None = None
+    ) -> None:
         if utt is not None and utt.utterance_id not in self._utterances:
             return  # interrupted while generating
+        if cut is not None:
+            held = list(self.buffer.segments())
+            after = held[held.index(cut.segment) :] if cut.segment in held else []
+            if after and not cut.segment.dropped and all(seg.kind in _IDLE_KINDS for seg in after):
+                if self.buffer.head_frame > cut.frame:
+                    self.late_cuts += 1  # generation took longer than planned: cut at the head
+                trimmed, _ = self.buffer.clear(cut.frame)
+                if trimmed is not None:
+                    trimmed.continuation = cut.continuation
         queued = self.buffer.append(
             segment.frames,
             segment.audio,
@@ -537,23 +777,36 @@ class SessionRunner:
             kind=request.kind,
             utterance_id=None if utt is None else utt.utterance_id,
             continuation=segment.continuation,
+            source=segment if self.upgrader is not None else None,
         )
         self._tail_continuation = segment.continuation
         if utt is not None:
             utt.segments.append(queued)
         self.segments_generated += 1
         generate_s = float(segment.timings_s.get("total", 0.0))
+        self.last_generate_s = generate_s
         if segment.duration_s > 0:
             self.last_real_time_factor = generate_s / segment.duration_s
         self._emit(SegmentGenerated(request.kind, generate_s, segment.duration_s))
 
     def _preempt_idle(self) -> None:
-        """Let speech overtake idle content that has not started playing."""
+        """Let speech overtake idle content that has not started playing.
+
+        Idle segments queued within about twice the lead time of a new segment (plus a second)
+        stay: the new segment cuts into them where it starts (:meth:`_plan_cut`), and until it
+        is there they cover its generation, even when that takes longer than expected.
+        """
         self._cancel_idle_in_flight()
-        dropped = self.buffer.drop_unstarted_tail(lambda seg: seg.kind in _IDLE_KINDS)
+        lead = self._lead_frames(self._max_seconds(self.config.segment_seconds))
+        keep_until = self.buffer.head_frame + 2 * lead + self.buffer.fps
+        dropped = self.buffer.drop_unstarted_tail(
+            lambda seg: seg.kind in _IDLE_KINDS and seg.start_frame >= keep_until
+        )
         if dropped:
             held = list(self.buffer.segments())
             self._tail_continuation = held[-1].continuation if held else self._played_continuation
+            if self.upgrader is not None:
+                self.upgrader.check()
 
     def _cancel_idle_in_flight(self) -> None:
         if self._in_flight is not None and self._in_flight.kind in _IDLE_KINDS:
@@ -573,8 +826,7 @@ class SessionRunner:
         self._update_state()
 
     def _on_segment_end(self, seg: QueuedSegment) -> None:
-        if not seg.cut:
-            self._played_continuation = seg.continuation
+        self._played_continuation = seg.continuation  # a cut one's continues from its cut frame
         if seg.utterance_id is not None:
             utt = self._utterances.get(seg.utterance_id)
             if utt is not None:
@@ -586,12 +838,33 @@ class SessionRunner:
         self._wake.set()
 
     def _on_mic_change(self, speaking: bool) -> None:
+        self.last_voice_s = time.monotonic()
         if speaking:
-            # Lip-sync should follow the voice as soon as its audio is in: idle content that
-            # has not started would only delay it.
+            if self.config.barge_in and self._avatar_talking():
+                # Barge-in: the user talks over the avatar. The voice that started it is kept
+                # (lip-sync mode plays it back next).
+                self.interrupt(discard_microphone=False)
+            # Lip-sync (or listening) should follow the voice as soon as its audio is in:
+            # idle content that has not started would only delay it.
             self._preempt_idle()
         self._update_state()
         self._wake.set()
+
+    def _avatar_talking(self) -> bool:
+        """Speech is pending, queued or on screen."""
+        return bool(self._utterances) or any(
+            seg.kind is SegmentKind.SPEAK and not seg.ended for seg in self.buffer.segments()
+        )
+
+    def _on_audio_pulled(self, index: int, chunk: np.ndarray) -> None:
+        """Audio tap: time from an interrupt to the first audio after its cut leaving."""
+        if self._silence_due is not None and index >= self._silence_due[1]:
+            self.last_interrupt_to_silence_s = time.monotonic() - self._silence_due[0]
+            self._silence_due = None
+            self._emit(InterruptSilenced(self.last_interrupt_to_silence_s))
+
+    def _on_upgrade(self, result: UpgradeResult) -> None:
+        self._emit(SegmentUpgraded(result.result, result.seconds, result.media_s))
 
     def _maybe_finish(self, utt: _Utterance) -> None:
         if not utt.input_ended or utt.text.strip() or utt.in_flight:

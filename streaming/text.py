@@ -2,11 +2,16 @@
 
 Text arrives in chunks of an utterance (e.g. from an LLM that streams). It is cut into pieces
 of about ``words_per_second * segment_seconds`` words, preferring sentence ends, then clause
-ends, then any word boundary. CJK characters count as half a word each (they are spoken about
-twice as fast as words of alphabetic languages).
+ends, then any word boundary; abbreviations (``Dr.``, ``z.B.``, ``M.``) and ordinals (``3.``)
+do not end a sentence. CJK text is counted by characters: a Han character weighs half a word
+(Mandarin is spoken at about 5 characters a second when other languages run at 2.5 words),
+a Hangul syllable 0.4 and a kana 0.35 (Korean and Japanese syllables and morae are shorter).
 
-The prompt follows the enhanced-prompt format of the model: the appearance body, then a
-``Dialogue:`` block and a ``Background Sound:`` block.
+The prompt follows the model's enhanced-prompt format (upstream
+``prompts/enhanced_prompt_design.md``, example in ``shared/media/prompt.txt``): the appearance
+body with the spoken line woven in, then a ``Dialogue:`` block with
+``<speaker, Language>: "text"`` and a ``Background Sound:`` block. CJK dialogue is written with
+a space between characters, as the model was trained on it.
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ from dataclasses import dataclass
 from engine.api import SegmentKind
 
 WORDS_PER_SECOND = 2.5
-CJK_WORD_WEIGHT = 0.5
+CJK_WORD_WEIGHT = 0.5  # one Han character
+HANGUL_WORD_WEIGHT = 0.4  # one Hangul syllable
+KANA_WORD_WEIGHT = 0.35  # one hiragana or katakana (about one mora)
 
 _SENTENCE_END = set(".!?…。！？")
 _CLAUSE_END = set(",;:—–、，；：")
@@ -25,10 +32,22 @@ _CJK_RANGES = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff
 _CJK = re.compile(f"[{_CJK_RANGES}]")
 _TOKEN = re.compile(f"[{_CJK_RANGES}]|[^\\s{_CJK_RANGES}]+")  # one CJK character, or a run of anything else
 _CLOSERS = "\"'”’»)]」』"
+_HANGUL = re.compile("[\uac00-\ud7af]")
+_KANA = re.compile("[\u3040-\u30ff]")
+# Tokens ending in "." that do not end a sentence (lower case; English, German, French).
+_ABBREVIATIONS = frozenset(
+    "mr. mrs. ms. dr. prof. st. vs. etc. e.g. i.e. approx. no. fig. jr. sr. "
+    "z.b. bzw. usw. ca. nr. evtl. ggf. u.a. d.h. hr. fr. "
+    "m. mme. mlle. cf. p.ex. env.".split()
+)
 
 
 def _token_words(token: str) -> float:
     if _CJK.fullmatch(token):
+        if _HANGUL.fullmatch(token):
+            return HANGUL_WORD_WEIGHT
+        if _KANA.fullmatch(token):
+            return KANA_WORD_WEIGHT
         return CJK_WORD_WEIGHT
     return 1.0 if any(ch.isalnum() for ch in token) else 0.0  # punctuation alone is not spoken
 
@@ -42,6 +61,8 @@ def _boundary_rank(token: str) -> int:
     """2 after a sentence end, 1 after a clause end, 0 otherwise."""
     stripped = token.rstrip(_CLOSERS)
     if not stripped:
+        return 0
+    if stripped[-1] == "." and (stripped.lower() in _ABBREVIATIONS or stripped[:-1].isdigit()):
         return 0
     if stripped[-1] in _SENTENCE_END:
         return 2
@@ -112,6 +133,12 @@ _KIND_SENTENCE = {
     SegmentKind.SPEAK: "The person speaks clearly and naturally, looking at the camera.",
     SegmentKind.LIPSYNC: "The person speaks naturally, looking at the camera.",
 }
+_LIPSYNC_LINE = "Follow the provided reference audio exactly."
+
+
+def space_cjk(text: str) -> str:
+    """Text with one space between CJK characters (``"你好，世界"`` -> ``"你 好，世 界"``)."""
+    return re.sub(f"(?<=[{_CJK_RANGES}])(?=[{_CJK_RANGES}])", " ", text)
 
 
 def build_prompt(
@@ -122,12 +149,21 @@ def build_prompt(
     language: str | None = None,
     style: PromptStyle = PromptStyle(),  # noqa: B008 - frozen dataclass, safe as default
 ) -> str:
-    """The enhanced prompt of one segment: appearance, ``Dialogue:``, ``Background Sound:``."""
-    body = " ".join(part for part in (appearance.strip(), _KIND_SENTENCE[kind]) if part)
+    """The enhanced prompt of one segment: appearance, ``Dialogue:``, ``Background Sound:``.
+
+    ``SPEAK`` segments weave the line into the body (as the model's prompts do: the line
+    appears twice) and name ``language`` in the dialogue label; ``LIPSYNC`` segments ask the
+    model to follow the provided audio.
+    """
+    sentence = _KIND_SENTENCE[kind]
+    label = f"{style.speaker}, {language}" if language else style.speaker
     if kind is SegmentKind.SPEAK and text.strip():
-        label = f"{style.speaker}, {language}" if language else style.speaker
-        spoken = text.strip().replace('"', "'")
+        spoken = space_cjk(text.strip().replace('"', "'"))
+        sentence = f'{sentence[:-1]}, and says, "{spoken}"'
         dialogue = f'<{label}>: "{spoken}"'
+    elif kind is SegmentKind.LIPSYNC:
+        dialogue = f'<{label}>: "{_LIPSYNC_LINE}"'
     else:
         dialogue = "<No dialogue>"
+    body = " ".join(part for part in (appearance.strip(), sentence) if part)
     return f"{body}\n\nDialogue:\n{dialogue}\n\nBackground Sound:\n{style.background}"

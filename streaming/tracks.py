@@ -5,6 +5,12 @@ Each ``recv`` computes the media time of the next frame (``pts / clock_rate``), 
 pacing never drifts (no fixed ``sleep(1 / fps)``) and the audio and video of one instant
 leave together. ``pts`` are in clock-rate units: 90 kHz for video, 48 kHz for audio.
 
+Each track measures itself (exponential moving averages, for ``stats`` and metrics):
+``lateness_s``, how long after its due time a frame left (the difference between the two
+tracks' figures is the A/V offset as sent), and for video ``encode_s``, the time from a frame
+leaving ``recv`` to the sender asking for the next one: aiortc's sender encodes the frame and
+sends its packets in between.
+
 The clock starts when the first track is first read. A track whose first read comes within
 ``CATCH_UP_S`` of the clock's start begins at media time 0 too (sending its short backlog at
 once), so that both tracks share the same origin: receivers that line streams up by their
@@ -26,6 +32,11 @@ from streaming.playout import PlayoutBuffer
 VIDEO_CLOCK_RATE_HZ = 90_000
 VIDEO_TIME_BASE = fractions.Fraction(1, VIDEO_CLOCK_RATE_HZ)
 CATCH_UP_S = 1.0
+EMA_WEIGHT = 0.1
+
+
+def _ema(previous: float | None, value: float) -> float:
+    return value if previous is None else previous + EMA_WEIGHT * (value - previous)
 
 
 def _first_index(clock: MediaClock, period_s: float) -> int:
@@ -53,10 +64,19 @@ class AvatarVideoTrack(MediaStreamTrack):
         self._next_index: int | None = None
         self._period_s = 1.0 / buffer.fps
         self._pts_per_frame = VIDEO_CLOCK_RATE_HZ // buffer.fps
+        self.lateness_s: float | None = None
+        self.encode_s: float | None = None
+        self.on_encode: Callable[[float], None] | None = None
+        self._returned_s: float | None = None
 
     async def recv(self) -> av.VideoFrame:
         if self.readyState != "live":
             raise MediaStreamError
+        if self._returned_s is not None:
+            encode_s = self._clock.now_s() - self._returned_s
+            self.encode_s = _ema(self.encode_s, encode_s)
+            if self.on_encode is not None:
+                self.on_encode(encode_s)
         self._clock.start()
         if self._next_index is None:
             self._next_index = _first_index(self._clock, self._period_s)
@@ -65,12 +85,14 @@ class AvatarVideoTrack(MediaStreamTrack):
         await self._clock.sleep_until_media_s(index * self._period_s)
         if self.readyState != "live":
             raise MediaStreamError
+        self.lateness_s = _ema(self.lateness_s, self._clock.media_time_s() - index * self._period_s)
         image = self._buffer.pull_video_frame(index)
         frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
         frame.pts = index * self._pts_per_frame
         frame.time_base = VIDEO_TIME_BASE
         if self._on_frame is not None:
             self._on_frame()
+        self._returned_s = self._clock.now_s()
         return frame
 
 
@@ -88,6 +110,7 @@ class AvatarAudioTrack(MediaStreamTrack):
         self._chunk_samples = buffer.chunk_samples
         self._period_s = buffer.chunk_samples / buffer.sample_rate_hz
         self._time_base = fractions.Fraction(1, buffer.sample_rate_hz)
+        self.lateness_s: float | None = None
 
     async def recv(self) -> av.AudioFrame:
         if self.readyState != "live":
@@ -100,6 +123,7 @@ class AvatarAudioTrack(MediaStreamTrack):
         await self._clock.sleep_until_media_s(index * self._period_s)
         if self.readyState != "live":
             raise MediaStreamError
+        self.lateness_s = _ema(self.lateness_s, self._clock.media_time_s() - index * self._period_s)
         chunk = self._buffer.pull_audio_chunk(index)
         pcm = (np.clip(chunk, -1.0, 1.0) * 32767.0).astype(np.int16).reshape(1, -1)
         frame = av.AudioFrame.from_ndarray(pcm, format="s16", layout="mono")

@@ -49,7 +49,9 @@ def flash_times(video: list[VideoRecord]) -> list[VideoRecord]:
 
 
 def click_times(audio: list[AudioRecord]) -> list[tuple[float, float]]:
-    """``(pts_s, arrival_s)`` of each click onset (first sample above the level after >= 0.5 s quiet)."""
+    """``(pts_s, arrival_s)`` of each click onset (first sample above the level after >= 0.1 s
+    quiet: speech cutting into an idle segment can start a segment, with its click, a fraction of
+    a second after the idle segment's last click)."""
     clicks: list[tuple[float, float]] = []
     last_loud_s = -1.0
     for rec in audio:
@@ -57,7 +59,7 @@ def click_times(audio: list[AudioRecord]) -> list[tuple[float, float]]:
         if loud.size == 0:
             continue
         onset_s = rec.pts_s + loud[0] / rec.sample_rate
-        if onset_s - last_loud_s > 0.5:
+        if onset_s - last_loud_s > 0.1:
             clicks.append((onset_s, rec.arrival_s + loud[0] / rec.sample_rate))
         last_loud_s = rec.pts_s + loud[-1] / rec.sample_rate
     return clicks

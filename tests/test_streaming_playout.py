@@ -44,6 +44,14 @@ def play(buf: PlayoutBuffer, first_frame: int, count: int) -> tuple[list[np.ndar
     return video, audio
 
 
+def assert_declicked_silence(chunks: list[np.ndarray], last_sample: float) -> None:
+    """Silence after audio stopped: the first 10 ms ramp from the last sample sent down to 0."""
+    first = chunks[0]
+    assert abs(first[0] - last_sample) < 0.01 * max(1.0, abs(last_sample))
+    assert np.all(np.abs(np.diff(first)) < 0.01) and not first[480:].any()
+    assert not any(c.any() for c in chunks[1:])
+
+
 def test_segment_plays_exactly_its_frames_and_audio() -> None:
     buf, log = make_buffer()
     audio = ramp_audio(49)
@@ -93,7 +101,7 @@ def test_underrun_holds_last_frame_sends_silence_and_next_segment_starts_at_head
     play(buf, 0, 3)
     video, audio = play(buf, 3, 4)  # nothing queued
     assert all(int(f[0, 0, 0]) == 2 for f in video)  # the last frame, held
-    assert all(not c.any() for c in audio)
+    assert_declicked_silence(audio, last_sample=1.0)
     assert buf.underruns == 1 and buf.underrun_frames == 4 and buf.underrunning
     seg = buf.append(frames(2, first=100), np.ones(2 * 1920, np.float32), 48_000, kind=SegmentKind.IDLE)
     assert seg.start_frame == 7  # at the head, not back at frame 3
@@ -129,7 +137,8 @@ def test_clear_cuts_at_the_next_frame_boundary() -> None:
     np.testing.assert_array_equal(np.concatenate([chunk_a, chunk_b]), first.audio[4 * 1920 : 5 * 1920])
     assert int(frame_4[0, 0, 0]) == 4
     video, audio = play(buf, 5, 2)
-    assert all(int(f[0, 0, 0]) == 4 for f in video) and not any(c.any() for c in audio)
+    assert all(int(f[0, 0, 0]) == 4 for f in video)
+    assert_declicked_silence(audio, last_sample=float(first.audio[-1]))
     assert first.played_frames == 5 and buf.depth_ms == 0
     assert ("end", 0) in log
 

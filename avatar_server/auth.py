@@ -1,0 +1,471 @@
+"""Who may connect, and to what: API key, session tokens, origins, admin routes.
+
+Everything here runs in the ``process_request`` hook of the ``websockets`` server, on the
+parsed HTTP request line and headers, before a WebSocket is accepted or any session work is
+done. Three kinds of callers:
+
+* **The operator's backend** holds the API key (``--api-key`` / ``AVATAR_SERVER_API_KEY``;
+  never given to browsers). ``POST /v1/tokens`` with ``Authorization: Bearer <api key>``
+  mints a short-lived **session token**: a JWT (HS256, PyJWT) with ``sub`` = the session id it
+  may start and control, ``scope`` = ``session``, ``iat``, ``exp``, ``jti``, ``iss``/``aud``.
+  The token secret is ``auth.token_secret`` or, by default, HMAC-SHA256 of the API key.
+* **Clients** open ``/ws`` with that token: ``?token=<jwt>`` (browsers cannot set headers on a
+  WebSocket), ``Authorization: Bearer <jwt>``, or the subprotocol ``bearer.<jwt>`` offered
+  together with ``avatar.v1`` (which the server then selects). The session the connection
+  starts gets the token's session id; ``?session_id=`` or ``session.start.session_id``
+  naming another one is refused.
+* **Operators** read ``/metrics`` and any other non-public route (deny by default: every path
+  that is not the page, a static file, ``/healthz``, ``/readyz``, ``/ws`` or ``/v1/tokens``)
+  with the API key, or from a loopback address (``auth.admin_from_loopback``, default on).
+  ``/v1/sessions/<id>/...`` also answers the token of session ``<id>``.
+
+Browsers' ``Origin`` on ``/ws`` must be in ``allowed_origins`` (default: the server's own
+host). Without an API key the server is a zero-config developer server: no token is needed,
+it must bind a loopback address (:func:`startup_problem`), and it answers only requests whose
+``Host`` is a loopback name, so that a web page cannot reach it through DNS rebinding.
+Tokens and keys are never logged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import http
+import ipaddress
+import json
+import logging
+import re
+import secrets
+import time
+import weakref
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import jwt
+from websockets.asyncio.server import ServerConnection
+from websockets.datastructures import Headers
+from websockets.http11 import Request, Response
+
+from avatar_server.settings import Settings, is_loopback_host
+
+logger = logging.getLogger(__name__)
+
+TOKENS_PATH = "/v1/tokens"
+SESSIONS_PREFIX = "/v1/sessions/"
+WEBSOCKET_PATH = "/ws"
+SUBPROTOCOL = "avatar.v1"
+BEARER_SUBPROTOCOL_PREFIX = "bearer."
+SCOPE_SESSION = "session"
+TOKEN_ISSUER = "avatar-server"
+TOKEN_AUDIENCE = "avatar-server"
+TOKEN_ALGORITHM = "HS256"
+TOKEN_LEEWAY_S = 5.0
+MAX_TOKEN_CHARS = 4096
+SESSION_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_SECRET_CONTEXT = b"avatar-server/session-tokens/v1"
+_PUBLIC_PATHS = ("/", "/healthz", "/readyz")
+
+
+class TokenError(Exception):
+    """A token that cannot be used; ``status`` is the HTTP status to answer (401 or 403)."""
+
+    def __init__(self, message: str, status: http.HTTPStatus = http.HTTPStatus.UNAUTHORIZED) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class MintedToken:
+    token: str
+    expires_at: int  # Unix seconds
+    session_id: str
+    scope: str = SCOPE_SESSION
+
+
+@dataclass(frozen=True)
+class Grant:
+    """What one WebSocket connection may do, decided at its handshake.
+
+    Attributes:
+        address: the client's IP address.
+        session_id: the only session id it may start and control (``None``: any; zero-config).
+        token_id: the token's ``jti`` (``None`` without a token), for sessions-per-token limits.
+    """
+
+    address: str
+    session_id: str | None = None
+    token_id: str | None = None
+
+
+def derive_token_secret(api_key: str) -> bytes:
+    """The default token secret: HMAC-SHA256(api key, fixed context) -- 32 bytes."""
+    return hmac.new(api_key.encode(), _SECRET_CONTEXT, hashlib.sha256).digest()
+
+
+def new_session_id() -> str:
+    return secrets.token_hex(8)
+
+
+class TokenIssuer:
+    """Mints and verifies session tokens (PyJWT, HS256).
+
+    Args:
+        secret: the HMAC secret (at least 32 bytes).
+        default_ttl_s: lifetime of a token whose request names none.
+        max_ttl_s: longest lifetime a request may ask for.
+    """
+
+    def __init__(self, secret: bytes, *, default_ttl_s: float = 300.0, max_ttl_s: float = 3600.0) -> None:
+        self._secret = secret
+        self.default_ttl_s = default_ttl_s
+        self.max_ttl_s = max_ttl_s
+
+    def mint(self, session_id: str | None = None, *, ttl_s: float | None = None, now: float | None = None) -> MintedToken:
+        """A token for ``session_id`` (a fresh id when ``None``) valid for ``ttl_s`` seconds."""
+        session_id = session_id or new_session_id()
+        if not SESSION_ID_RE.fullmatch(session_id):
+            raise ValueError(f"session_id: must match {SESSION_ID_RE.pattern}")
+        ttl_s = self.default_ttl_s if ttl_s is None else ttl_s
+        if not 0 < ttl_s <= self.max_ttl_s:
+            raise ValueError(f"ttl_s: {ttl_s} is outside (0, max_token_ttl_s = {self.max_ttl_s:g}]")
+        issued = int(time.time() if now is None else now)
+        expires_at = issued + max(1, round(ttl_s))
+        claims = {
+            "iss": TOKEN_ISSUER,
+            "aud": TOKEN_AUDIENCE,
+            "sub": session_id,
+            "scope": SCOPE_SESSION,
+            "iat": issued,
+            "exp": expires_at,
+            "jti": secrets.token_hex(12),
+        }
+        token = jwt.encode(claims, self._secret, algorithm=TOKEN_ALGORITHM)
+        return MintedToken(token=token, expires_at=expires_at, session_id=session_id)
+
+    def verify(self, token: str) -> dict[str, Any]:
+        """The claims of a valid session token.
+
+        Raises:
+            TokenError: expired, not signed with this server's secret, malformed, or without
+                the ``session`` scope.
+        """
+        if len(token) > MAX_TOKEN_CHARS:
+            raise TokenError(f"token: longer than {MAX_TOKEN_CHARS} characters")
+        try:
+            claims = jwt.decode(
+                token,
+                self._secret,
+                algorithms=[TOKEN_ALGORITHM],
+                audience=TOKEN_AUDIENCE,
+                issuer=TOKEN_ISSUER,
+                leeway=TOKEN_LEEWAY_S,
+                options={"require": ["exp", "iat", "sub", "scope", "jti"]},
+            )
+        except jwt.ExpiredSignatureError:
+            raise TokenError("token: expired; ask your backend for a new one") from None
+        except jwt.InvalidSignatureError:
+            raise TokenError("token: not signed by this server") from None
+        except jwt.InvalidTokenError as exc:
+            raise TokenError(f"token: invalid ({type(exc).__name__})") from None
+        scopes = str(claims.get("scope", "")).split()
+        if SCOPE_SESSION not in scopes:
+            raise TokenError("token: lacks the 'session' scope", http.HTTPStatus.FORBIDDEN)
+        if not isinstance(claims.get("sub"), str) or not SESSION_ID_RE.fullmatch(claims["sub"]):
+            raise TokenError("token: 'sub' is not a session id")
+        return claims
+
+
+def startup_problem(settings: Settings) -> str | None:
+    """Why the server must not start with ``settings`` (``None``: it may)."""
+    if not is_loopback_host(settings.host) and settings.api_key is None:
+        return (
+            f"refusing to serve on {settings.host!r} without an api key: anyone who can reach it could "
+            "start sessions on your GPU. Set --api-key (or AVATAR_SERVER_API_KEY) and give clients "
+            "session tokens from POST /v1/tokens, or bind a loopback address (--host 127.0.0.1) "
+            "for local development."
+        )
+    if settings.api_key is not None and len(settings.api_key.get_secret_value()) < 16:
+        return "api_key: use at least 16 characters (e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+    secret = settings.auth.token_secret
+    if secret is not None and len(secret.get_secret_value().encode()) < 32:
+        return "auth.token_secret: use at least 32 bytes"
+    if (settings.tls_cert is None) != (settings.tls_key is None):
+        return "--tls-cert and --tls-key go together: give both or neither"
+    return None
+
+
+def peer_host(connection: ServerConnection) -> str:
+    """The client's IP address (IPv4-mapped IPv6 addresses as IPv4)."""
+    try:
+        host = str(connection.remote_address[0])
+    except (TypeError, IndexError, AttributeError):
+        return ""
+    try:
+        addr = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return str(addr.ipv4_mapped)
+    return str(addr)
+
+
+def _hostname_port(netloc: str) -> tuple[str, int | None]:
+    """``host[:port]`` (IPv6 in brackets) -> lower-case host, port or ``None``."""
+    netloc = netloc.strip().lower()
+    if netloc.startswith("["):
+        host, _, rest = netloc[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    else:
+        host, _, port = netloc.partition(":")
+    return host, int(port) if port.isdigit() else None
+
+
+def _is_loopback_name(hostname: str) -> bool:
+    return hostname == "localhost" or hostname.endswith(".localhost") or is_loopback_host(hostname)
+
+
+def _normalize_origin(origin: str) -> str:
+    parts = urlsplit(origin.strip().lower())
+    if not parts.scheme or not parts.netloc:
+        return origin.strip().lower()
+    default = {"http": 80, "https": 443}.get(parts.scheme)
+    host, port = _hostname_port(parts.netloc)
+    shown = f"[{host}]" if ":" in host else host
+    return f"{parts.scheme}://{shown}" + ("" if port in (None, default) else f":{port}")
+
+
+def origin_allowed(origin: str | None, host_header: str | None, allowed: Sequence[str] | None) -> bool:
+    """Whether a browser ``Origin`` may open the WebSocket (no ``Origin``: not a browser, allowed)."""
+    if origin is None:
+        return True
+    if allowed is not None:
+        if "*" in allowed:
+            return True
+        return _normalize_origin(origin) in {_normalize_origin(item) for item in allowed}
+    parts = urlsplit(origin.strip())
+    if parts.scheme.lower() not in ("http", "https") or not parts.netloc or not host_header:
+        return False  # "null" (sandboxed frames, file://) and anything odd
+    origin_host, origin_port = _hostname_port(parts.netloc)
+    origin_port = origin_port or (443 if parts.scheme.lower() == "https" else 80)
+    host, port = _hostname_port(host_header)
+    return host == origin_host and (port is None or port == origin_port)
+
+
+def _bearer(headers: Headers) -> str | None:
+    value = headers.get("Authorization")
+    if value is None:
+        return None
+    scheme, _, credentials = value.strip().partition(" ")
+    return credentials.strip() if scheme.lower() == "bearer" and credentials.strip() else None
+
+
+def _query(query: str) -> dict[str, str]:
+    try:
+        parsed = parse_qs(query, keep_blank_values=True, max_num_fields=16)
+    except ValueError:
+        return {"": ""}  # too many fields: treated as a request without credentials
+    return {key: values[0] for key, values in parsed.items()}
+
+
+def _subprotocols(headers: Headers) -> list[str]:
+    return [item.strip() for value in headers.get_all("Sec-WebSocket-Protocol") for item in value.split(",")]
+
+
+def plain_response(status: http.HTTPStatus, text: str, extra: Iterable[tuple[str, str]] = ()) -> Response:
+    body = (text.rstrip("\n") + "\n").encode()
+    headers = Headers(
+        [
+            ("Content-Type", "text/plain; charset=utf-8"),
+            ("Content-Length", str(len(body))),
+            ("Cache-Control", "no-store"),
+            ("Connection", "close"),
+            *extra,
+        ]
+    )
+    return Response(status.value, status.phrase, headers, body)
+
+
+def _json_response(status: http.HTTPStatus, payload: dict[str, Any]) -> Response:
+    body = json.dumps(payload).encode()
+    headers = Headers(
+        [
+            ("Content-Type", "application/json"),
+            ("Content-Length", str(len(body))),
+            ("Cache-Control", "no-store"),
+            ("Connection", "close"),
+        ]
+    )
+    return Response(status.value, status.phrase, headers, body)
+
+
+def _unauthorized(message: str, error: str = "invalid_token") -> Response:
+    challenge = f'Bearer realm="avatar-server", error="{error}"'
+    return plain_response(http.HTTPStatus.UNAUTHORIZED, message, [("WWW-Authenticate", challenge)])
+
+
+def _forbidden(message: str) -> Response:
+    return plain_response(http.HTTPStatus.FORBIDDEN, message)
+
+
+class Authenticator:
+    """The access rules of one server (see the module docstring).
+
+    Args:
+        settings: the server settings (``api_key``, ``allowed_origins``, ``auth.*``, ``host``).
+        static_files: file names served at ``/<name>`` without credentials.
+    """
+
+    def __init__(self, settings: Settings, *, static_files: Iterable[str] = ()) -> None:
+        self.settings = settings
+        self.enabled = settings.api_key is not None
+        self._api_key = b"" if settings.api_key is None else settings.api_key.get_secret_value().encode()
+        secret = settings.auth.token_secret
+        if secret is not None:
+            key = secret.get_secret_value().encode()
+        elif settings.api_key is not None:
+            key = derive_token_secret(settings.api_key.get_secret_value())
+        else:
+            key = secrets.token_bytes(32)  # no key: tokens are neither minted nor needed
+        self.issuer = TokenIssuer(
+            key, default_ttl_s=settings.auth.token_ttl_s, max_ttl_s=settings.auth.max_token_ttl_s
+        )
+        self.public_paths = frozenset(_PUBLIC_PATHS) | {f"/{name}" for name in static_files}
+        self._loopback_only = not self.enabled and is_loopback_host(settings.host)
+        self._grants: weakref.WeakKeyDictionary[ServerConnection, Grant] = weakref.WeakKeyDictionary()
+        if self.enabled and not is_loopback_host(settings.host) and settings.tls_cert is None:
+            logger.warning(
+                "serving %s without TLS: the api key and session tokens cross the network in clear text; "
+                "use --tls-cert/--tls-key or a TLS-terminating proxy",
+                settings.host,
+            )
+
+    # ----------------------------------------------------------------------------- queries
+    def grant_for(self, connection: ServerConnection) -> Grant:
+        """The grant decided at this connection's handshake."""
+        grant = self._grants.get(connection)
+        return grant if grant is not None else Grant(address=peer_host(connection))
+
+    def is_api_key(self, credentials: str | None) -> bool:
+        return self.enabled and credentials is not None and hmac.compare_digest(credentials.encode(), self._api_key)
+
+    def select_subprotocol(self, connection: ServerConnection, subprotocols: Sequence[str]) -> str | None:
+        """``websockets`` hook: select ``avatar.v1`` when offered (the token may ride along as
+        ``bearer.<jwt>``); never refuse a handshake here."""
+        return SUBPROTOCOL if SUBPROTOCOL in subprotocols else None
+
+    # ----------------------------------------------------------------------------- the hook
+    def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        """A response that refuses (or answers) ``request``, or ``None`` to go on."""
+        url = urlsplit(request.path)
+        path = url.path
+        if self._loopback_only:
+            host, _ = _hostname_port(request.headers.get("Host", ""))
+            if not _is_loopback_name(host):
+                return _forbidden(
+                    f"host: {host[:64]!r} is not a loopback name; a server on a loopback address without "
+                    "an api key answers only localhost, 127.0.0.1 and [::1] (DNS-rebinding protection)"
+                )
+        if path == WEBSOCKET_PATH:
+            return self._websocket(connection, request, _query(url.query))
+        if path == TOKENS_PATH:
+            return self._tokens(request, _query(url.query))
+        if path in self.public_paths:
+            return None
+        if path.startswith(SESSIONS_PREFIX):
+            return self._session_route(request, path, _query(url.query))
+        return self._admin(connection, request)
+
+    def _websocket(self, connection: ServerConnection, request: Request, query: dict[str, str]) -> Response | None:
+        headers = request.headers
+        if not origin_allowed(headers.get("Origin"), headers.get("Host"), self.settings.allowed_origins):
+            return _forbidden(
+                f"origin: {str(headers.get('Origin'))[:100]!r} is not allowed; see allowed_origins "
+                "(default: the server's own host)"
+            )
+        address = peer_host(connection)
+        wanted = query.get("session_id")
+        if not self.enabled:
+            self._grants[connection] = Grant(address=address)
+            return None
+        token = query.get("token") or _bearer(headers)
+        if not token:
+            for item in _subprotocols(headers):
+                if item.startswith(BEARER_SUBPROTOCOL_PREFIX):
+                    token = item[len(BEARER_SUBPROTOCOL_PREFIX) :]
+                    break
+        if not token:
+            return _unauthorized(
+                "token: missing; connect to /ws?token=<session token> (POST /v1/tokens mints one)",
+                error="invalid_request",
+            )
+        try:
+            claims = self.issuer.verify(token)
+        except TokenError as exc:
+            if exc.status == http.HTTPStatus.FORBIDDEN:
+                return _forbidden(str(exc))
+            return _unauthorized(str(exc))
+        if wanted is not None and wanted != claims["sub"]:
+            return _forbidden("session_id: this token is for another session")
+        self._grants[connection] = Grant(address=address, session_id=claims["sub"], token_id=str(claims["jti"]))
+        return None
+
+    def _tokens(self, request: Request, query: dict[str, str]) -> Response | None:
+        if request.method != "POST":
+            return plain_response(
+                http.HTTPStatus.METHOD_NOT_ALLOWED, f"{TOKENS_PATH}: use POST", [("Allow", "POST")]
+            )
+        if not self.enabled:
+            return plain_response(
+                http.HTTPStatus.NOT_FOUND, f"{TOKENS_PATH}: tokens are off (no api key configured; none needed)"
+            )
+        if not self.is_api_key(_bearer(request.headers)):
+            return _unauthorized(f"{TOKENS_PATH}: send Authorization: Bearer <api key>")
+        ttl_s: float | None = None
+        if "ttl_s" in query:
+            try:
+                ttl_s = float(query["ttl_s"])
+            except ValueError:
+                return plain_response(http.HTTPStatus.BAD_REQUEST, "ttl_s: not a number")
+        try:
+            minted = self.issuer.mint(query.get("session_id") or None, ttl_s=ttl_s)
+        except ValueError as exc:
+            return plain_response(http.HTTPStatus.BAD_REQUEST, str(exc))
+        logger.info("token minted for session %s (expires at %d)", minted.session_id, minted.expires_at)
+        return _json_response(
+            http.HTTPStatus.OK,
+            {
+                "token": minted.token,
+                "expires_at": minted.expires_at,
+                "session_id": minted.session_id,
+                "scope": minted.scope,
+            },
+        )
+
+    def _session_route(self, request: Request, path: str, query: dict[str, str]) -> Response | None:
+        """``/v1/sessions/<id>/...``: the api key, or a token of session ``<id>``."""
+        credentials = query.get("token") or _bearer(request.headers)
+        if self.is_api_key(credentials) or not self.enabled:
+            return None
+        if not credentials:
+            return _unauthorized("token: missing (query token= or Authorization: Bearer)", error="invalid_request")
+        try:
+            claims = self.issuer.verify(credentials)
+        except TokenError as exc:
+            return _forbidden(str(exc)) if exc.status == http.HTTPStatus.FORBIDDEN else _unauthorized(str(exc))
+        session_id = path[len(SESSIONS_PREFIX) :].split("/", 1)[0]
+        if claims["sub"] != session_id:
+            return _forbidden("session_id: this token is for another session")
+        return None
+
+    def _admin(self, connection: ServerConnection, request: Request) -> Response | None:
+        if self.is_api_key(_bearer(request.headers)):
+            return None
+        if self.settings.auth.admin_from_loopback and _is_loopback_name(peer_host(connection)):
+            return None
+        if _bearer(request.headers) is not None:
+            return _forbidden("authorization: not the api key")
+        return _unauthorized(
+            "this route needs Authorization: Bearer <api key> (or a loopback client)", error="invalid_request"
+        )

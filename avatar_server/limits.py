@@ -1,0 +1,609 @@
+"""Limits on what a client can make the server do, and how slow or vanished clients are ended.
+
+Each limit is a setting of :class:`~avatar_server.settings.Limits` and the error it produces
+names it (``"... the limit is max_messages_per_s = 20"``); the table of limits and defaults is
+in docs/PROTOCOL.md ("Limits").
+
+* :class:`AdmissionRegistry` (one per server) counts open connections and running sessions by
+  client address and by session token, and refuses ``/ws`` handshakes over
+  ``max_connections_per_address`` with HTTP 429 before any work is done.
+* :class:`ConnectionGuard` (one per WebSocket) enforces the per-connection limits: the message
+  rate (a token bucket), pending utterances, sessions per token/address and the session id a
+  token binds, the SDP of an offer, the microphone track, the time to get media flowing, and
+  consecutive engine failures. It ends a connection by sending an ``error`` frame and closing
+  the WebSocket with a reason that names the limit; the connection's own ``close`` (which runs
+  when the WebSocket ends) then releases the session, its peer connection, tracks and tasks.
+* :class:`GuardedMicrophoneTrack` checks each incoming microphone frame (sample rate, channels,
+  frame length) and drops audio that arrives faster than real time;
+  :class:`GuardedTrack` turns a crash of an outgoing track or its encoder into a clean end of
+  the session instead of a silently frozen stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import http
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from websockets.asyncio.server import ServerConnection
+from websockets.http11 import Request, Response
+
+from avatar_server import protocol
+from avatar_server.auth import SESSION_ID_RE, WEBSOCKET_PATH, Grant, new_session_id, peer_host, plain_response
+from avatar_server.settings import Limits
+from streaming import events
+from streaming.session import SessionInputError
+
+if TYPE_CHECKING:
+    from avatar_server.server import ClientConnection
+
+logger = logging.getLogger(__name__)
+
+WATCH_PERIOD_S = 0.25
+ERROR_SEND_TIMEOUT_S = 1.0
+CLOSE_POLICY = 1008  # WebSocket close code: policy violation
+CLOSE_INTERNAL = 1011  # WebSocket close code: internal error
+_REMEMBERED_UTTERANCES = 1024
+
+
+class LimitError(SessionInputError):
+    """A request over a limit (or outside what the connection's token allows); ``code`` is the
+    protocol error code and the message names the limit."""
+
+
+class TokenBucket:
+    """``rate_per_s`` tokens a second, at most ``burst`` banked; :meth:`take` spends one."""
+
+    def __init__(self, rate_per_s: float, burst: int, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate_per_s = rate_per_s
+        self.burst = burst
+        self._clock = clock
+        self._tokens = float(burst)
+        self._last_s = clock()
+
+    def _refill(self) -> None:
+        now = self._clock()
+        self._tokens = min(self.burst, self._tokens + (now - self._last_s) * self.rate_per_s)
+        self._last_s = now
+
+    def take(self) -> bool:
+        self._refill()
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False
+
+    def spend(self) -> None:
+        """Take a token whether or not one is there (after waiting :meth:`wait_s`)."""
+        self._refill()
+        self._tokens -= 1.0
+
+    def wait_s(self) -> float:
+        """Seconds until a token is there (0: now)."""
+        self._refill()
+        return max(0.0, (1.0 - self._tokens) / self.rate_per_s)
+
+    @property
+    def full(self) -> bool:
+        self._refill()
+        return self._tokens >= self.burst
+
+
+# --------------------------------------------------------------------------------- SDP
+def check_sdp(sdp: str, limits: Limits) -> None:
+    """Refuse an offer over ``max_sdp_bytes``, not SDP, or with media sections other than one
+    video and at most one audio (``max_sdp_media_sections`` in all).
+
+    Raises:
+        LimitError: ``sdp_too_large`` or ``bad_sdp``.
+    """
+    size = len(sdp.encode("utf-8", "surrogatepass"))
+    if size > limits.max_sdp_bytes:
+        raise LimitError("sdp_too_large", f"sdp: {size} bytes; the limit is max_sdp_bytes = {limits.max_sdp_bytes}")
+    lines = [line.rstrip("\r") for line in sdp.split("\n")]
+    while lines and not lines[-1]:
+        lines.pop()
+    if not lines or lines[0] != "v=0":
+        raise LimitError("bad_sdp", "sdp: not a session description (the first line must be v=0)")
+    media: list[str] = []
+    mids: list[list[str]] = []  # the a=mid values of each media section
+    bundled: list[str] = []
+    needed = ("a=fingerprint:", "a=ice-ufrag:", "a=ice-pwd:")
+    session_has: set[str] = set()
+    sections_have: list[set[str]] = []
+    for number, line in enumerate(lines, start=1):
+        if len(line) < 2 or line[1] != "=" or not ("a" <= line[0] <= "z"):
+            raise LimitError("bad_sdp", f"sdp: line {number} is not of the form <letter>=<value>")
+        if any(ord(ch) < 32 and ch != "\t" for ch in line):
+            raise LimitError("bad_sdp", f"sdp: line {number} has control characters")
+        if line.startswith("m="):
+            media.append(line[2:].split(" ", 1)[0])
+            mids.append([])
+            sections_have.append(set())
+        elif line.startswith(needed):
+            (sections_have[-1] if sections_have else session_has).add(line.split(":", 1)[0])
+        elif line.startswith("a=mid:") and mids:
+            mids[-1].append(line[6:].strip())
+        elif line.startswith("a=group:BUNDLE"):
+            bundled += line[len("a=group:BUNDLE") :].split()
+    limit = limits.max_sdp_media_sections
+    if len(media) > limit:
+        raise LimitError(
+            "bad_sdp", f"sdp: {len(media)} media sections; the limit is max_sdp_media_sections = {limit}"
+        )
+    others = sorted({kind for kind in media if kind not in ("audio", "video")})
+    if others:
+        raise LimitError("bad_sdp", f"sdp: media {', '.join(others)[:64]!r} not allowed; only audio and video")
+    if media.count("video") != 1 or media.count("audio") > 1:
+        raise LimitError("bad_sdp", "sdp: the offer needs one video section and at most one audio section")
+    # aiortc half-applies an offer whose BUNDLE names a missing mid (and then cannot close it)
+    if any(len(section) != 1 for section in mids) or len({m[0] for m in mids}) != len(mids):
+        raise LimitError("bad_sdp", "sdp: every media section needs one a=mid, each different")
+    if not set(bundled) <= {m[0] for m in mids}:
+        raise LimitError("bad_sdp", "sdp: a=group:BUNDLE names a mid that no media section has")
+    # aiortc's DTLS transport asserts on an offer without a fingerprint (in a task of its own)
+    for have in sections_have:
+        missing = [name[2:-1] for name in needed if name[:-1] not in have | session_has]
+        if missing:
+            raise LimitError("bad_sdp", f"sdp: a media section lacks {', '.join(missing)} (not a WebRTC offer)")
+
+
+# --------------------------------------------------------------------------------- server-wide counts
+class AdmissionRegistry:
+    """Open connections and running sessions by client address and by token (one per server)."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self.connections_by_address: collections.Counter[str] = collections.Counter()
+        self.sessions_by_address: collections.Counter[str] = collections.Counter()
+        self.sessions_by_token: collections.Counter[str] = collections.Counter()
+        self.running_session_ids: set[str] = set()
+
+    def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        """HTTP 503 for a ``/ws`` handshake at ``max_connections``, 429 from an address at
+        ``max_connections_per_address``."""
+        if urlsplit(request.path).path != WEBSOCKET_PATH:
+            return None
+        total = sum(self.connections_by_address.values())
+        if total >= self.limits.max_connections:
+            return plain_response(
+                http.HTTPStatus.SERVICE_UNAVAILABLE,
+                f"server busy: {total} connections; the limit is max_connections = {self.limits.max_connections}",
+                [("Retry-After", "5")],
+            )
+        address = peer_host(connection)
+        limit = self.limits.max_connections_per_address
+        if self.connections_by_address[address] >= limit:
+            return plain_response(
+                http.HTTPStatus.TOO_MANY_REQUESTS,
+                f"too many connections from {address}: the limit is max_connections_per_address = {limit}",
+                [("Retry-After", "5")],
+            )
+        return None
+
+    @staticmethod
+    def _drop(counter: collections.Counter[str], key: str) -> None:
+        counter[key] -= 1
+        if counter[key] <= 0:
+            del counter[key]
+
+
+# --------------------------------------------------------------------------------- tracks
+class GuardedTrack(MediaStreamTrack):
+    """An outgoing track that reports its own crash, or its sender's (an encoder error stops
+    the track while the peer connection is still up), once, through ``on_failure``."""
+
+    def __init__(
+        self, inner: MediaStreamTrack, *, on_failure: Callable[[str], None], expected_stop: Callable[[], bool]
+    ) -> None:
+        super().__init__()
+        self.kind = inner.kind
+        self._inner = inner
+        self._on_failure = on_failure
+        self._expected_stop = expected_stop
+        self._failed = False
+
+    async def recv(self) -> Any:
+        try:
+            return await self._inner.recv()
+        except MediaStreamError:
+            raise
+        except Exception as exc:
+            logger.exception("outgoing %s track failed", self.kind)
+            self._fail(f"{self.kind} track failed ({type(exc).__name__})")
+            self.stop()
+            raise MediaStreamError from None
+
+    def stop(self) -> None:
+        if self.readyState == "live" and not self._expected_stop():
+            self._fail(f"{self.kind} sender stopped (encoder or transport error)")
+        super().stop()
+        self._inner.stop()
+
+    def _fail(self, what: str) -> None:
+        if not self._failed:
+            self._failed = True
+            self._on_failure(what)
+
+
+class GuardedMicrophoneTrack(MediaStreamTrack):
+    """The client's microphone track, checked frame by frame.
+
+    A frame with an unusable format (sample rate not in ``microphone_sample_rates_hz``, more
+    than ``max_microphone_channels`` channels, longer than ``max_microphone_frame_ms``) ends
+    the track (``microphone_invalid``). Audio arriving more than ``max_microphone_lead_s``
+    ahead of wall-clock time since its first frame is dropped (``microphone_too_fast``, once).
+    """
+
+    kind = "audio"
+
+    def __init__(self, source: MediaStreamTrack, limits: Limits, report: Callable[[str, str], None]) -> None:
+        super().__init__()
+        self.source = source
+        self._limits = limits
+        self._report = report
+        self._first_wall_s: float | None = None
+        self._received_s = 0.0
+        self._warned_fast = False
+        self.frames_dropped = 0
+
+    def problem(self, frame: Any) -> str | None:
+        """What is wrong with a frame's format, or ``None``."""
+        limits = self._limits
+        rate = int(getattr(frame, "sample_rate", 0) or 0)
+        if rate not in limits.microphone_sample_rates_hz:
+            return f"microphone: sample rate {rate} Hz is not one of microphone_sample_rates_hz"
+        channels = len(frame.layout.channels)
+        if not 1 <= channels <= limits.max_microphone_channels:
+            return f"microphone: {channels} channels; the limit is max_microphone_channels = {limits.max_microphone_channels}"
+        frame_ms = 1000.0 * frame.samples / rate
+        if frame_ms > limits.max_microphone_frame_ms:
+            return f"microphone: {frame_ms:.0f} ms frame; the limit is max_microphone_frame_ms = {limits.max_microphone_frame_ms:g}"
+        return None
+
+    async def recv(self) -> Any:
+        while True:
+            if self.readyState != "live":
+                raise MediaStreamError
+            frame = await self.source.recv()
+            problem = self.problem(frame)
+            if problem is not None:
+                self._report("microphone_invalid", problem)
+                self.stop()
+                raise MediaStreamError
+            now_s = time.monotonic()
+            if self._first_wall_s is None:
+                self._first_wall_s = now_s
+            duration_s = frame.samples / frame.sample_rate
+            if self._received_s + duration_s > now_s - self._first_wall_s + self._limits.max_microphone_lead_s:
+                self.frames_dropped += 1
+                if not self._warned_fast:
+                    self._warned_fast = True
+                    self._report(
+                        "microphone_too_fast",
+                        "microphone: audio arrives faster than real time; frames over "
+                        f"max_microphone_lead_s = {self._limits.max_microphone_lead_s:g} are dropped",
+                    )
+                continue
+            self._received_s += duration_s
+            return frame
+
+
+# --------------------------------------------------------------------------------- per connection
+class ConnectionGuard:
+    """The limits of one :class:`~avatar_server.server.ClientConnection` (see the module docstring).
+
+    The connection calls :meth:`allow_frame` for every frame, :meth:`admit` / :meth:`accepted`
+    around every message it handles, :meth:`reserve_session` when a session starts,
+    :meth:`check_offer` for an offer, :meth:`observe` for every session event, and
+    :meth:`close` first thing when it closes.
+    """
+
+    def __init__(self, conn: ClientConnection) -> None:
+        self._conn = conn
+        app = conn.app
+        self.limits: Limits = app.settings.limits
+        self.admission: AdmissionRegistry = app.admission
+        self.grant: Grant = app.auth.grant_for(conn.ws)
+        self.address = self.grant.address
+        self._bucket = TokenBucket(self.limits.max_messages_per_s, self.limits.message_burst)
+        self._throttled = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._ending = False
+        self._closed = False
+        self._session_id: str | None = None  # set while a session is reserved
+        self._pending_utterances: set[str] = set()
+        self._closed_utterances: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._engine_failures = 0
+        self._media_phase: str | None = None
+        self._media_deadline_s = 0.0
+        self.ended_with: str | None = None  # the error code that ended the connection
+
+        self._opened_s = time.monotonic()
+        self.admission.connections_by_address[self.address] += 1
+        limit = self.limits.max_connections_per_address
+        total = sum(self.admission.connections_by_address.values())
+        if self.admission.connections_by_address[self.address] > limit:  # a burst got past the handshake check
+            self.end(
+                "too_many_connections",
+                f"too many connections from {self.address}: the limit is max_connections_per_address = {limit}",
+            )
+        elif total > self.limits.max_connections:
+            self.end(
+                "too_many_connections",
+                f"server busy: the limit is max_connections = {self.limits.max_connections}",
+            )
+        self._spawn(self._watch(), "connection-watchdog")
+
+    # ----------------------------------------------------------------------------- frames
+    async def allow_frame(self, raw: str | bytes) -> bool:
+        """Pace the client to ``max_messages_per_s`` (burst ``message_burst``); ``False``: the
+        connection is ending, drop the frame.
+
+        Over the rate, frames are not dropped but read more slowly: the connection's reader
+        waits for the bucket, so TCP pushes back on the client. The client is told once per
+        episode (``rate_limited``); nothing it sent is lost.
+        """
+        if self._ending:
+            return False
+        if self._bucket.full:
+            self._throttled = False
+        wait_s = self._bucket.wait_s()
+        if wait_s > 0:
+            if not self._throttled:
+                self._throttled = True
+                limits = self.limits
+                self._conn.send_error(
+                    "rate_limited",
+                    f"more than max_messages_per_s = {limits.max_messages_per_s:g} "
+                    f"(burst message_burst = {limits.message_burst}): messages are read more slowly",
+                )
+            await asyncio.sleep(wait_s)
+        self._bucket.spend()
+        return not self._ending
+
+    def admit(self, message: Any) -> None:
+        """Check a parsed message against the per-connection limits before it is handled.
+
+        Raises:
+            LimitError: ``too_many_utterances``.
+        """
+        if isinstance(message, protocol.Speak):
+            utterance_id = message.utterance_id
+            if utterance_id in self._pending_utterances or utterance_id in self._closed_utterances:
+                return
+            limit = self.limits.max_pending_utterances
+            if self._conn.session is not None and len(self._pending_utterances) >= limit:
+                raise LimitError(
+                    "too_many_utterances",
+                    f"utterance_id: {len(self._pending_utterances)} utterances are pending; "
+                    f"the limit is max_pending_utterances = {limit}",
+                )
+
+    def accepted(self, message: Any) -> None:
+        """A message was handled without error."""
+        if isinstance(message, protocol.Speak) and message.utterance_id not in self._closed_utterances:
+            self._pending_utterances.add(message.utterance_id)
+
+    # ----------------------------------------------------------------------------- sessions
+    def reserve_session(self, message: Any) -> str:
+        """Count a starting session against the token and address limits; returns its id (the
+        token's, when the connection has one). Undo with :meth:`release_session`.
+
+        Raises:
+            LimitError: ``forbidden`` (``session_id`` names another session than the token's),
+                ``invalid_field``, ``session_exists`` (that session id runs elsewhere) or
+                ``too_many_sessions``.
+        """
+        grant, admission, limits = self.grant, self.admission, self.limits
+        requested = getattr(message, "session_id", None)
+        if grant.session_id is not None:
+            if requested is not None and requested != grant.session_id:
+                raise LimitError("forbidden", "session_id: this connection's token is for another session")
+            session_id = grant.session_id
+        elif requested is not None:
+            if not SESSION_ID_RE.fullmatch(requested):
+                raise LimitError("invalid_field", f"session_id: must match {SESSION_ID_RE.pattern}")
+            session_id = requested
+        else:
+            session_id = new_session_id()
+        if grant.token_id is not None and admission.sessions_by_token[grant.token_id] >= limits.max_sessions_per_token:
+            raise LimitError(
+                "too_many_sessions",
+                f"this token already runs a session; the limit is max_sessions_per_token = {limits.max_sessions_per_token}",
+            )
+        if session_id in admission.running_session_ids:
+            raise LimitError("session_exists", f"session_id: session {session_id} is already running")
+        if admission.sessions_by_address[self.address] >= limits.max_sessions_per_address:
+            raise LimitError(
+                "too_many_sessions",
+                f"{self.address} already runs {admission.sessions_by_address[self.address]} sessions; "
+                f"the limit is max_sessions_per_address = {limits.max_sessions_per_address}",
+            )
+        admission.running_session_ids.add(session_id)
+        admission.sessions_by_address[self.address] += 1
+        if grant.token_id is not None:
+            admission.sessions_by_token[grant.token_id] += 1
+        self._session_id = session_id
+        self._media_phase = None
+        return session_id
+
+    def release_session(self) -> None:
+        """Undo :meth:`reserve_session` (idempotent)."""
+        session_id, self._session_id = self._session_id, None
+        if session_id is None:
+            return
+        admission = self.admission
+        admission.running_session_ids.discard(session_id)
+        admission._drop(admission.sessions_by_address, self.address)
+        if self.grant.token_id is not None:
+            admission._drop(admission.sessions_by_token, self.grant.token_id)
+
+    def observe(self, event: events.SessionEvent) -> None:
+        """Account a session event: engine failures in a row end the session; utterances end."""
+        if isinstance(event, events.SessionError) and event.code == "engine_failed":
+            self._engine_failures += 1
+            limit = self.limits.max_engine_failures
+            if self._engine_failures >= limit:
+                self.end(
+                    "engine_failed",
+                    f"session ended: {self._engine_failures} segments failed in a row; "
+                    f"the limit is max_engine_failures = {limit}",
+                    close_code=CLOSE_INTERNAL,
+                )
+        elif isinstance(event, events.SegmentGenerated):
+            self._engine_failures = 0
+        elif isinstance(event, events.SpeakEnded | events.Interrupted) and event.utterance_id is not None:
+            self._pending_utterances.discard(event.utterance_id)
+            self._closed_utterances[event.utterance_id] = None
+            while len(self._closed_utterances) > _REMEMBERED_UTTERANCES:
+                self._closed_utterances.popitem(last=False)
+
+    # ----------------------------------------------------------------------------- media
+    def check_offer(self, sdp: str) -> None:
+        check_sdp(sdp, self.limits)
+
+    def wrap_track(self, track: MediaStreamTrack) -> MediaStreamTrack:
+        """An outgoing session track whose crash (or its encoder's) ends the session."""
+
+        def expected_stop() -> bool:
+            pc = self._conn.pc
+            return self._ending or self._closed or pc is None or pc.connectionState != "connected"
+
+        def on_failure(what: str) -> None:
+            self.end("media_failed", f"webrtc: {what}; the session ends", close_code=CLOSE_INTERNAL)
+
+        return GuardedTrack(track, on_failure=on_failure, expected_stop=expected_stop)
+
+    def wrap_microphone(self, track: MediaStreamTrack) -> MediaStreamTrack:
+        """The client's microphone track behind the microphone limits."""
+        guarded: GuardedMicrophoneTrack
+
+        def report(code: str, message: str) -> None:
+            self._conn.send_error(code, message)
+            if code == "microphone_invalid":
+                # Nobody reads the remote track any more: drain it so that aiortc's receive
+                # queue (unbounded) does not grow until the peer connection closes.
+                self._spawn(_drain(guarded.source), "microphone-drain")
+
+        guarded = GuardedMicrophoneTrack(track, self.limits, report)
+        return guarded
+
+    async def _watch(self) -> None:
+        """End a connection that starts no session in time, and a session that gets no
+        connected peer connection in time (see the limits)."""
+        while True:
+            await asyncio.sleep(WATCH_PERIOD_S)
+            conn = self._conn
+            if self._ending:
+                continue
+            if conn.session is None:
+                limit_s = self.limits.session_start_timeout_s
+                if self._session_id is None and time.monotonic() - self._opened_s > limit_s:
+                    self.end("session_timeout", f"no session.start within session_start_timeout_s = {limit_s:g}")
+                continue
+            pc = conn.pc
+            state = None if pc is None else pc.connectionState
+            if state == "connected":
+                self._media_phase = "connected"
+                continue
+            phase = "ice" if state in ("new", "connecting") else "offer"
+            now_s = time.monotonic()
+            if phase != self._media_phase:
+                self._media_phase = phase
+                limit_s = self.limits.ice_timeout_s if phase == "ice" else self.limits.offer_timeout_s
+                self._media_deadline_s = now_s + limit_s
+            elif now_s >= self._media_deadline_s:
+                if phase == "ice":
+                    message = (
+                        f"webrtc: not connected within ice_timeout_s = {self.limits.ice_timeout_s:g} "
+                        "of the answer; the session ends"
+                    )
+                else:
+                    message = (
+                        f"webrtc: no peer connection within offer_timeout_s = {self.limits.offer_timeout_s:g}; "
+                        "the session ends"
+                    )
+                self.end("media_timeout", message)
+
+    # ----------------------------------------------------------------------------- send side
+    def send_queue_full(self) -> None:
+        limit = self.limits.max_send_queue_messages
+        self.end("slow_client", f"the client does not read: max_send_queue_messages = {limit} are waiting")
+
+    def send_stalled(self) -> None:
+        limit_s = self.limits.send_timeout_s
+        self.end("slow_client", f"the client does not read: one message waited send_timeout_s = {limit_s:g}")
+
+    # ----------------------------------------------------------------------------- ending
+    def end(self, code: str, message: str, *, close_code: int = CLOSE_POLICY) -> None:
+        """End the connection: an ``error`` frame whose message names the limit (and, when a
+        session runs, ``session.ended`` with ``code`` as its reason), then a WebSocket close
+        with the same reason. Further frames are ignored. Idempotent. A client that does not
+        read (``slow_client``) is not waited for: its connection is dropped."""
+        if self._ending or self._closed:
+            return
+        self._ending = True
+        self.ended_with = code
+        conn = self._conn
+        logger.info("connection from %s ended: %s (session %s)", self.address, code, conn.session_id)
+        if conn.session is not None and code != "slow_client":
+            self._spawn(self._end_session(code, message, close_code), "session-end")
+        else:
+            self._spawn(self._close_websocket(code, message, close_code), "connection-end")
+
+    async def _end_session(self, code: str, message: str, close_code: int) -> None:
+        await self._conn.end_session(code, message, close_code=close_code, error=True)
+        if self._conn.ws.close_code is None:  # the client did not take part in the close
+            self._conn.ws.transport.abort()
+
+    async def _close_websocket(self, code: str, message: str, close_code: int) -> None:
+        ws = self._conn.ws
+        self._conn.app.metrics.client_errors.labels(code).inc()
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(ERROR_SEND_TIMEOUT_S):
+                await ws.send(protocol.ErrorMessage(code=code, message=message).model_dump_json())
+        reason = f"{code}: {message}".encode()[:120].decode("utf-8", "ignore")
+        try:
+            async with asyncio.timeout(self.limits.close_timeout_s):
+                await ws.close(close_code, reason)
+        except TimeoutError:
+            ws.transport.abort()  # a client that does not read does not answer a close either
+
+    async def close(self) -> None:
+        """Release everything this guard holds (idempotent; called first by the connection's close)."""
+        if self._closed:
+            return
+        self._closed = True
+        self.release_session()
+        self.admission._drop(self.admission.connections_by_address, self.address)
+        tasks = list(self._tasks)
+        current = asyncio.current_task()
+        for task in tasks:
+            if task is not current:
+                task.cancel()
+        for task in tasks:
+            if task is not current:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> None:
+        if self._closed:
+            coro.close()
+            return
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+async def _drain(track: MediaStreamTrack) -> None:
+    with contextlib.suppress(MediaStreamError):
+        while True:
+            await track.recv()
