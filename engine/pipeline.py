@@ -448,5 +448,5 @@ def build_engine(preset: str, *, checkpoint_dir: str | None = None, device: str 
             raise ValueError("preset 'full' needs checkpoint_dir (the released daVinci-MagiHuman stack)")
         from engine.stack import build_full_engine
 
-        return use_backend(build_full_engine(checkpoint_dir, device=device), backend)
+        return use_backend(build_full_engine(checkpoint_dir, device=device, sr=sr), backend)
     raise ValueError(f"unknown engine preset {preset!r}; known: preview, testpattern, full")

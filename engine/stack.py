@@ -367,8 +367,13 @@ def build_full_engine(
     compute_dtype: torch.dtype = torch.bfloat16,
     text_device: str | torch.device | None = None,
     progress: bool = True,
+    sr: bool = False,
+    sr_size: tuple[int, int] = (896, 512),
 ):
     """The streaming engine on the released stack: distilled DiT, Turbo decoder, bf16 compute.
+
+    With ``sr=True`` the ``540p_sr`` DiT is loaded too, so that idle time upgrades buffered
+    segments to ``sr_size`` (896x512, the example scripts' 540p size; PIPELINE.md §14).
 
     ``keep_audio_clean=True`` (the named streaming deviation of :mod:`engine.pipeline`: lip-sync
     audio is not re-noised and is played as given).
@@ -393,14 +398,17 @@ def build_full_engine(
     from engine.sampler import DISTILL
 
     check_resolution(width, height)
+    if sr:
+        check_resolution(*sr_size)
     models = load_stack(
-        checkpoint_dir, variant="distill", device=device, dtype=compute_dtype, use_turbo=True,
-        keep_audio_clean=True, text_device=text_device, progress=progress,
+        checkpoint_dir, variant="distill", sr="540p_sr" if sr else None, device=device, dtype=compute_dtype,
+        use_turbo=True, keep_audio_clean=True, text_device=text_device, progress=progress,
     )
     return MagiHumanEngine(
         models.dit, models.text_encoder, models.video_vae, models.audio_vae,
         width=width, height=height, device=device, compute_dtype=compute_dtype, sampler=DISTILL,
         keep_audio_clean=True, video_decoder=models.turbo_decoder, name="full",
+        sr_dit=models.sr_dit if sr else None, sr_size=sr_size if sr else None,
     )
 
 

@@ -313,3 +313,13 @@ def test_build_full_engine_on_preview_stack(stack, media_dir):
     via_preset = build_engine("full", checkpoint_dir=str(stack), device="cpu")  # bf16 compute, 448x256
     assert via_preset.name == "full" and via_preset.compute_dtype == torch.bfloat16
     assert (via_preset.width, via_preset.height) == (448, 256)
+
+
+def test_full_engine_with_sr_loads_the_540p_model(tmp_path):
+    """`serve --engine full --sr` loads the 540p SR DiT so that idle time can upgrade segments."""
+    root = write_preview_stack(tmp_path / "stack", variants=("distill", "540p_sr"))
+    engine = build_full_engine(root, device="cpu", width=224, height=128, compute_dtype=torch.float32, sr=True)
+    assert engine.sr_dit is not None and (engine.sr_width, engine.sr_height) == (896, 512)
+    assert build_full_engine(root, device="cpu", width=224, height=128).sr_dit is None
+    with pytest.raises(ck.StackError, match="540p_sr"):
+        build_full_engine(write_preview_stack(tmp_path / "no_sr"), device="cpu", sr=True)
