@@ -145,13 +145,13 @@ def flash_onsets(video) -> list:
     ]
 
 
-def click_onsets(audio) -> list[tuple[float, float]]:
-    """``(pts_s, arrival_s)`` of each click (first sample above CLICK_LEVEL after >= 0.1 s quiet;
+def click_onsets(audio, level: float = CLICK_LEVEL) -> list[tuple[float, float]]:
+    """``(pts_s, arrival_s)`` of each click (first sample above ``level`` after >= 0.1 s quiet;
     segments that cut into idle ones start off the one-second grid)."""
     clicks: list[tuple[float, float]] = []
     last_s = -1.0
     for rec in audio:
-        loud = np.flatnonzero(np.abs(rec.samples) > CLICK_LEVEL)
+        loud = np.flatnonzero(np.abs(rec.samples) > level)
         if loud.size == 0:
             continue
         onset_s = rec.pts_s + loud[0] / rec.sample_rate
@@ -161,9 +161,9 @@ def click_onsets(audio) -> list[tuple[float, float]]:
     return clicks
 
 
-def av_offsets_ms(video, audio) -> tuple[list[float], list[float]]:
-    """Click minus flash, by pts and by arrival, for every flash with a click within 0.5 s."""
-    clicks = click_onsets(audio)
+def av_offsets_ms(video, audio, click_level: float = CLICK_LEVEL) -> tuple[list[float], list[float]]:
+    """Click minus flash, by pts and by arrival, for every flash with a click within 0.5 s (ms)."""
+    clicks = click_onsets(audio, click_level)
     by_pts, by_arrival = [], []
     if not clicks:
         return by_pts, by_arrival

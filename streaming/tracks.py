@@ -45,6 +45,25 @@ def _first_index(clock: MediaClock, period_s: float) -> int:
     return clock.index_at(period_s)
 
 
+async def _wait_for_slot(track) -> int:
+    """Pace a track on the shared media clock: take its next frame index, sleep until that index's
+    media time (``start + index * period``, never a fixed sleep), record the lateness (EMA, s).
+
+    Raises:
+        MediaStreamError: the track was stopped while waiting.
+    """
+    track._clock.start()
+    if track._next_index is None:
+        track._next_index = _first_index(track._clock, track._period_s)
+    index = track._next_index
+    track._next_index += 1
+    await track._clock.sleep_until_media_s(index * track._period_s)
+    if track.readyState != "live":
+        raise MediaStreamError
+    track.lateness_s = _ema(track.lateness_s, track._clock.media_time_s() - index * track._period_s)
+    return index
+
+
 class AvatarVideoTrack(MediaStreamTrack):
     """Video frames of a :class:`PlayoutBuffer` at its fps, 90 kHz pts.
 
@@ -77,15 +96,7 @@ class AvatarVideoTrack(MediaStreamTrack):
             self.encode_s = _ema(self.encode_s, encode_s)
             if self.on_encode is not None:
                 self.on_encode(encode_s)
-        self._clock.start()
-        if self._next_index is None:
-            self._next_index = _first_index(self._clock, self._period_s)
-        index = self._next_index
-        self._next_index += 1
-        await self._clock.sleep_until_media_s(index * self._period_s)
-        if self.readyState != "live":
-            raise MediaStreamError
-        self.lateness_s = _ema(self.lateness_s, self._clock.media_time_s() - index * self._period_s)
+        index = await _wait_for_slot(self)
         image = self._buffer.pull_video_frame(index)
         frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
         frame.pts = index * self._pts_per_frame
@@ -115,15 +126,7 @@ class AvatarAudioTrack(MediaStreamTrack):
     async def recv(self) -> av.AudioFrame:
         if self.readyState != "live":
             raise MediaStreamError
-        self._clock.start()
-        if self._next_index is None:
-            self._next_index = _first_index(self._clock, self._period_s)
-        index = self._next_index
-        self._next_index += 1
-        await self._clock.sleep_until_media_s(index * self._period_s)
-        if self.readyState != "live":
-            raise MediaStreamError
-        self.lateness_s = _ema(self.lateness_s, self._clock.media_time_s() - index * self._period_s)
+        index = await _wait_for_slot(self)
         chunk = self._buffer.pull_audio_chunk(index)
         pcm = (np.clip(chunk, -1.0, 1.0) * 32767.0).astype(np.int16).reshape(1, -1)
         frame = av.AudioFrame.from_ndarray(pcm, format="s16", layout="mono")

@@ -14,8 +14,8 @@ from avatar_server.server import AvatarServer, build_app
 from avatar_server.settings import Settings
 from clients.python_client import AudioRecord, VideoRecord
 from engine.testpattern import TestPatternEngine
+from ops import measure_live
 
-FLASH_LUMA = 200.0  # a flash frame is white above the counter strip (mean luma ~240)
 CLICK_LEVEL = 0.3  # the click peaks at 0.9; speech-free test-pattern audio is silent
 
 
@@ -39,41 +39,10 @@ def first_paragraph(text: str) -> str:
     return text.strip().strip('"').split("\n\n")[0].strip()
 
 
-def flash_times(video: list[VideoRecord]) -> list[VideoRecord]:
-    """Frames where a flash begins (the previous frame was not a flash)."""
-    out = []
-    for index, rec in enumerate(video):
-        if rec.mean_luma > FLASH_LUMA and (index == 0 or video[index - 1].mean_luma <= FLASH_LUMA):
-            out.append(rec)
-    return out
-
-
-def click_times(audio: list[AudioRecord]) -> list[tuple[float, float]]:
-    """``(pts_s, arrival_s)`` of each click onset (first sample above the level after >= 0.1 s
-    quiet: speech cutting into an idle segment can start a segment, with its click, a fraction of
-    a second after the idle segment's last click)."""
-    clicks: list[tuple[float, float]] = []
-    last_loud_s = -1.0
-    for rec in audio:
-        loud = np.flatnonzero(np.abs(rec.samples) > CLICK_LEVEL)
-        if loud.size == 0:
-            continue
-        onset_s = rec.pts_s + loud[0] / rec.sample_rate
-        if onset_s - last_loud_s > 0.1:
-            clicks.append((onset_s, rec.arrival_s + loud[0] / rec.sample_rate))
-        last_loud_s = rec.pts_s + loud[-1] / rec.sample_rate
-    return clicks
-
-
 def av_offsets_ms(video: list[VideoRecord], audio: list[AudioRecord]) -> tuple[np.ndarray, np.ndarray]:
-    """Audio minus video time of each flash/click pair: by pts and by arrival, in ms."""
-    clicks = click_times(audio)
-    by_pts, by_arrival = [], []
-    for flash in flash_times(video):
-        pts_s, arrival_s = min(clicks, key=lambda c: abs(c[0] - flash.pts_s))
-        if abs(pts_s - flash.pts_s) < 0.5:
-            by_pts.append(1000 * (pts_s - flash.pts_s))
-            by_arrival.append(1000 * (arrival_s - flash.arrival_s))
+    """Audio minus video time of each flash/click pair of the test pattern: by pts and by arrival, in ms
+    (the measurement of :func:`ops.measure_live.av_offsets_ms`, at this engine's click level)."""
+    by_pts, by_arrival = measure_live.av_offsets_ms(video, audio, click_level=CLICK_LEVEL)
     return np.array(by_pts), np.array(by_arrival)
 
 
