@@ -43,6 +43,7 @@ from engine.api import (
     SegmentKind,
     SegmentRequest,
 )
+from engine.codecs.image import frames_to_uint8
 from engine.dit import DiTModel, init_seeded
 from engine.packing import pack, unpack
 from engine.sampler import DISTILL, SamplerConfig, generator_noise, sample
@@ -214,7 +215,8 @@ class MagiHumanEngine:
 
         Raises:
             EngineInputError: a request field is out of range.
-            CancelledError: ``cancel`` was set; checked before every denoising step and decode.
+            CancelledError: ``cancel`` was set; checked before every denoising step, before the
+                decode and between the decoder's windows.
         """
         self._check(request)
         with self._lock:
@@ -264,7 +266,7 @@ class MagiHumanEngine:
 
         # 4. decode (§15)
         t0 = time.perf_counter()
-        frames = self.video_decoder.decode_to_uint8(video)
+        frames = self._decode_frames(video, cancel)
         timings["decode_video"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         if lipsync:
@@ -289,6 +291,24 @@ class MagiHumanEngine:
         return Segment(frames=frames, audio=waveform, sample_rate=rate, fps=self.fps,
                        continuation=continuation, timings_s=timings, request=request)
 
+    def _decode_frames(self, latent: torch.Tensor, cancel: threading.Event | None) -> np.ndarray:
+        """Decode ``float32 [1, 48, T, h, w]`` to ``uint8 [4T - 3, 16h, 16w, 3]``, checking ``cancel``
+        between the decoder's windows when it decodes in windows (the Turbo decoder's ``decode_chunks``,
+        CODECS.md §2.4), so a preempted job gives the worker back within one window.
+
+        Raises:
+            CancelledError: ``cancel`` was set between two windows.
+        """
+        chunks_fn = getattr(self.video_decoder, "decode_chunks", None)
+        if chunks_fn is None:
+            return self.video_decoder.decode_to_uint8(latent)
+        chunks = []
+        for chunk in chunks_fn(latent):
+            chunks.append(chunk)
+            if cancel is not None and cancel.is_set():
+                raise CancelledError(f"cancelled while decoding, after {sum(c.shape[2] for c in chunks)} frames")
+        return frames_to_uint8(torch.cat(chunks, dim=2))
+
     # -- latent super-resolution of a buffered segment ------------------------------------
     @torch.inference_mode()
     def upgrade(self, segment: Segment, cancel: threading.Event | None = None) -> Segment:
@@ -301,7 +321,8 @@ class MagiHumanEngine:
 
         Raises:
             EngineInputError: no SR model loaded, or the segment lacks its latents/request.
-            CancelledError: ``cancel`` was set (checked before every step and the decode).
+            CancelledError: ``cancel`` was set (checked before every step, before the decode and
+                between the decoder's windows).
         """
         if self.sr_dit is None:
             raise EngineInputError("no super-resolution model is loaded (sr_dit)")
@@ -344,7 +365,7 @@ class MagiHumanEngine:
         if cancel is not None and cancel.is_set():
             raise CancelledError("cancelled before decoding the upgraded segment")
         t0 = time.perf_counter()
-        frames = self.video_decoder.decode_to_uint8(video)
+        frames = self._decode_frames(video, cancel)
         timings["sr_decode_video"] = time.perf_counter() - t0
         if prev is not None and frames.shape[0] > 1:
             frames = frames[1:]

@@ -119,6 +119,43 @@ def test_sr_upgrade_keeps_timeline_and_doubles_size(engine, identity):
     assert np.array_equal(upgraded.audio, segment.audio) and upgraded.duration_s == segment.duration_s
 
 
+class WindowedDecoder:
+    """The preview VAE's decode served in 3-frame chunks, like the Turbo decoder's ``decode_chunks``;
+    ``on_chunk(i)`` runs while chunk ``i`` is being decoded (before it is yielded)."""
+
+    def __init__(self, vae, on_chunk=lambda i: None):
+        self.vae, self.on_chunk, self.chunks_yielded = vae, on_chunk, 0
+
+    def decode_chunks(self, latent):
+        frames = self.vae.decode(latent)
+        for i, start in enumerate(range(0, frames.shape[2], 3)):
+            self.on_chunk(i)
+            self.chunks_yielded += 1
+            yield frames[:, :, start:start + 3]
+
+    def decode_to_uint8(self, latent):  # pragma: no cover - the pipeline must use decode_chunks
+        raise AssertionError("windowed decoders are decoded chunk by chunk")
+
+
+def test_windowed_decode_matches_and_cancels_between_windows(engine, identity):
+    request = SegmentRequest(identity=identity, kind=SegmentKind.IDLE, prompt="idle", seconds=1.0, seed=5)
+    plain = engine.generate(request)
+    saved = engine.video_decoder
+    try:
+        engine.video_decoder = WindowedDecoder(engine.video_vae)
+        windowed = engine.generate(request)
+        assert engine.video_decoder.chunks_yielded == 9  # 25 frames in chunks of 3
+        assert np.array_equal(windowed.frames, plain.frames)
+
+        cancel = threading.Event()
+        engine.video_decoder = WindowedDecoder(engine.video_vae, on_chunk=lambda i: cancel.set() if i == 1 else None)
+        with pytest.raises(CancelledError, match="after 6 frames"):
+            engine.upgrade(plain, cancel)  # the SR decode of 25 frames stops after its second window
+        assert engine.video_decoder.chunks_yielded == 2
+    finally:
+        engine.video_decoder = saved
+
+
 def test_backend_selection_keeps_segments_close(identity):
     """The `fast` backend (best attention kernel: SDPA on CPU) gives the same segment as eager
     (fp32 compute, so that only the attention kernel differs)."""
