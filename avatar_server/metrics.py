@@ -114,6 +114,11 @@ class Metrics:
         self.generation_queue_length = Gauge(
             "avatar_server_generation_queue_length", "Generation requests waiting for the engine", registry=r
         )
+        self.engine_job_running_seconds = Gauge(
+            "avatar_server_engine_job_running_seconds",
+            "How long the engine job running now has run (0 when idle); see engine_stall_s",
+            registry=r,
+        )
         self.segment_upgrades = Counter(
             "avatar_server_segment_upgrades", "Idle super-resolution attempts, by result", ["result"], registry=r
         )

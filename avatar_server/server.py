@@ -117,6 +117,8 @@ class AvatarServer:
         if settings.sr and not self.worker.can_upgrade:
             logger.warning("sr is on but engine %s has no super-resolution model: sr is ignored", engine.name)
         self.metrics.generation_queue_length.set_function(lambda: self.worker.scheduler.queue_length)
+        self.metrics.engine_job_running_seconds.set_function(lambda: self.worker.scheduler.running_for_s)
+        self._stall_logged = False
         self.draining = False
         self._drain_cancelled = asyncio.Event()
         self.sessions_active = 0
@@ -230,11 +232,26 @@ class AvatarServer:
         self._warm = True
         logger.info("engine warmed up in %.2f s", time.perf_counter() - started)
 
+    def engine_stall(self) -> str | None:
+        """Why the engine counts as stalled, or ``None``: after warm-up, a job has run longer than
+        ``engine_stall_s`` (logged once per stall). Warm-up itself (compile, autotune) is exempt."""
+        running_s = self.worker.scheduler.running_for_s
+        if not self._warm or running_s <= self.settings.engine_stall_s:
+            self._stall_logged = False
+            return None
+        reason = f"engine stalled: a job has run {running_s:.1f} s (engine_stall_s = {self.settings.engine_stall_s:g})"
+        if not self._stall_logged:
+            self._stall_logged = True
+            logger.error("%s; every session waits behind it", reason)
+        return reason
+
     def readiness(self) -> tuple[bool, str]:
         if self.draining:
             return False, "draining: the server is shutting down"
         if not self._warm:
             return False, self._not_ready_reason
+        if (stall := self.engine_stall()) is not None:
+            return False, stall
         if self.sessions_active >= self.settings.max_sessions:
             return False, f"at capacity: {self.sessions_active} of max_sessions = {self.settings.max_sessions}"
         return True, "ready"
@@ -250,6 +267,8 @@ class AvatarServer:
         if path == "/healthz":
             if not self.worker.scheduler.alive:
                 return _text(http.HTTPStatus.SERVICE_UNAVAILABLE, "engine worker stopped\n")
+            if (stall := self.engine_stall()) is not None:
+                return _text(http.HTTPStatus.SERVICE_UNAVAILABLE, stall + "\n")
             return _text(http.HTTPStatus.OK, "ok\n")
         if path == "/readyz":
             ok, reason = self.readiness()

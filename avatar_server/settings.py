@@ -137,6 +137,10 @@ class Settings(BaseSettings):
     words_per_second: float = Field(2.5, gt=0)
     max_sessions: int = Field(2, ge=1, description="concurrent sessions; /readyz is 503 when all are taken")
     stats_interval_s: float = Field(1.0, gt=0, description="period of the `stats` message")
+    engine_stall_s: float = Field(
+        120.0, gt=0,
+        description="an engine job (segment, upgrade) running longer than this after warm-up fails /healthz",
+    )
     # Issue 4 (live behaviour): super-resolution, recording, session lifetime, drain.
     sr: bool = Field(
         False,

@@ -98,6 +98,20 @@ class EdfScheduler:
         with self._cond:
             return self._running is not None
 
+    @property
+    def running_for_s(self) -> float:
+        """Seconds the job running now has run (on the scheduler's clock); 0.0 when idle.
+
+        A value far above any job's expected duration means the engine is stalled (a hung
+        kernel, a deadlocked driver): every session waits behind it, and since a Python
+        thread cannot be killed the server can only report it (``/healthz``) and be restarted.
+        """
+        with self._cond:
+            running = self._running
+            if running is None or running.started_s is None:
+                return 0.0
+            return max(0.0, self._monotonic_s() - running.started_s)
+
     # ----------------------------------------------------------------------------- submit
     def submit(
         self,

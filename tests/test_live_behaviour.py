@@ -21,6 +21,7 @@ import json
 import re
 import signal
 import sys
+import threading
 import time
 
 import numpy as np
@@ -396,6 +397,32 @@ async def test_health_readiness_and_refusals_report_drain_capacity_and_a_dead_wo
     finally:
         await app.close()
     assert 'avatar_server_sessions_refused_total{reason="capacity"} 1.0' in metrics
+
+
+async def test_a_stalled_engine_job_fails_health_and_readiness_until_it_ends() -> None:
+    app = build_app(Settings(engine="testpattern", port=0, engine_stall_s=0.3), TestPatternEngine())
+    await app.start()
+    gate = threading.Event()
+    try:
+        await wait_until(lambda: app.readiness()[0])
+        base = f"http://127.0.0.1:{app.port}/"
+        future, _ = app.worker.scheduler.submit(gate.wait, 30.0, deadline_s=time.monotonic())
+        assert await asyncio.to_thread(_http_status, base + "healthz") == 200  # running, not yet stalled
+        await asyncio.sleep(0.45)
+        assert await asyncio.to_thread(_http_status, base + "healthz") == 503
+        ok, reason = app.readiness()
+        assert not ok and reason.startswith("engine stalled: a job has run") and "engine_stall_s = 0.3" in reason
+        running = float(next(line.split()[1] for line in app.metrics.render().decode().splitlines()
+                              if line.startswith("avatar_server_engine_job_running_seconds ")))
+        assert running >= 0.45
+        gate.set()
+        assert await asyncio.wrap_future(future) is True
+        await wait_until(lambda: not app.worker.scheduler.busy)
+        assert await asyncio.to_thread(_http_status, base + "healthz") == 200
+        assert app.readiness() == (True, "ready")
+    finally:
+        gate.set()
+        await app.close()
 
 
 def _http_status(url: str) -> int:

@@ -217,3 +217,22 @@ async def test_background_job_that_overruns_its_estimate_is_cancelled_in_time() 
         scheduler.close()
     assert result == "gen" and 0.3 < waited < 1.5, waited
     assert scheduler.background_preempted == 1
+
+
+async def test_running_for_s_measures_the_running_job_on_the_schedulers_clock() -> None:
+    clock = [100.0]
+    scheduler = EdfScheduler("test", monotonic_s=lambda: clock[0])
+    gate = threading.Event()
+    try:
+        assert scheduler.running_for_s == 0.0
+        future = scheduler.submit(gate.wait, deadline_s=clock[0])[0]
+        await wait_until(lambda: scheduler.busy)
+        assert scheduler.running_for_s == 0.0
+        clock[0] += 42.5
+        assert scheduler.running_for_s == 42.5
+        gate.set()
+        await asyncio.wrap_future(future)
+        await wait_until(lambda: not scheduler.busy)
+        assert scheduler.running_for_s == 0.0
+    finally:
+        scheduler.close()
