@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 
 from engine.api import Segment, SegmentKind, SegmentRequest
+from ops._process import stop_process
 
 TONE_HZ = 440.0
 TONE_AMPLITUDE = 0.25
@@ -328,13 +329,7 @@ async def server_process(engine_name: str, *, delay_s: float = 0.2, sr: bool = F
                     break
         yield line.split()[1]
     finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(proc.wait(), 20)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
+        await stop_process(proc, 20)
 
 
 # --------------------------------------------------------------------------------- CLI

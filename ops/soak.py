@@ -32,7 +32,6 @@ import json
 import os
 import random
 import re
-import signal
 import sys
 import tempfile
 import time
@@ -43,6 +42,8 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+
+from ops._process import stop_process
 
 REPO_DIR = Path(__file__).resolve().parents[1]
 DEFAULT_IMAGE = REPO_DIR.parent / "shared" / "media" / "portrait.png"
@@ -211,13 +212,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
         wall_s = time.monotonic() - started_s
         metrics = await asyncio.to_thread(_fetch, url + "metrics")
     finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(proc.wait(), 30)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
+        await stop_process(proc, 30)
         recordings.cleanup()
     return {
         "engine": args.engine,
