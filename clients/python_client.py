@@ -6,7 +6,14 @@ time, pts, and for audio the samples; tests measure on this log) and then hands 
 to aiortc's ``MediaRecorder`` (optional MP4). The log is written before the recorder sees the
 frame because PyAV's encoder rebases a frame's ``pts`` in place.
 
-``avatar-server client`` (see :func:`run_cli`) drives it from the command line.
+Every client message of the protocol is reachable: ``session.start`` (with ``mode``,
+``barge_in``, ``session_id``), ``webrtc.offer`` (with or without a microphone),
+``speak``/``speak.end``, ``interrupt``, ``session.update``, ``record.start``/``record.stop``.
+An audio file is sent as a live microphone by :class:`AudioFileTrack`: decoded once, resampled
+to 48 kHz mono and paced at real time on a monotonic clock, then silence, as a real microphone
+would go quiet.
+
+``avatar-server client`` (see :func:`run_client`) drives it from the command line.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -27,7 +35,7 @@ import av
 import numpy as np
 import websockets
 from aiortc import RTCPeerConnection, RTCSessionDescription
-from aiortc.contrib.media import MediaPlayer, MediaRecorder
+from aiortc.contrib.media import MediaRecorder
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from websockets.asyncio.client import ClientConnection, connect
 
@@ -37,6 +45,14 @@ from avatar_server.webrtc import make_peer_connection, use_host_addresses, wait_
 logger = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+MIC_SAMPLE_RATE_HZ = 48_000
+MIC_FRAME_MS = 20
+SESSION_MODES = ("lipsync", "conversation")
+# ``avatar-server client --mode``: what the user sends -> the session's ``mode`` (None: no
+# microphone, the server's default mode).
+CLIENT_MODES: dict[str, str | None] = {"text": None, "microphone": "lipsync", "conversation": "conversation"}
+# Error codes that answer record.start / record.stop.
+_RECORD_ERRORS = frozenset({"recording_active", "no_recording", "no_session"})
 
 
 @dataclass
@@ -69,6 +85,7 @@ class Received:
     audio: list[AudioRecord] = field(default_factory=list)
 
     def audio_samples(self) -> np.ndarray:
+        """All received audio as one mono float32 array (empty when none was kept)."""
         if not self.audio:
             return np.zeros(0, dtype=np.float32)
         return np.concatenate([rec.samples for rec in self.audio])
@@ -93,6 +110,96 @@ class _ForwardTrack(MediaStreamTrack):
         return frame
 
 
+def read_audio_file(path: str | Path, sample_rate_hz: int = MIC_SAMPLE_RATE_HZ) -> np.ndarray:
+    """Decode any PyAV-readable audio file to mono int16 at ``sample_rate_hz`` (channels averaged).
+
+    Raises:
+        ValueError: the file is missing, cannot be decoded, has no audio stream or no samples;
+            the message starts with ``audio:`` and names the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"audio: {path}: no such file")
+    # float32 planar first: averaging the channels ourselves keeps the level (FFmpeg's
+    # stereo->mono matrix adds 3 dB); one stateful resampler for the whole file.
+    resampler = av.AudioResampler(format="fltp", rate=sample_rate_hz)
+    parts: list[np.ndarray] = []
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.audio:
+                raise ValueError(f"audio: {path} has no audio stream")
+            for frame in container.decode(audio=0):
+                parts.extend(out.to_ndarray().mean(axis=0) for out in resampler.resample(frame))
+            parts.extend(out.to_ndarray().mean(axis=0) for out in resampler.resample(None))
+    except av.error.FFmpegError as exc:
+        raise ValueError(f"audio: cannot decode {path}: {exc}") from None
+    if not parts or sum(part.size for part in parts) == 0:
+        raise ValueError(f"audio: {path} holds no audio samples")
+    samples = np.concatenate(parts)
+    return (np.clip(samples, -1.0, 1.0) * 32767.0).astype(np.int16)
+
+
+class AudioFileTrack(MediaStreamTrack):
+    """Mono int16 samples sent as a live microphone: 20 ms frames paced at real time.
+
+    Frame ``k`` carries ``pts = k * samples_per_frame`` in a ``1 / sample_rate_hz`` time base
+    and is released at ``start + pts / sample_rate_hz`` on a monotonic clock (the start is the
+    first :meth:`recv`, when the peer connection begins to send). After the last sample the
+    track goes on with silence, as a microphone in a quiet room does, so the server's voice
+    detection sees the speech end; :attr:`finished` is set once the last sample is handed out.
+
+    Args:
+        samples: mono int16 audio (see :func:`read_audio_file`).
+        sample_rate_hz: its sample rate.
+    """
+
+    kind = "audio"
+
+    def __init__(self, samples: np.ndarray, sample_rate_hz: int = MIC_SAMPLE_RATE_HZ) -> None:
+        super().__init__()
+        if samples.ndim != 1 or samples.dtype != np.int16:
+            raise ValueError(f"samples: need mono int16, got {samples.dtype} with shape {samples.shape}")
+        self.samples = samples
+        self.sample_rate_hz = sample_rate_hz
+        self.samples_per_frame = sample_rate_hz * MIC_FRAME_MS // 1000
+        self.finished = asyncio.Event()
+        self._time_base = Fraction(1, sample_rate_hz)
+        self._start_s: float | None = None
+        self._pts = 0
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> AudioFileTrack:
+        """The audio of ``path`` (decoded now; see :func:`read_audio_file`) as a microphone."""
+        return cls(read_audio_file(path))
+
+    @property
+    def duration_s(self) -> float:
+        """Length of the audio (the silence after it not counted)."""
+        return self.samples.size / self.sample_rate_hz
+
+    async def recv(self) -> av.AudioFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        now_s = time.monotonic()
+        if self._start_s is None:
+            self._start_s = now_s
+        pts = self._pts
+        wait_s = self._start_s + pts / self.sample_rate_hz - now_s
+        if wait_s > 0:
+            await asyncio.sleep(wait_s)
+        chunk = self.samples[pts : pts + self.samples_per_frame]
+        if chunk.size < self.samples_per_frame:
+            chunk = np.concatenate([chunk, np.zeros(self.samples_per_frame - chunk.size, dtype=np.int16)])
+        if pts + self.samples_per_frame >= self.samples.size:
+            self.finished.set()
+        frame = av.AudioFrame.from_ndarray(chunk.reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate = self.sample_rate_hz
+        frame.pts = pts
+        frame.time_base = self._time_base
+        self._pts = pts + self.samples_per_frame
+        return frame
+
+
 def ws_url(url: str) -> str:
     """``http://h:p/`` or ``ws://h:p`` -> ``ws://h:p/ws``."""
     parts = urlsplit(url if "://" in url else f"ws://{url}")
@@ -113,6 +220,7 @@ class AvatarClient:
         on_video_frame: called with every received ``av.VideoFrame`` (after logging it).
         token: session token (from the server's ``POST /v1/tokens``), sent as
             ``Authorization: Bearer``; needed when the server has an api key.
+        on_message: called with every server message as it arrives (e.g. to print it).
     """
 
     def __init__(
@@ -125,6 +233,7 @@ class AvatarClient:
         keep_audio: bool = True,
         on_video_frame: Callable[[av.VideoFrame], None] | None = None,
         token: str | None = None,
+        on_message: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.url = ws_url(url)
         self.token = token
@@ -136,20 +245,25 @@ class AvatarClient:
         self.host_addresses = host_addresses
         self.keep_audio = keep_audio
         self.on_video_frame = on_video_frame
+        self.on_message = on_message
         self.received = Received()
         self.session: dict[str, Any] | None = None
         self.pc: RTCPeerConnection | None = None
+        self.microphone: MediaStreamTrack | None = None
+        self.closed_reason: str | None = None  # set once the server closed the WebSocket
         self._ws: ClientConnection | None = None
         self._recorder: MediaRecorder | None = None
-        self._player: MediaPlayer | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._new_message = asyncio.Condition()
         self._cursor = 0
 
     # ----------------------------------------------------------------------------- control
     async def connect(self) -> None:
+        """Open the WebSocket and start reading server messages."""
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
-        self._ws = await connect(self.url, max_size=MAX_MESSAGE_BYTES, compression=None, additional_headers=headers)
+        self._ws = await connect(
+            self.url, max_size=MAX_MESSAGE_BYTES, compression=None, additional_headers=headers
+        )
         self._tasks.append(asyncio.get_running_loop().create_task(self._read_loop(), name="client-ws-read"))
 
     async def send(self, message: dict[str, Any] | str) -> None:
@@ -162,54 +276,114 @@ class AvatarClient:
         try:
             async for raw in self._ws:
                 message = json.loads(raw)
+                if self.on_message is not None:
+                    self.on_message(message)
                 async with self._new_message:
                     self.received.messages.append((time.monotonic(), message))
                     self._new_message.notify_all()
         except websockets.ConnectionClosed:
             pass
+        finally:
+            close = self._ws.close_rcvd
+            reason = (
+                f"code {close.code}" + (f": {close.reason}" if close.reason else "")
+                if close
+                else "no close frame"
+            )
+            async with self._new_message:
+                self.closed_reason = reason
+                self._new_message.notify_all()
+
+    async def _wait_first(
+        self,
+        types: Sequence[str],
+        predicate: Callable[[dict[str, Any]], bool] | None,
+        timeout_s: float,
+    ) -> dict[str, Any]:
+        """The first message after the cursor whose type is in ``types`` and that matches
+        ``predicate``; the cursor moves past it. Raises ``TimeoutError`` (naming what was
+        awaited) or ``ConnectionError`` when the server closed the connection first."""
+        what = " or ".join(types)
+        try:
+            async with asyncio.timeout(timeout_s), self._new_message:
+                while True:
+                    for index in range(self._cursor, len(self.received.messages)):
+                        message = self.received.messages[index][1]
+                        if message.get("type") in types and (predicate is None or predicate(message)):
+                            self._cursor = index + 1
+                            return message
+                    if self.closed_reason is not None:
+                        raise ConnectionError(
+                            f"the server closed the connection ({self.closed_reason}) before {what}"
+                        )
+                    await self._new_message.wait()
+        except TimeoutError:
+            raise TimeoutError(f"no {what} from the server within {timeout_s:g} s") from None
 
     async def wait_for(
-        self, type_: str, predicate: Callable[[dict[str, Any]], bool] | None = None, *, timeout_s: float = 10.0
+        self,
+        type_: str,
+        predicate: Callable[[dict[str, Any]], bool] | None = None,
+        *,
+        timeout_s: float = 10.0,
     ) -> dict[str, Any]:
         """The next message of ``type_`` (after the last one returned) matching ``predicate``."""
-
-        def find() -> dict[str, Any] | None:
-            for index in range(self._cursor, len(self.received.messages)):
-                message = self.received.messages[index][1]
-                if message.get("type") == type_ and (predicate is None or predicate(message)):
-                    self._cursor = index + 1
-                    return message
-            return None
-
-        async with asyncio.timeout(timeout_s), self._new_message:
-            while (found := find()) is None:
-                await self._new_message.wait()
-            return found
+        return await self._wait_first((type_,), predicate, timeout_s)
 
     def messages(self, type_: str) -> list[dict[str, Any]]:
+        """Every message of ``type_`` received so far, in order."""
         return [m for _, m in self.received.messages if m.get("type") == type_]
 
-    async def start_session(self, image: bytes, prompt: str = "", *, timeout_s: float = 30.0) -> dict[str, Any]:
-        await self.send({"type": "session.start", "image": base64.b64encode(image).decode(), "prompt": prompt})
-        ready = await self._wait_ready_or_error(timeout_s)
+    @property
+    def state(self) -> str | None:
+        """The avatar's state from the last ``state`` message (``None`` before the first)."""
+        states = self.messages("state")
+        return states[-1]["state"] if states else None
+
+    async def start_session(
+        self,
+        image: bytes,
+        prompt: str = "",
+        *,
+        mode: str | None = None,
+        barge_in: bool | None = None,
+        session_id: str | None = None,
+        timeout_s: float = 30.0,
+    ) -> dict[str, Any]:
+        """Send ``session.start`` and return ``session.ready``.
+
+        ``mode`` (``lipsync`` or ``conversation``), ``barge_in`` and ``session_id`` are sent only
+        when given (the server's defaults apply otherwise). Raises ``ValueError`` for a bad
+        ``mode`` and ``RuntimeError`` when the server refuses the session.
+        """
+        message: dict[str, Any] = {
+            "type": "session.start",
+            "image": base64.b64encode(image).decode(),
+            "prompt": prompt,
+        }
+        if mode is not None:
+            message["mode"] = _check_mode(mode)
+        if barge_in is not None:
+            message["barge_in"] = bool(barge_in)
+        if session_id is not None:
+            message["session_id"] = session_id
+        await self.send(message)
+        ready = await self._wait_first(("session.ready", "error"), None, timeout_s)
+        if ready["type"] == "error":
+            raise RuntimeError(f"session.start refused: {ready['code']}: {ready['message']}")
         self.session = ready
         return ready
 
-    async def _wait_ready_or_error(self, timeout_s: float) -> dict[str, Any]:
-        message = await self._wait_any(("session.ready", "error"), timeout_s)
-        if message["type"] == "error":
-            raise RuntimeError(f"session.start refused: {message['code']}: {message['message']}")
-        return message
-
-    async def _wait_any(self, types: Sequence[str], timeout_s: float) -> dict[str, Any]:
-        async with asyncio.timeout(timeout_s), self._new_message:
-            while True:
-                for index in range(self._cursor, len(self.received.messages)):
-                    message = self.received.messages[index][1]
-                    if message.get("type") in types:
-                        self._cursor = index + 1
-                        return message
-                await self._new_message.wait()
+    async def update_session(self, *, mode: str | None = None, barge_in: bool | None = None) -> None:
+        """Send ``session.update`` with the options given (the others stay as they are)."""
+        message: dict[str, Any] = {"type": "session.update"}
+        if mode is not None:
+            message["mode"] = _check_mode(mode)
+        if barge_in is not None:
+            message["barge_in"] = bool(barge_in)
+        if len(message) == 1:
+            raise ValueError("update_session: give mode and/or barge_in")
+        await self.send(message)
 
     async def speak(self, utterance_id: str, chunks: Sequence[str], *, language: str | None = None) -> None:
         """Send an utterance as text chunks, then ``speak.end``."""
@@ -220,22 +394,93 @@ class AvatarClient:
             await self.send(message)
         await self.send({"type": "speak.end", "utterance_id": utterance_id})
 
+    async def wait_utterance_done(self, utterance_id: str, *, timeout_s: float = 60.0) -> dict[str, Any]:
+        """``speak.ended`` or ``interrupted`` (an interrupt or a barge-in) of ``utterance_id``."""
+        return await self._wait_first(
+            ("speak.ended", "interrupted"), lambda m: m.get("utterance_id") == utterance_id, timeout_s
+        )
+
+    async def wait_state(self, state: str, *, timeout_s: float = 30.0) -> None:
+        """Return once the avatar's state is ``state`` (at once if it is already)."""
+        if self.state == state:
+            return
+        await self._wait_first(("state",), lambda m: m.get("state") == state, timeout_s)
+
+    async def wait_idle(self, idle_s: float, *, timeout_s: float = 30.0) -> bool:
+        """Wait until the avatar has been ``idle`` for ``idle_s`` seconds in a row (no state
+        before the first ``state`` message counts as idle). Returns ``False`` when that did not
+        happen within ``timeout_s`` plus ``idle_s``.
+
+        With a microphone in ``lipsync`` mode the last words are lip-synced about one segment
+        plus generation time after they were sent, after a quiet spell; an ``idle_s`` longer
+        than that waits for them."""
+        deadline_s = time.monotonic() + timeout_s
+        while True:
+            if self.state not in (None, "idle"):
+                remaining_s = deadline_s - time.monotonic()
+                if remaining_s <= 0:
+                    return False
+                try:
+                    await self._wait_first(("state",), lambda m: m.get("state") == "idle", remaining_s)
+                except TimeoutError:
+                    return False
+            try:  # idle now: done unless another state arrives within idle_s
+                await self._wait_first(("state",), lambda m: m.get("state") != "idle", idle_s)
+            except TimeoutError:
+                return True
+
     async def interrupt(self) -> None:
+        """Send ``interrupt`` (answered by ``interrupted`` per pending utterance)."""
         await self.send({"type": "interrupt"})
 
+    async def start_recording(self, *, timeout_s: float = 10.0) -> dict[str, Any]:
+        """Send ``record.start``; returns ``record.started`` (the file's id and server path).
+        Raises ``RuntimeError`` when the server refuses (e.g. ``recording_active``)."""
+        await self.send({"type": "record.start"})
+        reply = await self._wait_first(
+            ("record.started", "error"),
+            lambda m: m["type"] != "error" or m.get("code") in _RECORD_ERRORS,
+            timeout_s,
+        )
+        if reply["type"] == "error":
+            raise RuntimeError(f"record.start refused: {reply['code']}: {reply['message']}")
+        return reply
+
+    async def stop_recording(self, *, timeout_s: float = 30.0) -> dict[str, Any]:
+        """Send ``record.stop``; returns ``record.stopped`` once the server's file is complete.
+        Raises ``RuntimeError`` when nothing is being recorded (``no_recording``)."""
+        await self.send({"type": "record.stop"})
+        reply = await self._wait_first(
+            ("record.stopped", "error"),
+            lambda m: m["type"] != "error" or m.get("code") in _RECORD_ERRORS,
+            timeout_s,
+        )
+        if reply["type"] == "error":
+            raise RuntimeError(f"record.stop refused: {reply['code']}: {reply['message']}")
+        return reply
+
     # ----------------------------------------------------------------------------- media
-    async def start_media(self, *, microphone: str | Path | None = None, timeout_s: float = 20.0) -> None:
-        """Negotiate WebRTC: receive video+audio; send ``microphone`` (an audio file) if given."""
+    async def start_media(
+        self, *, microphone: str | Path | MediaStreamTrack | None = None, timeout_s: float = 20.0
+    ) -> None:
+        """Negotiate WebRTC: receive video+audio; send ``microphone`` if given.
+
+        ``microphone`` is an audio file (any format PyAV reads; sent at real-time pace by
+        :class:`AudioFileTrack`, then silence) or an audio ``MediaStreamTrack``. Without one the
+        audio section is ``recvonly``. The track sent is kept in :attr:`microphone`.
+        """
+        if isinstance(microphone, (str, Path)):
+            microphone = await asyncio.to_thread(AudioFileTrack.from_file, microphone)
         use_host_addresses(self.host_addresses)
         # The server's STUN/TURN servers (session.ready) unless the caller chose its own.
         pc = make_peer_connection(self.ice_servers or (self.session or {}).get("ice_servers") or [])
         self.pc = pc
         pc.addTransceiver("video", direction="recvonly")
         if microphone is not None:
-            self._player = MediaPlayer(str(microphone))
-            if self._player.audio is None:
-                raise ValueError(f"microphone: {microphone} has no audio stream")
-            pc.addTrack(self._player.audio)
+            if microphone.kind != "audio":
+                raise ValueError(f"microphone: need an audio track, got {microphone.kind}")
+            self.microphone = microphone
+            pc.addTransceiver(microphone, direction="sendrecv")
         else:
             pc.addTransceiver("audio", direction="recvonly")
         if self.record_path is not None:
@@ -253,7 +498,7 @@ class AvatarClient:
         offer = await pc.createOffer()
         await pc.setLocalDescription(offer)
         await self.send({"type": "webrtc.offer", "sdp": pc.localDescription.sdp})
-        answer = await self._wait_any(("webrtc.answer", "error"), timeout_s)
+        answer = await self._wait_first(("webrtc.answer", "error"), None, timeout_s)
         if answer["type"] == "error":
             raise RuntimeError(f"webrtc.offer refused: {answer['code']}: {answer['message']}")
         await pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type="answer"))
@@ -272,7 +517,13 @@ class AvatarClient:
             arrival_s = time.monotonic()
             luma = frame.to_ndarray(format="gray")
             self.received.video.append(
-                VideoRecord(arrival_s, float(frame.pts * frame.time_base), frame.width, frame.height, float(luma.mean()))
+                VideoRecord(
+                    arrival_s,
+                    float(frame.pts * frame.time_base),
+                    frame.width,
+                    frame.height,
+                    float(luma.mean()),
+                )
             )
             if self.on_video_frame is not None:
                 self.on_video_frame(frame)
@@ -305,21 +556,29 @@ class AvatarClient:
                 forward.push(frame)
 
     async def close(self) -> None:
-        """Stop recording (flushing the MP4), close the peer connection and the WebSocket."""
+        """Stop recording (flushing the MP4), close the WebSocket (which ends the session on the
+        server), then the peer connection. In that order the server sees a client that left,
+        not a peer connection that failed under a running session."""
         if self._recorder is not None:
             with contextlib.suppress(Exception):
                 await self._recorder.stop()
-        if self.pc is not None:
-            await self.pc.close()
-        if self._player is not None and self._player.audio is not None:
-            self._player.audio.stop()
         if self._ws is not None:
             await self._ws.close()
+        if self.pc is not None:
+            await self.pc.close()
+        if self.microphone is not None:
+            self.microphone.stop()
         for task in reversed(self._tasks):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks.clear()
+
+
+def _check_mode(mode: str) -> str:
+    if mode not in SESSION_MODES:
+        raise ValueError(f"mode: {mode!r} is not one of {', '.join(SESSION_MODES)}")
+    return mode
 
 
 def split_chunks(text: str, words_per_chunk: int) -> list[str]:
@@ -345,31 +604,89 @@ async def run_client(
     duration_s: float,
     timeout_s: float,
     out: Callable[[str], None] = print,
+    err: Callable[[str], None] | None = None,
     token: str | None = None,
+    mode: str | None = None,
+    barge_in: bool | None = None,
+    session_id: str | None = None,
+    server_record: bool = False,
+    interrupt_after_s: float | None = None,
 ) -> dict[str, Any]:
-    """What ``avatar-server client`` does; returns the summary it prints last."""
-    client = AvatarClient(url, record_path=record, keep_audio=False, token=token)
+    """What ``avatar-server client`` does; returns the summary it prints last.
+
+    Every server message except ``stats`` is printed (``out``) as a JSON line as it arrives;
+    ``error`` frames are also written to ``err`` as one readable line. The session starts
+    with ``mode``/``barge_in``/``session_id`` (when given); ``microphone`` (an audio file) is
+    sent at real-time pace, then silence. Each of ``says`` is one utterance, interrupted
+    ``interrupt_after_s`` after its ``speak.started`` when that is given. Once the utterances
+    are done and the microphone file is sent, the client leaves after the avatar has been idle
+    for ``duration_s`` (see :meth:`AvatarClient.wait_idle`). With ``server_record`` the server
+    records the session from media start to the end (``record.start`` / ``record.stop``) and
+    the summary carries its ``record.stopped`` as ``server_recording``.
+
+    The summary says ``failure`` (a refused session, a timeout, the server closing the
+    connection) and lists the ``errors`` codes received; the client stops at a failure.
+    Raises ``ValueError`` (naming the file) when ``microphone`` cannot be decoded.
+    """
+    errors: list[str] = []
+
+    def on_message(message: dict[str, Any]) -> None:
+        if message.get("type") == "stats":
+            return
+        out(json.dumps(message))
+        if message.get("type") == "error":
+            errors.append(str(message.get("code")))
+            if err is not None:
+                err(f"server error {message.get('code')}: {message.get('message')}")
+
+    track = None if microphone is None else await asyncio.to_thread(AudioFileTrack.from_file, microphone)
+    client = AvatarClient(url, record_path=record, keep_audio=False, token=token, on_message=on_message)
     started = time.monotonic()
+    failure: str | None = None
+    server_recording: dict[str, Any] | None = None
     await client.connect()
     try:
-        ready = await client.start_session(image, prompt, timeout_s=timeout_s)
-        out(json.dumps(ready))
-        await client.start_media(microphone=microphone, timeout_s=timeout_s)
-        printed = len(client.received.messages)
+        await client.start_session(
+            image, prompt, mode=mode, barge_in=barge_in, session_id=session_id, timeout_s=timeout_s
+        )
+        await client.start_media(microphone=track, timeout_s=timeout_s)
+        if server_record:
+            await client.start_recording(timeout_s=timeout_s)
         for number, text in enumerate(says, start=1):
             utterance_id = f"u{number}"
             await client.speak(utterance_id, split_chunks(text, chunk_words), language=language)
-            await client.wait_for("speak.ended", lambda m, u=utterance_id: m["utterance_id"] == u, timeout_s=timeout_s)
-            for _, message in client.received.messages[printed:]:
-                if message["type"] != "stats":
-                    out(json.dumps(message))
-            printed = len(client.received.messages)
-        await asyncio.sleep(duration_s)
-        for _, message in client.received.messages[printed:]:
-            if message["type"] != "stats":
-                out(json.dumps(message))
+            if interrupt_after_s is not None:
+                first = await client._wait_first(
+                    ("speak.started", "speak.ended", "interrupted"),
+                    lambda m, u=utterance_id: m.get("utterance_id") == u,
+                    timeout_s,
+                )
+                if first["type"] != "speak.started":  # over before it started (e.g. no words)
+                    continue
+                await asyncio.sleep(interrupt_after_s)
+                await client.interrupt()
+            await client.wait_utterance_done(utterance_id, timeout_s=timeout_s)
+        if track is not None:
+            try:
+                async with asyncio.timeout(track.duration_s + timeout_s):
+                    await track.finished.wait()
+            except TimeoutError:
+                raise TimeoutError(
+                    f"the microphone file was not sent within {track.duration_s + timeout_s:g} s"
+                ) from None
+        await client.wait_idle(duration_s, timeout_s=timeout_s)
+        if server_record:
+            stopped = client.messages("record.stopped")
+            # The server may have stopped it already (a recording limit, a write error).
+            server_recording = stopped[-1] if stopped else await client.stop_recording(timeout_s=timeout_s)
+    except (RuntimeError, ConnectionError, TimeoutError) as exc:
+        failure = str(exc)
+        if err is not None:
+            err(f"failed: {failure}")
     finally:
         await client.close()
+    if server_record and server_recording is None and client.messages("record.stopped"):
+        server_recording = client.messages("record.stopped")[-1]
     elapsed_s = time.monotonic() - started
     video = client.received.video
     span_s = video[-1].arrival_s - video[0].arrival_s if len(video) > 1 else 0.0
@@ -380,6 +697,12 @@ async def run_client(
         "audio_frames": len(client.received.audio),
         "elapsed_s": round(elapsed_s, 2),
         "recording": None if record is None else str(record),
+        "server_recording": None
+        if server_recording is None
+        else {k: v for k, v in server_recording.items() if k != "type"},
+        "microphone_s": None if track is None else round(track.duration_s, 3),
+        "errors": errors,
+        "failure": failure,
     }
     out(json.dumps(summary))
     return summary

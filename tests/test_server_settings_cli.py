@@ -48,9 +48,29 @@ def test_parser_has_serve_and_client() -> None:
     assert parser.parse_args(["download", "/data/x", "--variant", "base"]).variant == ["base"]
     assert parser.parse_args(["generate", "--prompt", "A man speaks."]).command == "generate"
     args = parser.parse_args(["client", "--image", "x.png", "--say", "Hello", "--say", "Bonjour", "--mic", "a.flac"])
-    assert args.command == "client" and args.say == ["Hello", "Bonjour"]
+    assert args.command == "client" and args.say == ["Hello", "Bonjour"] and str(args.audio) == "a.flac"
+    args = parser.parse_args(
+        ["client", "--image", "x.png", "--mode", "conversation", "--audio", "a.wav", "--barge-in", "--server-record"]
+    )
+    assert (args.mode, str(args.audio), args.barge_in, args.server_record) == ("conversation", "a.wav", True, True)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["client", "--image", "x.png", "--mode", "lipsync"])  # the CLI's modes, not the wire's
     with pytest.raises(SystemExit):
         parser.parse_args(["serve", "--engine", "nope"])
+
+
+def test_client_mode_defaults_and_checks(media_dir) -> None:
+    parser = cli.build_parser()
+    image = str(media_dir / "portrait.png")
+    audio = str(media_dir / "jfk.flac")
+    args = parser.parse_args(["client", "--image", image])
+    assert cli.check_client_args(args) is None and args.mode == "text"
+    args = parser.parse_args(["client", "--image", image, "--audio", audio, "--barge-in"])
+    assert cli.check_client_args(args) is None and args.mode == "microphone"
+    args = parser.parse_args(["client", "--image", image, "--interrupt-after", "-1"])
+    assert cli.check_client_args(args) == "--interrupt-after: must not be negative, got -1"
+    args = parser.parse_args(["client", "--image", "nope.png"])
+    assert cli.check_client_args(args) == "--image: nope.png: no such file"
 
 
 def test_json_logging(capsys) -> None:
