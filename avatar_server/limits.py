@@ -5,12 +5,15 @@ names it (``"... the limit is max_messages_per_s = 20"``); the table of limits a
 in docs/PROTOCOL.md ("Limits").
 
 * :class:`AdmissionRegistry` (one per server) counts open connections and running sessions by
-  client address and by session token, and refuses ``/ws`` handshakes over
-  ``max_connections_per_address`` with HTTP 429 before any work is done.
+  client address and by session token, and running recordings, and refuses ``/ws`` handshakes
+  over ``max_connections_per_address`` with HTTP 429 before any work is done. The client
+  address is the one :meth:`~avatar_server.auth.Authenticator.client_address` decides (the
+  TCP peer, or the forwarded client behind a trusted proxy).
 * :class:`ConnectionGuard` (one per WebSocket) enforces the per-connection limits: the message
   rate (a token bucket), pending utterances, sessions per token/address and the session id a
-  token binds, the SDP of an offer, the microphone track, the time to get media flowing, and
-  consecutive engine failures. It ends a connection by sending an ``error`` frame and closing
+  token binds, the SDP of an offer, the microphone track, the time to get media flowing,
+  consecutive engine failures, and recordings (per session, server-wide, free disk space; the
+  recorder itself enforces the length, size and disk floor of a running recording). It ends a connection by sending an ``error`` frame and closing
   the WebSocket with a reason that names the limit; the connection's own ``close`` (which runs
   when the WebSocket ends) then releases the session, its peer connection, tracks and tasks.
 * :class:`GuardedMicrophoneTrack` checks each incoming microphone frame (sample rate, channels,
@@ -28,6 +31,7 @@ import http
 import logging
 import time
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -39,6 +43,14 @@ from avatar_server import protocol
 from avatar_server.auth import SESSION_ID_RE, WEBSOCKET_PATH, Grant, new_session_id, peer_host, plain_response
 from avatar_server.settings import Limits
 from streaming import events
+from streaming.recorder import (
+    LIMIT_DISK,
+    LIMIT_DURATION,
+    LIMIT_SIZE,
+    RecordingLimits,
+    RecordingResult,
+    disk_free_bytes,
+)
 from streaming.session import SessionInputError
 
 if TYPE_CHECKING:
@@ -157,14 +169,31 @@ def check_sdp(sdp: str, limits: Limits) -> None:
 
 # --------------------------------------------------------------------------------- server-wide counts
 class AdmissionRegistry:
-    """Open connections and running sessions by client address and by token (one per server)."""
+    """Open connections and running sessions by client address and by token, and running
+    recordings (one per server).
 
-    def __init__(self, limits: Limits) -> None:
+    Args:
+        limits: the limits.
+        address_of: ``(connection, request) -> client address`` (the server passes
+            :meth:`~avatar_server.auth.Authenticator.client_address`; default: the TCP peer).
+        free_bytes: ``directory -> free bytes of its volume`` (tests inject a fake disk).
+    """
+
+    def __init__(
+        self,
+        limits: Limits,
+        *,
+        address_of: Callable[[ServerConnection, Request], str] | None = None,
+        free_bytes: Callable[[Path], int] = disk_free_bytes,
+    ) -> None:
         self.limits = limits
+        self.address_of = address_of or (lambda connection, request: peer_host(connection))
+        self.free_bytes = free_bytes
         self.connections_by_address: collections.Counter[str] = collections.Counter()
         self.sessions_by_address: collections.Counter[str] = collections.Counter()
         self.sessions_by_token: collections.Counter[str] = collections.Counter()
         self.running_session_ids: set[str] = set()
+        self.recordings_running = 0
 
     def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         """HTTP 503 for a ``/ws`` handshake at ``max_connections``, 429 from an address at
@@ -178,7 +207,7 @@ class AdmissionRegistry:
                 f"server busy: {total} connections; the limit is max_connections = {self.limits.max_connections}",
                 [("Retry-After", "5")],
             )
-        address = peer_host(connection)
+        address = self.address_of(connection, request)
         limit = self.limits.max_connections_per_address
         if self.connections_by_address[address] >= limit:
             return plain_response(
@@ -324,6 +353,8 @@ class ConnectionGuard:
         self._engine_failures = 0
         self._media_phase: str | None = None
         self._media_deadline_s = 0.0
+        self._recording = False  # a recording is reserved (running or starting)
+        self.recordings_started = 0
         self.ended_with: str | None = None  # the error code that ended the connection
 
         self._opened_s = time.monotonic()
@@ -466,6 +497,80 @@ class ConnectionGuard:
             while len(self._closed_utterances) > _REMEMBERED_UTTERANCES:
                 self._closed_utterances.popitem(last=False)
 
+    # ----------------------------------------------------------------------------- recording
+    def reserve_recording(self) -> None:
+        """Count a starting recording against ``max_recordings_per_session`` and
+        ``max_concurrent_recordings``. Undo with :meth:`release_recording`.
+
+        Raises:
+            LimitError: ``recording_active`` or ``too_many_recordings``.
+        """
+        limits, admission = self.limits, self.admission
+        if self._recording:
+            raise LimitError("recording_active", "record.start: the session is already recording")
+        if self.recordings_started >= limits.max_recordings_per_session:
+            self._refuse_recording(
+                "too_many_recordings",
+                f"record.start: this session made {self.recordings_started} recordings; "
+                f"the limit is max_recordings_per_session = {limits.max_recordings_per_session}",
+            )
+        if admission.recordings_running >= limits.max_concurrent_recordings:
+            self._refuse_recording(
+                "too_many_recordings",
+                f"record.start: {admission.recordings_running} recordings are running on the server; "
+                f"the limit is max_concurrent_recordings = {limits.max_concurrent_recordings}",
+            )
+        self._recording = True
+        self.recordings_started += 1
+        admission.recordings_running += 1
+
+    def release_recording(self, *, started: bool = True) -> None:
+        """Undo :meth:`reserve_recording` once the recording is finished (idempotent);
+        ``started=False``: it never started and does not count against the session."""
+        if not self._recording:
+            return
+        self._recording = False
+        self.admission.recordings_running -= 1
+        if not started:
+            self.recordings_started -= 1
+
+    async def check_recording_disk(self, directory: Path) -> None:
+        """Refuse a recording while the volume of ``directory`` has less free space than
+        ``min_recording_free_bytes`` (queried off the event loop; a volume that cannot be
+        queried is not refused here: writing to it fails with its own error).
+
+        Raises:
+            LimitError: ``disk_full``.
+        """
+        floor = self.limits.min_recording_free_bytes
+        if floor <= 0:
+            return
+        try:
+            free = await asyncio.to_thread(self.admission.free_bytes, directory)
+        except OSError as exc:
+            logger.warning("free space of %s unknown (%s): recording anyway", directory, exc)
+            return
+        if free < floor:
+            self._refuse_recording(
+                "disk_full",
+                f"record.start: {free} bytes free on the recordings volume; "
+                f"the limit is min_recording_free_bytes = {floor}",
+            )
+
+    def recording_limits(self) -> RecordingLimits:
+        """The bounds of one recording of this connection's session."""
+        limits = self.limits
+        return RecordingLimits(
+            max_seconds=limits.max_recording_s,
+            max_bytes=limits.max_recording_bytes,
+            min_free_bytes=limits.min_recording_free_bytes or None,
+            free_bytes=self.admission.free_bytes,
+        )
+
+    def _refuse_recording(self, code: str, message: str) -> None:
+        self._conn.app.metrics.recordings_refused.labels(code).inc()
+        raise LimitError(code, message)
+
     # ----------------------------------------------------------------------------- media
     def check_offer(self, sdp: str) -> None:
         check_sdp(sdp, self.limits)
@@ -583,6 +688,7 @@ class ConnectionGuard:
             return
         self._closed = True
         self.release_session()
+        self.release_recording()
         self.admission._drop(self.admission.connections_by_address, self.address)
         tasks = list(self._tasks)
         current = asyncio.current_task()
@@ -601,6 +707,40 @@ class ConnectionGuard:
         task = asyncio.get_running_loop().create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def recording_stop_reason(result: RecordingResult, requested: str) -> str:
+    """The ``record.stopped`` reason of ``result``: ``failed``, the limit that ended it
+    (``max_duration``, ``max_size``, ``disk_full``), or ``requested`` (``stopped`` by
+    ``record.stop``, ``session_ended``)."""
+    if result.error is not None:
+        return "failed"
+    return result.limit or requested
+
+
+def recording_stop_message(result: RecordingResult, reason: str, limits: Limits) -> str:
+    """Why a recording stopped, naming the limit when one stopped it."""
+    seconds = result.duration_ms / 1000
+    if reason == LIMIT_DURATION:
+        return (
+            f"recording stopped after {seconds:g} s of media: the limit is max_recording_s = {limits.max_recording_s:g}"
+        )
+    if reason == LIMIT_SIZE:
+        return (
+            f"recording stopped after {seconds:g} s at {result.size_bytes} bytes: "
+            f"the limit is max_recording_bytes = {limits.max_recording_bytes}"
+        )
+    if reason == LIMIT_DISK:
+        free = "too few" if result.free_bytes is None else str(result.free_bytes)
+        return (
+            f"recording stopped after {seconds:g} s: {free} bytes free on the recordings volume; "
+            f"the limit is min_recording_free_bytes = {limits.min_recording_free_bytes}"
+        )
+    if reason == "failed":
+        return f"recording failed after {seconds:g} s: {result.error}"
+    if reason == "session_ended":
+        return f"recording stopped after {seconds:g} s: the session ended"
+    return f"recording stopped after {seconds:g} s by record.stop"
 
 
 async def _drain(track: MediaStreamTrack) -> None:

@@ -134,6 +134,30 @@ class Metrics:
             "Video frames and audio chunks a recording writer could not keep up with",
             registry=r,
         )
+        self.recordings_stopped = Counter(
+            "avatar_server_recordings_stopped",
+            "Recordings finished, by reason (stopped, session_ended, max_duration, max_size, disk_full, failed)",
+            ["reason"],
+            registry=r,
+        )
+        self.recordings_refused = Counter(
+            "avatar_server_recordings_refused",
+            "record.start refused by a limit (too_many_recordings, disk_full)",
+            ["reason"],
+            registry=r,
+        )
+        # Authentication (brute-force throttling of api-key checks).
+        self.auth_failures = Counter(
+            "avatar_server_auth_failures",
+            "Failed api-key checks, by route (tokens, admin, sessions)",
+            ["route"],
+            registry=r,
+        )
+        self.auth_throttled = Counter(
+            "avatar_server_auth_throttled",
+            "Requests answered 429 because their address failed too many api-key checks",
+            registry=r,
+        )
 
     def observe(self, event: SessionEvent) -> None:
         """Account one session event."""

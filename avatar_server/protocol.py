@@ -230,12 +230,22 @@ class RecordStarted(_Message):
 
 
 class RecordStopped(_Message):
+    """A recording is finished; the file is a complete MP4 whatever the reason."""
+
     type: Literal["record.stopped"] = "record.stopped"
     recording_id: str
     path: str
     duration_ms: int
     dropped_frames: int = 0
     error: str | None = None
+    reason: Literal["stopped", "session_ended", "max_duration", "max_size", "disk_full", "failed"] = Field(
+        "stopped",
+        description=(
+            "stopped (record.stop), session_ended, a limit (max_duration, max_size, disk_full) or failed (see error)"
+        ),
+    )
+    message: str = Field("", description="why it stopped; names the limit when one stopped it")
+    size_bytes: int = Field(0, description="size of the finished file in bytes")
 
 
 class SessionEnded(_Message):

@@ -36,7 +36,12 @@ from websockets.http11 import Request, Response
 from avatar_server import protocol
 from avatar_server.auth import Authenticator, startup_problem
 from avatar_server.images import ImageError, decode_image, set_pixel_limit
-from avatar_server.limits import AdmissionRegistry, ConnectionGuard
+from avatar_server.limits import (
+    AdmissionRegistry,
+    ConnectionGuard,
+    recording_stop_message,
+    recording_stop_reason,
+)
 from avatar_server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from avatar_server.metrics import Metrics
 from avatar_server.settings import Settings
@@ -316,6 +321,7 @@ class ClientConnection:
         self.last_control_s = time.monotonic()  # last client message (idle timeout)
         self.recording_id: str | None = None
         self.recordings = 0
+        self._recording_end_tasks: set[asyncio.Task[None]] = set()  # recordings ended by a limit
         self.guard = ConnectionGuard(self)
 
     async def run(self) -> None:
@@ -340,7 +346,7 @@ class ClientConnection:
         if self.session is not None:
             if self.session.recorder is not None:
                 result = await self.session.stop_recording()
-                self._recording_stopped(result)
+                self._recording_stopped(result, "session_ended")
             await self.session.close()
             logger.info("session %s closed", self.session_id)
             if not self._ended:
@@ -432,7 +438,7 @@ class ClientConnection:
         if self.session is not None:
             self.app.metrics.sessions_ended.labels(reason).inc()
             if self.session.recorder is not None:  # finish the file before saying goodbye
-                self._recording_stopped(await self.session.stop_recording())
+                self._recording_stopped(await self.session.stop_recording(), "session_ended")
         frames = [protocol.SessionEnded(reason=reason, message=message)]
         if error:
             self.app.metrics.client_errors.labels(reason).inc()
@@ -451,23 +457,57 @@ class ClientConnection:
                 await self.ws.close(close_code, f"{reason}: {message}"[:120])
 
     # ----------------------------------------------------------------------------- recording
-    def _record_start(self, session: SessionRunner) -> None:
+    async def _record_start(self, session: SessionRunner) -> None:
+        """``record.start``: checked against the recording limits (per session, server-wide,
+        free disk), then started with the length/size/disk bounds of ``settings.limits``."""
         settings = self.app.settings
+        self.guard.reserve_recording()
+        try:
+            await self.guard.check_recording_disk(settings.recordings_dir)
+            if self.session is not session or self._closed:
+                raise SessionInputError("no_session", "type: record.start needs a session; send session.start first")
+            stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+            recording_id = f"{self.session_id}-{self.recordings + 1}"
+            path = settings.recordings_dir / f"{stamp}-{recording_id}.mp4"
+            recorder = session.start_recording(path)
+        except BaseException:
+            self.guard.release_recording(started=False)
+            raise
+        recorder.set_limits(self.guard.recording_limits(), on_end=functools.partial(self._recording_ended, recorder))
         self.recordings += 1
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        recording_id = f"{self.session_id}-{self.recordings}"
-        path = settings.recordings_dir / f"{stamp}-{recording_id}.mp4"
-        session.start_recording(path)
         self.recording_id = recording_id
         self.app.metrics.recordings_active.inc()
         logger.info("session %s: recording to %s", self.session_id, path)
         self.send(protocol.RecordStarted(recording_id=recording_id, path=str(path)))
 
-    def _recording_stopped(self, result) -> None:
+    def _recording_ended(self, recorder) -> None:
+        """A recording ended by itself (a limit or a write error; its file is finished): stop
+        it and tell the client, unless it was stopped meanwhile."""
+        session = self.session
+        if session is None or session.recorder is not recorder:
+            return
+
+        async def finish() -> None:
+            if session.recorder is recorder:
+                self._recording_stopped(await session.stop_recording(), "stopped")
+
+        task = asyncio.get_running_loop().create_task(finish(), name="recording-end")
+        self._recording_end_tasks.add(task)
+        task.add_done_callback(self._recording_end_tasks.discard)
+
+    def _recording_stopped(self, result, requested: str) -> None:
+        """Account a finished recording and send ``record.stopped`` (its ``reason``: a limit,
+        ``failed``, or ``requested``: ``stopped`` or ``session_ended``)."""
+        self.guard.release_recording()
         self.app.metrics.recordings_active.dec()
         dropped = result.dropped_video_frames + result.dropped_audio_chunks
         if dropped:
             self.app.metrics.recording_frames_dropped.inc(dropped)
+        reason = recording_stop_reason(result, requested)
+        self.app.metrics.recordings_stopped.labels(reason).inc()
+        message = recording_stop_message(result, reason, self.app.settings.limits)
+        if reason != requested:
+            logger.info("session %s: %s", self.session_id, message)
         if result.error is not None:
             self.send_error("recording_failed", f"record.stop: {result.error}")
         self.send(
@@ -477,6 +517,9 @@ class ClientConnection:
                 duration_ms=result.duration_ms,
                 dropped_frames=result.dropped_video_frames,
                 error=result.error,
+                reason=reason,
+                message=message,
+                size_bytes=result.size_bytes,
             )
         )
         self.recording_id = None
@@ -506,10 +549,10 @@ class ClientConnection:
             elif isinstance(message, protocol.SessionUpdate):
                 self._require_session("session.update").set_mode(mode=message.mode, barge_in=message.barge_in)
             elif isinstance(message, protocol.RecordStart):
-                self._record_start(self._require_session("record.start"))
+                await self._record_start(self._require_session("record.start"))
             elif isinstance(message, protocol.RecordStop):
                 session = self._require_session("record.stop")
-                self._recording_stopped(await session.stop_recording())
+                self._recording_stopped(await session.stop_recording(), "stopped")
             self.guard.accepted(message)
         except (ImageError, SessionInputError) as exc:
             self.send_error(exc.code, str(exc), field=_field_of(str(exc)))

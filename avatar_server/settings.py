@@ -12,10 +12,11 @@ import ipaddress
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MIB = 1024 * 1024
+GIB = 1024 * MIB
 
 EnginePreset = Literal["preview", "testpattern", "full"]
 
@@ -57,6 +58,28 @@ class Limits(BaseModel):
         description="sample rates accepted on the microphone track",
     )
     max_engine_failures: int = Field(3, ge=1, description="failed segments in a row before a session ends")
+    # Recording (record.start; enforced by avatar_server/limits.py and streaming/recorder.py).
+    max_recording_s: float = Field(
+        1800.0, gt=0, description="longest single recording, seconds of media; then it stops (reason max_duration)"
+    )
+    max_recording_bytes: int = Field(
+        2 * GIB,
+        ge=MIB,
+        description=(
+            "largest recording file; it stops when its output on disk reaches this (reason max_size; the "
+            "finished file may be larger by the writer's buffered output, up to about 256 KiB, and the MP4 index)"
+        ),
+    )
+    min_recording_free_bytes: int = Field(
+        1 * GIB,
+        ge=0,
+        description=(
+            "free space kept on the recordings volume: record.start is refused below it and a running "
+            "recording stops (reason disk_full)"
+        ),
+    )
+    max_recordings_per_session: int = Field(16, ge=1, description="recordings one session may start in all")
+    max_concurrent_recordings: int = Field(4, ge=1, description="recordings running at once, server-wide")
 
     @model_validator(mode="after")
     def _message_fits_image(self) -> Limits:
@@ -88,6 +111,17 @@ class AuthSettings(BaseModel):
     max_token_ttl_s: float = Field(3600.0, gt=0, description="longest lifetime a token request may ask for")
     admin_from_loopback: bool = Field(
         True, description="/metrics and admin routes answer loopback peers without the api key"
+    )
+    # Brute-force throttling of api-key checks (POST /v1/tokens, /metrics and admin routes).
+    max_key_failures: int = Field(
+        10, ge=1, description="failed api-key checks from one client address within key_failure_window_s before it is throttled"
+    )
+    key_failure_window_s: float = Field(60.0, gt=0, description="window in which failed api-key checks are counted")
+    key_failure_backoff_s: float = Field(
+        60.0, gt=0, description="how long a throttled address is answered HTTP 429 on routes that check the api key"
+    )
+    max_tracked_addresses: int = Field(
+        10_000, ge=16, description="client addresses the failure throttle remembers (least recently seen forgotten first)"
     )
 
 
@@ -168,6 +202,27 @@ class Settings(BaseSettings):
     tls_cert: Path | None = Field(None, description="PEM certificate (chain) to serve https/wss")
     tls_key: Path | None = Field(None, description="PEM private key of tls_cert")
     auth: AuthSettings = Field(default_factory=AuthSettings)
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description=(
+            "reverse proxies (IPs or CIDRs) whose forwarding header names the client; empty: forwarding "
+            "headers are ignored and the TCP peer is the client"
+        ),
+    )
+    forwarded_header: Literal["x-forwarded-for", "forwarded"] = Field(
+        "x-forwarded-for",
+        description="the header the trusted proxies append the client to: X-Forwarded-For or Forwarded (for=)",
+    )
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxy_networks(cls, value: list[str]) -> list[str]:
+        for item in value:
+            try:
+                ipaddress.ip_network(item.strip(), strict=False)
+            except ValueError:
+                raise ValueError(f"trusted_proxies: {item[:64]!r} is not an IP address or CIDR network") from None
+        return [item.strip() for item in value]
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
