@@ -3,6 +3,8 @@
 Catches: a hop other than 2048 (25 latents/s at 51.2 kHz), the wrong output length (must be exactly
 ``1764 * A`` samples at 44.1 kHz), a resampler other than the FFT one, clipping of the decoded
 waveform, the posterior mode instead of a sample, mono not duplicated to stereo, and missing limits.
+The live preview engine's 12.8 kHz variant (hop 512) must keep 25 latents/s and exact durations,
+while the released configuration (diffusers' defaults) must stay at 51.2 kHz / hop 2048.
 """
 
 from __future__ import annotations
@@ -11,13 +13,17 @@ import av
 import numpy as np
 import pytest
 import scipy.signal
+import soxr
 import torch
+from diffusers import AutoencoderOobleck
 
 from engine.codecs.audio_vae import (
+    HOP_SAMPLES,
     LATENT_RATE_HZ,
     MODEL_SAMPLE_RATE,
     OUTPUT_SAMPLE_RATE,
     OobleckAudioVAE,
+    model_sample_rate_for,
 )
 from tests.conftest import SHARED_DIR
 
@@ -42,11 +48,53 @@ def vae() -> OobleckAudioVAE:
     return OobleckAudioVAE.preview(seed=0)
 
 
+@pytest.fixture(scope="module")
+def vae_12k() -> OobleckAudioVAE:
+    """The live preview engine's variant: 12.8 kHz model rate (hop 512), bf16 encoder."""
+    return OobleckAudioVAE.preview(seed=0, encode_dtype=torch.bfloat16, model_sample_rate=12_800)
+
+
 def test_constants_and_preview_layout(vae):
-    assert (LATENT_RATE_HZ, MODEL_SAMPLE_RATE, OUTPUT_SAMPLE_RATE) == (25, 51200, 44100)
+    assert (LATENT_RATE_HZ, MODEL_SAMPLE_RATE, OUTPUT_SAMPLE_RATE, HOP_SAMPLES) == (25, 51200, 44100, 2048)
     cfg = vae.vae.config
     assert int(np.prod(cfg.downsampling_ratios)) == 2048
     assert cfg.decoder_input_channels == 64 and cfg.encoder_hidden_size == 128 and cfg.audio_channels == 2
+    assert (vae.model_sample_rate, vae.hop_samples) == (51200, 2048)  # the default preview keeps the real hop
+
+
+@pytest.mark.filterwarnings("ignore:.*weight_norm.*deprecated:FutureWarning")
+def test_released_config_keeps_51200_hz():
+    """diffusers' defaults are Stable-Audio-Open's (CODECS.md §3.4): the rate derived from them must be
+    exactly 51.2 kHz with hop 2048 (built on the meta device: no weights, no memory)."""
+    with torch.device("meta"):
+        real = OobleckAudioVAE(AutoencoderOobleck())
+    assert list(real.vae.config.downsampling_ratios) == [2, 4, 4, 8, 8]
+    assert (real.model_sample_rate, real.hop_samples) == (51200, 2048)
+    assert sum(p.numel() for p in real.vae.parameters()) == 156_112_514  # CODECS.md §3.1
+
+
+def test_model_rate_is_derived_from_the_strides():
+    assert model_sample_rate_for([2, 4, 4, 8, 8]) == 51200
+    assert model_sample_rate_for((2, 2, 4, 4, 8)) == 12800
+    for bad in ([2, 4, 4, 8, 5], [], [2, 0]):
+        with pytest.raises(ValueError, match="even"):
+            model_sample_rate_for(bad)
+    with pytest.raises(ValueError, match="model_sample_rate"):
+        OobleckAudioVAE.preview(model_sample_rate=16000)
+
+
+def test_12k_preview_layout(vae_12k):
+    cfg = vae_12k.vae.config
+    assert list(cfg.downsampling_ratios) == [2, 2, 4, 4, 8]
+    assert (vae_12k.model_sample_rate, vae_12k.hop_samples) == (12800, 512)
+    assert cfg.decoder_input_channels == 64 and cfg.encoder_hidden_size == 128 and cfg.audio_channels == 2
+    assert vae_12k.output_sample_rate == 44100
+
+
+def test_from_pretrained_refuses_a_hop_other_than_2048(vae_12k, tmp_path):
+    vae_12k.vae.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="hop 512"):
+        OobleckAudioVAE.from_pretrained(tmp_path)
 
 
 def test_preview_is_seeded(vae):
@@ -68,10 +116,13 @@ def test_decode_length_and_fft_resample(vae):
     assert vae.decode(z[:, :1])[0].shape == (1764, 2)
 
 
-def test_decode_resamples_a_sine_without_clipping(vae, monkeypatch):
-    """A 1 kHz sine of amplitude 2.5 at 51.2 kHz must come out as the same sine at 44.1 kHz, unclipped."""
-    a = 10
-    t = np.arange(2048 * a) / MODEL_SAMPLE_RATE
+@pytest.mark.parametrize("which", ["vae", "vae_12k"])
+def test_decode_resamples_a_sine_without_clipping(which, request, monkeypatch):
+    """A 1 kHz sine of amplitude 2.5 at the model rate (51.2 kHz; 12.8 kHz for the live preview) must
+    come out as the same sine at 44.1 kHz, unclipped."""
+    vae = request.getfixturevalue(which)
+    a, hop, rate_in = 10, vae.hop_samples, vae.model_sample_rate
+    t = np.arange(hop * a) / rate_in
     sine = torch.from_numpy(2.5 * np.sin(2 * np.pi * 1000 * t)).float()
 
     class Out:
@@ -79,9 +130,21 @@ def test_decode_resamples_a_sine_without_clipping(vae, monkeypatch):
 
     monkeypatch.setattr(vae.vae, "decode", lambda z: Out())
     wave, rate = vae.decode(torch.zeros(1, a, 64))
+    assert rate == 44100 and wave.shape == (1764 * a, 2)
     t_out = np.arange(1764 * a) / OUTPUT_SAMPLE_RATE
     np.testing.assert_allclose(wave[:, 0], 2.5 * np.sin(2 * np.pi * 1000 * t_out), atol=1e-4)
     assert wave.max() > 2.49
+
+
+def test_12k_decode_length_is_exact(vae_12k):
+    z = torch.randn(1, 51, 64, generator=torch.Generator().manual_seed(0))
+    raw = vae_12k.decode_model_rate(z)
+    assert raw.shape == (1, 2, 512 * 51) and raw.dtype == torch.float32  # 2.04 s at 12.8 kHz
+    wave, rate = vae_12k.decode(z)
+    assert rate == 44100 and wave.dtype == np.float32
+    assert wave.shape == (1764 * 51, 2) and wave.shape[0] / rate == 51 / 25  # exactly 2.04 s
+    expected = scipy.signal.resample(raw[0].T.numpy(), 1764 * 51, axis=0)  # FFT up by 441/128
+    np.testing.assert_allclose(wave, expected, rtol=1e-6, atol=1e-6)
 
 
 def test_decode_rejects_bad_latents(vae):
@@ -132,6 +195,37 @@ def test_encode_is_a_seeded_posterior_sample(vae, speech):
     assert not torch.allclose(z7, dist.mean.permute(0, 2, 1))  # a sample, not the mode
     z8 = vae.encode(x, MODEL_SAMPLE_RATE, generator=torch.Generator().manual_seed(8))
     assert not torch.equal(z7, z8)
+
+
+@pytest.mark.parametrize("seconds", [0.04, 1.0, 2.0, 2.68])
+@pytest.mark.parametrize("rate", [48000, 44100, 16000, 12800])
+def test_12k_encode_gives_25_latents_per_second(vae_12k, seconds, rate):
+    """N seconds at any input rate -> exactly 25 N latents, as at 51.2 kHz (one per video frame)."""
+    full, full_rate = load_mono(SHARED_DIR / "media" / "english.wav", 2.7)  # the file is 2.74 s long
+    x = soxr.resample(full, full_rate, rate).astype(np.float32)[: round(seconds * rate)]
+    z = vae_12k.encode(x, rate, generator=torch.Generator().manual_seed(0))
+    assert z.shape == (1, round(25 * seconds), 64) and z.dtype == torch.float32
+    assert torch.isfinite(z).all()
+
+
+def test_12k_encode_feeds_12800_hz_stereo(vae_12k, speech, monkeypatch):
+    seen = {}
+    encoder = vae_12k._folded_encoder()
+
+    def spy(x):
+        seen["x"] = x.clone()
+        return encoder(x)
+
+    monkeypatch.setattr(vae_12k, "_fast_encoder", spy)
+    wave, rate = speech  # 0.125 s at 44.1 kHz
+    z = vae_12k.encode(wave, rate, generator=torch.Generator().manual_seed(0))
+    assert seen["x"].shape == (1, 2, 1600) and seen["x"].dtype == torch.bfloat16  # 0.125 s at 12.8 kHz
+    assert torch.equal(seen["x"][0, 0], seen["x"][0, 1])
+    assert z.shape == (1, 3, 64)
+    with pytest.raises(ValueError, match="512 samples at 12800 Hz"):
+        vae_12k.encode(np.zeros(511, np.float32), 12800)
+    with pytest.raises(ValueError, match="29 s"):
+        vae_12k.encode(np.zeros(30 * 12800, np.float32), 12800)
 
 
 def test_encode_limits(vae):

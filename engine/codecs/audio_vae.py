@@ -4,6 +4,15 @@ Rate convention (PIPELINE.md §6, §13, §15.2): the VAE hop is 2048 samples and
 interprets its audio at **51,200 Hz**, so one latent row is exactly 1/25 s (the video frame rate).
 Decoded audio is FFT-resampled by 441/512 to 44,100 Hz for output. Latents are raw and unscaled
 (no mean/std, no scale factor), stored time-major ``[1, A, 64]`` float32. The module runs in fp32.
+
+The wrapper derives its model rate from the VAE's own config, ``25 * prod(downsampling_ratios)`` Hz
+(:func:`model_sample_rate_for`): 51,200 Hz for the released checkpoint (strides 2·4·4·8·8, enforced by
+:meth:`OobleckAudioVAE.from_pretrained`), and so the real stack's encode and decode are exactly the
+reference's. Only the CPU preview may ask for a smaller hop (:meth:`OobleckAudioVAE.preview`
+``model_sample_rate=12_800``: strides 2·2·4·4·8 = 512): the encoder's first stage is 128 channels
+wide whatever the widths (diffusers ties it to ``encoder_hidden_size`` = 2 x latent dim), so its cost
+scales with the samples per second it is fed; a quarter of the rate is a quarter of the work, still
+25 latents per second, with audio band-limited to 6.4 kHz (plenty for the lip motion of speech).
 """
 
 from __future__ import annotations
@@ -32,18 +41,19 @@ __all__ = [
     "OUTPUT_SAMPLE_RATE",
     "OUTPUT_SAMPLES_PER_LATENT",
     "OobleckAudioVAE",
+    "model_sample_rate_for",
 ]
 
 LATENT_RATE_HZ = 25
-MODEL_SAMPLE_RATE = 51200  # Hz, the rate the VAE is fed/interpreted at (PIPELINE.md §13)
+MODEL_SAMPLE_RATE = 51200  # Hz, the rate the released VAE is fed/interpreted at (PIPELINE.md §13)
 OUTPUT_SAMPLE_RATE = 44100  # Hz, after the 441/512 FFT resample (PIPELINE.md §15.2)
-HOP_SAMPLES = MODEL_SAMPLE_RATE // LATENT_RATE_HZ  # 2048 = product of the downsampling ratios
+HOP_SAMPLES = MODEL_SAMPLE_RATE // LATENT_RATE_HZ  # 2048 = product of the released downsampling ratios
 OUTPUT_SAMPLES_PER_LATENT = OUTPUT_SAMPLE_RATE // LATENT_RATE_HZ  # 1764 = 2048 * 441 / 512
 LATENT_DIM = 64
 MAX_ENCODE_SECONDS = 29.0  # single-window encode limit (PIPELINE.md §13 step 3); longer is not supported
 
 # Preview: the widest stage is the encoder's first one, which diffusers ties to 2 x latent dim (128);
-# the decoder is shrunk to 8 channels. Strides [2, 4, 4, 8, 8] keep the 2048 hop.
+# the decoder is shrunk to 8 channels. Strides [2, 4, 4, 8, 8] keep the 2048 hop (51.2 kHz).
 _PREVIEW_CONFIG = dict(
     encoder_hidden_size=2 * LATENT_DIM,
     downsampling_ratios=[2, 4, 4, 8, 8],
@@ -53,6 +63,29 @@ _PREVIEW_CONFIG = dict(
     audio_channels=2,
     sampling_rate=OUTPUT_SAMPLE_RATE,
 )
+
+
+# Strides of the preview for each model rate it may run at (all even, so lengths floor exactly).
+_PREVIEW_RATIOS: dict[int, list[int]] = {
+    MODEL_SAMPLE_RATE: [2, 4, 4, 8, 8],  # hop 2048, the released layout
+    12_800: [2, 2, 4, 4, 8],  # hop 512: a quarter of the encoder's work (the live lip-sync preview)
+}
+
+
+def model_sample_rate_for(downsampling_ratios: list[int] | tuple[int, ...]) -> int:
+    """Model sample rate in Hz of an Oobleck VAE with these strides: ``25 * prod(ratios)``.
+
+    One latent row is one video frame (1/25 s), so the rate is the hop times 25: 51,200 Hz for the
+    released strides ``[2, 4, 4, 8, 8]`` (hop 2048), 12,800 Hz for ``[2, 2, 4, 4, 8]`` (hop 512).
+
+    Raises:
+        ValueError: empty, or a stride that is not a positive even integer (an odd stride would make
+            ``encode`` lengths differ from ``floor(N / hop)``, CODECS.md §3.1).
+    """
+    ratios = [int(r) for r in downsampling_ratios]
+    if not ratios or any(r <= 0 or r % 2 for r in ratios):
+        raise ValueError(f"downsampling ratios must be positive even integers, got {list(downsampling_ratios)}")
+    return LATENT_RATE_HZ * int(np.prod(ratios))
 
 
 @contextlib.contextmanager
@@ -83,28 +116,36 @@ class OobleckAudioVAE:
     """Oobleck audio VAE: ``[1, A, 64]`` latents <-> stereo waveforms, 25 latents per second.
 
     Build with :meth:`preview` (small random weights, CPU tests) or :meth:`from_pretrained`.
+
+    Attributes:
+        hop_samples: samples per latent at the model rate, ``prod(downsampling_ratios)`` (2048 for
+            the released VAE).
+        model_sample_rate: Hz the VAE is fed and its decoder output interpreted at,
+            ``25 * hop_samples`` (51,200 for the released VAE).
+        output_sample_rate: Hz of :meth:`decode`'s waveform (44,100).
     """
 
     output_sample_rate: int = OUTPUT_SAMPLE_RATE  # Hz of :meth:`decode`'s waveform
     latent_rate_hz: int = LATENT_RATE_HZ
 
     def __init__(self, vae: AutoencoderOobleck, encode_dtype: torch.dtype = torch.float32) -> None:
-        """Wrap a diffusers ``AutoencoderOobleck``.
+        """Wrap a diffusers ``AutoencoderOobleck``; the model rate is taken from its strides.
 
         ``encode_dtype``: dtype of the encoder's convolutions. The reference runs it in fp32
         (CODECS.md §3.2, the default); the CPU preview uses bf16, 2-3x faster on CPUs with bf16
         dot-product units. The posterior moments are always sampled in fp32.
 
         Raises:
-            ValueError: hop is not 2048, latent dim is not 64, or it is not stereo.
+            ValueError: a stride is not even, latent dim is not 64, or it is not stereo.
         """
         cfg = vae.config
-        hop = int(np.prod(cfg.downsampling_ratios))
-        if hop != HOP_SAMPLES or cfg.decoder_input_channels != LATENT_DIM or cfg.audio_channels != 2:
+        if cfg.decoder_input_channels != LATENT_DIM or cfg.audio_channels != 2:
             raise ValueError(
-                f"vae must have hop {HOP_SAMPLES}, latent dim {LATENT_DIM} and 2 audio channels, got hop={hop}, "
+                f"vae must have latent dim {LATENT_DIM} and 2 audio channels, got "
                 f"decoder_input_channels={cfg.decoder_input_channels}, audio_channels={cfg.audio_channels}"
             )
+        self.model_sample_rate = model_sample_rate_for(cfg.downsampling_ratios)
+        self.hop_samples = self.model_sample_rate // LATENT_RATE_HZ
         self.vae = vae.eval().requires_grad_(False)
         self._fast_encoder: torch.nn.Module | None = None  # weight-norm-folded copy, built on first encode
         self.encode_dtype = encode_dtype
@@ -123,20 +164,36 @@ class OobleckAudioVAE:
         return encoder.to(self.encode_dtype)
 
     @classmethod
-    def preview(cls, seed: int = 0, encode_dtype: torch.dtype = torch.float32) -> OobleckAudioVAE:
+    def preview(
+        cls, seed: int = 0, encode_dtype: torch.dtype = torch.float32, model_sample_rate: int = MODEL_SAMPLE_RATE
+    ) -> OobleckAudioVAE:
         """Same class with small channels and seeded random weights (``torch.manual_seed(seed)``), fp32.
 
-        Keeps hop 2048, latent dim 64 (encoder output 128) and stereo.
+        Keeps latent dim 64 (encoder output 128) and stereo. ``model_sample_rate`` (Hz): 51,200 (the
+        default) keeps the released hop 2048; 12,800 uses strides ``[2, 2, 4, 4, 8]`` (hop 512, still
+        25 latents/s), which the live preview engine uses to run its lip-sync encode in a quarter of
+        the time. That differs from the real stack, which always runs at 51.2 kHz: the preview's
+        encoder sees audio band-limited to 6.4 kHz, and its decoder's output is FFT-resampled by
+        441/128 (up) instead of 441/512 (down) to 44.1 kHz.
+
+        Raises:
+            ValueError: ``model_sample_rate`` is not 51,200 or 12,800 Hz.
         """
+        if model_sample_rate not in _PREVIEW_RATIOS:
+            raise ValueError(f"preview model_sample_rate must be one of {sorted(_PREVIEW_RATIOS)} Hz, "
+                             f"got {model_sample_rate}")
         torch.manual_seed(seed)
         with _quiet_weight_norm():
-            return cls(AutoencoderOobleck(**_PREVIEW_CONFIG), encode_dtype=encode_dtype)
+            vae = AutoencoderOobleck(**{**_PREVIEW_CONFIG, "downsampling_ratios": _PREVIEW_RATIOS[model_sample_rate]})
+        return cls(vae, encode_dtype=encode_dtype)
 
     @classmethod
     def from_pretrained(
         cls, path: str | Path, device: str | torch.device = "cpu", subfolder: str | None = None
     ) -> OobleckAudioVAE:
         """Load the diffusers-format VAE (``stabilityai/stable-audio-open-1.0``, subfolder ``vae``) in fp32.
+
+        The released VAE's strides are ``[2, 4, 4, 8, 8]``: model rate 51,200 Hz, hop 2048.
 
         Raises:
             ValueError: the checkpoint is not hop 2048 / latent 64 / stereo.
@@ -145,6 +202,10 @@ class OobleckAudioVAE:
             vae = AutoencoderOobleck.from_pretrained(
                 str(path), subfolder=subfolder, torch_dtype=torch.float32
             )
+        hop = int(np.prod(vae.config.downsampling_ratios))
+        if hop != HOP_SAMPLES:
+            raise ValueError(f"vae at {path} has hop {hop} (strides {list(vae.config.downsampling_ratios)}); "
+                             f"the released checkpoint has hop {HOP_SAMPLES} ({MODEL_SAMPLE_RATE} Hz)")
         return cls(vae.to(device))
 
     @property
@@ -160,7 +221,8 @@ class OobleckAudioVAE:
             latent: ``float32 [1, A, 64]``, ``A >= 1``.
 
         Returns:
-            ``float32 [1, 2, 2048 * A]`` at 51,200 Hz, unclipped.
+            ``float32 [1, 2, hop_samples * A]`` at ``model_sample_rate`` Hz (released VAE:
+            ``2048 * A`` at 51,200 Hz), unclipped.
 
         Raises:
             ValueError: ``latent`` is not ``[1, A>=1, 64]``.
@@ -173,8 +235,10 @@ class OobleckAudioVAE:
     def decode(self, latent: torch.Tensor) -> tuple[np.ndarray, int]:
         """Decode audio latents to a 44.1 kHz stereo waveform (PIPELINE.md §15.2).
 
-        Oobleck decode to ``2048 * A`` samples treated as 51.2 kHz, then ``scipy.signal.resample``
-        (FFT, no window) along time to ``1764 * A`` samples; no clipping.
+        Oobleck decode to ``hop_samples * A`` samples treated as ``model_sample_rate`` Hz (released
+        VAE: ``2048 * A`` at 51.2 kHz), then ``scipy.signal.resample`` (FFT, no window) along time to
+        ``1764 * A`` samples (factor ``44100 / model_sample_rate``: 441/512 for the released VAE);
+        no clipping.
 
         Args:
             latent: ``float32 [1, A, 64]``.
@@ -185,7 +249,7 @@ class OobleckAudioVAE:
         Raises:
             ValueError: ``latent`` is not ``[1, A>=1, 64]``.
         """
-        wave = self.decode_model_rate(latent)[0].T.cpu().numpy()  # [2048 A, 2]
+        wave = self.decode_model_rate(latent)[0].T.cpu().numpy()  # [hop A, 2] at the model rate
         n_out = OUTPUT_SAMPLES_PER_LATENT * latent.shape[1]
         out = scipy.signal.resample(wave, n_out, axis=0)
         return np.ascontiguousarray(out, dtype=np.float32), OUTPUT_SAMPLE_RATE
@@ -200,8 +264,9 @@ class OobleckAudioVAE:
     ) -> torch.Tensor:
         """Encode mono audio to latents for audio-to-video (PIPELINE.md §13 steps 1-4).
 
-        Resamples to 51,200 Hz with soxr, keeps the first ``max_seconds * 51200`` samples, duplicates
-        mono to stereo, runs the encoder in fp32 and draws a posterior **sample**
+        Resamples to ``model_sample_rate`` (51,200 Hz for the released VAE) with soxr, keeps the first
+        ``max_seconds * model_sample_rate`` samples, duplicates mono to stereo, runs the encoder in
+        ``encode_dtype`` (fp32 unless built otherwise) and draws a posterior **sample**
         ``mean + (softplus(scale) + 1e-4) * eps`` with ``generator``.
 
         Args:
@@ -211,11 +276,12 @@ class OobleckAudioVAE:
             max_seconds: optional cap on the encoded duration in seconds.
 
         Returns:
-            ``float32 [1, A, 64]`` with ``A = floor(N_51200 / 2048)``.
+            ``float32 [1, A, 64]`` with ``A = floor(N_model / hop_samples)`` (released VAE:
+            ``floor(N_51200 / 2048)``), 25 latents per second.
 
         Raises:
-            ValueError: not mono, bad ``sample_rate``/``max_seconds``, fewer than 2048 samples at 51.2 kHz,
-                or more than 29 s (the windowed long-audio path is not implemented).
+            ValueError: not mono, bad ``sample_rate``/``max_seconds``, fewer than ``hop_samples`` samples
+                at the model rate, or more than 29 s (the windowed long-audio path is not implemented).
         """
         x = np.asarray(waveform, dtype=np.float32)
         if x.ndim != 1:
@@ -224,26 +290,25 @@ class OobleckAudioVAE:
             raise ValueError(f"sample_rate must be > 0 Hz, got {sample_rate}")
         if max_seconds is not None and max_seconds <= 0:
             raise ValueError(f"max_seconds must be > 0, got {max_seconds}")
-        if sample_rate != MODEL_SAMPLE_RATE:
-            x = soxr.resample(x, sample_rate, MODEL_SAMPLE_RATE).astype(np.float32, copy=False)
+        rate, hop = self.model_sample_rate, self.hop_samples
+        if sample_rate != rate:
+            x = soxr.resample(x, sample_rate, rate).astype(np.float32, copy=False)
         if max_seconds is not None:
-            x = x[: int(max_seconds * MODEL_SAMPLE_RATE)]
+            x = x[: int(max_seconds * rate)]
         n = x.shape[0]
-        if n > MAX_ENCODE_SECONDS * MODEL_SAMPLE_RATE:
+        if n > MAX_ENCODE_SECONDS * rate:
             raise ValueError(
-                f"audio is {n / MODEL_SAMPLE_RATE:.2f} s long; the limit is {MAX_ENCODE_SECONDS:g} s "
-                f"({int(MAX_ENCODE_SECONDS * MODEL_SAMPLE_RATE)} samples at {MODEL_SAMPLE_RATE} Hz)"
+                f"audio is {n / rate:.2f} s long; the limit is {MAX_ENCODE_SECONDS:g} s "
+                f"({int(MAX_ENCODE_SECONDS * rate)} samples at {rate} Hz)"
             )
-        if n < HOP_SAMPLES:
-            raise ValueError(
-                f"audio must have at least {HOP_SAMPLES} samples at {MODEL_SAMPLE_RATE} Hz, got {n}"
-            )
+        if n < hop:
+            raise ValueError(f"audio must have at least {hop} samples at {rate} Hz, got {n}")
         stereo = torch.from_numpy(x).to(self.device)[None, None].expand(1, 2, n).contiguous()
         if self._fast_encoder is None:
             self._fast_encoder = self._folded_encoder()
         moments = self._fast_encoder(stereo.to(self.encode_dtype)).float()  # [1, 128, A] = mean | scale
         z = OobleckDiagonalGaussianDistribution(moments).sample(generator=generator)  # [1, 64, A]
-        a = n // HOP_SAMPLES
+        a = n // hop
         if z.shape[-1] != a:
             raise RuntimeError(f"encoder produced {z.shape[-1]} latents for {n} samples, expected {a}")
         return z.permute(0, 2, 1).float().contiguous()
