@@ -389,6 +389,12 @@ PREVIEW_TEXT_TOKENS = 256
 640 tokens after the reference's cap, where T5Gemma's tokenizer gives ~400); the preview keeps the
 first 256 so that text does not dominate its sequence on a CPU. The real stack keeps 640."""
 
+PREVIEW_AUDIO_MODEL_RATE_HZ = 12_800
+"""Model rate of the preview's Oobleck VAE (hop 512, strides 2·2·4·4·8; still 25 latents/s). The
+encoder's first stage is 128 channels wide at any size (2 x latent dim), so at the released 51.2 kHz
+encoding the user's audio took about as long as the whole rest of a lip-sync segment on 2 CPU
+cores; at 12.8 kHz it is a quarter of the work. The real stack keeps 51.2 kHz (hop 2048)."""
+
 
 def build_preview_engine(*, seed: int = 0, device: str = "cpu", width: int = PREVIEW_WIDTH,
                          height: int = PREVIEW_HEIGHT, compute_dtype: torch.dtype | None = None,
@@ -398,7 +404,9 @@ def build_preview_engine(*, seed: int = 0, device: str = "cpu", width: int = PRE
     Its pictures and sounds are noise by design; the structure (shapes, rates, timing, the
     whole streaming path) is the real one. ``compute_dtype`` defaults to bf16 (the reference
     numerics, DIT.md §6; also the faster one on CPUs with bf16 dot-product units); the Oobleck
-    encoder (lip-sync) runs in bf16 too, a preview-only speed choice (the reference: fp32). ``sr=True`` adds a seeded preview SR DiT
+    encoder (lip-sync) runs in bf16 too, and its VAE at :data:`PREVIEW_AUDIO_MODEL_RATE_HZ`
+    (12.8 kHz, hop 512) instead of 51.2 kHz (hop 2048): preview-only speed choices (the reference:
+    fp32 at 51.2 kHz) that keep 25 audio latents per second. ``sr=True`` adds a seeded preview SR DiT
     that upgrades segments to twice the size (``2 width x 2 height``). ``backend`` selects the
     DiT execution path (:func:`engine.backends.apply_backend`: eager, fast, compile, fp8, ...).
     """
@@ -421,7 +429,7 @@ def build_preview_engine(*, seed: int = 0, device: str = "cpu", width: int = PRE
         sr_dit.eval().to(device)
     engine = MagiHumanEngine(
         dit, text_encoder, WanVideoVAE.preview(seed=seed).to(device),
-        OobleckAudioVAE.preview(seed=seed, encode_dtype=torch.bfloat16),
+        OobleckAudioVAE.preview(seed=seed, encode_dtype=torch.bfloat16, model_sample_rate=PREVIEW_AUDIO_MODEL_RATE_HZ),
         width=width, height=height, device=device, compute_dtype=compute_dtype, name="preview",
         sr_dit=sr_dit, sr_size=(2 * width, 2 * height) if sr else None, max_text_tokens=PREVIEW_TEXT_TOKENS,
     )

@@ -91,10 +91,30 @@ def test_lipsync_returns_the_users_audio(engine, identity):
     speech, rate = read_mono(MEDIA / "english.wav")
     segment = engine.generate(SegmentRequest(identity=identity, kind=SegmentKind.LIPSYNC, seconds=2.0, seed=3,
                                              audio=speech, audio_sample_rate=rate))
-    # 2 s at 51.2 kHz -> 50 latents -> T 13 -> 49 frames; audio = the input, cut to 49/25 s
+    # 2 s -> 50 latents (25/s at the preview's 12.8 kHz, hop 512, as at the real 51.2 kHz, hop 2048)
+    # -> T 13 -> 49 frames; audio = the input, cut to 49/25 s
+    assert (engine.audio_vae.model_sample_rate, engine.audio_vae.hop_samples) == (12_800, 512)
+    assert tuple(segment.continuation.audio_latent.shape) == (1, 50, 64)
     assert segment.frames.shape[0] == 49 and segment.sample_rate == rate
     n = round(49 / 25 * rate)
     assert np.array_equal(segment.audio, speech[:n].astype(np.float32))
+    assert segment.audio.shape[0] / rate == pytest.approx(49 / 25, abs=0.5 / rate)
+    assert segment.timings_s["encode_audio"] > 0
+
+
+@pytest.mark.parametrize("seconds, rate, latents, frames", [(1.0, 48_000, 25, 25), (0.36, 48_000, 9, 9),
+                                                            (1.0, 16_000, 25, 25)])
+def test_lipsync_latents_follow_the_audio_length(engine, identity, seconds, rate, latents, frames):
+    """Microphone-rate (48 kHz) and 16 kHz input: ``25 * seconds`` latents, ``4 T - 3`` frames."""
+    import soxr
+
+    speech, source_rate = read_mono(MEDIA / "english.wav")
+    audio = soxr.resample(speech, source_rate, rate).astype(np.float32)[: round(seconds * rate)]
+    segment = engine.generate(SegmentRequest(identity=identity, kind=SegmentKind.LIPSYNC, seconds=seconds, seed=4,
+                                             audio=audio, audio_sample_rate=rate))
+    assert tuple(segment.continuation.audio_latent.shape) == (1, latents, 64)
+    assert segment.frames.shape[0] == frames == segment_frame_count(seconds)
+    assert segment.audio.shape[0] == round(frames / 25 * rate)
 
 
 def test_bad_requests_name_the_field(engine, identity):
