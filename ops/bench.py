@@ -333,8 +333,11 @@ def build_turbo(preset: str, device: torch.device, seed: int) -> tuple[VideoDeco
 def build_audio_vae(preset: str, device: torch.device, seed: int):
     from engine.codecs.audio_vae import OobleckAudioVAE
 
-    if preset == "preview":
-        return OobleckAudioVAE.preview(seed=seed)
+    if preset == "preview":  # as build_preview_engine builds it: 12.8 kHz model rate, bf16 encoder
+        from engine.pipeline import PREVIEW_AUDIO_MODEL_RATE_HZ
+
+        return OobleckAudioVAE.preview(seed=seed, encode_dtype=torch.bfloat16,
+                                       model_sample_rate=PREVIEW_AUDIO_MODEL_RATE_HZ)
     from diffusers import AutoencoderOobleck
 
     torch.manual_seed(seed)

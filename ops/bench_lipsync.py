@@ -10,6 +10,8 @@ duration) of the total, ``torch.get_num_threads()`` and the 1-minute load averag
 (on a shared machine read the minima; a load average above the CPU count means neighbours ran).
 
 ``--encode-only`` also times the Oobleck encode alone (``OobleckAudioVAE.encode``) on the same audio.
+``--oobleck-rate 51200`` swaps in the preview Oobleck VAE at the released model rate (hop 2048, bf16
+encoder: the preview engine before it moved to 12.8 kHz), for before/after comparisons in one run.
 
 Usage::
 
@@ -80,6 +82,11 @@ def run(args: argparse.Namespace) -> dict:
     load_start = _load_1m()
     t0 = time.perf_counter()
     engine = build_preview_engine(seed=0)
+    if args.oobleck_rate is not None:
+        from engine.codecs.audio_vae import OobleckAudioVAE
+
+        engine.audio_vae = OobleckAudioVAE.preview(seed=0, encode_dtype=torch.bfloat16,
+                                                   model_sample_rate=args.oobleck_rate)
     build_s = time.perf_counter() - t0
     image = np.asarray(Image.open(SHARED_MEDIA / "portrait.png").convert("RGB"))
     appearance = "A man in a green shirt at a cooking demo."
@@ -149,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--audio", type=Path, default=SHARED_MEDIA / "english.wav")
     p.add_argument("--encode-only", action="store_true", help="also time the Oobleck encode alone")
+    p.add_argument("--oobleck-rate", type=int, choices=(12_800, 51_200), default=None,
+                   help="Oobleck model rate in Hz (default: the preview engine's own)")
     p.add_argument("--json", type=Path, default=None, help="write the figures to this file")
     args = p.parse_args(argv)
     result = run(args)
