@@ -24,23 +24,39 @@ host). Without an API key the server is a zero-config developer server: no token
 it must bind a loopback address (:func:`startup_problem`), and it answers only requests whose
 ``Host`` is a loopback name, so that a web page cannot reach it through DNS rebinding.
 Tokens and keys are never logged.
+
+**Client addresses.** Every per-address rule (the failure throttle here, connections and
+sessions per address in :mod:`avatar_server.limits`, admin access from loopback) uses
+:meth:`Authenticator.client_address`: the TCP peer, or, when the peer is one of
+``trusted_proxies``, the right-most address of the forwarding header (``X-Forwarded-For``, or
+``Forwarded: for=``) that is not itself a trusted proxy (:class:`ClientAddressResolver`). A
+forwarding header from any other peer is ignored.
+
+**Brute force.** API-key checks that fail (``POST /v1/tokens``, ``/metrics`` and the other
+admin routes, ``/v1/sessions/...``) are counted per client address (IPv6 per /64):
+``auth.max_key_failures`` within ``auth.key_failure_window_s`` and the address gets HTTP 429
+with ``Retry-After`` on those routes for ``auth.key_failure_backoff_s``, whatever it sends
+(:class:`FailureThrottle`). Successes neither count nor clear the count. Keys are compared in
+constant time (as SHA-256 digests, so not even the length leaks).
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import hmac
 import http
 import ipaddress
 import json
 import logging
+import math
 import re
 import secrets
 import time
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 import jwt
@@ -49,6 +65,11 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from avatar_server.settings import Settings, is_loopback_host
+
+if TYPE_CHECKING:
+    from avatar_server.metrics import Metrics
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 logger = logging.getLogger(__name__)
 
@@ -69,11 +90,15 @@ _PUBLIC_PATHS = ("/", "/healthz", "/readyz")
 
 
 class TokenError(Exception):
-    """A token that cannot be used; ``status`` is the HTTP status to answer (401 or 403)."""
+    """A token that cannot be used; ``status`` is the HTTP status to answer (401 or 403);
+    ``expired``: it was signed by this server but has expired (not a guess)."""
 
-    def __init__(self, message: str, status: http.HTTPStatus = http.HTTPStatus.UNAUTHORIZED) -> None:
+    def __init__(
+        self, message: str, status: http.HTTPStatus = http.HTTPStatus.UNAUTHORIZED, *, expired: bool = False
+    ) -> None:
         super().__init__(message)
         self.status = status
+        self.expired = expired
 
 
 @dataclass(frozen=True)
@@ -164,7 +189,7 @@ class TokenIssuer:
                 options={"require": ["exp", "iat", "sub", "scope", "jti"]},
             )
         except jwt.ExpiredSignatureError:
-            raise TokenError("token: expired; ask your backend for a new one") from None
+            raise TokenError("token: expired; ask your backend for a new one", expired=True) from None
         except jwt.InvalidSignatureError:
             raise TokenError("token: not signed by this server") from None
         except jwt.InvalidTokenError as exc:
@@ -197,18 +222,189 @@ def startup_problem(settings: Settings) -> str | None:
 
 
 def peer_host(connection: ServerConnection) -> str:
-    """The client's IP address (IPv4-mapped IPv6 addresses as IPv4)."""
+    """The TCP peer's IP address (IPv4-mapped IPv6 addresses as IPv4; ``""`` when unknown).
+
+    This is the client only without a reverse proxy: use :meth:`Authenticator.client_address`
+    wherever the client is meant."""
     try:
         host = str(connection.remote_address[0])
     except (TypeError, IndexError, AttributeError):
         return ""
+    addr = _ip(host)
+    return host if addr is None else str(addr)
+
+
+def _ip(text: str) -> IPAddress | None:
+    """``text`` as an IP address (zone id dropped, IPv4-mapped IPv6 as IPv4), or ``None``."""
     try:
-        addr = ipaddress.ip_address(host.split("%", 1)[0])
+        addr = ipaddress.ip_address(text.split("%", 1)[0])
     except ValueError:
-        return host
+        return None
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return str(addr.ipv4_mapped)
-    return str(addr)
+        return addr.ipv4_mapped
+    return addr
+
+
+def _forwarded_node(text: str) -> IPAddress | None:
+    """One hop of a forwarding header as an address: ``1.2.3.4``, ``1.2.3.4:80``, ``2001:db8::1``,
+    ``[2001:db8::1]:80``, quoted or not; ``None`` for ``unknown``, obfuscated ids and junk."""
+    text = text.strip().strip('"').strip()
+    if text.startswith("["):
+        text = text[1:].partition("]")[0]
+    elif text.count(":") == 1:  # IPv4 with a port
+        text = text.partition(":")[0]
+    return _ip(text)
+
+
+class ClientAddressResolver:
+    """The client's address behind trusted reverse proxies.
+
+    Args:
+        trusted_proxies: IP addresses or CIDR networks of the proxies (empty: the TCP peer is
+            always the client and forwarding headers are ignored).
+        header: ``x-forwarded-for`` or ``forwarded`` (RFC 7239, its ``for=`` parameters): the
+            header the proxies append the address they received a request from to.
+
+    Raises:
+        ValueError: an entry of ``trusted_proxies`` is not an address or network.
+    """
+
+    MAX_HOPS = 64  # forwarding-header entries looked at, from the right
+
+    def __init__(self, trusted_proxies: Iterable[str] = (), header: str = "x-forwarded-for") -> None:
+        self.networks = tuple(ipaddress.ip_network(item.strip(), strict=False) for item in trusted_proxies)
+        self.header = header.lower()
+        if self.header not in ("x-forwarded-for", "forwarded"):
+            raise ValueError(f"forwarded_header: {header!r} is not x-forwarded-for or forwarded")
+
+    def trusted(self, address: IPAddress | str | None) -> bool:
+        """Whether ``address`` is one of the trusted proxies."""
+        addr = _ip(address) if isinstance(address, str) else address
+        return addr is not None and any(addr in network for network in self.networks)
+
+    def hops(self, headers: Headers) -> list[IPAddress | None]:
+        """The forwarding header's addresses, left (the original client) to right (the last
+        proxy's peer), at most :attr:`MAX_HOPS` from the right; ``None`` for an entry that is
+        not an address."""
+        joined = ",".join(headers.get_all(self.header))
+        items = [item for item in joined.split(",") if item.strip()][-self.MAX_HOPS :]
+        if self.header == "x-forwarded-for":
+            return [_forwarded_node(item) for item in items]
+        hops: list[IPAddress | None] = []
+        for element in items:
+            node = None  # an element without for= names no address
+            for pair in element.split(";"):
+                name, _, value = pair.partition("=")
+                if name.strip().lower() == "for":
+                    node = _forwarded_node(value)
+            hops.append(node)
+        return hops
+
+    def resolve(self, peer: str, headers: Headers | None) -> str:
+        """The client of a request that arrived from ``peer`` with ``headers``: ``peer`` unless
+        it is a trusted proxy; then the right-most forwarding-header address that is not a
+        trusted proxy (the left-most when all are; the last trusted hop when an entry on the way
+        is not an address, e.g. ``unknown``)."""
+        if not self.networks or headers is None or not self.trusted(peer):
+            return peer
+        address = peer
+        for hop in reversed(self.hops(headers)):
+            if hop is None:
+                return address
+            address = str(hop)
+            if not self.trusted(hop):
+                return address
+        return address
+
+
+@dataclass
+class _Failures:
+    window_start_s: float
+    count: int = 0
+    blocked_until_s: float = 0.0
+    logged_s: float = -math.inf
+
+
+class FailureThrottle:
+    """Failed credential checks per client address, with a back-off (see the module docstring).
+
+    ``max_failures`` failures within ``window_s`` seconds (counted from the first of them)
+    block the address for ``backoff_s`` seconds; the count then starts again. At most
+    ``max_addresses`` addresses are remembered: entries expire when their window and block are
+    over, and the least recently failing one is forgotten first when the table is full. IPv6
+    addresses are grouped by /64 (one subscriber's prefix).
+
+    Args:
+        max_failures, window_s, backoff_s: see above (seconds).
+        max_addresses: addresses remembered at most.
+        clock: monotonic seconds (tests pass, or set ``clock`` to, a fake clock).
+    """
+
+    def __init__(
+        self,
+        max_failures: int,
+        window_s: float,
+        backoff_s: float,
+        *,
+        max_addresses: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.max_failures = max_failures
+        self.window_s = window_s
+        self.backoff_s = backoff_s
+        self.max_addresses = max_addresses
+        self.clock = clock
+        self._entries: collections.OrderedDict[str, _Failures] = collections.OrderedDict()
+
+    @staticmethod
+    def key(address: str) -> str:
+        """What an address is counted under: itself, or its /64 for IPv6."""
+        addr = _ip(address)
+        if isinstance(addr, ipaddress.IPv6Address):
+            return str(ipaddress.IPv6Network((addr, 64), strict=False))
+        return address
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def retry_after_s(self, address: str) -> float:
+        """Seconds ``address`` stays blocked (0: it is not)."""
+        entry = self._entries.get(self.key(address))
+        if entry is None:
+            return 0.0
+        return max(0.0, entry.blocked_until_s - self.clock())
+
+    def failure(self, address: str) -> bool:
+        """Count a failed check from ``address``; ``True`` when this blocks it and the block
+        should be logged (at most once per ``window_s`` per address)."""
+        now = self.clock()
+        key = self.key(address)
+        self._expire(now)
+        entry = self._entries.get(key)
+        if entry is None:
+            while len(self._entries) >= self.max_addresses:
+                self._entries.popitem(last=False)
+            entry = self._entries[key] = _Failures(window_start_s=now)
+        else:
+            self._entries.move_to_end(key)
+        if now - entry.window_start_s >= self.window_s:
+            entry.window_start_s, entry.count = now, 0
+        entry.count += 1
+        if entry.count < self.max_failures or entry.blocked_until_s > now:
+            return False
+        entry.blocked_until_s = now + self.backoff_s
+        entry.window_start_s, entry.count = now, 0
+        if now - entry.logged_s < self.window_s:
+            return False
+        entry.logged_s = now
+        return True
+
+    def _expire(self, now: float) -> None:
+        while self._entries:
+            entry = next(iter(self._entries.values()))
+            if now < max(entry.window_start_s + self.window_s, entry.blocked_until_s):
+                return
+            self._entries.popitem(last=False)
 
 
 def _hostname_port(netloc: str) -> tuple[str, int | None]:
@@ -313,14 +509,37 @@ class Authenticator:
     """The access rules of one server (see the module docstring).
 
     Args:
-        settings: the server settings (``api_key``, ``allowed_origins``, ``auth.*``, ``host``).
+        settings: the server settings (``api_key``, ``allowed_origins``, ``auth.*``, ``host``,
+            ``trusted_proxies``, ``forwarded_header``).
         static_files: file names served at ``/<name>`` without credentials.
+        metrics: counts failed key checks and throttled requests (optional).
+        clock: monotonic seconds for the failure throttle (tests pass a fake clock).
     """
 
-    def __init__(self, settings: Settings, *, static_files: Iterable[str] = ()) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        static_files: Iterable[str] = (),
+        metrics: Metrics | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.settings = settings
         self.enabled = settings.api_key is not None
-        self._api_key = b"" if settings.api_key is None else settings.api_key.get_secret_value().encode()
+        self.metrics = metrics
+        # Compared as digests: constant time, and the key's length does not leak either.
+        self._api_key_digest = (
+            None if settings.api_key is None else _digest(settings.api_key.get_secret_value())
+        )
+        self.addresses = ClientAddressResolver(settings.trusted_proxies, settings.forwarded_header)
+        auth = settings.auth
+        self.throttle = FailureThrottle(
+            auth.max_key_failures,
+            auth.key_failure_window_s,
+            auth.key_failure_backoff_s,
+            max_addresses=auth.max_tracked_addresses,
+            clock=clock,
+        )
         secret = settings.auth.token_secret
         if secret is not None:
             key = secret.get_secret_value().encode()
@@ -342,13 +561,56 @@ class Authenticator:
             )
 
     # ----------------------------------------------------------------------------- queries
+    def client_address(self, connection: ServerConnection, request: Request | None = None) -> str:
+        """The client's IP address: the TCP peer, or behind a trusted proxy the address its
+        forwarding header names (see :class:`ClientAddressResolver`). ``request`` defaults to
+        the connection's handshake request. The one place the client address is decided."""
+        if request is None:
+            request = getattr(connection, "request", None)
+        return self.addresses.resolve(peer_host(connection), None if request is None else request.headers)
+
     def grant_for(self, connection: ServerConnection) -> Grant:
         """The grant decided at this connection's handshake."""
         grant = self._grants.get(connection)
-        return grant if grant is not None else Grant(address=peer_host(connection))
+        return grant if grant is not None else Grant(address=self.client_address(connection))
 
     def is_api_key(self, credentials: str | None) -> bool:
-        return self.enabled and credentials is not None and hmac.compare_digest(credentials.encode(), self._api_key)
+        """Whether ``credentials`` is the api key (constant time)."""
+        if self._api_key_digest is None or credentials is None:
+            return False
+        return hmac.compare_digest(_digest(credentials), self._api_key_digest)
+
+    def _throttled(self, address: str) -> Response | None:
+        """HTTP 429 while ``address`` is blocked by the failure throttle."""
+        wait_s = self.throttle.retry_after_s(address)
+        if wait_s <= 0:
+            return None
+        if self.metrics is not None:
+            self.metrics.auth_throttled.inc()
+        auth = self.settings.auth
+        retry_s = max(1, math.ceil(wait_s))
+        return plain_response(
+            http.HTTPStatus.TOO_MANY_REQUESTS,
+            f"too many failed api-key checks from {address}: the limit is auth.max_key_failures = "
+            f"{auth.max_key_failures} per auth.key_failure_window_s = {auth.key_failure_window_s:g}; "
+            f"retry in {retry_s} s",
+            [("Retry-After", str(retry_s))],
+        )
+
+    def _key_failed(self, address: str, route: str) -> None:
+        """Count a failed api-key check (a warning once per address and window when it blocks)."""
+        if self.metrics is not None:
+            self.metrics.auth_failures.labels(route).inc()
+        if self.throttle.failure(address):
+            auth = self.settings.auth
+            logger.warning(
+                "api-key checks from %s throttled: %d failures within auth.key_failure_window_s = %g; "
+                "HTTP 429 for auth.key_failure_backoff_s = %g",
+                address,
+                auth.max_key_failures,
+                auth.key_failure_window_s,
+                auth.key_failure_backoff_s,
+            )
 
     def select_subprotocol(self, connection: ServerConnection, subprotocols: Sequence[str]) -> str | None:
         """``websockets`` hook: select ``avatar.v1`` when offered (the token may ride along as
@@ -370,11 +632,11 @@ class Authenticator:
         if path == WEBSOCKET_PATH:
             return self._websocket(connection, request, _query(url.query))
         if path == TOKENS_PATH:
-            return self._tokens(request, _query(url.query))
+            return self._tokens(connection, request, _query(url.query))
         if path in self.public_paths:
             return None
         if path.startswith(SESSIONS_PREFIX):
-            return self._session_route(request, path, _query(url.query))
+            return self._session_route(connection, request, path, _query(url.query))
         return self._admin(connection, request)
 
     def _websocket(self, connection: ServerConnection, request: Request, query: dict[str, str]) -> Response | None:
@@ -384,7 +646,7 @@ class Authenticator:
                 f"origin: {str(headers.get('Origin'))[:100]!r} is not allowed; see allowed_origins "
                 "(default: the server's own host)"
             )
-        address = peer_host(connection)
+        address = self.client_address(connection, request)
         wanted = query.get("session_id")
         if not self.enabled:
             self._grants[connection] = Grant(address=address)
@@ -411,7 +673,7 @@ class Authenticator:
         self._grants[connection] = Grant(address=address, session_id=claims["sub"], token_id=str(claims["jti"]))
         return None
 
-    def _tokens(self, request: Request, query: dict[str, str]) -> Response | None:
+    def _tokens(self, connection: ServerConnection, request: Request, query: dict[str, str]) -> Response | None:
         if request.method != "POST":
             return plain_response(
                 http.HTTPStatus.METHOD_NOT_ALLOWED, f"{TOKENS_PATH}: use POST", [("Allow", "POST")]
@@ -420,7 +682,14 @@ class Authenticator:
             return plain_response(
                 http.HTTPStatus.NOT_FOUND, f"{TOKENS_PATH}: tokens are off (no api key configured; none needed)"
             )
-        if not self.is_api_key(_bearer(request.headers)):
+        address = self.client_address(connection, request)
+        refused = self._throttled(address)
+        if refused is not None:
+            return refused
+        credentials = _bearer(request.headers)
+        if not self.is_api_key(credentials):
+            if credentials is not None:
+                self._key_failed(address, "tokens")
             return _unauthorized(f"{TOKENS_PATH}: send Authorization: Bearer <api key>")
         ttl_s: float | None = None
         if "ttl_s" in query:
@@ -443,16 +712,26 @@ class Authenticator:
             },
         )
 
-    def _session_route(self, request: Request, path: str, query: dict[str, str]) -> Response | None:
+    def _session_route(
+        self, connection: ServerConnection, request: Request, path: str, query: dict[str, str]
+    ) -> Response | None:
         """``/v1/sessions/<id>/...``: the api key, or a token of session ``<id>``."""
-        credentials = query.get("token") or _bearer(request.headers)
-        if self.is_api_key(credentials) or not self.enabled:
+        if not self.enabled:
             return None
+        credentials = query.get("token") or _bearer(request.headers)
         if not credentials:
             return _unauthorized("token: missing (query token= or Authorization: Bearer)", error="invalid_request")
+        address = self.client_address(connection, request)
+        refused = self._throttled(address)
+        if refused is not None:
+            return refused
+        if self.is_api_key(credentials):
+            return None
         try:
             claims = self.issuer.verify(credentials)
         except TokenError as exc:
+            if not exc.expired and exc.status != http.HTTPStatus.FORBIDDEN:  # neither key nor token of ours
+                self._key_failed(address, "sessions")
             return _forbidden(str(exc)) if exc.status == http.HTTPStatus.FORBIDDEN else _unauthorized(str(exc))
         session_id = path[len(SESSIONS_PREFIX) :].split("/", 1)[0]
         if claims["sub"] != session_id:
@@ -460,12 +739,24 @@ class Authenticator:
         return None
 
     def _admin(self, connection: ServerConnection, request: Request) -> Response | None:
-        if self.is_api_key(_bearer(request.headers)):
+        address = self.client_address(connection, request)
+        credentials = _bearer(request.headers)
+        if credentials is not None and self.enabled:
+            refused = self._throttled(address)
+            if refused is not None:
+                return refused
+            if self.is_api_key(credentials):
+                return None
+        if self.settings.auth.admin_from_loopback and _is_loopback_name(address):
             return None
-        if self.settings.auth.admin_from_loopback and _is_loopback_name(peer_host(connection)):
-            return None
-        if _bearer(request.headers) is not None:
+        if credentials is not None:
+            if self.enabled:
+                self._key_failed(address, "admin")
             return _forbidden("authorization: not the api key")
         return _unauthorized(
             "this route needs Authorization: Bearer <api key> (or a loopback client)", error="invalid_request"
         )
+
+
+def _digest(credentials: str) -> bytes:
+    return hashlib.sha256(credentials.encode("utf-8", "surrogatepass")).digest()

@@ -134,8 +134,8 @@ class AvatarServer:
         self._warmup_task: asyncio.Task[None] | None = None
         use_host_addresses(settings.ice_host_addresses())
         set_pixel_limit(settings.limits.max_image_pixels)
-        self.auth = Authenticator(settings, static_files=STATIC_FILES)
-        self.admission = AdmissionRegistry(settings.limits)
+        self.auth = Authenticator(settings, static_files=STATIC_FILES, metrics=self.metrics)
+        self.admission = AdmissionRegistry(settings.limits, address_of=self.auth.client_address)
 
     # ----------------------------------------------------------------------------- lifecycle
     async def start(self, *, warm_up: bool = True) -> None:

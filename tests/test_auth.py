@@ -145,7 +145,9 @@ async def test_a_token_binds_its_session(app) -> None:
 
 @pytest.mark.parametrize("admin_from_loopback", [False, True])
 async def test_admin_and_session_routes(admin_from_loopback: bool) -> None:
-    async with server(api_key=API_KEY, auth={"admin_from_loopback": admin_from_loopback}) as app:
+    # 12 wrong keys from one address: above the default failure throttle, which test_auth_throttle.py covers
+    auth = {"admin_from_loopback": admin_from_loopback, "max_key_failures": 100}
+    async with server(api_key=API_KEY, auth=auth) as app:
         port = app.port
         alice = (await mint(app, "alice"))["token"]
         for path in ("/metrics", "/admin/no-such-route", "/anything-else"):
