@@ -78,8 +78,10 @@ class Limits(BaseModel):
             "recording stops (reason disk_full)"
         ),
     )
-    max_recordings_per_session: int = Field(16, ge=1, description="recordings one session may start in all")
-    max_concurrent_recordings: int = Field(4, ge=1, description="recordings running at once, server-wide")
+    max_recordings_per_session: int = Field(256, ge=1, description="recordings one session may start in all")
+    max_concurrent_recordings: int = Field(
+        8, ge=1, description="recordings running at once, server-wide (each is one H.264 encoder thread)"
+    )
 
     @model_validator(mode="after")
     def _message_fits_image(self) -> Limits:

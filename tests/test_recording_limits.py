@@ -346,6 +346,7 @@ def test_recording_limits_are_settings(monkeypatch) -> None:
     assert settings.limits.max_recording_s == 90 and settings.limits.max_concurrent_recordings == 3
     defaults = Limits()
     assert defaults.max_recording_bytes == 2 * 1024**3 and defaults.min_recording_free_bytes == 1024**3
-    assert defaults.max_recordings_per_session == 16 and defaults.max_recording_s == 1800
+    assert defaults.max_recordings_per_session == 256 and defaults.max_concurrent_recordings == 8
+    assert defaults.max_recording_s == 1800
     with pytest.raises(ValidationError, match="max_recording_bytes"):
         Limits(max_recording_bytes=1000)
