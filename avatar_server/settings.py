@@ -216,6 +216,11 @@ class Settings(BaseSettings):
         description="the header the trusted proxies append the client to: X-Forwarded-For or Forwarded (for=)",
     )
 
+    @field_validator("forwarded_header", mode="before")
+    @classmethod
+    def _header_name(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
+
     @field_validator("trusted_proxies")
     @classmethod
     def _proxy_networks(cls, value: list[str]) -> list[str]:

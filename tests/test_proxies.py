@@ -74,7 +74,7 @@ def test_the_forwarded_header() -> None:
 def test_trusted_proxies_setting(monkeypatch) -> None:
     assert Settings().trusted_proxies == [] and Settings().forwarded_header == "x-forwarded-for"
     monkeypatch.setenv("AVATAR_SERVER_TRUSTED_PROXIES", '["127.0.0.1", "10.0.0.0/8", "fd00::/8"]')
-    monkeypatch.setenv("AVATAR_SERVER_FORWARDED_HEADER", "forwarded")
+    monkeypatch.setenv("AVATAR_SERVER_FORWARDED_HEADER", "Forwarded")
     settings = Settings()
     assert settings.trusted_proxies == ["127.0.0.1", "10.0.0.0/8", "fd00::/8"]
     assert settings.forwarded_header == "forwarded"
