@@ -638,6 +638,13 @@ async def run_client(
             errors.append(str(message.get("code")))
             if err is not None:
                 err(f"server error {message.get('code')}: {message.get('message')}")
+        elif message.get("type") == "record.stopped" and message.get("reason") not in (None, "stopped"):
+            # The server ended the recording itself (a limit, the session ending, a failure).
+            if err is not None:
+                detail = f": {message['message']}" if message.get("message") else ""
+                err(
+                    f"the server stopped recording {message.get('recording_id')} ({message['reason']}){detail}"
+                )
 
     track = None if microphone is None else await asyncio.to_thread(AudioFileTrack.from_file, microphone)
     client = AvatarClient(url, record_path=record, keep_audio=False, token=token, on_message=on_message)

@@ -104,6 +104,7 @@ def check_server_recording(lines: list[dict], recordings: Path, client_mp4: Path
         stopped[0]["recording_id"] == started[0]["recording_id"] and stopped[0]["path"] == started[0]["path"]
     )
     assert stopped[0]["error"] is None and stopped[0]["dropped_frames"] == 0
+    assert stopped[0].get("reason", "stopped") == "stopped", stopped  # a newer field: record.stop
 
     path = Path(stopped[0]["path"])
     assert path.parent == recordings and path.is_file()

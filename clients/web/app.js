@@ -1,12 +1,16 @@
 // Browser client of avatar-server (no build step). Protocol: docs/PROTOCOL.md.
 //
-// session.start over the WebSocket, then one RTCPeerConnection: video recvonly, audio
-// sendrecv (the microphone is attached to that transceiver with replaceTrack, so toggling it
-// needs no renegotiation). ICE is not trickled: the offer is sent once gathering completes.
+// session.start over the WebSocket (with the chosen mode and barge-in), then one
+// RTCPeerConnection: video recvonly; audio recvonly in the Text mode, or sendrecv carrying the
+// microphone in the two microphone modes (lipsync, conversation). The microphone button mutes
+// it with replaceTrack, so toggling needs no renegotiation; switching between the microphone
+// modes and toggling barge-in while running send session.update. ICE is not trickled: the
+// offer is sent once gathering completes. Server recording: record.start / record.stop.
 //
 // For tests and debugging the page exposes `window.avatarEvents` (every server message, in
-// order of arrival) and `window.avatar` (`pc`, the peer connection, and `figures`, the last
-// figures shown in the overlay).
+// order of arrival), `window.avatarSent` (every message sent, with session.start's image
+// replaced by its length) and `window.avatar` (`pc`, the peer connection, and `figures`, the
+// last figures shown in the overlay).
 
 const $ = (id) => document.getElementById(id);
 
@@ -14,6 +18,11 @@ const MAX_SIDE_PX = 2048;          // larger pictures are scaled down before upl
 const MAX_UPLOAD_BYTES = 6 << 20;  // below the server's default max_image_bytes (8 MiB)
 const MAX_CHUNK_CHARS = 1000;      // below the server's default max_text_chars (2000)
 const STATS_INTERVAL_MS = 1000;
+const MIC_CONSTRAINTS = { echoCancellation: true, noiseSuppression: true };
+const RECORD_REASONS = {
+  session_ended: "the session ended", max_duration: "its maximum duration was reached",
+  max_size: "its maximum size was reached", disk_full: "the server's disk is full", failed: "writing failed",
+};
 
 const ui = {
   video: $("video"), placeholder: $("placeholder"), overlay: $("overlay"), unmute: $("unmute"),
@@ -23,6 +32,13 @@ const ui = {
   fps: $("stat-fps"), decoded: $("stat-decoded"), dropped: $("stat-dropped"), jitter: $("stat-jitter"),
   level: $("stat-level"), levelBar: $("stat-level-bar"), figuresToggle: $("figures"), audio: $("stat-audio"), ttff: $("stat-ttff"),
   state: $("stat-state"), serverStats: $("server-stats"),
+  mode: $("mode"), bargeIn: $("barge-in"), stateLine: $("state"), recBadge: $("rec-badge"),
+  recordFields: $("record-fields"), record: $("record"), recordStatus: $("record-status"),
+};
+
+const STATE_LABELS = {
+  idle: "idle", speaking: "speaking", listening: "listening",
+  connecting: "connecting…", disconnected: "not connected", ended: "session ended",
 };
 
 let ws = null;
@@ -34,11 +50,17 @@ let startedAt = 0;
 let utteranceCount = 0;
 let running = false;
 let sessionReady = false;
+let sessionMode = "text";    // the mode the running session was started with (text, lipsync, conversation)
+let recording = null;        // {id, path} while the server records
+let recordPending = false;   // record.start / record.stop sent, no answer yet
+let recordStopAsked = false; // this page sent record.stop for the running recording
 let previous = {};  // last inbound-rtp report per kind, for rates
 
 const events = [];
+const sent = [];
 const figures = {};
 window.avatarEvents = events;
+window.avatarSent = sent;
 window.avatar = { get pc() { return pc; }, figures };
 
 // ------------------------------------------------------------------------------- helpers
@@ -66,10 +88,28 @@ function updateControls() {
   ui.stop.disabled = !running;
   ui.image.disabled = running;
   ui.speakFields.disabled = !running;
+  // Text <-> microphone needs another peer connection: fixed while a session runs. The two
+  // microphone modes switch live (session.update).
+  const micSession = running && sessionMode !== "text";
+  ui.mode.disabled = running && !micSession;
+  for (const option of ui.mode.options) option.disabled = micSession && option.value === "text";
+  ui.bargeIn.disabled = ui.mode.value === "text";
+  ui.mic.hidden = !micSession;
+  ui.recordFields.disabled = !sessionReady;
+  ui.record.disabled = recordPending;
+}
+
+function setState(state) {
+  ui.stateLine.dataset.state = state;
+  ui.stateLine.textContent = STATE_LABELS[state] ?? state;
+  if (["idle", "speaking", "listening"].includes(state)) ui.state.textContent = state;
 }
 
 function send(message) {
-  if (ws && ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify(message));
+  if (!ws || ws.readyState !== WebSocket.OPEN) return false;
+  ws.send(JSON.stringify(message));
+  sent.push(message.type === "session.start" ? { ...message, image: `<${message.image.length} base64 characters>` } : message);
+  return true;
 }
 
 function setFigure(el, key, value, text) {
@@ -139,7 +179,7 @@ function showServerStats(message) {
   if (typeof message.width === "number" && typeof message.height === "number") {
     serverRow("resolution", "resolution").textContent = `${message.width}×${message.height}`;
   }
-  if (message.state) ui.state.textContent = message.state;
+  if (message.state) setState(message.state);
 }
 
 // ------------------------------------------------------------------------------- client stats
@@ -221,7 +261,13 @@ async function startWebRTC(iceServers) {
   pc = new RTCPeerConnection({ iceServers });
   const peer = pc;
   peer.addTransceiver("video", { direction: "recvonly" });
-  micSender = peer.addTransceiver("audio", { direction: "sendrecv" }).sender;
+  if (micStream) {
+    // Microphone modes: the offer's audio section is sendrecv and carries the microphone.
+    micSender = peer.addTransceiver(micStream.getAudioTracks()[0], { direction: "sendrecv", streams: [micStream] }).sender;
+    setMicButton(true);
+  } else {
+    peer.addTransceiver("audio", { direction: "recvonly" });
+  }
   const remote = new MediaStream();
   ui.video.srcObject = remote;
   peer.ontrack = (event) => remote.addTrack(event.track);
@@ -246,29 +292,45 @@ async function startWebRTC(iceServers) {
 // ------------------------------------------------------------------------------- messages
 async function onMessage(event) {
   let message;
-  try { message = JSON.parse(event.data); } catch { return; }
+  try { message = JSON.parse(event.data); } catch (err) {
+    showError(`The server sent a message that is not JSON (${err.message}): ${String(event.data).slice(0, 200)}`);
+    return;
+  }
   events.push(message);
   switch (message.type) {
-    case "session.ready":
+    case "session.ready": {
       sessionReady = true;
-      log(`session ${message.session_id}: ${message.width}×${message.height} at ${message.fps} fps (${message.engine})`);
+      const micText = sessionMode === "text" ? "text" : `microphone, ${message.mode}`;
+      log(`session ${message.session_id}: ${message.width}×${message.height} at ${message.fps} fps (${message.engine}; ${micText}; barge-in ${message.barge_in ? "on" : "off"})`);
+      setState("idle");
+      syncSessionOptions(message);
+      updateControls();
       await startWebRTC(Array.isArray(message.ice_servers) ? message.ice_servers : []);
       break;
+    }
     case "webrtc.answer":
       if (pc) await pc.setRemoteDescription({ type: "answer", sdp: message.sdp });
       break;
     case "state":
-      ui.state.textContent = message.state;
+      setState(message.state);
       break;
     case "stats":
       showServerStats(message);
       break;
+    case "record.started":
+      onRecordStarted(message);
+      break;
+    case "record.stopped":
+      onRecordStopped(message);
+      break;
     case "error":
-      showError(`Error ${message.code}: ${message.message}`);
+      showError(`Error ${message.code}${message.field ? ` (${message.field})` : ""}: ${message.message}`);
+      if (recordPending) { recordPending = false; updateControls(); }
       if (!sessionReady) stop(); // session.start was refused: nothing runs
       break;
     case "session.ended":
       showError(`The server ended the session (${message.reason})${message.message ? `: ${message.message}` : "."}`);
+      setState("ended");
       break;
     case "speak.started":
     case "speak.ended":
@@ -288,16 +350,29 @@ async function start(event) {
   const file = ui.image.files[0];
   if (!file) { showError("Choose a reference image first."); return; }
   clearError();
+  sessionMode = ui.mode.value;
   running = true;
   updateControls();
+  setState("connecting");
   startedAt = performance.now();
   events.length = 0;
+  sent.length = 0;
   let image;
   try { image = await imageAsBase64(file); } catch (err) {
     showError(`Cannot read the image: ${err}`);
-    running = false;
-    updateControls();
+    stop();
     return;
+  }
+  if (sessionMode !== "text") {
+    // Ask for the microphone before the session starts: a refusal costs no session.
+    try {
+      micStream = await navigator.mediaDevices.getUserMedia({ audio: MIC_CONSTRAINTS });
+    } catch (err) {
+      showError(`Microphone: ${err.message || err.name}. Allow the microphone, or choose the Text mode.`);
+      stop();
+      return;
+    }
+    if (!running) { stop(); return; } // stopped meanwhile
   }
   const scheme = location.protocol === "https:" ? "wss" : "ws";
   // A session token given to the page (`/?token=...`) is passed on to /ws.
@@ -305,7 +380,7 @@ async function start(event) {
   const query = token ? `?token=${encodeURIComponent(token)}` : "";
   const socket = new WebSocket(`${scheme}://${location.host}/ws${query}`);
   ws = socket;
-  socket.onopen = () => send({ type: "session.start", image, prompt: ui.prompt.value });
+  socket.onopen = () => send(sessionStartMessage(image));
   socket.onmessage = (e) => { onMessage(e).catch((err) => showError(String(err))); };
   socket.onclose = (e) => {
     if (ws !== socket) return;
@@ -326,6 +401,104 @@ async function start(event) {
   ui.text.focus();
 }
 
+function sessionStartMessage(image) {
+  const message = { type: "session.start", image, prompt: ui.prompt.value, barge_in: bargeInWanted() };
+  if (sessionMode !== "text") message.mode = sessionMode;
+  return message;
+}
+
+function bargeInWanted() {
+  return ui.mode.value !== "text" && ui.bargeIn.checked;
+}
+
+// Options changed between Start and session.ready go out as a session.update.
+function syncSessionOptions(ready) {
+  const update = {};
+  if (sessionMode !== "text" && ready.mode && ready.mode !== sessionMode) update.mode = sessionMode;
+  if (typeof ready.barge_in === "boolean" && ready.barge_in !== bargeInWanted()) update.barge_in = bargeInWanted();
+  if (Object.keys(update).length) send({ type: "session.update", ...update });
+}
+
+function changeMode() {
+  if (running && sessionMode !== "text" && ui.mode.value !== "text" && ui.mode.value !== sessionMode) {
+    sessionMode = ui.mode.value;
+    if (sessionReady) {
+      send({ type: "session.update", mode: sessionMode });
+      log(`mode ${sessionMode}`);
+    }
+  }
+  updateControls();
+}
+
+function changeBargeIn() {
+  if (running && sessionReady) {
+    send({ type: "session.update", barge_in: bargeInWanted() });
+    log(`barge-in ${bargeInWanted() ? "on" : "off"}`);
+  }
+}
+
+// ------------------------------------------------------------------------------- recording
+function toggleRecording() {
+  if (!sessionReady || recordPending) return;
+  recordPending = true;
+  if (recording) {
+    recordStopAsked = true;
+    send({ type: "record.stop" });
+    ui.recordStatus.textContent = `Finishing ${recording.id}…`;
+  } else {
+    send({ type: "record.start" });
+    ui.recordStatus.textContent = "Starting…";
+  }
+  ui.recordStatus.classList.remove("warn");
+  updateControls();
+}
+
+function setRecordButton(on) {
+  ui.record.setAttribute("aria-pressed", String(on));
+  ui.record.textContent = on ? "Stop recording" : "Record";
+  ui.recBadge.hidden = !on;
+}
+
+function onRecordStarted(message) {
+  recording = { id: message.recording_id, path: message.path };
+  recordPending = false;
+  recordStopAsked = false;
+  setRecordButton(true);
+  ui.recordStatus.textContent = `Recording ${message.recording_id} to ${message.path}`;
+  log(`record.started ${message.recording_id}`);
+  updateControls();
+}
+
+function onRecordStopped(message) {
+  const asked = recordStopAsked;
+  recording = null;
+  recordPending = false;
+  recordStopAsked = false;
+  setRecordButton(false);
+  const seconds = (Number(message.duration_ms) / 1000).toFixed(1);
+  let text = `Recorded ${message.recording_id}: ${seconds} s`;
+  if (typeof message.size_bytes === "number" && message.size_bytes > 0) text += `, ${formatServerValue("size_bytes", message.size_bytes)}`;
+  text += `, ${message.path}`;
+  if (message.dropped_frames) text += `; ${message.dropped_frames} frames repeated (the writer fell behind)`;
+  // `reason` (stopped = record.stop) and `message` are newer fields: shown when present.
+  const serverStopped = message.reason ? message.reason !== "stopped" : !asked;
+  let why = "";
+  if (serverStopped) {
+    why = `the server stopped it: ${RECORD_REASONS[message.reason] ?? message.reason ?? "no reason given"}`;
+    if (message.message) why += ` (${message.message})`;
+    text += `; ${why}`;
+  }
+  ui.recordStatus.textContent = text;
+  ui.recordStatus.classList.toggle("warn", Boolean(message.error) || serverStopped);
+  log(`record.stopped ${message.recording_id}: ${seconds} s${message.reason ? ` (${message.reason})` : ""}`);
+  if (message.error) {
+    showError(`Recording ${message.recording_id} failed: ${message.error}`);
+  } else if (serverStopped) {
+    log(`recording ${message.recording_id}: ${why}`, "error");
+  }
+  updateControls();
+}
+
 function stop() {
   clearInterval(statsTimer);
   statsTimer = null;
@@ -340,10 +513,16 @@ function stop() {
   ui.placeholder.hidden = false;
   ui.overlay.hidden = true;
   ui.figuresToggle.hidden = true;
-  ui.mic.setAttribute("aria-pressed", "false");
-  ui.mic.textContent = "Microphone off";
+  setMicButton(false);
+  if (recording) {
+    ui.recordStatus.textContent = `Recording ${recording.id} is finished by the server as the session ends: ${recording.path}`;
+  }
+  recording = null;
+  recordPending = false;
+  setRecordButton(false);
   running = false;
   sessionReady = false;
+  setState(events.some((m) => m.type === "session.ended") ? "ended" : "disconnected");
   updateControls();
 }
 
@@ -386,26 +565,30 @@ function interrupt() {
   log("interrupt");
 }
 
+function setMicButton(on) {
+  ui.mic.setAttribute("aria-pressed", String(on));
+  ui.mic.textContent = on ? "Microphone on" : "Microphone off";
+}
+
+// Microphone modes only: mute (the track is stopped and detached) and unmute.
 async function toggleMic() {
   if (!micSender) return;
   if (micStream) {
     await micSender.replaceTrack(null);
     micStream.getTracks().forEach((t) => t.stop());
     micStream = null;
-    ui.mic.setAttribute("aria-pressed", "false");
-    ui.mic.textContent = "Microphone off";
+    setMicButton(false);
     return;
   }
   try {
-    micStream = await navigator.mediaDevices.getUserMedia({ audio: { echoCancellation: true, noiseSuppression: true } });
+    micStream = await navigator.mediaDevices.getUserMedia({ audio: MIC_CONSTRAINTS });
   } catch (err) {
-    showError(`Microphone: ${err.message}`);
+    showError(`Microphone: ${err.message || err.name}`);
     return;
   }
   if (!micSender) { micStream.getTracks().forEach((t) => t.stop()); micStream = null; return; }
   await micSender.replaceTrack(micStream.getAudioTracks()[0]);
-  ui.mic.setAttribute("aria-pressed", "true");
-  ui.mic.textContent = "Microphone on";
+  setMicButton(true);
 }
 
 // ------------------------------------------------------------------------------- wiring
@@ -426,7 +609,11 @@ document.addEventListener("keydown", (e) => {
 });
 ui.interrupt.addEventListener("click", interrupt);
 ui.mic.addEventListener("click", () => { toggleMic().catch((err) => showError(String(err))); });
+ui.mode.addEventListener("change", changeMode);
+ui.bargeIn.addEventListener("change", changeBargeIn);
+ui.record.addEventListener("click", toggleRecording);
 ui.unmute.addEventListener("click", () => { ui.video.play(); ui.unmute.hidden = true; });
 $("error-close").addEventListener("click", clearError);
 ui.figuresToggle.addEventListener("click", () => showFigures(ui.overlay.hidden));
 updateControls();
+setState("disconnected");
