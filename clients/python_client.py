@@ -51,8 +51,17 @@ SESSION_MODES = ("lipsync", "conversation")
 # ``avatar-server client --mode``: what the user sends -> the session's ``mode`` (None: no
 # microphone, the server's default mode).
 CLIENT_MODES: dict[str, str | None] = {"text": None, "microphone": "lipsync", "conversation": "conversation"}
-# Error codes that answer record.start / record.stop.
-_RECORD_ERRORS = frozenset({"recording_active", "no_recording", "no_session"})
+# Error codes that refuse record.start / record.stop (a refusal's message also starts with the
+# message type). ``recording_failed`` is not one: ``record.stopped`` follows it.
+_RECORD_START_ERRORS = frozenset({"recording_active", "too_many_recordings", "disk_full", "no_session"})
+_RECORD_STOP_ERRORS = frozenset({"no_recording", "no_session"})
+
+
+def _refuses(message: dict[str, Any], what: str, codes: frozenset[str]) -> bool:
+    code = message.get("code")
+    return code in codes or (
+        code != "recording_failed" and str(message.get("message", "")).startswith(f"{what}:")
+    )
 
 
 @dataclass
@@ -435,11 +444,12 @@ class AvatarClient:
 
     async def start_recording(self, *, timeout_s: float = 10.0) -> dict[str, Any]:
         """Send ``record.start``; returns ``record.started`` (the file's id and server path).
-        Raises ``RuntimeError`` when the server refuses (e.g. ``recording_active``)."""
+        Raises ``RuntimeError`` when the server refuses (``recording_active``, a limit such as
+        ``too_many_recordings`` or ``disk_full``)."""
         await self.send({"type": "record.start"})
         reply = await self._wait_first(
             ("record.started", "error"),
-            lambda m: m["type"] != "error" or m.get("code") in _RECORD_ERRORS,
+            lambda m: m["type"] != "error" or _refuses(m, "record.start", _RECORD_START_ERRORS),
             timeout_s,
         )
         if reply["type"] == "error":
@@ -452,7 +462,7 @@ class AvatarClient:
         await self.send({"type": "record.stop"})
         reply = await self._wait_first(
             ("record.stopped", "error"),
-            lambda m: m["type"] != "error" or m.get("code") in _RECORD_ERRORS,
+            lambda m: m["type"] != "error" or _refuses(m, "record.stop", _RECORD_STOP_ERRORS),
             timeout_s,
         )
         if reply["type"] == "error":

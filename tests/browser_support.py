@@ -9,6 +9,7 @@ candidates only with ``--allow-loopback-in-peer-connection``.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import select
 import subprocess
@@ -84,15 +85,17 @@ def require_browser() -> None:
 
 
 @contextlib.contextmanager
-def server_process(tmp_path: Path, *extra_args: str) -> Iterator[tuple[str, Path]]:
+def server_process(
+    tmp_path: Path, *extra_args: str, env: dict[str, str] | None = None
+) -> Iterator[tuple[str, Path]]:
     """``avatar-server serve --engine testpattern`` on a free loopback port, ready: URL and log.
-    ``extra_args`` are more ``serve`` flags."""
+    ``extra_args`` are more ``serve`` flags, ``env`` more environment variables."""
     log_path = tmp_path / "server.log"
     with log_path.open("w") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "avatar_server.cli", "serve", "--engine", "testpattern", "--host", "127.0.0.1",
              "--port", "0", "--testpattern-delay-s", "0.2", "--log-level", "INFO", *extra_args],
-            stdout=subprocess.PIPE, stderr=log, text=True,
+            stdout=subprocess.PIPE, stderr=log, text=True, env={**os.environ, **(env or {})},
         )  # fmt: skip
     try:
         url = None

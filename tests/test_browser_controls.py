@@ -14,6 +14,8 @@ answered and wrote:
 * the Record button: ``record.started`` (REC badge, button pressed), then ``record.stopped``;
   the page shows the id, duration and path; the server's MP4 exists and lasts ``duration_ms``
   (within 2 frames), about as long as the button was on (within 1.5 s);
+* a second recording runs into the server's ``max_recording_s``: the page shows the reason
+  (when ``record.stopped`` carries one) and the button is ready again;
 * Stop: the state line says ``not connected`` and the recording controls are disabled.
 """
 
@@ -40,6 +42,7 @@ from tests.browser_support import (
 pytestmark = pytest.mark.slow
 
 RECORD_S = 3.0
+LIMIT_S = 5.0  # max_recording_s of the server: the second recording runs into it
 
 SENT_OF_TYPE_JS = "(type) => window.avatarSent.filter((m) => m.type === type)"
 # The last state the server sent and the state line, read at the same instant.
@@ -59,7 +62,12 @@ def test_mode_barge_in_and_server_recording(media_dir: Path, tmp_path: Path) -> 
     shots = tmp_path / "screenshots"
     shots.mkdir()
     with (
-        server_process(tmp_path, "--recordings-dir", str(recordings)) as (server_url, server_log),
+        server_process(
+            tmp_path,
+            "--recordings-dir",
+            str(recordings),
+            env={"AVATAR_SERVER_LIMITS__MAX_RECORDING_S": str(LIMIT_S)},
+        ) as (server_url, server_log),
         sync_playwright() as p,
     ):
         browser = p.chromium.launch(
@@ -165,6 +173,24 @@ def test_mode_barge_in_and_server_recording(media_dir: Path, tmp_path: Path) -> 
             page.screenshot(path=str(shots / "2-recorded.png"))
             sent_types = [m["type"] for m in page.evaluate("window.avatarSent")]
             assert sent_types.count("record.start") == 1 and sent_types.count("record.stop") == 1, sent_types
+
+            # A recording the server ends at a limit: the page says why and offers Record again.
+            page.click("#record")
+            waiter.wait(
+                "() => window.avatarEvents.filter((m) => m.type === 'record.stopped').length === 2",
+                "record.stopped of the second recording (max_recording_s)",
+                LIMIT_S + 10,
+            )
+            limited = page.evaluate("window.avatarEvents.filter((m) => m.type === 'record.stopped')[1]")
+            expect(page.locator("#record")).to_have_attribute("aria-pressed", "false")
+            expect(page.locator("#rec-badge")).to_be_hidden()
+            if "reason" in limited:  # a newer field of record.stopped
+                assert limited["reason"] == "max_duration", limited
+                expect(status).to_contain_text("the server stopped it: its maximum duration was reached")
+                expect(status).to_have_class(re.compile(r"\bwarn\b"))
+            assert abs(limited["duration_ms"] / 1000 - LIMIT_S) <= 0.1, limited
+            sent_types = [m["type"] for m in page.evaluate("window.avatarSent")]
+            assert sent_types.count("record.stop") == 1, sent_types  # the page did not stop it
 
             assert not waiter.page_errors(), waiter.console
             page.click("#stop")

@@ -7,6 +7,7 @@ prints, what the server saw and the files on disk:
   ``duration_ms`` (within 2 frames) and 0.9-1.02 of the client's own ``--record`` MP4, which
   spans the whole media period (the server's file starts at ``record.start``, sent after the
   peer connection is up);
+* a recording ended by the server (``max_recording_s``) is reported, not stopped twice;
 * ``--barge-in`` in ``--mode conversation``: a microphone file that stays silent for 3 s and
   then speaks interrupts a long utterance (``interrupted``, played 1.5-6 s), while the same run
   without the flag lets it end (``speak.ended``); ``session.ready`` echoes mode and barge-in;
@@ -118,6 +119,25 @@ def check_server_recording(lines: list[dict], recordings: Path, client_mp4: Path
     assert duration_s > 3.0  # the utterance (about 3 s) and the 1 s idle after it
     assert abs(server_s - duration_s) <= 0.08 and abs(server_frames / 25 - duration_s) <= 0.08
     assert 0.9 <= server_s / client_s <= 1.02
+
+
+async def test_server_record_stopped_by_a_limit_is_reported(media_dir, tmp_path) -> None:
+    """A recording the server ends itself (``max_recording_s``) is not stopped again: its
+    ``record.stopped`` (with ``reason``, where the server sends one) is the summary's, and a
+    line on stderr says why."""
+    async with running_server(recordings_dir=tmp_path / "recordings", limits={"max_recording_s": 1.5}) as app:
+        code, lines, stderr = await run_cli(
+            app.port, "--image", str(media_dir / "portrait.png"), "--say", LONG_TEXT, "--server-record",
+            "--interrupt-after", "2.5", "--duration", "0.5",
+        )  # fmt: skip
+    assert code == 0, stderr[-2000:]
+    stopped = of_type(lines, "record.stopped")
+    assert len(stopped) == 1, lines
+    assert lines[-1]["server_recording"] == {k: v for k, v in stopped[0].items() if k != "type"}
+    assert 1400 <= stopped[0]["duration_ms"] <= 1600, stopped
+    if "reason" in stopped[0]:
+        assert stopped[0]["reason"] == "max_duration", stopped
+        assert f"the server stopped recording {stopped[0]['recording_id']} (max_duration)" in stderr, stderr
 
 
 async def test_barge_in_flag_lets_the_users_voice_interrupt(media_dir, late_speech) -> None:
