@@ -187,6 +187,7 @@ class AudioFileTrack(MediaStreamTrack):
         return self.samples.size / self.sample_rate_hz
 
     async def recv(self) -> av.AudioFrame:
+        """The next 20 ms frame, released at its media time (silence after the file)."""
         if self.readyState != "live":
             raise MediaStreamError
         now_s = time.monotonic()
