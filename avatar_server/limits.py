@@ -16,6 +16,10 @@ in docs/PROTOCOL.md ("Limits").
   recorder itself enforces the length, size and disk floor of a running recording). It ends a connection by sending an ``error`` frame and closing
   the WebSocket with a reason that names the limit; the connection's own ``close`` (which runs
   when the WebSocket ends) then releases the session, its peer connection, tracks and tasks.
+  The guard goes with the session: when a session is parked (its WebSocket dropped) the guard
+  gives up the WebSocket's count (:meth:`~ConnectionGuard.detach`) and keeps the session's;
+  when another connection resumes it, the guard takes over that connection's WebSocket side
+  and moves the session's counts to its address and token (:meth:`~ConnectionGuard.adopt`).
 * :class:`GuardedMicrophoneTrack` checks each incoming microphone frame (sample rate, channels,
   frame length) and drops audio that arrives faster than real time;
   :class:`GuardedTrack` turns a crash of an outgoing track or its encoder into a clean end of
@@ -347,6 +351,8 @@ class ConnectionGuard:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._ending = False
         self._closed = False
+        self._detached = False  # the session is parked: no WebSocket is counted for it
+        self._handed_over = False  # another guard took over this one's WebSocket (a resume)
         self._session_id: str | None = None  # set while a session is reserved
         self._pending_utterances: set[str] = set()
         self._closed_utterances: collections.OrderedDict[str, None] = collections.OrderedDict()
@@ -476,6 +482,59 @@ class ConnectionGuard:
         admission._drop(admission.sessions_by_address, self.address)
         if self.grant.token_id is not None:
             admission._drop(admission.sessions_by_token, self.grant.token_id)
+
+    # ----------------------------------------------------------------------------- park / resume
+    def detach(self) -> None:
+        """The session is parked: its WebSocket is gone, so release that connection's count in
+        ``connections_by_address``; the session's counts (address, token, session id), pending
+        utterances, engine failures and recording stay. The media timeouts pause until
+        :meth:`adopt`. Idempotent."""
+        if self._detached or self._closed:
+            return
+        self._detached = True
+        self.admission._drop(self.admission.connections_by_address, self.address)
+
+    def check_adopt(self, other: ConnectionGuard) -> None:
+        """Whether ``other``'s connection (its address and token) may take over this guard's
+        session: it must not push its address or token over ``max_sessions_per_address`` /
+        ``max_sessions_per_token``.
+
+        Raises:
+            LimitError: ``too_many_sessions``.
+        """
+        admission, limits = self.admission, self.limits
+        token = other.grant.token_id
+        if token is not None and token != self.grant.token_id and admission.sessions_by_token[token] >= limits.max_sessions_per_token:
+            raise LimitError(
+                "too_many_sessions",
+                f"this token already runs a session; the limit is max_sessions_per_token = {limits.max_sessions_per_token}",
+            )
+        if other.address != self.address and admission.sessions_by_address[other.address] >= limits.max_sessions_per_address:
+            raise LimitError(
+                "too_many_sessions",
+                f"{other.address} already runs {admission.sessions_by_address[other.address]} sessions; "
+                f"the limit is max_sessions_per_address = {limits.max_sessions_per_address}",
+            )
+
+    def adopt(self, other: ConnectionGuard) -> None:
+        """Take over the WebSocket side of ``other`` (the connection that resumed this guard's
+        parked session): its grant, address, message-rate bucket and its count in
+        ``connections_by_address``; the session's counts move from this guard's address and
+        token to ``other``'s (so each is counted once). ``other`` then releases nothing of it
+        on close. Call :meth:`check_adopt` first."""
+        admission = self.admission
+        if self._session_id is not None:
+            admission._drop(admission.sessions_by_address, self.address)
+            admission.sessions_by_address[other.address] += 1
+            if self.grant.token_id is not None:
+                admission._drop(admission.sessions_by_token, self.grant.token_id)
+            if other.grant.token_id is not None:
+                admission.sessions_by_token[other.grant.token_id] += 1
+        self.grant, self.address = other.grant, other.address
+        self._bucket, self._throttled = other._bucket, other._throttled
+        self._detached = False
+        self._media_phase = None  # the resumed client gets fresh offer / ICE timeouts
+        other._handed_over = True
 
     def observe(self, event: events.SessionEvent) -> None:
         """Account a session event: engine failures in a row end the session; utterances end."""
@@ -607,7 +666,7 @@ class ConnectionGuard:
         while True:
             await asyncio.sleep(WATCH_PERIOD_S)
             conn = self._conn
-            if self._ending:
+            if self._ending or self._detached:  # parked: the grace period applies, not these
                 continue
             if conn.session is None:
                 limit_s = self.limits.session_start_timeout_s
@@ -689,7 +748,8 @@ class ConnectionGuard:
         self._closed = True
         self.release_session()
         self.release_recording()
-        self.admission._drop(self.admission.connections_by_address, self.address)
+        if not (self._detached or self._handed_over):
+            self.admission._drop(self.admission.connections_by_address, self.address)
         tasks = list(self._tasks)
         current = asyncio.current_task()
         for task in tasks:

@@ -82,6 +82,17 @@ class Metrics:
         self.sessions_ended = Counter(
             "avatar_server_sessions_ended", "Sessions ended, by reason", ["reason"], registry=r
         )
+        self.sessions_parked = Gauge(
+            "avatar_server_sessions_parked",
+            "Sessions whose WebSocket dropped, waiting for session.resume (counted in sessions_active too)",
+            registry=r,
+        )
+        self.session_resumes = Counter(
+            "avatar_server_session_resumes",
+            "session.resume attempts, by result (resumed, failed)",
+            ["result"],
+            registry=r,
+        )
         self.playout_buffer_seconds = Histogram(
             "avatar_server_playout_buffer_seconds",
             "Media queued ahead of playback, sampled per session every stats interval",

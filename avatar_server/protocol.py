@@ -24,6 +24,7 @@ from pydantic_core import PydanticCustomError
 from avatar_server.settings import Limits
 
 UTTERANCE_ID_MAX_CHARS = 128
+RESUME_TOKEN_MAX_CHARS = 128  # the server's tokens are 43 characters (secrets.token_urlsafe(32))
 
 
 class _Message(BaseModel):
@@ -138,8 +139,27 @@ class RecordStop(_Message):
     type: Literal["record.stop"]
 
 
+class SessionResume(_Message):
+    """Take over a session whose WebSocket dropped (see docs/PROTOCOL.md, "Resume")."""
+
+    type: Literal["session.resume"]
+    resume_token: str = Field(
+        min_length=1,
+        max_length=RESUME_TOKEN_MAX_CHARS,
+        description="the resume_token of session.ready or of the last session.resumed",
+    )
+
+
 ClientMessage = Annotated[
-    SessionStart | WebRTCOffer | Speak | SpeakEnd | Interrupt | SessionUpdate | RecordStart | RecordStop,
+    SessionStart
+    | WebRTCOffer
+    | Speak
+    | SpeakEnd
+    | Interrupt
+    | SessionUpdate
+    | RecordStart
+    | RecordStop
+    | SessionResume,
     Field(discriminator="type"),
 ]
 CLIENT_MESSAGE_TYPES = (
@@ -151,6 +171,7 @@ CLIENT_MESSAGE_TYPES = (
     "session.update",
     "record.start",
     "record.stop",
+    "session.resume",
 )
 
 
@@ -169,6 +190,35 @@ class SessionReady(_Message):
     sr: bool = Field(False, description="idle super-resolution on: width x height is the SR size")
     mode: Literal["lipsync", "conversation"] = "lipsync"
     barge_in: bool = False
+    resume_token: str | None = Field(
+        None, description="secret for session.resume after a dropped WebSocket (None: resume is off)"
+    )
+    resume_grace_s: float = Field(0.0, description="how long a dropped session waits for session.resume, s")
+
+
+class SessionResumed(_Message):
+    """Answer to ``session.resume``: the session as it is now; ``missed_messages`` frames kept
+    while no WebSocket was attached follow in order, ``dropped_messages`` more were lost."""
+
+    type: Literal["session.resumed"] = "session.resumed"
+    session_id: str
+    width: int
+    height: int
+    fps: int
+    sample_rate: int
+    engine: str
+    ice_servers: list[dict[str, Any]] = Field(default_factory=list)
+    sr: bool = False
+    mode: Literal["lipsync", "conversation"] = "lipsync"
+    barge_in: bool = False
+    resume_token: str = Field(description="the new token (the one just used no longer works)")
+    resume_grace_s: float
+    peer_connection: str | None = Field(
+        None, description="state of the session's peer connection (None: no offer yet); failed/closed: re-offer"
+    )
+    recording_id: str | None = Field(None, description="the recording running, if any")
+    missed_messages: int = Field(0, description="frames kept while parked, sent right after this one")
+    dropped_messages: int = Field(0, description="frames lost while parked (the buffer was full); stats not counted")
 
 
 class WebRTCAnswer(_Message):
@@ -252,7 +302,7 @@ class SessionEnded(_Message):
     """The server ended the session (the WebSocket closes next)."""
 
     type: Literal["session.ended"] = "session.ended"
-    reason: str = Field(description="idle_timeout, max_duration or shutdown")
+    reason: str = Field(description="idle_timeout, max_duration, shutdown, resume_timeout or a limit")
     message: str = ""
 
 
@@ -267,6 +317,7 @@ class ErrorMessage(_Message):
 
 ServerMessage = (
     SessionReady
+    | SessionResumed
     | WebRTCAnswer
     | State
     | SpeakStarted
@@ -295,7 +346,18 @@ _ERROR_CODES = {
 
 def parse_client_message(
     raw: str | bytes, limits: Limits
-) -> SessionStart | WebRTCOffer | Speak | SpeakEnd | Interrupt | SessionUpdate | RecordStart | RecordStop | ErrorMessage:
+) -> (
+    SessionStart
+    | WebRTCOffer
+    | Speak
+    | SpeakEnd
+    | Interrupt
+    | SessionUpdate
+    | RecordStart
+    | RecordStop
+    | SessionResume
+    | ErrorMessage
+):
     """Validate one client frame; returns the message or the :class:`ErrorMessage` to send back."""
     try:
         return _CLIENT_ADAPTER.validate_json(raw, context={"limits": limits})

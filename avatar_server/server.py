@@ -5,7 +5,9 @@ one WebRTC peer connection per session. Plain HTTP requests are answered from th
 ``process_request`` hook of the ``websockets`` server, so no second web framework is needed.
 
 Layers: :class:`AvatarServer` (entry point, HTTP routes, capacity) -> :class:`ClientConnection`
-(one WebSocket: parses frames, owns the session and its peer connection) ->
+(one session and the WebSocket attached to it: parses frames, owns the session and its peer
+connection; a session whose WebSocket drops abnormally is *parked* for
+``session_resume_grace_s`` and a new WebSocket may take it over with ``session.resume``) ->
 :class:`~streaming.session.SessionRunner` (segment loop) -> :class:`~streaming.session.EngineWorker`
 (the engine's one thread).
 """
@@ -13,13 +15,16 @@ Layers: :class:`AvatarServer` (entry point, HTTP routes, capacity) -> :class:`Cl
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import datetime
 import functools
+import hashlib
 import http
 import logging
 import mimetypes
+import secrets
 import threading
 import time
 from pathlib import Path
@@ -39,6 +44,7 @@ from avatar_server.images import ImageError, decode_image, set_pixel_limit
 from avatar_server.limits import (
     AdmissionRegistry,
     ConnectionGuard,
+    LimitError,
     recording_stop_message,
     recording_stop_reason,
 )
@@ -61,6 +67,7 @@ from streaming.session import EngineWorker, LoopConfig, SessionInputError, Sessi
 logger = logging.getLogger(__name__)
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "clients" / "web"
+NORMAL_CLOSE_CODES = (1000, 1001)  # a client that closes with these ends its session (no parking)
 STATIC_FILES = ("index.html", "app.js", "style.css")
 
 
@@ -127,7 +134,8 @@ class AvatarServer:
         self.draining = False
         self._drain_cancelled = asyncio.Event()
         self.sessions_active = 0
-        self.connections: set[ClientConnection] = set()
+        self.connections: set[ClientConnection] = set()  # with a WebSocket attached
+        self.resumable: dict[bytes, ClientConnection] = {}  # sha256(resume token) -> live or parked session
         self._server: Server | None = None
         self._warm = False
         self._not_ready_reason = "engine warming up"
@@ -170,7 +178,7 @@ class AvatarServer:
                 await self._warmup_task
             except (asyncio.CancelledError, Exception):
                 pass
-        for conn in list(self.connections):
+        for conn in self._all_sessions():
             await conn.close()
         if self._server is not None:
             self._server.close()
@@ -187,7 +195,7 @@ class AvatarServer:
             self._server.close(close_connections=False)  # stop listening; keep the connections
         deadline_s = time.monotonic() + timeout_s
         while not self._drain_cancelled.is_set() and time.monotonic() < deadline_s:
-            if not any(conn.session is not None and conn.session.speech_pending for conn in self.connections):
+            if not any(conn.session is not None and conn.session.speech_pending for conn in self._all_sessions()):
                 break
             try:
                 await asyncio.wait_for(self._drain_cancelled.wait(), 0.1)
@@ -196,13 +204,26 @@ class AvatarServer:
         await asyncio.gather(
             *(
                 conn.end_session("shutdown", "the server is shutting down", close_code=1001)
-                for conn in list(self.connections)
+                for conn in self._all_sessions()
             ),
             return_exceptions=True,
         )
 
     def cancel_drain(self) -> None:
         self._drain_cancelled.set()
+
+    def _all_sessions(self) -> list[ClientConnection]:
+        """Every connection with a WebSocket and every parked session (each once)."""
+        return list(dict.fromkeys([*self.connections, *self.resumable.values()]))
+
+    @property
+    def sessions_parked(self) -> int:
+        """Sessions waiting for ``session.resume`` (they hold their slot)."""
+        return sum(1 for conn in self.resumable.values() if conn.parked)
+
+    def resume_target(self, token: str) -> ClientConnection | None:
+        """The live or parked session whose current resume token is ``token``, or ``None``."""
+        return self.resumable.get(_token_key(token))
 
     @property
     def port(self) -> int:
@@ -292,18 +313,31 @@ class AvatarServer:
 
     # ----------------------------------------------------------------------------- WebSocket
     async def _handle(self, ws: ServerConnection) -> None:
-        conn = ClientConnection(self, ws)
+        conn: ClientConnection | None = ClientConnection(self, ws)
         self.connections.add(conn)
         self.metrics.websocket_connections_active.inc()
         try:
-            await conn.run()
+            while conn is not None:  # after a session.resume the resumed session reads this WebSocket
+                conn = await conn.run()
         finally:
-            self.connections.discard(conn)
             self.metrics.websocket_connections_active.dec()
 
 
+def _token_key(token: str) -> bytes:
+    """Resume tokens are looked up by digest, never compared character by character."""
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+
+
 class ClientConnection:
-    """One WebSocket client: its session, its peer connection and its outgoing frames."""
+    """One session and the WebSocket attached to it: the session, its peer connection and its
+    outgoing frames.
+
+    A connection without a session is just its WebSocket. Once a session runs, the connection
+    outlives its WebSocket if that drops abnormally: it is *parked* (:meth:`_park`) for
+    ``session_resume_grace_s``, the session running on and its messages kept (bounded), until
+    another connection hands it its WebSocket with ``session.resume`` (:meth:`_attach`) or the
+    grace period ends it (``resume_timeout``).
+    """
 
     def __init__(self, app: AvatarServer, ws: ServerConnection) -> None:
         self.app = app
@@ -314,6 +348,7 @@ class ClientConnection:
         self._outbox: asyncio.Queue[protocol.ServerMessage | None] = asyncio.Queue(
             maxsize=app.settings.limits.max_send_queue_messages
         )
+        self._sender: asyncio.Task[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._holds_slot = False
         self._closed = False
@@ -322,24 +357,130 @@ class ClientConnection:
         self.recording_id: str | None = None
         self.recordings = 0
         self._recording_end_tasks: set[asyncio.Task[None]] = set()  # recordings ended by a limit
+        # Session resume: the current token, and what is kept while no WebSocket is attached.
+        self._resume_key: bytes | None = None
+        self.resume_token: str | None = None
+        self.parked = False
+        self._missed: collections.deque[protocol.ServerMessage] = collections.deque()
+        self._missed_dropped = 0
+        self._grace_task: asyncio.Task[None] | None = None
+        self._successor: ClientConnection | None = None  # the session this WebSocket resumed
         self.guard = ConnectionGuard(self)
 
-    async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._tasks.append(loop.create_task(self._send_loop(), name="ws-send"))
+    async def run(self) -> ClientConnection | None:
+        """Read the attached WebSocket until it ends; then close the session, park it (an
+        abnormal close of a session that may be resumed) or hand the WebSocket on. Returns the
+        resumed session that reads this WebSocket from now on (``session.resume``), or ``None``."""
+        ws = self.ws
+        self._sender = asyncio.get_running_loop().create_task(self._send_loop(), name="ws-send")
         try:
-            async for raw in self.ws:
+            async for raw in ws:
                 await self._on_frame(raw)
+                if self._successor is not None:
+                    break
         except websockets.ConnectionClosed:
             pass
         finally:
+            await self._websocket_done(ws)
+        return self._successor
+
+    async def _websocket_done(self, ws: ServerConnection) -> None:
+        if self._successor is not None:  # this WebSocket now drives the resumed session
+            await self._retire()
+        elif self.ws is not ws or self.parked:
+            pass  # another WebSocket took the session over (its resume parked it first)
+        elif self._may_park(ws):
+            self._park()
+        else:
             await self.close()
+
+    def _may_park(self, ws: ServerConnection) -> bool:
+        """A running session whose WebSocket closed abnormally (not 1000/1001 from the
+        client, not ended by the server) is parked while resume is on."""
+        close = ws.protocol.close_rcvd
+        return (
+            self.resume_token is not None
+            and self.session is not None
+            and not (self._ended or self._closed or self.guard._ending or self.app.draining)
+            and (close is None or close.code not in NORMAL_CLOSE_CODES)
+        )
+
+    def _park(self) -> None:
+        """Detach the session from its dropped WebSocket: frames not yet sent and those sent
+        from now on are kept (:meth:`send`), the WebSocket's count is released, and the grace
+        period starts. Synchronous, so that nothing is sent to the old WebSocket after it."""
+        self.parked = True
+        if self._sender is not None:
+            self._sender.cancel()
+            self._tasks.append(self._sender)  # awaited on close
+            self._sender = None
+        while not self._outbox.empty():
+            message = self._outbox.get_nowait()
+            if message is not None:
+                self._keep_missed(message)
+        self.guard.detach()
+        self.app.connections.discard(self)
+        self.app.metrics.sessions_parked.inc()
+        grace_s = self.app.settings.session_resume_grace_s
+        self._grace_task = asyncio.get_running_loop().create_task(self._resume_grace(grace_s), name="resume-grace")
+        close = self.ws.protocol.close_rcvd
+        logger.info(
+            "session %s parked: its WebSocket closed (%s); waiting %g s for session.resume",
+            self.session_id,
+            "no close frame" if close is None else f"code {close.code}",
+            grace_s,
+        )
+
+    async def _resume_grace(self, grace_s: float) -> None:
+        await asyncio.sleep(grace_s)
+        await self.end_session(
+            "resume_timeout", f"session ended: no session.resume within session_resume_grace_s = {grace_s:g}"
+        )
+
+    def _keep_missed(self, message: protocol.ServerMessage) -> None:
+        """Keep a frame for the client that resumes; ``stats`` are not kept. Over the bound
+        (half of ``max_send_queue_messages``, so that the replay fits the send queue) the
+        oldest frame is dropped and counted."""
+        if isinstance(message, protocol.Stats):
+            return
+        if len(self._missed) >= max(1, self.app.settings.limits.max_send_queue_messages // 2):
+            self._missed.popleft()
+            self._missed_dropped += 1
+        self._missed.append(message)
+
+    def _rotate_resume_token(self) -> None:
+        """A fresh resume token (the old one stops working); none while resume is off."""
+        if self._resume_key is not None:
+            self.app.resumable.pop(self._resume_key, None)
+            self._resume_key = self.resume_token = None
+        if self.app.settings.session_resume_grace_s > 0 and not self._closed:
+            self.resume_token = secrets.token_urlsafe(32)
+            self._resume_key = _token_key(self.resume_token)
+            self.app.resumable[self._resume_key] = self
+
+    async def _retire(self) -> None:
+        """This connection handed its WebSocket (and its outbox) to the session it resumed:
+        stop its own sender and watchdog; its WebSocket count now belongs to that session."""
+        self._closed = True
+        self.app.connections.discard(self)
+        if self._sender is not None:
+            self._sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._sender
+        await self.guard.close()
 
     async def close(self) -> None:
         """Close the peer connection, the session, then this connection's tasks (reverse order)."""
         if self._closed:
             return
         self._closed = True
+        self.app.connections.discard(self)
+        if self._resume_key is not None:
+            self.app.resumable.pop(self._resume_key, None)
+            self._resume_key = None
+        if self.parked:
+            self.parked = False
+            self.app.metrics.sessions_parked.dec()
         await self.guard.close()
         if self.pc is not None:
             await close_peer_connection(self.pc)
@@ -355,7 +496,11 @@ class ClientConnection:
             self._holds_slot = False
             self.app.sessions_active -= 1
             self.app.metrics.sessions_active.dec()
-        for task in reversed(self._tasks):
+        current = asyncio.current_task()
+        tasks = [*self._tasks, *(t for t in (self._sender, self._grace_task) if t is not None)]
+        for task in reversed(tasks):
+            if task is current:  # e.g. the grace period or the lifetime watch ending the session
+                continue
             task.cancel()
             try:
                 await task
@@ -365,8 +510,12 @@ class ClientConnection:
         await self.ws.close()
 
     def send(self, message: protocol.ServerMessage) -> None:
+        """Queue a frame for the client (kept for a resume while the session is parked)."""
         if isinstance(message, protocol.ErrorMessage):
             self.app.metrics.client_errors.labels(message.code).inc()
+        if self.parked:
+            self._keep_missed(message)
+            return
         try:
             self._outbox.put_nowait(message)
         except asyncio.QueueFull:
@@ -439,11 +588,14 @@ class ClientConnection:
             self.app.metrics.sessions_ended.labels(reason).inc()
             if self.session.recorder is not None:  # finish the file before saying goodbye
                 self._recording_stopped(await self.session.stop_recording(), "session_ended")
+        if self.parked:  # nobody to tell
+            await self.close()
+            return
         frames = [protocol.SessionEnded(reason=reason, message=message)]
         if error:
             self.app.metrics.client_errors.labels(reason).inc()
             frames.insert(0, protocol.ErrorMessage(code=reason, message=message))
-        sender = next((task for task in self._tasks if task.get_name() == "ws-send"), None)
+        sender = self._sender
         with contextlib.suppress(Exception):
             async with asyncio.timeout(2.0):
                 # After what was queued before; the send loop stops at None.
@@ -538,6 +690,8 @@ class ClientConnection:
             self.guard.admit(message)
             if isinstance(message, protocol.SessionStart):
                 await self._session_start(message)
+            elif isinstance(message, protocol.SessionResume):
+                await self._session_resume(message)
             elif isinstance(message, protocol.WebRTCOffer):
                 await self._webrtc_offer(message)
             elif isinstance(message, protocol.Speak):
@@ -605,26 +759,111 @@ class ClientConnection:
         )
         self.session.start()
         app.metrics.sessions_started.inc()
-        engine = app.engine
-        session = self.session
+        self._rotate_resume_token()
         logger.info("session %s started (image %dx%d)", self.session_id, image.shape[1], image.shape[0])
-        self.send(
-            protocol.SessionReady(
-                session_id=self.session_id,
-                width=session.width,
-                height=session.height,
-                fps=engine.fps,
-                sample_rate=PLAYOUT_SAMPLE_RATE_HZ,
-                engine=engine.name,
-                ice_servers=ice_server_dicts(app.settings.webrtc.ice_servers),
-                sr=session.upgrader is not None,
-                mode=session.config.mode,
-                barge_in=session.config.barge_in,
-            )
-        )
+        self.send(protocol.SessionReady(resume_token=self.resume_token, **self._session_fields()))
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._stats_loop(), name="stats"))
         self._tasks.append(loop.create_task(self._lifetime_watch(), name="session-lifetime"))
+
+    def _session_fields(self) -> dict[str, Any]:
+        """What ``session.ready`` and ``session.resumed`` say about the running session."""
+        session, app = self.session, self.app
+        assert session is not None
+        return {
+            "session_id": self.session_id,
+            "width": session.width,
+            "height": session.height,
+            "fps": app.engine.fps,
+            "sample_rate": PLAYOUT_SAMPLE_RATE_HZ,
+            "engine": app.engine.name,
+            "ice_servers": ice_server_dicts(app.settings.webrtc.ice_servers),
+            "sr": session.upgrader is not None,
+            "mode": session.config.mode,
+            "barge_in": session.config.barge_in,
+            "resume_grace_s": app.settings.session_resume_grace_s,
+        }
+
+    # ----------------------------------------------------------------------------- resume
+    async def _session_resume(self, message: protocol.SessionResume) -> None:
+        """``session.resume``: hand this WebSocket to the session whose resume token it names
+        (parked, or still attached to a WebSocket the server has not yet seen drop, which is
+        then dropped). This connection's read loop stops; the session's takes over.
+
+        Raises:
+            SessionInputError: ``resume_failed`` (unknown or expired token, a token of this
+                connection's grant for another session, shutting down), ``session_exists``
+                (this connection already has a session).
+            LimitError: ``too_many_sessions`` (this address or token is at its limit).
+        """
+        app = self.app
+        if self.session is not None or self._holds_slot:
+            raise SessionInputError("session_exists", "type: this connection already has a session")
+        if app.draining:
+            app.metrics.session_resumes.labels("failed").inc()
+            raise SessionInputError("resume_failed", "resume_token: the server is shutting down")
+        target = app.resume_target(message.resume_token)
+        grant = self.guard.grant
+        if (
+            target is None
+            or target is self
+            or target._ended
+            or target._closed
+            or target.session is None
+            or (grant.session_id is not None and grant.session_id != target.session_id)
+        ):
+            app.metrics.session_resumes.labels("failed").inc()
+            raise SessionInputError("resume_failed", "resume_token: unknown or expired")
+        try:
+            target.guard.check_adopt(self.guard)
+        except LimitError:
+            app.metrics.session_resumes.labels("failed").inc()
+            raise
+        # From here on nothing awaits until the session is attached (no resume or end in between).
+        if not target.parked:  # its old WebSocket is still open (the server has not seen it drop)
+            old_ws = target.ws
+            target._park()
+            old_ws.transport.abort()
+        if self._sender is not None:  # stops at its next await; what it has not taken stays queued
+            self._sender.cancel()
+        target._attach(self)
+        self._successor = target
+        app.metrics.session_resumes.labels("resumed").inc()
+
+    def _attach(self, other: ClientConnection) -> None:
+        """Take over ``other``'s WebSocket, its outbox and its guard's WebSocket side; answer
+        ``session.resumed`` with a new token, then replay the frames kept while parked."""
+        assert self.parked and self.session is not None
+        if self._grace_task is not None:
+            self._grace_task.cancel()
+            self._tasks.append(self._grace_task)  # awaited on close
+            self._grace_task = None
+        self.guard.adopt(other.guard)
+        self.ws, self._outbox = other.ws, other._outbox
+        self.parked = False
+        self.app.metrics.sessions_parked.dec()
+        self.app.connections.add(self)
+        self.last_control_s = time.monotonic()
+        self._rotate_resume_token()
+        missed, dropped = list(self._missed), self._missed_dropped
+        self._missed.clear()
+        self._missed_dropped = 0
+        logger.info(
+            "session %s resumed (%d messages replayed, %d dropped)", self.session_id, len(missed), dropped
+        )
+        assert self.resume_token is not None
+        self.send(
+            protocol.SessionResumed(
+                resume_token=self.resume_token,
+                peer_connection=None if self.pc is None else self.pc.connectionState,
+                recording_id=self.recording_id,
+                missed_messages=len(missed),
+                dropped_messages=dropped,
+                **self._session_fields(),
+            )
+        )
+        for frame in missed:
+            self.send(frame)
 
     async def _webrtc_offer(self, message: protocol.WebRTCOffer) -> None:
         session = self._require_session("webrtc.offer")

@@ -190,6 +190,14 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(
         10.0, ge=0, description="on SIGTERM: time sessions get to finish speaking before they are ended"
     )
+    session_resume_grace_s: float = Field(
+        30.0,
+        ge=0,
+        description=(
+            "a session whose WebSocket drops abnormally keeps running this long, waiting for "
+            "session.resume with its resume_token; 0: resume is off (the session ends with its WebSocket)"
+        ),
+    )
 
     limits: Limits = Field(default_factory=Limits)
     webrtc: WebRTCSettings = Field(default_factory=WebRTCSettings)
