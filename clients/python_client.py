@@ -231,6 +231,9 @@ class AvatarClient:
         token: session token (from the server's ``POST /v1/tokens``), sent as
             ``Authorization: Bearer``; needed when the server has an api key.
         on_message: called with every server message as it arrives (e.g. to print it).
+        auto_resume: when the WebSocket drops abnormally (no close frame, or a code other than
+            1000/1001), reconnect and take the session over with :meth:`resume`, retrying
+            within the server's ``resume_grace_s``; the peer connection is kept.
     """
 
     def __init__(
@@ -244,6 +247,7 @@ class AvatarClient:
         on_video_frame: Callable[[av.VideoFrame], None] | None = None,
         token: str | None = None,
         on_message: Callable[[dict[str, Any]], None] | None = None,
+        auto_resume: bool = False,
     ) -> None:
         self.url = ws_url(url)
         self.token = token
@@ -266,25 +270,83 @@ class AvatarClient:
         self._tasks: list[asyncio.Task[None]] = []
         self._new_message = asyncio.Condition()
         self._cursor = 0
+        self.auto_resume = auto_resume
+        self.resumes = 0  # successful session.resume calls
+        self._closing = False
 
     # ----------------------------------------------------------------------------- control
     async def connect(self) -> None:
         """Open the WebSocket and start reading server messages."""
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
-        self._ws = await connect(
-            self.url, max_size=MAX_MESSAGE_BYTES, compression=None, additional_headers=headers
+        ws = await connect(self.url, max_size=MAX_MESSAGE_BYTES, compression=None, additional_headers=headers)
+        async with self._new_message:
+            self._ws = ws
+            self.closed_reason = None
+        self._tasks.append(asyncio.get_running_loop().create_task(self._read_loop(ws), name="client-ws-read"))
+
+    async def resume(self, *, timeout_s: float = 10.0) -> dict[str, Any]:
+        """Reconnect the WebSocket and take the session over with ``session.resume`` (the
+        ``resume_token`` of ``session.ready`` or of the last ``session.resumed``); the peer
+        connection and its media are kept. An old WebSocket still open is dropped without a
+        close frame (a normal close would end the session). The messages the server kept
+        during the gap follow ``session.resumed`` and land in :attr:`received` in order.
+
+        Returns ``session.resumed`` (:attr:`session` is updated with it). Raises
+        ``RuntimeError`` without a token (no session, or the server has resume off) or when the
+        server refuses (``resume_failed``: unknown or expired), ``OSError`` when it cannot be
+        reached.
+        """
+        token = (self.session or {}).get("resume_token")
+        if not token:
+            raise RuntimeError("resume: no resume_token (no session yet, or the server has resume off)")
+        if self._ws is not None:
+            self._ws.transport.abort()  # harmless when it is already closed
+        await self.connect()
+        start = len(self.received.messages)
+        await self.send({"type": "session.resume", "resume_token": token})
+        reply = await self._wait_first(
+            ("session.resumed", "error"),
+            lambda m: m["type"] != "error" or m.get("field") == "resume_token" or m.get("code") == "session_exists",
+            timeout_s,
+            start=start,
         )
-        self._tasks.append(asyncio.get_running_loop().create_task(self._read_loop(), name="client-ws-read"))
+        if reply["type"] == "error":
+            with contextlib.suppress(Exception):
+                await self._ws.close()  # a connection without a session: nothing to keep
+            raise RuntimeError(f"session.resume refused: {reply['code']}: {reply['message']}")
+        assert self.session is not None
+        self.session.update({key: value for key, value in reply.items() if key != "type"})
+        self.resumes += 1
+        return reply
+
+    async def _auto_resume(self, reason: str) -> None:
+        """Retry :meth:`resume` (0.25 s apart, doubling up to 2 s) until it works, the server
+        refuses the token, or ``resume_grace_s`` has passed; then the connection counts as
+        closed for ``reason`` (the drop)."""
+        deadline_s = time.monotonic() + float((self.session or {}).get("resume_grace_s") or 0)
+        wait_s = 0.25
+        while not self._closing and time.monotonic() < deadline_s:
+            try:
+                await self.resume(timeout_s=max(1.0, deadline_s - time.monotonic()))
+                logger.info("session resumed after a dropped WebSocket")
+                return
+            except RuntimeError as exc:
+                logger.warning("%s", exc)
+                break
+            except (OSError, TimeoutError, ConnectionError, websockets.InvalidHandshake) as exc:
+                logger.info("resume failed (%s); retrying in %.2f s", exc, wait_s)
+            await asyncio.sleep(wait_s)
+            wait_s = min(2.0, wait_s * 2)
+        await self._set_closed(reason)
 
     async def send(self, message: dict[str, Any] | str) -> None:
         """Send a JSON message (a dict) or a raw text frame (a str, e.g. to test bad input)."""
         assert self._ws is not None, "connect() first"
         await self._ws.send(message if isinstance(message, str) else json.dumps(message))
 
-    async def _read_loop(self) -> None:
-        assert self._ws is not None
+    async def _read_loop(self, ws: ClientConnection) -> None:
         try:
-            async for raw in self._ws:
+            async for raw in ws:
                 message = json.loads(raw)
                 if self.on_message is not None:
                     self.on_message(message)
@@ -294,33 +356,50 @@ class AvatarClient:
         except websockets.ConnectionClosed:
             pass
         finally:
-            close = self._ws.close_rcvd
+            close = ws.protocol.close_rcvd
             reason = (
                 f"code {close.code}" + (f": {close.reason}" if close.reason else "")
                 if close
                 else "no close frame"
             )
-            async with self._new_message:
-                self.closed_reason = reason
-                self._new_message.notify_all()
+            abnormal = close is None or close.code not in (1000, 1001)
+            if ws is not self._ws:
+                pass  # an old WebSocket that a resume replaced
+            elif abnormal and self.auto_resume and not self._closing and (self.session or {}).get("resume_token"):
+                # Waiters keep waiting: the messages come on the resumed WebSocket.
+                task = asyncio.get_running_loop().create_task(self._auto_resume(reason), name="client-resume")
+                self._tasks.append(task)
+            else:
+                await self._set_closed(reason)
+
+    async def _set_closed(self, reason: str) -> None:
+        async with self._new_message:
+            self.closed_reason = reason
+            self._new_message.notify_all()
 
     async def _wait_first(
         self,
         types: Sequence[str],
         predicate: Callable[[dict[str, Any]], bool] | None,
         timeout_s: float,
+        *,
+        start: int | None = None,
     ) -> dict[str, Any]:
         """The first message after the cursor whose type is in ``types`` and that matches
-        ``predicate``; the cursor moves past it. Raises ``TimeoutError`` (naming what was
-        awaited) or ``ConnectionError`` when the server closed the connection first."""
+        ``predicate``; the cursor moves past it. With ``start`` (an index into
+        :attr:`received`), the first from there, and the cursor stays (for the client's own
+        waits, e.g. in :meth:`resume`, that must not take a message a caller waits for).
+        Raises ``TimeoutError`` (naming what was awaited) or ``ConnectionError`` when the
+        server closed the connection first."""
         what = " or ".join(types)
         try:
             async with asyncio.timeout(timeout_s), self._new_message:
                 while True:
-                    for index in range(self._cursor, len(self.received.messages)):
+                    for index in range(self._cursor if start is None else start, len(self.received.messages)):
                         message = self.received.messages[index][1]
                         if message.get("type") in types and (predicate is None or predicate(message)):
-                            self._cursor = index + 1
+                            if start is None:
+                                self._cursor = index + 1
                             return message
                     if self.closed_reason is not None:
                         raise ConnectionError(
@@ -570,6 +649,7 @@ class AvatarClient:
         """Stop recording (flushing the MP4), close the WebSocket (which ends the session on the
         server), then the peer connection. In that order the server sees a client that left,
         not a peer connection that failed under a running session."""
+        self._closing = True
         if self._recorder is not None:
             with contextlib.suppress(Exception):
                 await self._recorder.stop()

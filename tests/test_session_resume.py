@@ -310,7 +310,7 @@ async def test_media_and_events_survive_a_signalling_drop_over_webrtc() -> None:
     async with server(session_resume_grace_s=GRACE_S, testpattern_delay_s=0.05, warm_up=True) as app:
         client = AvatarClient(f"http://127.0.0.1:{app.port}/", keep_audio=False)
         await client.connect()
-        ready = await client.start_session(base64.b64decode(png_b64()))
+        ready = dict(await client.start_session(base64.b64decode(png_b64())))  # resume() updates client.session
         await client.start_media()
         pc = client.pc
         await client.speak("u1", split_chunks("One short sentence for the gap.", 2))
@@ -342,3 +342,23 @@ async def test_media_and_events_survive_a_signalling_drop_over_webrtc() -> None:
     print(f"\nframes: {frames_in_gap} during the gap, {frames_later - frames_after_resume} in 1 s after resume")
     assert frames_in_gap >= 10 and frames_later - frames_after_resume >= 15
     assert all(b > a for a, b in zip(pts, pts[1:], strict=False))  # one timeline: no restart
+
+
+async def test_python_client_resumes_by_itself() -> None:
+    from clients.python_client import AvatarClient
+
+    async with server(session_resume_grace_s=GRACE_S) as app:
+        client = AvatarClient(f"http://127.0.0.1:{app.port}/", auto_resume=True)
+        await client.connect()
+        ready = dict(await client.start_session(base64.b64decode(png_b64())))
+        drop(client._ws)
+        resumed = await client.wait_for("session.resumed", timeout_s=10)
+        assert resumed["session_id"] == ready["session_id"]
+        assert await settle(lambda: client.resumes == 1, 5)
+        assert client.session["resume_token"] == resumed["resume_token"] != ready["resume_token"]
+        await client.interrupt()
+        assert (await client.wait_for("interrupted"))["utterance_id"] is None
+        assert counts(app) == one_session()
+        await client.close()
+        assert await settle(lambda: counts(app) == NOTHING, 5), counts(app)
+        assert metric(app, 'avatar_server_sessions_ended_total{reason="closed"}') == 1
