@@ -55,6 +55,8 @@ CLIENT_MODES: dict[str, str | None] = {"text": None, "microphone": "lipsync", "c
 # message type). ``recording_failed`` is not one: ``record.stopped`` follows it.
 _RECORD_START_ERRORS = frozenset({"recording_active", "too_many_recordings", "disk_full", "no_session"})
 _RECORD_STOP_ERRORS = frozenset({"no_recording", "no_session"})
+# Error codes that answer session.resume besides resume_failed (whose field is resume_token).
+_RESUME_ERRORS = frozenset({"session_exists", "too_many_sessions"})
 
 
 def _refuses(message: dict[str, Any], what: str, codes: frozenset[str]) -> bool:
@@ -306,7 +308,7 @@ class AvatarClient:
         await self.send({"type": "session.resume", "resume_token": token})
         reply = await self._wait_first(
             ("session.resumed", "error"),
-            lambda m: m["type"] != "error" or m.get("field") == "resume_token" or m.get("code") == "session_exists",
+            lambda m: m["type"] != "error" or m.get("field") == "resume_token" or m.get("code") in _RESUME_ERRORS,
             timeout_s,
             start=start,
         )
