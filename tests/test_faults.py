@@ -231,7 +231,11 @@ async def test_nothing_is_left_behind_after_faults(monkeypatch) -> None:
     loop.set_default_executor(executor)
 
     engine = FaultyEngine(generate_delay_s=0.02)
-    settings = {"max_sessions": 6, "limits": {"max_connections_per_address": 64, "max_sessions_per_address": 6}}
+    settings = {
+        "max_sessions": 6,
+        "limits": {"max_connections_per_address": 64, "max_sessions_per_address": 6},
+        "session_resume_grace_s": 0.3,  # vanished clients' sessions are parked, then released
+    }
     async with server(engine, **settings) as app:
         url = f"ws://127.0.0.1:{app.port}/ws"
 
@@ -261,7 +265,8 @@ async def test_nothing_is_left_behind_after_faults(monkeypatch) -> None:
             await victim.speak("u1", ["Hello there, ", "this sentence will never be finished."])
             assert await settle(stalled.is_set, 10)
             vanish(victim)
-            assert await settle(lambda: len(app.connections) == 1, 10)  # released while the engine is stuck
+            # released (after the resume grace) while the engine is stuck
+            assert await settle(lambda: len(app.connections) == 1 and app.sessions_active == 1, 10)
             await victim.close()
             # 2. an engine exception mid-segment, then the client vanishes
             victim = await client(app, "red")
