@@ -6,11 +6,15 @@
 // it with replaceTrack, so toggling needs no renegotiation; switching between the microphone
 // modes and toggling barge-in while running send session.update. ICE is not trickled: the
 // offer is sent once gathering completes. Server recording: record.start / record.stop.
+// Resume: when the WebSocket drops (any close but 1000/1001) the page reconnects within the
+// session's resume_grace_s and sends session.resume with the last resume_token, keeping its
+// peer connection (a new offer only if that one failed or closed).
 //
 // For tests and debugging the page exposes `window.avatarEvents` (every server message, in
 // order of arrival), `window.avatarSent` (every message sent, with session.start's image
 // replaced by its length) and `window.avatar` (`pc`, the peer connection, and `figures`, the
-// last figures shown in the overlay).
+// last figures shown in the overlay, and `dropConnection()`, which closes the WebSocket with code
+// 4000 as a network drop would end it abnormally, to exercise the resume path).
 
 const $ = (id) => document.getElementById(id);
 
@@ -39,6 +43,7 @@ const ui = {
 const STATE_LABELS = {
   idle: "idle", speaking: "speaking", listening: "listening",
   connecting: "connecting…", disconnected: "not connected", ended: "session ended",
+  reconnecting: "reconnecting…",
 };
 
 let ws = null;
@@ -55,13 +60,23 @@ let recording = null;        // {id, path} while the server records
 let recordPending = false;   // record.start / record.stop sent, no answer yet
 let recordStopAsked = false; // this page sent record.stop for the running recording
 let previous = {};  // last inbound-rtp report per kind, for rates
+let resumeToken = null;      // secret of session.ready / the last session.resumed
+let resumeGraceMs = 0;       // how long the server keeps a session whose WebSocket dropped
+let resumeDeadline = 0;      // performance.now() after which a resume is pointless
+let resuming = false;        // reconnecting: session.resume not yet answered
+let resumeAttempt = 0;       // index into RESUME_RETRY_MS
+const RESUME_RETRY_MS = [0, 250, 500, 1000, 2000];
 
 const events = [];
 const sent = [];
 const figures = {};
 window.avatarEvents = events;
 window.avatarSent = sent;
-window.avatar = { get pc() { return pc; }, figures };
+window.avatar = {
+  get pc() { return pc; },
+  figures,
+  dropConnection() { if (ws) ws.close(4000, "dropped by the page (test)"); },
+};
 
 // ------------------------------------------------------------------------------- helpers
 function log(text, cls) {
@@ -300,12 +315,27 @@ async function onMessage(event) {
   switch (message.type) {
     case "session.ready": {
       sessionReady = true;
+      rememberResume(message);
       const micText = sessionMode === "text" ? "text" : `microphone, ${message.mode}`;
       log(`session ${message.session_id}: ${message.width}×${message.height} at ${message.fps} fps (${message.engine}; ${micText}; barge-in ${message.barge_in ? "on" : "off"})`);
       setState("idle");
       syncSessionOptions(message);
       updateControls();
       await startWebRTC(Array.isArray(message.ice_servers) ? message.ice_servers : []);
+      break;
+    }
+    case "session.resumed": {
+      resuming = false;
+      rememberResume(message);
+      log(`resumed session ${message.session_id} (${message.missed_messages} missed messages follow`
+        + `${message.dropped_messages ? `, ${message.dropped_messages} lost` : ""}; peer connection `
+        + `${message.peer_connection ?? "none"})`);
+      setState("idle");
+      updateControls();
+      if (!pc || ["failed", "closed"].includes(message.peer_connection) || message.peer_connection === null) {
+        if (pc) { pc.close(); pc = null; }
+        await startWebRTC(Array.isArray(message.ice_servers) ? message.ice_servers : []);
+      }
       break;
     }
     case "webrtc.answer":
@@ -326,7 +356,11 @@ async function onMessage(event) {
     case "error":
       showError(`Error ${message.code}${message.field ? ` (${message.field})` : ""}: ${message.message}`);
       if (recordPending) { recordPending = false; updateControls(); }
-      if (!sessionReady) stop(); // session.start was refused: nothing runs
+      if (message.code === "resume_failed") {
+        resuming = false;
+        showError("The connection dropped and the session could not be resumed (it has ended). Press Start for a new one.");
+        stop();
+      } else if (!sessionReady) stop(); // session.start was refused: nothing runs
       break;
     case "session.ended":
       showError(`The server ended the session (${message.reason})${message.message ? `: ${message.message}` : "."}`);
@@ -374,18 +408,41 @@ async function start(event) {
     }
     if (!running) { stop(); return; } // stopped meanwhile
   }
+  connectSocket(sessionStartMessage(image));
+  statsTimer = setInterval(() => { pollStats().catch(() => {}); }, STATS_INTERVAL_MS);
+  ui.figuresToggle.hidden = false;
+  showFigures(ui.figuresToggle.getAttribute("aria-pressed") === "true");
+  ui.text.focus();
+}
+
+// Open the WebSocket and send `first` (session.start or session.resume) once it is open.
+function connectSocket(first) {
   const scheme = location.protocol === "https:" ? "wss" : "ws";
   // A session token given to the page (`/?token=...`) is passed on to /ws.
   const token = new URLSearchParams(location.search).get("token");
   const query = token ? `?token=${encodeURIComponent(token)}` : "";
   const socket = new WebSocket(`${scheme}://${location.host}/ws${query}`);
   ws = socket;
-  socket.onopen = () => send(sessionStartMessage(image));
+  socket.onopen = () => send(first);
   socket.onmessage = (e) => { onMessage(e).catch((err) => showError(String(err))); };
   socket.onclose = (e) => {
     if (ws !== socket) return;
     log(`connection closed (${e.code}${e.reason ? `: ${e.reason}` : ""})`);
-    if (events.some((m) => m.type === "session.ended")) {
+    const ended = events.some((m) => m.type === "session.ended");
+    if (!ended && running && sessionReady && resumeToken && e.code !== 1000 && e.code !== 1001) {
+      if (!resuming) {
+        resuming = true;
+        resumeAttempt = 0;
+        resumeDeadline = performance.now() + resumeGraceMs;
+        setState("reconnecting");
+        log("connection lost: resuming the session");
+      } else {
+        resumeAttempt += 1; // this reconnection attempt failed too
+      }
+      resumeLater();
+      return;
+    }
+    if (ended) {
       // already shown
     } else if (e.code === 1006 && !sessionReady) {
       showError("Cannot open the connection to the server (refused or unreachable). A server with an API key "
@@ -395,10 +452,26 @@ async function start(event) {
     }
     stop();
   };
-  statsTimer = setInterval(() => { pollStats().catch(() => {}); }, STATS_INTERVAL_MS);
-  ui.figuresToggle.hidden = false;
-  showFigures(ui.figuresToggle.getAttribute("aria-pressed") === "true");
-  ui.text.focus();
+}
+
+function rememberResume(message) {
+  resumeToken = message.resume_token || null;
+  resumeGraceMs = (message.resume_grace_s || 0) * 1000;
+}
+
+// Reconnect after a drop (attempt `resumeAttempt`), until the grace period is over.
+function resumeLater() {
+  const delay = RESUME_RETRY_MS[Math.min(resumeAttempt, RESUME_RETRY_MS.length - 1)];
+  setTimeout(() => {
+    if (!running) return; // stopped meanwhile
+    if (performance.now() >= resumeDeadline) {
+      resuming = false;
+      showError("The connection dropped and could not be restored within the session's resume time; the session has ended.");
+      stop();
+      return;
+    }
+    connectSocket({ type: "session.resume", resume_token: resumeToken });
+  }, delay);
 }
 
 function sessionStartMessage(image) {
@@ -522,6 +595,8 @@ function stop() {
   setRecordButton(false);
   running = false;
   sessionReady = false;
+  resuming = false;
+  resumeToken = null;
   setState(events.some((m) => m.type === "session.ended") ? "ended" : "disconnected");
   updateControls();
 }
