@@ -47,6 +47,9 @@ _SERVE_FLAGS: dict[str, tuple[str | None, str]] = {
     "session_idle_timeout_s": (None, "session_idle_timeout_s"),
     "session_max_duration_s": (None, "session_max_duration_s"),
     "drain_timeout_s": (None, "drain_timeout_s"),
+    "session_resume_grace_s": (None, "session_resume_grace_s"),
+    "engine_stall_s": (None, "engine_stall_s"),
+    "trusted_proxies": (None, "trusted_proxies"),
     "log_level": (None, "log_level"),
     "log_format": (None, "log_format"),
     "max_image_bytes": ("limits", "max_image_bytes"),
@@ -149,6 +152,20 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--session-max-duration-s", type=float, help="longest session (default 3600)")
     p.add_argument(
         "--drain-timeout-s", type=float, help="on SIGTERM: time to finish speaking before sessions end (default 10)"
+    )
+    p.add_argument(
+        "--session-resume-grace-s",
+        type=float,
+        help="keep a session whose WebSocket dropped this long for session.resume (default 30; 0: off)",
+    )
+    p.add_argument(
+        "--engine-stall-s", type=float, help="an engine job running longer fails /healthz (default 120)"
+    )
+    p.add_argument(
+        "--trusted-proxy",
+        dest="trusted_proxies",
+        action="append",
+        help="reverse proxy IP or CIDR whose X-Forwarded-For names the client (repeatable; default none)",
     )
     p.add_argument("--max-image-bytes", type=int, help="largest reference image in bytes (default 8 MiB)")
     p.add_argument("--max-image-pixels", type=int, help="largest reference image, width x height")

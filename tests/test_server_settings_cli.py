@@ -38,6 +38,19 @@ def test_flags_override_env_which_overrides_defaults(monkeypatch) -> None:
     assert s.playout_target_ms == 2000.0  # default
 
 
+def test_resume_stall_and_proxy_flags(monkeypatch) -> None:
+    monkeypatch.setenv("AVATAR_SERVER_SESSION_RESUME_GRACE_S", "12")
+    args = cli.build_parser().parse_args([
+        "serve", "--engine-stall-s", "45", "--trusted-proxy", "10.0.0.0/8", "--trusted-proxy", "192.0.2.7",
+    ])
+    s = cli.settings_from_args(args)
+    assert (s.session_resume_grace_s, s.engine_stall_s) == (12.0, 45.0)
+    assert s.trusted_proxies == ["10.0.0.0/8", "192.0.2.7"]
+    assert cli.settings_from_args(cli.build_parser().parse_args(["serve", "--session-resume-grace-s", "0"])) \
+        .session_resume_grace_s == 0.0
+    assert cli.main(["serve", "--trusted-proxy", "not-an-address"]) == 2
+
+
 def test_invalid_settings_exit_with_a_message(capsys) -> None:
     assert cli.main(["serve", "--max-image-bytes", "1000"]) == 2
     assert "max_image_bytes" in capsys.readouterr().err
