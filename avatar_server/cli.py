@@ -49,6 +49,7 @@ _SERVE_FLAGS: dict[str, tuple[str | None, str]] = {
     "drain_timeout_s": (None, "drain_timeout_s"),
     "session_resume_grace_s": (None, "session_resume_grace_s"),
     "engine_stall_s": (None, "engine_stall_s"),
+    "max_engine_utilization": (None, "max_engine_utilization"),
     "trusted_proxies": (None, "trusted_proxies"),
     "log_level": (None, "log_level"),
     "log_format": (None, "log_format"),
@@ -157,6 +158,12 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         "--session-resume-grace-s",
         type=float,
         help="keep a session whose WebSocket dropped this long for session.resume (default 30; 0: off)",
+    )
+    p.add_argument(
+        "--max-engine-utilization",
+        type=float,
+        help="refuse a session the engine could not keep in real time: measured busy fraction x (n+1)/n "
+        "above this (default 0.9; above 1: only --max-sessions)",
     )
     p.add_argument(
         "--engine-stall-s", type=float, help="an engine job running longer fails /healthz (default 120)"

@@ -125,6 +125,11 @@ class Metrics:
         self.generation_queue_length = Gauge(
             "avatar_server_generation_queue_length", "Generation requests waiting for the engine", registry=r
         )
+        self.engine_utilization = Gauge(
+            "avatar_server_engine_utilization",
+            "Fraction of engine_utilization_window_s the engine spent on foreground work (segments)",
+            registry=r,
+        )
         self.engine_job_running_seconds = Gauge(
             "avatar_server_engine_job_running_seconds",
             "How long the engine job running now has run (0 when idle); see engine_stall_s",

@@ -130,6 +130,9 @@ class AvatarServer:
             logger.warning("sr is on but engine %s has no super-resolution model: sr is ignored", engine.name)
         self.metrics.generation_queue_length.set_function(lambda: self.worker.scheduler.queue_length)
         self.metrics.engine_job_running_seconds.set_function(lambda: self.worker.scheduler.running_for_s)
+        self.metrics.engine_utilization.set_function(
+            lambda: self.worker.scheduler.foreground_utilization(settings.engine_utilization_window_s)
+        )
         self._stall_logged = False
         self.draining = False
         self._drain_cancelled = asyncio.Event()
@@ -271,6 +274,28 @@ class AvatarServer:
             logger.error("%s; every session waits behind it", reason)
         return reason
 
+    def engine_overload(self) -> str | None:
+        """Why one more session would overload the engine, or ``None``.
+
+        With ``n >= 1`` sessions keeping the engine busy a fraction ``u`` of the last
+        ``engine_utilization_window_s``, one more needs about ``u (n + 1) / n`` (sessions of one
+        server cost alike: each keeps its own playout buffer filled in real time); above
+        ``max_engine_utilization`` every session would start to underrun, so the new one is
+        refused instead. No sessions: always admitted.
+        """
+        n = self.sessions_active
+        if n < 1:
+            return None
+        settings = self.settings
+        busy = self.worker.scheduler.foreground_utilization(settings.engine_utilization_window_s)
+        projected = busy * (n + 1) / n
+        if projected <= settings.max_engine_utilization:
+            return None
+        return (
+            f"engine busy {busy:.0%} with {n} session{'s' if n > 1 else ''}; one more would need about "
+            f"{projected:.0%} (max_engine_utilization = {settings.max_engine_utilization:g})"
+        )
+
     def readiness(self) -> tuple[bool, str]:
         if self.draining:
             return False, "draining: the server is shutting down"
@@ -280,6 +305,8 @@ class AvatarServer:
             return False, stall
         if self.sessions_active >= self.settings.max_sessions:
             return False, f"at capacity: {self.sessions_active} of max_sessions = {self.settings.max_sessions}"
+        if (overload := self.engine_overload()) is not None:
+            return False, f"at capacity: {overload}"
         return True, "ready"
 
     # ----------------------------------------------------------------------------- HTTP
@@ -733,6 +760,9 @@ class ClientConnection:
             raise SessionInputError(
                 "capacity", f"server at capacity: max_sessions = {app.settings.max_sessions}; try again later"
             )
+        if (overload := app.engine_overload()) is not None:
+            app.metrics.sessions_refused.labels("capacity").inc()
+            raise SessionInputError("capacity", f"server at capacity: {overload}; try again later")
         session_id = self.guard.reserve_session(message)
         app.sessions_active += 1
         app.metrics.sessions_active.inc()

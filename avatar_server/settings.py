@@ -173,6 +173,16 @@ class Settings(BaseSettings):
     words_per_second: float = Field(2.5, gt=0)
     max_sessions: int = Field(2, ge=1, description="concurrent sessions; /readyz is 503 when all are taken")
     stats_interval_s: float = Field(1.0, gt=0, description="period of the `stats` message")
+    max_engine_utilization: float = Field(
+        0.9, gt=0,
+        description=(
+            "refuse a new session when the engine's measured busy fraction, scaled to one more session, "
+            "would exceed this (sessions would underrun); above 1: only max_sessions limits"
+        ),
+    )
+    engine_utilization_window_s: float = Field(
+        30.0, gt=0, description="the window over which the engine's busy fraction is measured"
+    )
     engine_stall_s: float = Field(
         120.0, gt=0,
         description="an engine job (segment, upgrade) running longer than this after warm-up fails /healthz",

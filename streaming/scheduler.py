@@ -22,6 +22,7 @@ a job that has not started yet is skipped (its future raises
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import heapq
 import itertools
@@ -71,6 +72,9 @@ class EdfScheduler:
         self._seq = itertools.count()
         self._running: _Job | None = None
         self._closed = False
+        # (start, end) of finished foreground jobs, oldest first, for foreground_utilization;
+        # bounded (segments last >= 0.1 s, so 4,096 cover minutes) even if nobody asks
+        self._busy: collections.deque[tuple[float, float]] = collections.deque(maxlen=4096)
         self.jobs_done = 0
         self.background_preempted = 0
         self._thread = threading.Thread(target=self._work, name=f"engine-{name}", daemon=True)
@@ -111,6 +115,29 @@ class EdfScheduler:
             if running is None or running.started_s is None:
                 return 0.0
             return max(0.0, self._monotonic_s() - running.started_s)
+
+    def foreground_utilization(self, window_s: float) -> float:
+        """Fraction of the last ``window_s`` seconds the worker spent on foreground jobs
+        (segments, identities; the running one included), in [0, 1]. Background work (idle
+        super-resolution) is left out: it only uses time that foreground work leaves, and is
+        preempted for it. A scheduler younger than ``window_s`` counts the time before it
+        existed as idle, so a fresh server reads low until it has a window of evidence.
+
+        Raises:
+            ValueError: ``window_s`` is not positive.
+        """
+        if window_s <= 0:
+            raise ValueError(f"window_s must be > 0, got {window_s}")
+        now = self._monotonic_s()
+        low = now - window_s
+        with self._cond:
+            while self._busy and self._busy[0][1] <= low:
+                self._busy.popleft()
+            busy = sum(end - max(start, low) for start, end in self._busy if end > low)
+            running = self._running
+            if running is not None and not running.background and running.started_s is not None:
+                busy += now - max(running.started_s, low)
+        return min(1.0, busy / window_s)
 
     # ----------------------------------------------------------------------------- submit
     def submit(
@@ -216,6 +243,8 @@ class EdfScheduler:
                 job.future.set_result(result)
             finally:
                 with self._cond:
+                    if not job.background and job.started_s is not None:
+                        self._busy.append((job.started_s, self._monotonic_s()))
                     self._running = None
                     self.jobs_done += 1
 

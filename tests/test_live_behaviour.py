@@ -425,6 +425,48 @@ async def test_a_stalled_engine_job_fails_health_and_readiness_until_it_ends() -
         await app.close()
 
 
+async def test_a_session_the_engine_could_not_keep_up_with_is_refused(media_dir) -> None:
+    """Load-based admission: with one session, an engine busy ~70 % of the window projects to
+    ~140 % with two, above max_engine_utilization (0.9): the second session.start is refused
+    (and /readyz says why); once the load is gone the same request is admitted."""
+    settings = Settings(engine="testpattern", port=0, max_sessions=4, engine_utilization_window_s=1.0)
+    app = build_app(settings, TestPatternEngine())
+    await app.start()
+    gate = threading.Event()
+    start = json.dumps({"type": "session.start", "image": portrait_b64(media_dir)})
+    try:
+        await wait_until(lambda: app.readiness()[0])
+        url = f"ws://127.0.0.1:{app.port}/ws"
+        async with connect(url) as first, connect(url) as second:
+            await first.send(start)
+            assert json.loads(await first.recv())["type"] == "session.ready"
+            await asyncio.sleep(1.0)  # the window forgets the warm-up and the identity
+            assert app.engine_overload() is None
+            future, _ = app.worker.scheduler.submit(gate.wait, 30.0, deadline_s=time.monotonic())
+            await asyncio.sleep(0.7)
+            busy = app.worker.scheduler.foreground_utilization(1.0)
+            assert 0.6 <= busy <= 1.0, busy
+            await second.send(start)
+            refused = json.loads(await second.recv())
+            assert refused["type"] == "error" and refused["code"] == "capacity", refused
+            assert "with 1 session; one more would need about" in refused["message"], refused
+            assert "max_engine_utilization = 0.9" in refused["message"], refused
+            ok, reason = app.readiness()
+            assert not ok and reason.startswith("at capacity: engine busy"), reason
+            gate.set()
+            await asyncio.wrap_future(future)
+            await asyncio.sleep(1.1)  # the blocked second leaves the window
+            assert app.engine_overload() is None
+            await second.send(start)
+            assert json.loads(await second.recv())["type"] == "session.ready"
+            assert app.sessions_active == 2
+        metrics = app.metrics.render().decode()
+    finally:
+        gate.set()
+        await app.close()
+    assert 'avatar_server_sessions_refused_total{reason="capacity"} 1.0' in metrics
+
+
 def _http_status(url: str) -> int:
     import urllib.error
     import urllib.request

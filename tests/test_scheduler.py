@@ -236,3 +236,40 @@ async def test_running_for_s_measures_the_running_job_on_the_schedulers_clock() 
         assert scheduler.running_for_s == 0.0
     finally:
         scheduler.close()
+
+
+async def test_foreground_utilization_counts_finished_and_running_foreground_jobs_only() -> None:
+    clock = [1000.0]
+    scheduler = EdfScheduler("test", monotonic_s=lambda: clock[0])
+
+    async def run_for(seconds: float, *, background: bool = False) -> None:
+        gate = threading.Event()
+        future = scheduler.submit(gate.wait, deadline_s=clock[0], background=background)[0]
+        await wait_until(lambda: scheduler.busy)
+        clock[0] += seconds
+        gate.set()
+        await asyncio.wrap_future(future)
+        await wait_until(lambda: not scheduler.busy)
+
+    try:
+        with pytest.raises(ValueError, match="window_s"):
+            scheduler.foreground_utilization(0)
+        clock[0] += 10.0
+        await run_for(3.0)                    # busy 1010-1013
+        clock[0] += 2.0                       # idle 1013-1015
+        await run_for(5.0, background=True)   # 1015-1020: background, not counted
+        assert scheduler.foreground_utilization(10.0) == pytest.approx(3.0 / 10.0)  # window 1010-1020
+        assert scheduler.foreground_utilization(100.0) == pytest.approx(3.0 / 100.0)  # before: idle
+        assert scheduler.foreground_utilization(8.0) == pytest.approx(1.0 / 8.0)  # 1012-1020: 1 s busy
+        # a running foreground job counts up to now
+        gate = threading.Event()
+        future = scheduler.submit(gate.wait, deadline_s=clock[0])[0]
+        await wait_until(lambda: scheduler.busy)
+        clock[0] += 4.0                       # running 1020-1024
+        assert scheduler.foreground_utilization(10.0) == pytest.approx(4.0 / 10.0)  # 1014-1024: the running 4 s
+        gate.set()
+        await asyncio.wrap_future(future)
+        clock[0] += 30.0
+        assert scheduler.foreground_utilization(10.0) == 0.0  # everything left the window
+    finally:
+        scheduler.close()

@@ -42,9 +42,10 @@ def test_resume_stall_and_proxy_flags(monkeypatch) -> None:
     monkeypatch.setenv("AVATAR_SERVER_SESSION_RESUME_GRACE_S", "12")
     args = cli.build_parser().parse_args([
         "serve", "--engine-stall-s", "45", "--trusted-proxy", "10.0.0.0/8", "--trusted-proxy", "192.0.2.7",
+        "--max-engine-utilization", "1.5",
     ])
     s = cli.settings_from_args(args)
-    assert (s.session_resume_grace_s, s.engine_stall_s) == (12.0, 45.0)
+    assert (s.session_resume_grace_s, s.engine_stall_s, s.max_engine_utilization) == (12.0, 45.0, 1.5)
     assert s.trusted_proxies == ["10.0.0.0/8", "192.0.2.7"]
     assert cli.settings_from_args(cli.build_parser().parse_args(["serve", "--session-resume-grace-s", "0"])) \
         .session_resume_grace_s == 0.0
