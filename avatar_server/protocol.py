@@ -150,18 +150,10 @@ class SessionResume(_Message):
     )
 
 
-ClientMessage = Annotated[
-    SessionStart
-    | WebRTCOffer
-    | Speak
-    | SpeakEnd
-    | Interrupt
-    | SessionUpdate
-    | RecordStart
-    | RecordStop
-    | SessionResume,
-    Field(discriminator="type"),
-]
+AnyClientMessage = (
+    SessionStart | WebRTCOffer | Speak | SpeakEnd | Interrupt | SessionUpdate | RecordStart | RecordStop | SessionResume
+)
+ClientMessage = Annotated[AnyClientMessage, Field(discriminator="type")]
 CLIENT_MESSAGE_TYPES = (
     "session.start",
     "webrtc.offer",
@@ -344,20 +336,7 @@ _ERROR_CODES = {
 }
 
 
-def parse_client_message(
-    raw: str | bytes, limits: Limits
-) -> (
-    SessionStart
-    | WebRTCOffer
-    | Speak
-    | SpeakEnd
-    | Interrupt
-    | SessionUpdate
-    | RecordStart
-    | RecordStop
-    | SessionResume
-    | ErrorMessage
-):
+def parse_client_message(raw: str | bytes, limits: Limits) -> AnyClientMessage | ErrorMessage:
     """Validate one client frame; returns the message or the :class:`ErrorMessage` to send back."""
     try:
         return _CLIENT_ADAPTER.validate_json(raw, context={"limits": limits})

@@ -16,15 +16,13 @@ import subprocess
 import sys
 import time
 import urllib.request
-import wave
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
-from tests.e2e_support import load_audio
+from tests.e2e_support import load_audio, write_wav_mono16
 
 CHROMIUM = Path("/usr/bin/chromium")
 INSTALL_HINT = "run .ci/run (it installs Debian's chromium and the Python package playwright)"
@@ -129,13 +127,7 @@ def write_fake_microphone(tmp_path: Path, media_dir: Path) -> Path:
     """``jfk.flac`` as a 48 kHz mono 16-bit WAV (decoded and resampled with PyAV): what
     Chromium's ``--use-file-for-fake-audio-capture`` reads (and loops)."""
     samples = load_audio(media_dir / "jfk.flac", SAMPLE_RATE_HZ)
-    path = tmp_path / "jfk_48k.wav"
-    with wave.open(str(path), "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(SAMPLE_RATE_HZ)
-        out.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
-    return path
+    return write_wav_mono16(tmp_path / "jfk_48k.wav", samples, SAMPLE_RATE_HZ)
 
 
 class PageWaiter:

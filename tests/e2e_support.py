@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import wave
 from collections.abc import AsyncIterator
 
 import av
@@ -55,6 +56,16 @@ def load_audio(path, sample_rate: int = 48_000) -> np.ndarray:
             parts.extend(out.to_ndarray().mean(axis=0) for out in resampler.resample(frame))
     parts.extend(out.to_ndarray().mean(axis=0) for out in resampler.resample(None))
     return np.concatenate(parts).astype(np.float32)
+
+
+def write_wav_mono16(path, samples: np.ndarray, sample_rate: int = 48_000):
+    """Write mono float samples (clipped to [-1, 1]) as a 16-bit PCM WAV; returns ``path``."""
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(sample_rate)
+        out.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
+    return path
 
 
 def rms_envelope(samples: np.ndarray, sample_rate: int = 48_000, window_ms: int = 10) -> np.ndarray:

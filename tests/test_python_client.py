@@ -24,14 +24,13 @@ import asyncio
 import json
 import subprocess
 import sys
-import wave
 from pathlib import Path
 
 import av
 import numpy as np
 import pytest
 
-from tests.e2e_support import best_lag_correlation, load_audio, rms_envelope, running_server
+from tests.e2e_support import best_lag_correlation, load_audio, rms_envelope, running_server, write_wav_mono16
 
 pytestmark = pytest.mark.slow
 
@@ -49,13 +48,7 @@ def late_speech(tmp_path: Path, media_dir: Path) -> Path:
     """A 48 kHz mono WAV: ``SILENCE_S`` of silence, then ``SPEECH_S`` of jfk.flac."""
     speech = load_audio(media_dir / "jfk.flac", SAMPLE_RATE_HZ)[: int(SPEECH_S * SAMPLE_RATE_HZ)]
     samples = np.concatenate([np.zeros(int(SILENCE_S * SAMPLE_RATE_HZ), np.float32), speech])
-    path = tmp_path / "late_speech.wav"
-    with wave.open(str(path), "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(SAMPLE_RATE_HZ)
-        out.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
-    return path
+    return write_wav_mono16(tmp_path / "late_speech.wav", samples, SAMPLE_RATE_HZ)
 
 
 async def run_cli(port: int, *args: str, timeout_s: float = 60) -> tuple[int, list[dict], str]:
