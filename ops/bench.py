@@ -22,6 +22,9 @@ Measures, for one segment geometry (default 5 s; 448x256 for ``full``, the previ
 * ``rel_err_vs_eager``: ``‖v - v_eager‖ / ‖v_eager‖`` of one forward's velocity on the same inputs.
 * ``compile_s``: wall time of the first forward after applying the backend (compile + autotune for
   ``compile``; near the forward time otherwise).
+* ``profile_forward`` (``--profile K``): ``torch.profiler`` over one forward, the top ``K`` operators
+  and kernels by self time on the device (CUDA kernels on a GPU, CPU operators otherwise), with
+  their share of the total; ``--profile-trace-dir`` also writes Chrome traces.
 
 Full preset on a GPU: the 15.3 B model is built on the meta device, materialised with ``to_empty``
 and filled with seeded normal draws generated on the device in chunks (:func:`build_seeded_dit`), so
@@ -31,7 +34,7 @@ no checkpoint and no 30 GB of host RAM are needed. Timing: CUDA events around ea
 Usage::
 
     python -m ops.bench --preset preview --device cpu --backend all --out ops/results/2026-11-22_cpu-preview.json
-    python -m ops.bench --preset full --device cuda --backend all --text-tokens 400 640
+    python -m ops.bench --preset full --device cuda --backend all --text-tokens 400 640 --profile 15
 """
 
 from __future__ import annotations
@@ -257,6 +260,37 @@ def measure(fn: Callable[[], object], *, device: torch.device, warmup: int, repe
     return times
 
 
+def profile_top(fn: Callable[[], object], device: torch.device, *, top_k: int = 15,
+                trace_path: Path | None = None) -> dict:
+    """Where one call of ``fn`` spends its time: ``torch.profiler`` over one call (after the caller's
+    warm-up), operators and kernels ranked by *self* time on the device (CUDA kernels on a GPU; CPU
+    operators otherwise).
+
+    Returns:
+        ``{"sort": "self_device_time" | "self_cpu_time", "total_ms": float, "top": [{"name",
+        "self_ms", "calls", "share"}, ...]}`` with ``share`` the fraction of ``total_ms`` (the sum of
+        self times of every event), at most ``top_k`` rows, largest first. ``trace_path``: also a
+        Chrome trace (open in Perfetto or chrome://tracing).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        fn()
+        _sync(device)
+    if trace_path is not None:
+        trace_path.parent.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(trace_path))
+    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, attr, 0) > 0]
+    total_us = sum(getattr(e, attr) for e in events)
+    events.sort(key=lambda e: getattr(e, attr), reverse=True)
+    top = [{"name": e.key, "self_ms": getattr(e, attr) / 1e3, "calls": e.count,
+            "share": getattr(e, attr) / total_us if total_us else 0.0} for e in events[:top_k]]
+    return {"sort": "self_device_time" if cuda else "self_cpu_time", "total_ms": total_us / 1e3, "top": top}
+
+
 def _median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
@@ -477,6 +511,11 @@ def bench_backend(args, ctx: dict, backend: str, text_tokens: int) -> dict:
     forward_times = measure(forward, device=device, warmup=args.warmup, repeats=args.repeats)
     record["forward_s"], record["forward_s_all"] = _median(forward_times), forward_times
     record["forward_min_s"] = min(forward_times) if forward_times else None
+    if args.profile:
+        trace = None
+        if args.profile_trace_dir is not None:
+            trace = args.profile_trace_dir / f"{backend.replace('+', '_')}-{text_tokens}.trace.json"
+        record["profile_forward"] = profile_top(forward, device, top_k=args.profile, trace_path=trace)
 
     velocity = make_velocity_fn(dit, text, text_tokens, dtype, before)
     config = dataclasses.replace(DISTILL, num_steps=args.steps)
@@ -586,6 +625,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float, default=None, help="override the peak used for MFU")
     p.add_argument("--no-generate", action="store_true", help="preview: skip engine.generate")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--profile", type=int, default=0, metavar="K",
+                   help="torch.profiler over one forward per record: the top K operators/kernels by self time")
+    p.add_argument("--profile-trace-dir", type=Path, default=None, help="with --profile: write Chrome traces here")
     p.add_argument("--out", type=Path, default=None)
     return p.parse_args(argv)
 
@@ -735,6 +777,16 @@ def format_table(doc: dict) -> str:
     return "\n".join(lines)
 
 
+def format_profile(record: dict) -> str:
+    """The ``profile_forward`` of one record as lines: share, self time, calls, name."""
+    prof = record["profile_forward"]
+    lines = [f"top {len(prof['top'])} by {prof['sort']} in one forward: {record['backend']}, "
+             f"{record['text_tokens']} text tokens (total {prof['total_ms']:.1f} ms)"]
+    for row in prof["top"]:
+        lines.append(f"  {100 * row['share']:5.1f} %  {row['self_ms']:9.2f} ms  {row['calls']:6d}x  {row['name'][:90]}")
+    return "\n".join(lines)
+
+
 def default_out(doc: dict) -> Path:
     slug = re.sub(r"[^a-z0-9]+", "-", doc["device"].lower().replace("nvidia", "")).strip("-")
     if doc["device_type"] == "cpu":
@@ -751,6 +803,9 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2, default=_json_default) + "\n")
     print(format_table(doc))
+    for r in doc["results"]:
+        if "profile_forward" in r:
+            print(format_profile(r))
     print(f"wrote {out}")
     return 0
 

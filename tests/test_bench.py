@@ -58,7 +58,7 @@ def test_cli_preview_cpu_writes_every_figure(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, "-m", "ops.bench", "--preset", "preview", "--device", "cpu", "--backend", "eager,fp8,tensorrt",
            "--seconds", "0.4", "--steps", "2", "--text-tokens", "8", "--repeats", "1", "--warmup", "0",
-           "--loop-repeats", "1", "--out", str(out)]
+           "--loop-repeats", "1", "--profile", "5", "--profile-trace-dir", str(tmp_path / "traces"), "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "loop_s" in proc.stdout  # the table
@@ -80,3 +80,16 @@ def test_cli_preview_cpu_writes_every_figure(tmp_path):
     assert records["eager"]["rel_err_vs_eager"] == 0.0
     assert 1e-3 < records["fp8"]["rel_err_vs_eager"] < 0.2
     assert records["fp8"]["backend_info"]["fp8"] == "emulate"
+    # the profile: top 5 CPU operators of one forward, largest first, shares of the whole
+    for name in ("eager", "fp8"):
+        prof = records[name]["profile_forward"]
+        assert prof["sort"] == "self_cpu_time" and len(prof["top"]) == 5, prof
+        times = [row["self_ms"] for row in prof["top"]]
+        assert times == sorted(times, reverse=True) and times[-1] > 0
+        assert sum(row["share"] for row in prof["top"]) <= 1.0 + 1e-9
+        assert abs(prof["top"][0]["share"] - prof["top"][0]["self_ms"] / prof["total_ms"]) < 1e-9
+        assert (tmp_path / "traces" / f"{name}-8.trace.json").stat().st_size > 1000
+    names = {row["name"] for row in records["eager"]["profile_forward"]["top"]}
+    assert names & {"aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear",
+                    "aten::_scaled_dot_product_flash_attention_for_cpu"}, names  # GEMMs/attention dominate
+    assert "top 5 by self_cpu_time in one forward: eager" in proc.stdout
