@@ -262,6 +262,7 @@ class Stats(_Message):
     width: int | None = None
     height: int | None = None
     mode: str | None = None
+    barge_in: bool = False
     recording: bool = False
 
 

@@ -508,6 +508,7 @@ class SessionRunner:
             "width": self.width,
             "height": self.height,
             "mode": self.config.mode,
+            "barge_in": self.config.barge_in,
             "recording": self.recorder is not None,
         }
 

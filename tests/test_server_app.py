@@ -147,3 +147,19 @@ async def test_capacity_is_enforced_and_readyz_reports_it(app, media_dir) -> Non
         assert reply["code"] == "capacity" and "max_sessions = 2" in reply["message"]
     assert await _eventually(lambda: app.sessions_active == 0)
     assert (await get(app, "/readyz"))[0] == 200
+
+
+async def test_stats_confirm_a_session_update(app, media_dir) -> None:
+    """``session.update`` has no reply of its own: the next ``stats`` carry the new mode and barge-in."""
+    async with connect(f"ws://127.0.0.1:{app.port}/ws") as ws:
+        await ws.send(json.dumps({"type": "session.start", "image": portrait_b64(media_dir)}))
+        assert (await recv_json(ws))["type"] == "session.ready"
+        first = await recv_json(ws, skip=("state",))
+        assert first["type"] == "stats" and (first["mode"], first["barge_in"]) == ("lipsync", False), first
+        await ws.send(json.dumps({"type": "session.update", "mode": "conversation", "barge_in": True}))
+        async with asyncio.timeout(10):
+            while True:
+                stats = await recv_json(ws, skip=("state",))
+                if stats["type"] == "stats" and stats["mode"] == "conversation":
+                    break
+        assert stats["barge_in"] is True, stats
