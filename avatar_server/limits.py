@@ -229,6 +229,9 @@ class AdmissionRegistry:
 
 
 # --------------------------------------------------------------------------------- tracks
+SENDER_STOP_SETTLE_S = 1.0  # see GuardedTrack._judge_stop_later
+
+
 class GuardedTrack(MediaStreamTrack):
     """An outgoing track that reports its own crash, or its sender's (an encoder error stops
     the track while the peer connection is still up), once, through ``on_failure``."""
@@ -256,9 +259,26 @@ class GuardedTrack(MediaStreamTrack):
 
     def stop(self) -> None:
         if self.readyState == "live" and not self._expected_stop():
-            self._fail(f"{self.kind} sender stopped (encoder or transport error)")
+            self._judge_stop_later()
         super().stop()
         self._inner.stop()
+
+    def _judge_stop_later(self) -> None:
+        """A sender stopped while the peer connection read ``connected``. When the client closes
+        its peer connection, the DTLS transport (and with it every sender) stops a moment before
+        the connection's state follows; so the stop is judged ``SENDER_STOP_SETTLE_S`` later: a
+        failure only if the connection still reads ``connected`` (and nothing else ended it)."""
+
+        def judge() -> None:
+            if not self._expected_stop():
+                self._fail(f"{self.kind} sender stopped (encoder or transport error)")
+
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # stopped outside the event loop: judge now
+            judge()
+            return
+        loop.call_later(SENDER_STOP_SETTLE_S, judge)
 
     def _fail(self, what: str) -> None:
         if not self._failed:

@@ -556,3 +556,31 @@ def test_a_planned_cut_then_a_join_uses_the_cut_segments_own_tail() -> None:
     joined = np.concatenate(audio)
     assert joined[480:].min() >= 0.2 - 1e-6 and joined.max() <= 0.5 + 1e-6  # nothing of -0.9
     assert np.abs(np.diff(joined)).max() < 0.005
+
+
+@pytest.mark.slow
+async def test_a_client_closing_its_peer_connection_is_not_a_media_failure(media_dir) -> None:
+    """The client closes its RTCPeerConnection but keeps the WebSocket (as a page does before a
+    renegotiation, or a client leaving in that order): the server's senders stop while the
+    peer connection still reads ``connected`` for a moment. That is the peer leaving, not an
+    encoder/transport failure: no ``media_failed``; the session waits for a new offer."""
+    from clients.python_client import AvatarClient
+
+    app = build_app(Settings(engine="testpattern", port=0), TestPatternEngine(generate_delay_s=0.05))
+    await app.start()
+    try:
+        await wait_until(lambda: app.readiness()[0])
+        client = AvatarClient(f"http://127.0.0.1:{app.port}/")
+        await client.connect()
+        await client.start_session((media_dir / "portrait.png").read_bytes(), "A person.")
+        await client.start_media()
+        await wait_until(lambda: len(client.received.video) > 10, timeout_s=15)
+        await client.pc.close()
+        await asyncio.sleep(2.0)
+        errors = [m for _, m in client.received.messages if m["type"] in ("error", "session.ended")]
+        assert errors == [], errors
+        assert app.sessions_active == 1
+        assert 'avatar_server_sessions_ended_total{reason="media_failed"}' not in app.metrics.render().decode()
+        await client.close()
+    finally:
+        await app.close()
