@@ -269,6 +269,7 @@ async def test_foreground_utilization_counts_finished_and_running_foreground_job
         assert scheduler.foreground_utilization(10.0) == pytest.approx(4.0 / 10.0)  # 1014-1024: the running 4 s
         gate.set()
         await asyncio.wrap_future(future)
+        await wait_until(lambda: not scheduler.busy)  # the worker has recorded the job's end
         clock[0] += 30.0
         assert scheduler.foreground_utilization(10.0) == 0.0  # everything left the window
     finally:
