@@ -188,23 +188,13 @@ class SessionReady(_Message):
     resume_grace_s: float = Field(0.0, description="how long a dropped session waits for session.resume, s")
 
 
-class SessionResumed(_Message):
-    """Answer to ``session.resume``: the session as it is now; ``missed_messages`` frames kept
-    while no WebSocket was attached follow in order, ``dropped_messages`` more were lost."""
+class SessionResumed(SessionReady):
+    """Answer to ``session.resume``: the fields of ``session.ready`` as the session is now;
+    ``missed_messages`` frames kept while no WebSocket was attached follow in order,
+    ``dropped_messages`` more were lost."""
 
-    type: Literal["session.resumed"] = "session.resumed"
-    session_id: str
-    width: int
-    height: int
-    fps: int
-    sample_rate: int
-    engine: str
-    ice_servers: list[dict[str, Any]] = Field(default_factory=list)
-    sr: bool = False
-    mode: Literal["lipsync", "conversation"] = "lipsync"
-    barge_in: bool = False
-    resume_token: str = Field(description="the new token (the one just used no longer works)")
-    resume_grace_s: float
+    type: Literal["session.resumed"] = "session.resumed"  # type: ignore[assignment]
+    resume_token: str = Field(description="the new token (the one just used no longer works)")  # type: ignore[assignment]
     peer_connection: str | None = Field(
         None, description="state of the session's peer connection (None: no offer yet); failed/closed: re-offer"
     )
