@@ -74,7 +74,8 @@ class Tally:
     errors: dict[str, int] = field(default_factory=dict)
 
 
-def _http_status(url: str) -> int:
+def http_status(url: str) -> int:
+    """HTTP status of a GET of ``url`` (2 s timeout); 0 when nothing answers."""
     try:
         with urllib.request.urlopen(url, timeout=2) as response:
             return response.status
@@ -187,7 +188,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
             raise RuntimeError(f"server did not start: {line!r}")
         url = match.group(1)
         for _ in range(3000):
-            if await asyncio.to_thread(_http_status, url + "readyz") == 200:
+            if await asyncio.to_thread(http_status, url + "readyz") == 200:
                 break
             await asyncio.sleep(0.1)
         server = psutil.Process(proc.pid)

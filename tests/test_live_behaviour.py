@@ -33,6 +33,7 @@ from avatar_server.settings import Settings
 from engine.api import CancelledError, SegmentKind
 from engine.testpattern import TestPatternEngine, decode_counter
 from ops.measure_live import MarkedEngine, first_silence_arrival, first_speech_arrival
+from ops.soak import http_status
 from streaming import events
 from streaming.playout import PlayoutBuffer
 from streaming.session import EngineWorker, LoopConfig, SessionRunner
@@ -353,7 +354,7 @@ async def test_sigterm_drains_a_serve_process_and_exits_cleanly(media_dir) -> No
             line = (await proc.stdout.readline()).decode()
         url = re.search(r"(http://\S+)", line).group(1)
         for _ in range(200):  # /readyz: warmed up
-            status = await asyncio.to_thread(_http_status, url + "readyz")
+            status = await asyncio.to_thread(http_status, url + "readyz")
             if status == 200:
                 break
             await asyncio.sleep(0.1)
@@ -382,7 +383,7 @@ async def test_health_readiness_and_refusals_report_drain_capacity_and_a_dead_wo
     await app.start(warm_up=False)
     try:
         base = f"http://127.0.0.1:{app.port}/"
-        assert await asyncio.to_thread(_http_status, base + "healthz") == 200
+        assert await asyncio.to_thread(http_status, base + "healthz") == 200
         async with connect(f"ws://127.0.0.1:{app.port}/ws") as a, connect(f"ws://127.0.0.1:{app.port}/ws") as b:
             for ws in (a, b):
                 await ws.send(json.dumps({"type": "session.start", "image": portrait_b64(media_dir)}))
@@ -392,7 +393,7 @@ async def test_health_readiness_and_refusals_report_drain_capacity_and_a_dead_wo
         assert app.readiness() == (False, "draining: the server is shutting down")
         app.worker.close()
         await asyncio.sleep(0.05)
-        assert await asyncio.to_thread(_http_status, base + "healthz") == 503
+        assert await asyncio.to_thread(http_status, base + "healthz") == 503
         metrics = app.metrics.render().decode()
     finally:
         await app.close()
@@ -407,9 +408,9 @@ async def test_a_stalled_engine_job_fails_health_and_readiness_until_it_ends() -
         await wait_until(lambda: app.readiness()[0])
         base = f"http://127.0.0.1:{app.port}/"
         future, _ = app.worker.scheduler.submit(gate.wait, 30.0, deadline_s=time.monotonic())
-        assert await asyncio.to_thread(_http_status, base + "healthz") == 200  # running, not yet stalled
+        assert await asyncio.to_thread(http_status, base + "healthz") == 200  # running, not yet stalled
         await asyncio.sleep(0.45)
-        assert await asyncio.to_thread(_http_status, base + "healthz") == 503
+        assert await asyncio.to_thread(http_status, base + "healthz") == 503
         ok, reason = app.readiness()
         assert not ok and reason.startswith("engine stalled: a job has run") and "engine_stall_s = 0.3" in reason
         running = float(next(line.split()[1] for line in app.metrics.render().decode().splitlines()
@@ -418,7 +419,7 @@ async def test_a_stalled_engine_job_fails_health_and_readiness_until_it_ends() -
         gate.set()
         assert await asyncio.wrap_future(future) is True
         await wait_until(lambda: not app.worker.scheduler.busy)
-        assert await asyncio.to_thread(_http_status, base + "healthz") == 200
+        assert await asyncio.to_thread(http_status, base + "healthz") == 200
         assert app.readiness() == (True, "ready")
     finally:
         gate.set()
@@ -465,19 +466,6 @@ async def test_a_session_the_engine_could_not_keep_up_with_is_refused(media_dir)
         gate.set()
         await app.close()
     assert 'avatar_server_sessions_refused_total{reason="capacity"} 1.0' in metrics
-
-
-def _http_status(url: str) -> int:
-    import urllib.error
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    except OSError:
-        return 0
 
 
 # ------------------------------------------------------------------------------- over WebRTC
