@@ -1,8 +1,5 @@
 """Per-session segment loop: keeps the playout buffer filled from the engine.
 
-:class:`EngineWorker` owns the engine and its single worker thread (one per engine, shared by
-all sessions): ``generate`` never runs on the event loop.
-
 :class:`SessionRunner` owns one session: a :class:`~streaming.playout.PlayoutBuffer`, the
 media clock, the outgoing tracks, the optional microphone, and one asyncio task (the segment
 loop). The loop keeps about ``playout_target_ms`` of media queued ahead and picks each next
@@ -41,12 +38,12 @@ from engine.api import (
     EngineInputError,
     Identity,
     Segment,
-    SegmentEngine,
     SegmentKind,
     SegmentRequest,
     segment_frame_count,
 )
 from streaming.clock import MediaClock
+from streaming.engine_client import EngineWorker
 from streaming.events import (
     AvatarState,
     FirstFrame,
@@ -65,7 +62,6 @@ from streaming.language import detect_language, normalize_language
 from streaming.microphone import MIC_SAMPLE_RATE_HZ, Microphone
 from streaming.playout import PlayoutBuffer, QueuedSegment, frames_to_ms
 from streaming.recorder import RecordingResult, SessionRecorder
-from streaming.scheduler import EdfScheduler
 from streaming.text import PromptStyle, build_prompt, speech_seconds, take_chunk
 from streaming.tracks import AvatarAudioTrack, AvatarVideoTrack
 from streaming.upscale import SegmentUpgrader, UpgradeResult, fit_frame
@@ -77,62 +73,6 @@ _ERROR_BACKOFF_S = 0.5
 _WAIT = object()  # "wait for more microphone audio"
 _MIN_LIPSYNC_S = 0.36  # 9 frames: the shortest lip-sync segment requested
 _CUT_MARGIN_S = 0.15  # planned cut of an idle segment: lead beyond the expected generation time
-
-
-class EngineWorker:
-    """An engine and the one worker thread that runs it, shared by every session.
-
-    Requests from all sessions meet in one earliest-deadline-first queue
-    (:class:`~streaming.scheduler.EdfScheduler`): ``deadline_s`` is the monotonic time by which
-    the result must be there (for a segment: when it must start playing; default now).
-    Upgrades (:meth:`upgrade`) run only while no generation is queued.
-
-    Args:
-        engine: any :class:`~engine.api.SegmentEngine`.
-    """
-
-    def __init__(self, engine: SegmentEngine) -> None:
-        self.engine = engine
-        self.scheduler = EdfScheduler(engine.name)
-
-    @property
-    def can_upgrade(self) -> bool:
-        """The engine has a super-resolution model (``upgrade`` and ``sr_width`` set)."""
-        return getattr(self.engine, "sr_width", None) is not None and hasattr(self.engine, "upgrade")
-
-    async def prepare_identity(self, image: np.ndarray, appearance: str) -> Identity:
-        return await self.scheduler.run(
-            self.engine.prepare_identity, image, appearance, deadline_s=time.monotonic()
-        )
-
-    async def generate(
-        self,
-        request: SegmentRequest,
-        cancel: threading.Event,
-        *,
-        deadline_s: float | None = None,
-        estimate_s: float = 0.0,
-    ) -> Segment:
-        """Run ``engine.generate`` in the worker thread; cancelling the awaiting task sets ``cancel``."""
-        return await self.scheduler.run(
-            self.engine.generate,
-            request,
-            cancel,
-            deadline_s=time.monotonic() if deadline_s is None else deadline_s,
-            cancel=cancel,
-            estimate_s=estimate_s,
-        )
-
-    async def upgrade(self, segment: Segment, cancel: threading.Event, *, deadline_s: float, estimate_s: float) -> Segment:
-        """Run ``engine.upgrade`` as background work (only while no generation is queued)."""
-        upgrade = self.engine.upgrade  # type: ignore[attr-defined]
-        return await self.scheduler.run(
-            upgrade, segment, cancel, deadline_s=deadline_s, cancel=cancel, background=True, estimate_s=estimate_s
-        )
-
-    def close(self, wait_s: float = 0.0) -> None:
-        """Cancel all engine work; ``wait_s``: wait that long for the job running now to stop."""
-        self.scheduler.close(wait_s)
 
 
 @dataclass(frozen=True)
@@ -214,7 +154,7 @@ class SessionRunner:
     """One avatar session: segment loop, playout buffer, clock and tracks.
 
     Args:
-        worker: the shared :class:`EngineWorker`.
+        worker: the shared :class:`~streaming.engine_client.EngineWorker`.
         identity: the session's prepared identity.
         on_event: called on the event loop with every :class:`~streaming.events.SessionEvent`;
             must not block.
@@ -241,7 +181,7 @@ class SessionRunner:
         self.created_s = time.monotonic()
 
         # With idle super-resolution the video goes out at the SR size from the first frame.
-        upgrade = self.config.upgrade and worker.can_upgrade
+        upgrade = self.config.upgrade and worker.can_super_resolve
         self.width, self.height = self.engine.width, self.engine.height
         if upgrade:
             self.width, self.height = self.engine.sr_width, self.engine.sr_height  # type: ignore[attr-defined]
@@ -259,7 +199,7 @@ class SessionRunner:
         self.upgrader: SegmentUpgrader | None = None
         if upgrade:
             self.upgrader = SegmentUpgrader(
-                upgrade=worker.upgrade, buffer=self.buffer, clock=self.clock, on_result=self._on_upgrade
+                upgrade=worker.super_resolve, buffer=self.buffer, clock=self.clock, on_result=self._on_upgrade
             )
         self.recorder: SessionRecorder | None = None
         self.microphone: Microphone | None = None
@@ -503,7 +443,7 @@ class SessionRunner:
             "encode_ms": encode_ms,
             "av_offset_ms": av_offset_ms,
             "interrupt_ms": None if silence_s is None else round(1000 * silence_s),
-            "queue": self.worker.scheduler.queue_length,
+            "queue": self.worker.jobs.queue_length,
             "upgraded": 0 if self.upgrader is None else self.upgrader.counts["done"],
             "width": self.width,
             "height": self.height,
@@ -726,8 +666,8 @@ class SessionRunner:
         """Frames from the head within which a new segment of ``seconds`` can be ready: its
         generation time, the engine work queued before it (other sessions'), and a margin."""
         rtf = self.last_real_time_factor if self.last_real_time_factor is not None else 1.0
-        scheduler = self.worker.scheduler
-        waiting = scheduler.queue_length + (1 if scheduler.busy else 0)
+        jobs = self.worker.jobs
+        waiting = jobs.queue_length + (1 if jobs.busy else 0)
         lead_s = rtf * seconds + waiting * (self.last_generate_s or 0.0) + _CUT_MARGIN_S
         return max(1, math.ceil(lead_s * self.buffer.fps))
 

@@ -6,7 +6,7 @@ twice the base size on the preview preset) from its first frame to its last:
 
 * :class:`SegmentUpgrader` re-renders segments that are queued but have not started playing
   through ``engine.upgrade`` while the engine has spare time: the upgrade runs as background
-  work of the :class:`~streaming.scheduler.EdfScheduler` (only while no generation is queued;
+  work of the :class:`~streaming.engine_client.EdfJobQueue` (only while no generation is queued;
   a generation request that needs the engine preempts it). An upgrade starts only when the
   segment's playout is further away than the measured upgrade time plus a margin, and is
   cancelled when its segment is :data:`CUTOFF_S` from playing, so an upgrade never delays a
@@ -68,7 +68,7 @@ class SegmentUpgrader:
 
     Args:
         upgrade: ``async (segment, cancel, *, deadline_s, estimate_s) -> Segment``, normally
-            :meth:`streaming.session.EngineWorker.upgrade`.
+            :meth:`streaming.engine_client.EngineWorker.super_resolve`.
         buffer: the session's playout buffer (segments carry their engine
             :class:`~engine.api.Segment` in ``source``).
         clock: the session's media clock (no upgrade before playback has started).

@@ -35,8 +35,9 @@ from engine.testpattern import TestPatternEngine, decode_counter
 from ops.measure_live import MarkedEngine, first_silence_arrival, first_speech_arrival
 from ops.soak import http_status
 from streaming import events
+from streaming.engine_client import EngineWorker
 from streaming.playout import PlayoutBuffer
-from streaming.session import EngineWorker, LoopConfig, SessionRunner
+from streaming.session import LoopConfig, SessionRunner
 from tests.test_server_app import portrait_b64
 from tests.test_streaming_session import (
     FakeMicrophone,
@@ -407,7 +408,7 @@ async def test_a_stalled_engine_job_fails_health_and_readiness_until_it_ends() -
     try:
         await wait_until(lambda: app.readiness()[0])
         base = f"http://127.0.0.1:{app.port}/"
-        future, _ = app.worker.scheduler.submit(gate.wait, 30.0, deadline_s=time.monotonic())
+        future, _ = app.worker.jobs.submit(gate.wait, 30.0, deadline_s=time.monotonic())
         assert await asyncio.to_thread(http_status, base + "healthz") == 200  # running, not yet stalled
         await asyncio.sleep(0.45)
         assert await asyncio.to_thread(http_status, base + "healthz") == 503
@@ -418,7 +419,7 @@ async def test_a_stalled_engine_job_fails_health_and_readiness_until_it_ends() -
         assert running >= 0.45
         gate.set()
         assert await asyncio.wrap_future(future) is True
-        await wait_until(lambda: not app.worker.scheduler.busy)
+        await wait_until(lambda: not app.worker.jobs.busy)
         assert await asyncio.to_thread(http_status, base + "healthz") == 200
         assert app.readiness() == (True, "ready")
     finally:
@@ -443,9 +444,9 @@ async def test_a_session_the_engine_could_not_keep_up_with_is_refused(media_dir)
             assert json.loads(await first.recv())["type"] == "session.ready"
             await asyncio.sleep(1.0)  # the window forgets the warm-up and the identity
             assert app.engine_overload() is None
-            future, _ = app.worker.scheduler.submit(gate.wait, 30.0, deadline_s=time.monotonic())
+            future, _ = app.worker.jobs.submit(gate.wait, 30.0, deadline_s=time.monotonic())
             await asyncio.sleep(0.7)
-            busy = app.worker.scheduler.foreground_utilization(1.0)
+            busy = app.worker.jobs.foreground_utilization(1.0)
             assert 0.6 <= busy <= 1.0, busy
             await second.send(start)
             refused = json.loads(await second.recv())

@@ -12,7 +12,8 @@ import pytest
 from engine.api import EngineInputError, SegmentKind, SegmentRequest
 from engine.testpattern import TestPatternEngine
 from streaming import events
-from streaming.session import EngineWorker, LoopConfig, SessionInputError, SessionRunner
+from streaming.engine_client import EngineWorker
+from streaming.session import LoopConfig, SessionInputError, SessionRunner
 
 
 class RecordingEngine(TestPatternEngine):
