@@ -20,7 +20,6 @@ cancelled, so that speech begins after the segment on screen ends.
 from __future__ import annotations
 
 import asyncio
-import collections
 import dataclasses
 import logging
 import math
@@ -44,6 +43,7 @@ from engine.api import (
 )
 from streaming.clock import MediaClock
 from streaming.engine_client import EngineWorker
+from streaming.errors import SessionInputError
 from streaming.events import (
     AvatarState,
     FirstFrame,
@@ -58,13 +58,14 @@ from streaming.events import (
     StateChanged,
     Underrun,
 )
-from streaming.language import detect_language, normalize_language
+from streaming.language import detect_language
 from streaming.microphone import MIC_SAMPLE_RATE_HZ, Microphone
-from streaming.playout import PlayoutBuffer, QueuedSegment, frames_to_ms
+from streaming.playout import PlayoutBuffer, QueuedSegment
 from streaming.recorder import RecordingResult, SessionRecorder
 from streaming.text import PromptStyle, build_prompt, speech_seconds, take_chunk
 from streaming.tracks import AvatarAudioTrack, AvatarVideoTrack
 from streaming.upscale import SegmentUpgrader, UpgradeResult, fit_frame
+from streaming.utterances import Utterance, UtteranceQueue
 
 logger = logging.getLogger(__name__)
 
@@ -106,31 +107,6 @@ class LoopConfig:
     mode: str = "lipsync"
     barge_in: bool = False
     upgrade: bool = False
-
-
-class SessionInputError(ValueError):
-    """A client request the session cannot take; ``code`` is the protocol error code."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-@dataclass(eq=False)
-class _Utterance:
-    utterance_id: str
-    language: str | None
-    created_s: float
-    text: str = ""
-    chars: int = 0
-    input_ended: bool = False
-    in_flight: int = 0
-    started: bool = False
-    segments: list[QueuedSegment] = field(default_factory=list)
-
-    @property
-    def played_ms(self) -> int:
-        return frames_to_ms(sum(seg.played_frames for seg in self.segments))
 
 
 @dataclass(frozen=True)
@@ -213,8 +189,7 @@ class SessionRunner:
         self.late_cuts = 0  # planned idle cuts that the new segment missed
         self._silence_due: tuple[float, int] | None = None  # (interrupt time, first chunk after the cut)
 
-        self._utterances: collections.OrderedDict[str, _Utterance] = collections.OrderedDict()
-        self._closed_ids: collections.OrderedDict[str, str] = collections.OrderedDict()  # id -> "ended"/"interrupted"
+        self.utterances = UtteranceQueue(max_chars=self.config.max_utterance_chars)
         self._tail_continuation: Continuation | None = None
         self._played_continuation: Continuation | None = None
         self._in_flight: _InFlight | None = None
@@ -285,32 +260,8 @@ class SessionRunner:
             SessionInputError: ``utterance_ended`` (the id already ended) or
                 ``utterance_too_long`` (over ``max_utterance_chars``).
         """
-        if utterance_id in self._closed_ids:
-            if self._closed_ids[utterance_id] == "interrupted":
-                return  # chunks still in flight when the client interrupted: dropped quietly
-            raise SessionInputError(
-                "utterance_ended", f"utterance_id {utterance_id!r}: speak.end was already received"
-            )
-        utt = self._utterances.get(utterance_id)
-        if utt is not None and utt.input_ended:
-            raise SessionInputError(
-                "utterance_ended", f"utterance_id {utterance_id!r}: speak.end was already received"
-            )
-        chars = (utt.chars if utt is not None else 0) + len(text)
-        if chars > self.config.max_utterance_chars:
-            raise SessionInputError(
-                "utterance_too_long",
-                f"text: utterance {utterance_id!r} would have {chars} characters; "
-                f"the limit is max_utterance_chars = {self.config.max_utterance_chars}",
-            )
-        language = normalize_language(language)
-        if utt is None:
-            utt = _Utterance(utterance_id=utterance_id, language=language, created_s=time.monotonic())
-            self._utterances[utterance_id] = utt
-        utt.chars = chars
-        utt.text += text  # chunks are joined verbatim: the client sends the spaces it means
-        if language and not utt.language:
-            utt.language = language
+        if self.utterances.add_text(utterance_id, text, language, now_s=time.monotonic()) is None:
+            return  # chunks still in flight when the client interrupted: dropped quietly
         if self._next_speech_chunk(consume=False) is not None:
             self._cancel_idle_in_flight()  # speech is ready: idle work in flight would delay it
         self._wake.set()
@@ -321,12 +272,9 @@ class SessionRunner:
         Raises:
             SessionInputError: ``unknown_utterance``.
         """
-        if self._closed_ids.get(utterance_id) == "interrupted":
-            return
-        utt = self._utterances.get(utterance_id)
+        utt = self.utterances.end_input(utterance_id)
         if utt is None:
-            raise SessionInputError("unknown_utterance", f"utterance_id {utterance_id!r} has no pending speak")
-        utt.input_ended = True
+            return  # interrupted
         self._maybe_finish(utt)
         self._wake.set()
 
@@ -353,10 +301,7 @@ class SessionRunner:
         self._silence_due = (time.monotonic(), self.buffer.end_frame * self.buffer.chunks_per_frame)
         if self.upgrader is not None:
             self.upgrader.check()
-        events = [Interrupted(utt.utterance_id, utt.played_ms) for utt in self._utterances.values()]
-        for utt in self._utterances.values():
-            self._remember_closed(utt.utterance_id, "interrupted")
-        self._utterances.clear()
+        events = [Interrupted(utt.utterance_id, utt.played_ms) for utt in self.utterances.interrupt_all()]
         if not events:
             events.append(Interrupted(None, 0))
         if self.microphone is not None and discard_microphone:
@@ -492,7 +437,7 @@ class SessionRunner:
         excess_ms = self.buffer.depth_ms - self.config.playout_target_ms
         return min(0.2, max(0.01, excess_ms / 1000))
 
-    def _decide(self) -> tuple[SegmentRequest, _Utterance | None] | None:
+    def _decide(self) -> tuple[SegmentRequest, Utterance | None] | None:
         """The next request, or ``None`` to wait (buffer full, or waiting for mic audio)."""
         cfg = self.config
         mic = self.microphone
@@ -606,12 +551,12 @@ class SessionRunner:
         rtf = self.last_real_time_factor or 0.0
         return max(200.0, 1000.0 * rtf * self.config.min_segment_seconds + 200.0)
 
-    def _next_speech_chunk(self, *, consume: bool, max_seconds: float | None = None) -> tuple[_Utterance, str] | None:
+    def _next_speech_chunk(self, *, consume: bool, max_seconds: float | None = None) -> tuple[Utterance, str] | None:
         """The next speech chunk of the oldest open utterance (taken off its text if ``consume``),
         of at most ``max_seconds`` of speech (default ``segment_seconds``)."""
         seconds = self._max_seconds(self.config.segment_seconds if max_seconds is None else max_seconds)
         max_words = self.config.words_per_second * seconds
-        for utt in self._utterances.values():
+        for utt in self.utterances:
             chunk = take_chunk(utt.text, max_words, final=utt.input_ended)
             if chunk is not None and chunk[0]:
                 if consume:
@@ -698,9 +643,9 @@ class SessionRunner:
         return _PlannedCut(segment, frame, continuation)
 
     def _queue(
-        self, segment: Segment, request: SegmentRequest, utt: _Utterance | None, cut: _PlannedCut | None = None
+        self, segment: Segment, request: SegmentRequest, utt: Utterance | None, cut: _PlannedCut | None = None
     ) -> None:
-        if utt is not None and utt.utterance_id not in self._utterances:
+        if utt is not None and self.utterances.get(utt.utterance_id) is not utt:
             return  # interrupted while generating
         if cut is not None:
             held = list(self.buffer.segments())
@@ -760,7 +705,7 @@ class SessionRunner:
             self.first_frame_s = time.monotonic() - self.created_s
             self._emit(FirstFrame(self.first_frame_s))
         if seg.utterance_id is not None:
-            utt = self._utterances.get(seg.utterance_id)
+            utt = self.utterances.get(seg.utterance_id)
             if utt is not None and not utt.started:
                 utt.started = True
                 self._emit(SpeakStarted(utt.utterance_id, time.monotonic() - utt.created_s))
@@ -769,7 +714,7 @@ class SessionRunner:
     def _on_segment_end(self, seg: QueuedSegment) -> None:
         self._played_continuation = seg.continuation  # a cut one's continues from its cut frame
         if seg.utterance_id is not None:
-            utt = self._utterances.get(seg.utterance_id)
+            utt = self.utterances.get(seg.utterance_id)
             if utt is not None:
                 self._maybe_finish(utt)
         self._update_state()
@@ -793,7 +738,7 @@ class SessionRunner:
 
     def _avatar_talking(self) -> bool:
         """Speech is pending, queued or on screen."""
-        return bool(self._utterances) or any(
+        return len(self.utterances) > 0 or any(
             seg.kind is SegmentKind.SPEAK and not seg.ended for seg in self.buffer.segments()
         )
 
@@ -807,23 +752,13 @@ class SessionRunner:
     def _on_upgrade(self, result: UpgradeResult) -> None:
         self._emit(SegmentUpgraded(result.result, result.seconds, result.media_s))
 
-    def _maybe_finish(self, utt: _Utterance) -> None:
-        if not utt.input_ended or utt.text.strip() or utt.in_flight:
+    def _maybe_finish(self, utt: Utterance) -> None:
+        if not self.utterances.close_if_done(utt):
             return
-        if any(not seg.ended and not seg.dropped for seg in utt.segments):
-            return
-        if self._utterances.pop(utt.utterance_id, None) is None:
-            return
-        self._remember_closed(utt.utterance_id, "ended")
         if not utt.started:
             # An utterance without words still gets its start/end pair.
             self._emit(SpeakStarted(utt.utterance_id, time.monotonic() - utt.created_s))
         self._emit(SpeakEnded(utt.utterance_id, utt.played_ms))
-
-    def _remember_closed(self, utterance_id: str, how: str) -> None:
-        self._closed_ids[utterance_id] = how
-        while len(self._closed_ids) > 1024:
-            self._closed_ids.popitem(last=False)
 
     def _update_state(self) -> None:
         playing = [seg for seg in self.buffer.segments() if seg.started and not seg.ended]
