@@ -125,7 +125,7 @@ class AvatarServer:
             words_per_second=settings.words_per_second,
             max_utterance_chars=settings.limits.max_utterance_chars,
             seed=settings.seed,
-            upgrade=settings.sr,
+            super_resolution=settings.sr,
         )
         if settings.sr and not self.worker.can_super_resolve:
             logger.warning("sr is on but engine %s has no super-resolution model: sr is ignored", engine.name)
@@ -809,7 +809,7 @@ class ClientConnection:
             "sample_rate": PLAYOUT_SAMPLE_RATE_HZ,
             "engine": app.engine.name,
             "ice_servers": ice_server_dicts(app.settings.webrtc.ice_servers),
-            "sr": session.upgrader is not None,
+            "sr": session.super_resolver is not None,
             "mode": session.config.mode,
             "barge_in": session.config.barge_in,
             "resume_grace_s": app.settings.session_resume_grace_s,

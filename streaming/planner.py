@@ -52,8 +52,9 @@ class LoopConfig:
         mode: what the microphone does: ``lipsync`` (the user's voice drives the lips and is
             played back) or ``conversation`` (the avatar listens while the user speaks).
         barge_in: the user starting to speak interrupts the avatar's speech.
-        upgrade: upgrade queued segments through the engine's super-resolution model in its
-            spare time, and send video at the SR size (ignored without an SR model).
+        super_resolution: re-render queued segments through the engine's super-resolution
+            model in its spare time, and send video at the SR size (ignored without an SR
+            model).
     """
 
     segment_seconds: float = 2.0
@@ -66,7 +67,7 @@ class LoopConfig:
     prompt_style: PromptStyle = field(default_factory=PromptStyle)
     mode: str = "lipsync"
     barge_in: bool = False
-    upgrade: bool = False
+    super_resolution: bool = False
 
 
 # --------------------------------------------------------------------------------- snapshot

@@ -46,21 +46,24 @@ from streaming.events import (
     Interrupted,
     InterruptSilenced,
     SegmentGenerated,
-    SegmentUpgraded,
+    SegmentSuperResolved,
     SessionError,
     SessionEvent,
+    SessionStats,
     SpeakEnded,
     SpeakStarted,
     StateChanged,
     Underrun,
 )
+from streaming.frames import fit_frame
 from streaming.microphone import MIC_SAMPLE_RATE_HZ, Microphone
 from streaming.planner import LoopConfig
 from streaming.playout import PlayoutBuffer, QueuedSegment
 from streaming.recorder import RecordingResult, SessionRecorder
+from streaming.super_resolution import SegmentSuperResolver, SuperResolutionResult
+from streaming.tasks import cancel_and_wait
 from streaming.text import build_prompt
 from streaming.tracks import AvatarAudioTrack, AvatarVideoTrack
-from streaming.upscale import SegmentUpgrader, UpgradeResult, fit_frame
 from streaming.utterances import Utterance, UtteranceQueue
 
 logger = logging.getLogger(__name__)
@@ -116,9 +119,9 @@ class SessionRunner:
         self.created_s = time.monotonic()
 
         # With idle super-resolution the video goes out at the SR size from the first frame.
-        upgrade = self.config.upgrade and worker.can_super_resolve
+        super_resolution = self.config.super_resolution and worker.can_super_resolve
         self.width, self.height = self.engine.width, self.engine.height
-        if upgrade:
+        if super_resolution:
             self.width, self.height = self.engine.sr_width, self.engine.sr_height  # type: ignore[attr-defined]
         self.clock = MediaClock()
         self.buffer = PlayoutBuffer(
@@ -131,10 +134,11 @@ class SessionRunner:
             on_underrun=self._on_underrun,
         )
         self.buffer.audio_taps.append(self._on_audio_pulled)
-        self.upgrader: SegmentUpgrader | None = None
-        if upgrade:
-            self.upgrader = SegmentUpgrader(
-                upgrade=worker.super_resolve, buffer=self.buffer, clock=self.clock, on_result=self._on_upgrade
+        self.super_resolver: SegmentSuperResolver | None = None
+        if super_resolution:
+            self.super_resolver = SegmentSuperResolver(
+                super_resolve=worker.super_resolve, buffer=self.buffer, clock=self.clock,
+                on_result=self._on_super_resolved,
             )
         self.recorder: SessionRecorder | None = None
         self.microphone: Microphone | None = None
@@ -172,17 +176,10 @@ class SessionRunner:
         if self._in_flight is not None:
             self._in_flight.stale = True
             self._in_flight.cancel.set()
-        if self.upgrader is not None:
-            await self.upgrader.close()
-        for task in reversed(self._tasks):
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
-            except Exception:  # the loop logs its own failures; closing must go on
-                logger.exception("segment loop failed")
-        self._tasks.clear()
+        if self.super_resolver is not None:
+            await self.super_resolver.close()
+        tasks, self._tasks = self._tasks, []
+        await cancel_and_wait(*reversed(tasks))  # a failed one is logged: closing goes on
         if self.recorder is not None:
             await self.stop_recording()
         if self.microphone is not None:
@@ -258,8 +255,8 @@ class SessionRunner:
         else:
             self._tail_continuation = self._played_continuation
         self._silence_due = (time.monotonic(), self.buffer.end_frame * self.buffer.chunks_per_frame)
-        if self.upgrader is not None:
-            self.upgrader.check()
+        if self.super_resolver is not None:
+            self.super_resolver.check()
         events = [Interrupted(utt.utterance_id, utt.played_ms) for utt in self.utterances.interrupt_all()]
         if not events:
             events.append(Interrupted(None, 0))
@@ -325,7 +322,7 @@ class SessionRunner:
         """The microphone carries voice now."""
         return self.microphone is not None and bool(self.microphone.speaking)
 
-    def stats(self) -> dict[str, float | int | str | bool | None]:
+    def stats(self) -> SessionStats:
         """Live figures for the client overlay (fields documented in docs/PROTOCOL.md, ``stats``)."""
         # the newest tracks: a second offer (after a failed connection) makes new ones
         video = next((t for t in reversed(self._tracks) if isinstance(t, AvatarVideoTrack)), None)
@@ -335,26 +332,26 @@ class SessionRunner:
             av_offset_ms = round(1000 * (audio.lateness_s - video.lateness_s), 1)
         encode_ms = None if video is None or video.encode_s is None else round(1000 * video.encode_s, 2)
         silence_s = self.last_interrupt_to_silence_s
-        return {
-            "buffer_ms": round(self.buffer.depth_ms),
-            "underruns": self.buffer.underruns,
-            "segments": self.segments_generated,
-            "rtf": None if self.last_real_time_factor is None else round(self.last_real_time_factor, 3),
-            "ttff_ms": None if self.first_frame_s is None else round(1000 * self.first_frame_s),
-            "frames_sent": self.buffer.video_frames_pulled,
-            "frames_dropped": self.buffer.frames_dropped,
-            "gen_ms": None if self.last_generate_s is None else round(1000 * self.last_generate_s),
-            "encode_ms": encode_ms,
-            "av_offset_ms": av_offset_ms,
-            "interrupt_ms": None if silence_s is None else round(1000 * silence_s),
-            "queue": self.worker.jobs.queue_length,
-            "upgraded": 0 if self.upgrader is None else self.upgrader.counts["done"],
-            "width": self.width,
-            "height": self.height,
-            "mode": self.config.mode,
-            "barge_in": self.config.barge_in,
-            "recording": self.recorder is not None,
-        }
+        return SessionStats(
+            buffer_ms=round(self.buffer.depth_ms),
+            underruns=self.buffer.underruns,
+            segments=self.segments_generated,
+            rtf=None if self.last_real_time_factor is None else round(self.last_real_time_factor, 3),
+            ttff_ms=None if self.first_frame_s is None else round(1000 * self.first_frame_s),
+            frames_sent=self.buffer.video_frames_pulled,
+            frames_dropped=self.buffer.frames_dropped,
+            gen_ms=None if self.last_generate_s is None else round(1000 * self.last_generate_s),
+            encode_ms=encode_ms,
+            av_offset_ms=av_offset_ms,
+            interrupt_ms=None if silence_s is None else round(1000 * silence_s),
+            queue=self.worker.jobs.queue_length,
+            upgraded=0 if self.super_resolver is None else self.super_resolver.counts["done"],
+            width=self.width,
+            height=self.height,
+            mode=self.config.mode,
+            barge_in=self.config.barge_in,
+            recording=self.recorder is not None,
+        )
 
     # ----------------------------------------------------------------------------- loop
     async def _run(self) -> None:
@@ -367,8 +364,8 @@ class SessionRunner:
             if decision.end_microphone_run and self.microphone is not None:
                 self.microphone.end_run()
             if decision.segment is None:
-                if self.upgrader is not None:
-                    self.upgrader.poke()  # the buffer is full: spare engine time may upgrade it
+                if self.super_resolver is not None:
+                    self.super_resolver.poke()  # the buffer is full: spare engine time may re-render it
                 await self._sleep(self._poll_s())
                 continue
             request, utt, cut = self._request(decision.segment, self.config.seed + segment_index)
@@ -526,7 +523,7 @@ class SessionRunner:
             kind=request.kind,
             utterance_id=None if utt is None else utt.utterance_id,
             continuation=segment.continuation,
-            source=segment if self.upgrader is not None else None,
+            source=segment if self.super_resolver is not None else None,
         )
         self._tail_continuation = segment.continuation
         if utt is not None:
@@ -551,8 +548,8 @@ class SessionRunner:
         if dropped:
             held = list(self.buffer.segments())
             self._tail_continuation = held[-1].continuation if held else self._played_continuation
-            if self.upgrader is not None:
-                self.upgrader.check()
+            if self.super_resolver is not None:
+                self.super_resolver.check()
 
     def _cancel_idle_in_flight(self) -> None:
         if self._in_flight is not None and self._in_flight.kind in planner.IDLE_KINDS:
@@ -609,8 +606,8 @@ class SessionRunner:
             self._silence_due = None
             self._emit(InterruptSilenced(self.last_interrupt_to_silence_s))
 
-    def _on_upgrade(self, result: UpgradeResult) -> None:
-        self._emit(SegmentUpgraded(result.result, result.seconds, result.media_s))
+    def _on_super_resolved(self, result: SuperResolutionResult) -> None:
+        self._emit(SegmentSuperResolved(result.result, result.seconds, result.media_s))
 
     def _maybe_finish(self, utt: Utterance) -> None:
         if not self.utterances.close_if_done(utt):

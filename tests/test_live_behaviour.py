@@ -181,17 +181,14 @@ async def test_speech_starts_inside_the_idle_segment_on_screen() -> None:
 # ------------------------------------------------------------------------------- modes
 async def test_barge_in_interrupts_and_keeps_the_users_voice() -> None:
     for barge_in in (True, False):
-        runner, engine, log = await make_runner(barge_in=barge_in)
         mic = FakeMicrophone()
-        runner.microphone = mic
+        runner, engine, log = await make_runner(barge_in=barge_in, microphone=mic)
         runner.start()
         try:
             runner.speak("u1", "I am talking and talking about many things for quite a long while now. " * 2)
             runner.speak_end("u1")
             await play_until(runner, log, lambda e: isinstance(e, events.SpeakStarted))
-            mic.audio = np.full(48_000, 0.1, np.float32)
-            mic.speaking = mic.run_active = True
-            runner._on_mic_change(True)
+            mic.voice_starts(np.full(48_000, 0.1, np.float32))
             await play(runner, 5)
         finally:
             await runner.close()
@@ -204,16 +201,13 @@ async def test_barge_in_interrupts_and_keeps_the_users_voice() -> None:
 
 
 async def test_conversation_mode_listens_and_switching_modes_never_stops_the_stream() -> None:
-    runner, engine, log = await make_runner(RecordingEngine(generate_delay_s=0.02), mode="conversation")
     mic = FakeMicrophone()
-    runner.microphone = mic
+    runner, engine, log = await make_runner(RecordingEngine(generate_delay_s=0.02), mode="conversation", microphone=mic)
     runner.start()
     t = np.arange(6 * 48_000) / 48_000
     try:
         await play(runner, 10)
-        mic.audio = (0.3 * np.sin(2 * np.pi * 200 * t)).astype(np.float32)
-        mic.speaking = mic.run_active = True
-        runner._on_mic_change(True)
+        mic.voice_starts((0.3 * np.sin(2 * np.pi * 200 * t)).astype(np.float32))
         await play(runner, 75)
         kinds_conversation = {r.kind for r in engine.requests}
         state_while_talking = runner.state
@@ -261,7 +255,7 @@ async def sr_runner(upgrade_delay_s: float):
     worker = EngineWorker(engine)
     identity = await worker.prepare_identity(np.full((64, 64, 3), 90, np.uint8), "")
     log: list = []
-    config = LoopConfig(playout_target_ms=3000.0, upgrade=True)
+    config = LoopConfig(playout_target_ms=3000.0, super_resolution=True)
     return SessionRunner(worker=worker, identity=identity, on_event=log.append, config=config), engine, log
 
 
@@ -277,8 +271,8 @@ async def test_idle_super_resolution_upgrades_buffered_segments_at_a_fixed_size(
         await runner.close()
         runner.worker.close()
     assert {f.shape for f in frames} == {(256, 448, 3)}
-    assert runner.upgrader.counts["done"] >= 1 and stats["upgraded"] >= 1
-    upgraded = [e for e in of_type(log, events.SegmentUpgraded) if e.result == "done"]
+    assert runner.super_resolver.counts["done"] >= 1 and stats["upgraded"] >= 1
+    upgraded = [e for e in of_type(log, events.SegmentSuperResolved) if e.result == "done"]
     assert upgraded and runner.buffer.underruns == 0
     assert (stats["width"], stats["height"]) == (448, 256)
 
@@ -291,7 +285,7 @@ async def test_an_upgrade_that_would_delay_its_segment_is_cancelled() -> None:
     finally:
         await runner.close()
         runner.worker.close()
-    assert engine.upgrades == 0 and runner.upgrader.counts["cancelled"] >= 1
+    assert engine.upgrades == 0 and runner.super_resolver.counts["cancelled"] >= 1
     assert runner.buffer.underruns == 0  # generation never waited for the upgrade
     assert {f.shape for f in frames} == {(256, 448, 3)}  # not upgraded: resized at playout
 
