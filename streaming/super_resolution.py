@@ -1,8 +1,9 @@
 """Idle super-resolution of buffered segments, and the fixed output size.
 
 With an SR model (``engine.sr_width`` set, and the engine's SR method,
-``engine.upgrade(segment, cancel)`` today) and ``sr`` on, a session's video is sent at the SR size (``sr_width x sr_height``, 540p on the real model,
-twice the base size on the preview preset) from its first frame to its last:
+``engine.upgrade(segment, cancel)`` today) and ``sr`` on, a session's video is sent at the SR
+size (``sr_width x sr_height``, 540p on the real model, twice the base size on the preview
+preset) from its first frame to its last:
 
 * :class:`SegmentSuperResolver` re-renders segments that are queued but have not started playing
   through the engine's SR stage while the engine has spare time: it runs as background
