@@ -846,6 +846,13 @@ class ContextParallelEngine:
         """Process ids of the ranks (rank order)."""
         return [p.pid for p in self._procs]
 
+    def _dead_reply(self, rank: int, what: str) -> tuple:
+        proc = self._procs[rank]
+        if proc.is_alive():
+            return ("error", "EOFError", f"rank {rank} of {self.cp} closed its pipe during {what}", "", True)
+        return ("error", "RankDied", f"rank {rank} of {self.cp} died (exit code {proc.exitcode}) during {what}", "",
+                True)
+
     def _wait(self, pending: set[int], timeout_s: float | None, what: str, cancel=None) -> dict[int, tuple]:
         """Collect one reply per pending rank; a dead rank or (``timeout_s``) a silent one is an error
         reply. After the first error reply the others get no further wait."""
@@ -862,13 +869,12 @@ class ContextParallelEngine:
                 try:
                     replies[rank] = conn.recv()
                 except (EOFError, OSError):
-                    replies[rank] = ("error", "EOFError", f"rank {rank} closed its pipe", "", True)
+                    self._procs[rank].join(timeout=1.0)
+                    replies[rank] = self._dead_reply(rank, what)
                 pending.discard(rank)
             for rank in list(pending):
                 if not self._procs[rank].is_alive():
-                    code = self._procs[rank].exitcode
-                    replies[rank] = ("error", "RankDied", f"rank {rank} of {self.cp} died (exit code {code}) during {what}",
-                                     "", True)
+                    replies[rank] = self._dead_reply(rank, what)
                     pending.discard(rank)
             if any(r[0] == "error" and r[4] for r in replies.values()):
                 for rank in pending:
@@ -887,6 +893,8 @@ class ContextParallelEngine:
 
         with self._lock:
             if not self._procs or not all(p.is_alive() for p in self._procs):
+                logger.warning("context-parallel ranks %s are not running; starting %d fresh ranks",
+                               [r for r, p in enumerate(self._procs) if not p.is_alive()], self.cp)
                 self._kill()
                 self.restarts += 1
                 self._start()
