@@ -13,6 +13,10 @@ velocity. Per degree the record holds:
   and ``bytes_per_layer_model`` from :func:`engine.context_parallel.comm_bytes_per_layer`);
   ``bytes_per_step``: one rank's bytes for a whole forward (all layers, plus scatter of inputs and
   gather of outputs), rank 0 and the mean over ranks; ``bytes_by_kind`` per collective kind;
+* ``cpu_s`` / ``cpu_s_by_rank`` / ``cpu_s_total`` / ``cpu_work_vs_cp1``: process CPU time of one forward
+  per rank and summed (rank 0: median; others: mean over the job), and that sum over the cp = 1 one.
+  On a shared CPU the wall times depend on how the scheduler shares the cores between processes
+  (``cp`` processes get a larger share than one); the CPU time is the work itself;
 * ``loop_s`` (``--loop``): the distilled loop (``--steps``) on rank 0 with the other ranks following;
 * ``speedup_forward`` / ``speedup_loop``: the cp = 1 record's time over this one (same run);
 * a refused degree (heads not split, :func:`engine.context_parallel.check_degree`) is a record with
@@ -124,19 +128,21 @@ def _rank(rank: int, cp: int, init_file: str, opts: dict, results) -> None:
             return dit(packed.x, packed.coords, packed.modality, spans=packed.spans,
                        local_ranges=packed.local_ranges, compute_dtype=dtype)
 
-        times, comm = [], []
+        times, comm, cpu = [], [], []
         for i in range(opts["warmup"] + opts["repeats"]):
             stats.reset()
             _sync(device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             forward()
             _sync(device)
             if i >= opts["warmup"]:
                 times.append(time.perf_counter() - t0)
+                cpu.append(time.process_time() - c0)
                 comm.append(stats.seconds)
         by_kind = {k: {"calls": v[0], "bytes": v[1], "seconds": v[2]} for k, v in stats.by_kind.items()}
         channel.finish()
         record.update(forward_s=statistics.median(times), forward_s_all=times, comm_s=statistics.median(comm),
+                      cpu_s=statistics.median(cpu),
                       bytes_by_kind=by_kind)
         if cp == 1:  # the plain model on the same inputs: what the CP wrapper costs at cp = 1
             plain = []
@@ -168,7 +174,9 @@ def _rank(rank: int, cp: int, init_file: str, opts: dict, results) -> None:
             record.update(loop_s=statistics.median(loops), loop_s_all=loops)
         record["seq_len"] = packed.length
     else:
+        c0 = time.process_time()
         n = serve_forwards([model], device=device, stats=stats)  # every forward of rank 0's timing job
+        record["cpu_s"] = (time.process_time() - c0) / max(1, n)
         record["comm_s"] = stats.seconds / max(1, n)
         record["bytes_by_kind"] = {k: {"calls": v[0] // max(1, n), "bytes": v[1] // max(1, n),
                                        "seconds": v[2] / max(1, n)} for k, v in stats.by_kind.items()}
@@ -188,6 +196,8 @@ def _summarise(per_rank: list[dict], model_name: str, cp: int, opts: dict) -> di
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[opts["compute_dtype"]]
     rec["comm_share"] = rec["comm_s"] / rec["forward_s"] if rec["forward_s"] else None
     rec["comm_s_by_rank"] = [rec["comm_s"]] + [r["comm_s"] for r in per_rank[1:]]
+    rec["cpu_s_by_rank"] = [r["cpu_s"] for r in per_rank]
+    rec["cpu_s_total"] = sum(rec["cpu_s_by_rank"])  # CPU time of one forward, all ranks: load-independent work
     kinds0 = rec["bytes_by_kind"]
     a2a = sum(kinds0.get(k, {}).get("bytes", 0) for k in ("all_to_all_qkv", "all_to_all_out"))
     rec["bytes_per_layer"] = a2a // layers if cp > 1 else 0
@@ -242,6 +252,7 @@ def run(args: argparse.Namespace) -> dict:
                      and "forward_s" in r), None)
         if base and "forward_s" in rec:
             rec["speedup_forward"] = base["forward_s"] / rec["forward_s"]
+            rec["cpu_work_vs_cp1"] = rec["cpu_s_total"] / base["cpu_s_total"]
             if "loop_s" in rec and "loop_s" in base:
                 rec["speedup_loop"] = base["loop_s"] / rec["loop_s"]
     host_load.append(os.getloadavg()[0])
@@ -265,13 +276,13 @@ def run(args: argparse.Namespace) -> dict:
 
 def format_table(doc: dict) -> str:
     lines = [f"{'model':<11} {'cp':>2} {'L':>5} {'forward_s':>9} {'speedup':>7} {'comm_s':>7} {'comm%':>5} "
-             f"{'MB/layer':>8} {'MB/step':>8} {'loop_s':>7}"]
+             f"{'cpu_s':>7} {'MB/layer':>8} {'MB/step':>8} {'loop_s':>7}"]
     for r in doc["results"]:
         if "refused" in r:
             lines.append(f"{r['model']:<11} {r['cp']:>2} refused: {r['refused']}")
             continue
         lines.append(f"{r['model']:<11} {r['cp']:>2} {r['seq_len']:>5} {r['forward_s']:>9.3f} "
-                     f"{r.get('speedup_forward', 0):>7.2f} {r['comm_s']:>7.3f} {100 * r['comm_share']:>5.1f} "
+                     f"{r.get('speedup_forward', 0):>7.2f} {r['comm_s']:>7.3f} {100 * r['comm_share']:>5.1f} {r['cpu_s_total']:>7.2f} "
                      f"{r['bytes_per_layer'] / 1e6:>8.2f} {r['bytes_per_step_rank0'] / 1e6:>8.2f} "
                      f"{r.get('loop_s', float('nan')):>7.3f}")
     return "\n".join(lines)
