@@ -294,11 +294,14 @@ class UlyssesAttention:
         inner: the attention computed on the head shard (``[L, Hq/cp, D]``...), e.g. FlashAttention.
         group: process group (None: the default group).
         stats: optional :class:`CommStats` to count bytes and time.
+        key_mask: optional bool ``[L]`` of the global sequence, False for tokens that must not be
+            attention keys (e.g. text padded to a length bucket); combined with ``mask``.
     """
 
     def __init__(self, layout: HeadLayout, plan: ShardPlan, inner: AttentionKernel, group=None,
-                 stats: CommStats | None = None):
+                 stats: CommStats | None = None, key_mask: torch.Tensor | None = None):
         self.layout, self.plan, self.inner, self.group, self.stats = layout, plan, inner, group, stats
+        self.key_mask = key_mask
 
     def _all_to_all(self, send: torch.Tensor, kind: str) -> torch.Tensor:
         """``send`` ``[cp, ...]`` (chunk j goes to rank j) -> ``[cp, ...]`` (chunk j came from rank j)."""
@@ -322,6 +325,9 @@ class UlyssesAttention:
         recv = self._all_to_all(send, "all_to_all_qkv").reshape(cp * ll, hq + 2 * hkv, dim)  # global token order
         length = plan.length  # padding tokens (the tail) are not keys and not computed
         qh, kh, vh = recv[:length, :hq], recv[:length, hq:hq + hkv], recv[:length, hq + hkv:]
+        if self.key_mask is not None:
+            keys = self.key_mask[None, :]
+            mask = keys.expand(length, length) if mask is None else mask & keys
         o = self.inner(qh, kh, vh, mask)  # [L, hq, D]
         if plan.pad:
             o = torch.cat([o, o.new_zeros(plan.pad, hq, dim)])
@@ -358,6 +364,7 @@ def forward_shard(
     group=None,
     stats: CommStats | None = None,
     intermediates: dict | None = None,
+    key_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """This rank's part of a context-parallel DiT forward; every rank of ``group`` must call it.
 
@@ -373,6 +380,7 @@ def forward_shard(
         group: process group of ``cp`` ranks (None: default group).
         stats: optional :class:`CommStats`.
         intermediates: optional dict receiving the local rows of :meth:`DiTModel.forward`'s taps.
+        key_mask: optional bool ``[L]`` (global), False for tokens that are no attention key.
 
     Returns:
         fp32 ``[Lp/cp, out_channels]``: the output rows of this rank's tokens (padding rows included).
@@ -388,6 +396,8 @@ def forward_shard(
     if x_local.shape[0] != plan.local_length:
         raise ValueError(f"x_local has {x_local.shape[0]} rows, the shard has {plan.local_length}")
     layout = HeadLayout.for_config(model.config, cp)
+    if key_mask is not None and tuple(key_mask.shape) != (plan.length,):
+        raise ValueError(f"key_mask shape {tuple(key_mask.shape)} must be ({plan.length},)")
     if exact_attention is None:
         exact_attention = x_local.device.type != "cuda"
     original = base = model.attention_kernel
@@ -399,7 +409,9 @@ def forward_shard(
         ranges = _GlobalRanges(local_ranges, plan.length, x_local.device)
     local_spans = plan.local_spans(spans, rank)
     modality = modality_of(local_spans, plan.local_length, x_local.device)
-    model.attention_kernel = UlyssesAttention(layout, plan, base, group, stats)
+    if key_mask is not None:
+        key_mask = key_mask.to(device=x_local.device, dtype=torch.bool)
+    model.attention_kernel = UlyssesAttention(layout, plan, base, group, stats, key_mask)
     try:
         return DiTModel.forward(model, x_local, coords_local, modality, spans=local_spans, local_ranges=ranges,
                                 compute_dtype=compute_dtype, exact_attention=exact_attention,
@@ -429,12 +441,14 @@ def forward_replicated(
     group=None,
     stats: CommStats | None = None,
     intermediates: dict | None = None,
+    key_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Context-parallel forward when every rank holds the same full inputs: ``x`` fp32 ``[L, in]``,
     ``coords`` fp32 ``[L, 9]`` -> fp32 ``[L, out_channels]`` on every rank (all-gathered).
 
     ``intermediates`` (if given) receives the full-length taps of :meth:`DiTModel.forward`
-    (``rope``, ``adapter_out``, ``layer{i}_out``, ...), all-gathered too.
+    (``rope``, ``adapter_out``, ``layer{i}_out``, ...), all-gathered too. ``key_mask``: optional bool
+    ``[L]``, False for tokens that are no attention key (:class:`UlyssesAttention`).
     """
     cp = dist.get_world_size(group)
     rank = dist.get_rank(group)
@@ -444,7 +458,7 @@ def forward_replicated(
     taps: dict | None = {} if intermediates is not None else None
     out = forward_shard(model, xp[start:end], cp_coords[start:end], plan=plan, spans=spans,
                         local_ranges=local_ranges, compute_dtype=compute_dtype, exact_attention=exact_attention,
-                        group=group, stats=stats, intermediates=taps)
+                        group=group, stats=stats, intermediates=taps, key_mask=key_mask)
     if intermediates is not None:
         for key, value in taps.items():
             intermediates[key] = _all_gather_rows(value, plan.length, group)
@@ -460,21 +474,21 @@ class ContextParallelDiT(DiTModel):
     group = None
 
     def forward(self, x, coords, modality, *, spans=None, local_ranges=None, compute_dtype=torch.bfloat16,
-                exact_attention=None, intermediates=None):
+                exact_attention=None, intermediates=None, key_mask=None):
         from engine.dit import modality_spans
 
         if spans is None:
             spans = modality_spans(modality)
         return forward_replicated(self, x, coords, spans=spans, local_ranges=local_ranges,
                                   compute_dtype=compute_dtype, exact_attention=exact_attention, group=self.group,
-                                  intermediates=intermediates)
+                                  intermediates=intermediates, key_mask=key_mask)
 
 
 # ---------------------------------------------------------------------------------------------
 # rank 0 drives, the other ranks follow
 
 _FORWARD, _DONE = 1, 2
-_HEADER = 8  # op, model index, L, in_channels, dtype code, exact (-1 None), n_spans, n_ranges
+_HEADER = 9  # op, model index, L, in_channels, dtype code, exact (-1 None), n_spans, n_ranges, has key mask
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _DTYPES = {v: k for k, v in _DTYPE_CODES.items()}
 
@@ -491,10 +505,11 @@ class _Channel:
         if self.broken:
             raise ContextParallelError("the context-parallel group failed earlier; the ranks must be restarted")
 
-    def forward(self, model: DiTModel, index: int, x, coords, spans, local_ranges, compute_dtype, exact) -> torch.Tensor:
+    def forward(self, model: DiTModel, index: int, x, coords, spans, local_ranges, compute_dtype, exact,
+                key_mask=None) -> torch.Tensor:
         self._check()
         try:
-            return _drive_forward(model, index, x, coords, spans, local_ranges, compute_dtype, exact,
+            return _drive_forward(model, index, x, coords, spans, local_ranges, compute_dtype, exact, key_mask,
                                   self.device, self.group, self.stats)
         except (ValueError, TypeError):
             raise
@@ -516,28 +531,36 @@ class _Channel:
             raise ContextParallelError(f"rank 0: ending the job failed: {exc}") from exc
 
 
-def _drive_forward(model, index, x, coords, spans, local_ranges, compute_dtype, exact, device, group, stats):
+def _drive_forward(model, index, x, coords, spans, local_ranges, compute_dtype, exact, key_mask, device, group,
+                   stats):
     cp = dist.get_world_size(group)
     plan = ShardPlan(x.shape[0], cp)
     check_degree(model.config, cp)
     if x.shape[1] != model.config.in_channels:
         raise ValueError(f"x has {x.shape[1]} columns, the model's in_channels is {model.config.in_channels}")
+    if key_mask is not None and tuple(key_mask.shape) != (plan.length,):
+        raise ValueError(f"key_mask shape {tuple(key_mask.shape)} must be ({plan.length},)")
     ranges = local_ranges if (model.config.local_attn_layers and local_ranges is not None) else None
     n_ranges = 0 if ranges is None else int(ranges.q_ranges.shape[0])
     header = torch.tensor([_FORWARD, index, plan.length, x.shape[1], _DTYPE_CODES[compute_dtype],
-                           -1 if exact is None else int(exact), len(spans), n_ranges], dtype=torch.int64, device=device)
+                           -1 if exact is None else int(exact), len(spans), n_ranges, int(key_mask is not None)],
+                          dtype=torch.int64, device=device)
     meta = [v for span in spans for v in span]
     if ranges is not None:
         meta += torch.cat([ranges.q_ranges, ranges.k_ranges], dim=1).flatten().tolist()
     with _Timed(stats, "broadcast_meta", 0, device):
         dist.broadcast(header, 0, group=group)
         dist.broadcast(torch.tensor(meta, dtype=torch.int64, device=device), 0, group=group)
+        if key_mask is not None:
+            key_mask = key_mask.to(device=device, dtype=torch.uint8).contiguous()
+            dist.broadcast(key_mask, 0, group=group)
     xp, cp_coords = pad_inputs(x.float(), coords.float(), plan)
     rows = torch.cat([xp, cp_coords], dim=1).to(device)
-    return _shard_and_run(model, list(rows.chunk(cp)), plan, spans, ranges, compute_dtype, exact, device, group, stats)
+    return _shard_and_run(model, list(rows.chunk(cp)), plan, spans, ranges, compute_dtype, exact, key_mask, device,
+                          group, stats)
 
 
-def _shard_and_run(model, chunks, plan, spans, ranges, compute_dtype, exact, device, group, stats):
+def _shard_and_run(model, chunks, plan, spans, ranges, compute_dtype, exact, key_mask, device, group, stats):
     """Scatter ``[x | coords]`` rows from rank 0, run the shard, gather outputs on rank 0."""
     rank, cp = dist.get_rank(group), dist.get_world_size(group)
     local = torch.empty(plan.local_length, model.config.in_channels + 9, dtype=torch.float32, device=device)
@@ -545,7 +568,8 @@ def _shard_and_run(model, chunks, plan, spans, ranges, compute_dtype, exact, dev
     with _Timed(stats, "scatter_inputs", nbytes, device):
         dist.scatter(local, [c.contiguous() for c in chunks] if rank == 0 else None, src=0, group=group)
     out = forward_shard(model, local[:, :-9], local[:, -9:], plan=plan, spans=spans, local_ranges=ranges,
-                        compute_dtype=compute_dtype, exact_attention=exact, group=group, stats=stats)
+                        compute_dtype=compute_dtype, exact_attention=exact, group=group, stats=stats,
+                        key_mask=key_mask)
     parts = [torch.empty_like(out) for _ in range(cp)] if rank == 0 else None
     with _Timed(stats, "gather_out", out.numel() * out.element_size() if rank else 0, device):
         dist.gather(out.contiguous(), parts, dst=0, group=group)
@@ -567,12 +591,16 @@ def serve_forwards(models: list[DiTModel | None], *, device, group=None, stats: 
     while True:
         header = torch.empty(_HEADER, dtype=torch.int64, device=device)
         dist.broadcast(header, 0, group=group)
-        op, index, length, in_width, dtype_code, exact, n_spans, n_ranges = header.tolist()
+        op, index, length, in_width, dtype_code, exact, n_spans, n_ranges, has_key_mask = header.tolist()
         if op == _DONE:
             return count
         meta = torch.empty(3 * n_spans + 4 * n_ranges, dtype=torch.int64, device=device)
         dist.broadcast(meta, 0, group=group)
         values = meta.tolist()
+        key_mask = None
+        if has_key_mask:
+            key_mask = torch.empty(length, dtype=torch.uint8, device=device)
+            dist.broadcast(key_mask, 0, group=group)
         spans = [tuple(values[3 * i: 3 * i + 3]) for i in range(n_spans)]
         ranges = None
         if n_ranges:
@@ -585,7 +613,7 @@ def serve_forwards(models: list[DiTModel | None], *, device, group=None, stats: 
         if in_width != model.config.in_channels:
             raise ContextParallelError(f"input width {in_width} differs from model {index}'s {model.config.in_channels}")
         _shard_and_run(model, None, plan, spans, ranges, _DTYPES[dtype_code], None if exact < 0 else bool(exact),
-                       device, group, stats)
+                       key_mask, device, group, stats)
         count += 1
 
 
@@ -607,9 +635,10 @@ class DistributedDiT:
         return getattr(self.model, name)
 
     def __call__(self, x, coords, modality, *, spans=None, local_ranges=None, compute_dtype=torch.bfloat16,
-                 exact_attention=None, intermediates=None) -> torch.Tensor:
+                 exact_attention=None, intermediates=None, key_mask=None) -> torch.Tensor:
         """``x`` fp32 ``[L, in]``, ``coords`` ``[L, 9]``, ``modality`` ``[L]`` -> fp32 ``[L, out]`` (as
-        :meth:`DiTModel.forward`; ``intermediates`` are not supported)."""
+        :meth:`DiTModel.forward`; ``intermediates`` are not supported). ``key_mask``: optional bool ``[L]``,
+        False for tokens that are no attention key."""
         from engine.dit import modality_spans
 
         if intermediates is not None:
@@ -617,7 +646,7 @@ class DistributedDiT:
         if spans is None:
             spans = modality_spans(modality)
         return self.channel.forward(self.model, self.index, x, coords, [tuple(int(v) for v in s) for s in spans],
-                                    local_ranges, compute_dtype, exact_attention)
+                                    local_ranges, compute_dtype, exact_attention, key_mask)
 
 
 # ---------------------------------------------------------------------------------------------

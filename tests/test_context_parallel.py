@@ -178,6 +178,21 @@ def _check_fixture_cases(rank: int) -> list[str]:
     return seen
 
 
+def _masked_reference(model: DiTModel, packed, drop: int) -> torch.Tensor:
+    """One-process output of the sequence without its last ``drop`` (text) tokens: what the real rows
+    of a forward whose key mask hides those tokens must equal (they are then no key of any query)."""
+    keep = packed.length - drop
+    spans = [(m, s, min(e, keep)) for m, s, e in packed.spans if s < keep]
+    return model(packed.x[:keep], packed.coords[:keep], packed.modality[:keep], spans=spans,
+                 compute_dtype=torch.float32)
+
+
+def _key_mask(length: int, drop: int) -> torch.Tensor:
+    mask = torch.ones(length, dtype=torch.bool)
+    mask[length - drop:] = False
+    return mask
+
+
 def _preview_inputs(seconds: float, width: int, height: int, text_tokens: int, seed: int):
     from engine.packing import pack
     from engine.pipeline import Geometry
@@ -194,6 +209,18 @@ def _rank_cp2(rank: int, cp: int, init_file: str) -> None:
     _init(rank, cp, init_file)
     seen = _check_fixture_cases(rank)
     assert len(seen) == 2 * len(CASES)
+    # a key mask (e.g. text padded to a length bucket): the hidden tokens are no key of any query
+    meta = json.loads((FIXTURES / "dit_tiny_config.json").read_text())
+    case = meta["cases"][0]
+    model = DiTModel(tiny_config())
+    init_seeded(model, 5)
+    packed = _fixture_inputs(case)
+    want = _masked_reference(model, packed, 3)
+    got = forward_replicated(model, packed.x, packed.coords, spans=packed.spans, compute_dtype=torch.float32,
+                             key_mask=_key_mask(packed.length, 3))[: packed.length - 3]
+    assert rel_l2(got, want) <= FP32_REL
+    unmasked = forward_replicated(model, packed.x, packed.coords, spans=packed.spans, compute_dtype=torch.float32)
+    assert rel_l2(unmasked[: packed.length - 3], want) > 1e-3  # the mask matters
     # the preview preset at its real token counts: 5 s at 224x128 with 256 text tokens = 1278 tokens
     from engine.pipeline import PREVIEW_HEIGHT, PREVIEW_TEXT_TOKENS, PREVIEW_WIDTH
 
@@ -245,14 +272,19 @@ def _rank_cp4(rank: int, cp: int, init_file: str) -> None:
                           noise_fn=generator_noise(gen))
 
         channel = _Channel("cpu")
-        got = run(DistributedDiT(model, 0, channel))
+        dit = DistributedDiT(model, 0, channel)
+        packed = pack(torch.randn(1, 48, 2, 4, 4), torch.randn(1, 5, 64), text, in_channels=config.in_channels)
+        masked = dit(packed.x, packed.coords, packed.modality, spans=packed.spans, compute_dtype=torch.float32,
+                     key_mask=_key_mask(packed.length, 2))  # 8 + 5 + 5 = 18 tokens: 2 padding on 4 ranks
+        assert rel_l2(masked[: packed.length - 2], _masked_reference(model, packed, 2)) <= FP32_REL
+        got = run(dit)
         channel.finish()
-        assert channel.calls == DISTILL.num_steps
+        assert channel.calls == DISTILL.num_steps + 1
         want = run(model)
         for a, b in zip(got, want, strict=True):
             assert rel_l2(a, b) <= FP32_REL, rel_l2(a, b)
     else:
-        assert serve_forwards([model], device="cpu") == DISTILL.num_steps
+        assert serve_forwards([model], device="cpu") == DISTILL.num_steps + 1
     dist.destroy_process_group()
 
 
