@@ -316,10 +316,10 @@ def test_parity_cli_refuses_cp3():
 # the engine on worker processes: same segment, and failures end the job within the timeout
 
 
-def _preview_fp32(device: str = "cpu"):
+def _preview_fp32(device: str = "cpu", sr: bool = False):
     from engine.pipeline import build_preview_engine
 
-    return build_preview_engine(seed=0, device=device, compute_dtype=torch.float32)
+    return build_preview_engine(seed=0, device=device, compute_dtype=torch.float32, sr=sr)
 
 
 def _request(engine, seconds: float = 0.5):
@@ -332,12 +332,14 @@ def _request(engine, seconds: float = 0.5):
 
 
 def test_engine_on_two_ranks_matches_one_process_and_survives_a_killed_rank():
-    """A full 8-step segment from the same seed equals the one-process engine's; a killed rank ends the
-    job with ContextParallelError naming it, and the next job runs on fresh ranks."""
-    engine = ContextParallelEngine(functools.partial(_preview_fp32), 2, timeout_s=10.0, threads_per_rank=1)
+    """A full 8-step segment from the same seed equals the one-process engine's, and so does its SR
+    upgrade (the SR DiT split too); a killed rank ends the job with ContextParallelError naming it, and
+    the next job runs on fresh ranks."""
+    engine = ContextParallelEngine(functools.partial(_preview_fp32, sr=True), 2, timeout_s=10.0, threads_per_rank=1)
     try:
         assert engine.name == "preview-cp2" and (engine.width, engine.height) == (224, 128)
-        single = _preview_fp32()
+        assert (engine.sr_width, engine.sr_height) == (448, 256)
+        single = _preview_fp32(sr=True)
         want = single.generate(_request(single))
         got = engine.generate(_request(engine))
         assert got.frames.shape == want.frames.shape
@@ -345,6 +347,9 @@ def test_engine_on_two_ranks_matches_one_process_and_survives_a_killed_rank():
         assert rel_l2(got.continuation.audio_latent, want.continuation.audio_latent) <= FP32_REL
         assert np.abs(got.frames.astype(int) - want.frames.astype(int)).max() <= 1
         assert got.timings_s["dit"] > 0
+        sr_want, sr_got = single.upgrade(want), engine.upgrade(got)
+        assert sr_got.super_resolved and sr_got.frames.shape == sr_want.frames.shape == (13, 256, 448, 3)
+        assert np.abs(sr_got.frames.astype(int) - sr_want.frames.astype(int)).max() <= 1
 
         from engine.api import EngineInputError
 
