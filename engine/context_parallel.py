@@ -671,6 +671,33 @@ def _to_cpu(obj):
     return obj
 
 
+def full_preset_dits(checkpoint_dir: str, *, sr: bool = False, backend: str = "eager", device: str = "cpu"):
+    """What a non-zero rank of the ``full`` preset needs: the distilled DiT (and the ``540p_sr`` DiT with
+    ``sr``) of the checkpoint root, without the text encoder and the VAEs (T5Gemma alone is ~18 GB).
+
+    Returns:
+        an object with ``dit`` and ``sr_dit`` (:class:`DiTModel` or None) on ``device``.
+
+    Raises:
+        engine.stack.StackError: the root lacks the DiT directories (checked before reading weights).
+    """
+    from types import SimpleNamespace
+
+    from engine.checkpoint import load_dit
+    from engine.stack import resolve_stack
+
+    files = resolve_stack(checkpoint_dir, variant="distill", sr="540p_sr" if sr else None, use_turbo=True)
+    dit = load_dit(files.dits["distill"], variant="distill", device=device, progress=False)
+    sr_dit = load_dit(files.dits["540p_sr"], variant="540p_sr", device=device, progress=False) if sr else None
+    if backend != "eager":
+        from engine.backends import apply_backend
+
+        for model in (dit, sr_dit):
+            if model is not None:
+                apply_backend(model, backend, torch.device(device))
+    return SimpleNamespace(dit=dit.eval(), sr_dit=sr_dit.eval() if sr_dit is not None else None)
+
+
 def _rank_main(rank: int, cp: int, init_file: str, factory: EngineFactory, device_kind: str, timeout_s: float,
                threads: int, conn, cancel) -> None:
     """Body of one rank's process: build the engine, then serve jobs from the parent's pipe."""
@@ -683,7 +710,7 @@ def _rank_main(rank: int, cp: int, init_file: str, factory: EngineFactory, devic
             device = "cpu"
         dist.init_process_group("nccl" if device_kind == "cuda" else "gloo", init_method=f"file://{init_file}",
                                 rank=rank, world_size=cp, timeout=dt.timedelta(seconds=timeout_s))
-        engine = factory(device=device)
+        engine = factory[0 if rank == 0 else 1](device=device)
         models = [engine.dit, getattr(engine, "sr_dit", None)]
         for model in models:
             if model is not None:
@@ -756,7 +783,9 @@ class ContextParallelEngine:
         ContextParallelEngine.from_preset(preset, cp, checkpoint_dir=..., device=..., seed=..., sr=..., backend=...)
 
     Args:
-        factory: :data:`EngineFactory`.
+        factory: :data:`EngineFactory` (rank 0, and the other ranks unless ``worker_factory``).
+        worker_factory: optional ``f(device=str)`` for ranks 1.. returning an object with ``dit`` and
+            ``sr_dit`` only (e.g. :func:`full_preset_dits`): same DiT weights as ``factory``'s engine.
         cp: number of ranks (>= 1; must split the DiT's heads, :func:`check_degree`).
         device: ``cpu`` or ``cuda`` (needs ``cp`` GPUs).
         timeout_s: collective timeout in seconds (bounds detection of a hung rank).
@@ -769,7 +798,8 @@ class ContextParallelEngine:
     """
 
     def __init__(self, factory: EngineFactory, cp: int, *, device: str = "cpu", timeout_s: float = 60.0,
-                 start_timeout_s: float = 600.0, threads_per_rank: int | None = None):
+                 start_timeout_s: float = 600.0, threads_per_rank: int | None = None,
+                 worker_factory: Callable[..., Any] | None = None):
         if not isinstance(cp, int) or cp < 1:
             raise ValueError(f"cp {cp!r} must be an integer >= 1")
         if device not in ("cpu", "cuda"):
@@ -780,6 +810,7 @@ class ContextParallelEngine:
             raise ValueError(f"timeout_s {timeout_s} must be > 0")
         self.cp, self.device, self.timeout_s, self.start_timeout_s = cp, device, timeout_s, start_timeout_s
         self._factory = factory
+        self._worker_factory = worker_factory or factory
         self._threads = threads_per_rank or max(1, torch.get_num_threads() // cp)
         self._ctx = torch.multiprocessing.get_context("spawn")
         self._lock = threading.Lock()
@@ -796,6 +827,8 @@ class ContextParallelEngine:
                     **kwargs) -> ContextParallelEngine:
         """The engine of :func:`engine.pipeline.build_engine` (``preview`` or ``full``) on ``cp`` ranks.
 
+        For ``full`` the ranks other than 0 load only the DiT(s) (:func:`full_preset_dits`).
+
         Raises:
             ValueError: unknown preset, ``testpattern`` (no DiT), or a degree the preset's heads refuse.
         """
@@ -809,6 +842,9 @@ class ContextParallelEngine:
         check_degree(get_config(preset), cp)
         factory = functools.partial(build_engine, preset, checkpoint_dir=checkpoint_dir, seed=seed, sr=sr,
                                     backend=backend)
+        if preset == "full" and checkpoint_dir:
+            kwargs.setdefault("worker_factory", functools.partial(full_preset_dits, checkpoint_dir, sr=sr,
+                                                                  backend=backend))
         return cls(factory, cp, device=device, timeout_s=timeout_s, **kwargs)
 
     # -- process management -------------------------------------------------------------
@@ -820,7 +856,7 @@ class ContextParallelEngine:
             parent, child = self._ctx.Pipe()
             proc = self._ctx.Process(
                 target=_rank_main, name=f"cp-rank-{rank}", daemon=True,
-                args=(rank, self.cp, init_file, self._factory, self.device, self.timeout_s, self._threads, child,
+                args=(rank, self.cp, init_file, (self._factory, self._worker_factory), self.device, self.timeout_s, self._threads, child,
                       self._cancel if rank == 0 else None))
             proc.start()
             child.close()

@@ -402,6 +402,22 @@ def test_engine_hung_rank_raises_within_the_collective_timeout():
         engine.close()
 
 
+def test_full_preset_workers_load_only_the_dits(tmp_path):
+    """The non-zero ranks of ``full`` read the same DiT weights as rank 0's engine, and nothing else."""
+    from engine.context_parallel import full_preset_dits
+    from engine.stack import preview_dit, write_preview_stack
+
+    root = write_preview_stack(tmp_path / "stack", seed=1, variants=["distill", "540p_sr"])
+    got = full_preset_dits(str(root), sr=True)
+    assert set(vars(got)) == {"dit", "sr_dit"}
+    for model, variant in ((got.dit, "distill"), (got.sr_dit, "540p_sr")):
+        want = preview_dit(variant, seed=1).state_dict()
+        have = model.state_dict()
+        assert set(have) == set(want)
+        assert all(torch.equal(have[k], want[k]) for k in want), variant
+    assert full_preset_dits(str(root)).sr_dit is None
+
+
 def test_engine_refuses_a_degree_before_starting():
     with pytest.raises(ValueError, match="cp 4 does not divide the 6 query heads"):
         ContextParallelEngine.from_preset("preview", 4)
