@@ -5,7 +5,7 @@ the sandwich layers' per-modality projections, MLPs, rotary) runs on each rank's
 attention of every layer turns the sequence shard into a head shard with one all-to-all, attends over
 the whole sequence for ``Hq/cp`` query heads, and turns the result back with a second all-to-all
 (DeepSpeed-Ulysses, Jacobs et al. 2023, arXiv:2309.14509; the reference implementation's
-``cp_size``, DIT.md §1 note on distribution).
+``engine_config.cp_size``, CHECKPOINTS.md and PIPELINE.md §2, 1 in all its examples).
 
 Layout (all tensors in the engine's packed order ``[video | audio | text]``, DIT.md §3):
 

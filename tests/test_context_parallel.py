@@ -351,12 +351,17 @@ def test_engine_on_two_ranks_matches_one_process_and_survives_a_killed_rank():
         assert sr_got.super_resolved and sr_got.frames.shape == sr_want.frames.shape == (13, 256, 448, 3)
         assert np.abs(sr_got.frames.astype(int) - sr_want.frames.astype(int)).max() <= 1
 
-        from engine.api import EngineInputError
+        from engine.api import CancelledError, EngineInputError
 
         bad = _request(engine)
         bad.seconds = 99.0
         with pytest.raises(EngineInputError, match="seconds 99.0"):
             engine.generate(bad)  # an input error leaves the ranks up
+        cancel = threading.Event()
+        cancel.set()
+        with pytest.raises(CancelledError):
+            engine.generate(_request(engine), cancel)  # so does a cancelled job
+        assert engine.restarts == 0
         # rank 1 dies during a job: stopped first so the job is surely running when it is killed
         pids = engine.pids
         request = _request(engine, 0.5)
