@@ -698,9 +698,10 @@ def full_preset_dits(checkpoint_dir: str, *, sr: bool = False, backend: str = "e
     return SimpleNamespace(dit=dit.eval(), sr_dit=sr_dit.eval() if sr_dit is not None else None)
 
 
-def _rank_main(rank: int, cp: int, init_file: str, factory: EngineFactory, device_kind: str, timeout_s: float,
-               threads: int, conn, cancel) -> None:
-    """Body of one rank's process: build the engine, then serve jobs from the parent's pipe."""
+def _rank_main(rank: int, cp: int, init_file: str, factories: tuple[EngineFactory, Callable[..., Any]],
+               device_kind: str, timeout_s: float, threads: int, conn, cancel) -> None:
+    """Body of one rank's process: build the engine (rank 0: ``factories[0]``, others ``factories[1]``),
+    then serve jobs from the parent's pipe until ``exit`` or a broken group."""
     try:
         if device_kind == "cuda":
             torch.cuda.set_device(rank)
@@ -710,7 +711,7 @@ def _rank_main(rank: int, cp: int, init_file: str, factory: EngineFactory, devic
             device = "cpu"
         dist.init_process_group("nccl" if device_kind == "cuda" else "gloo", init_method=f"file://{init_file}",
                                 rank=rank, world_size=cp, timeout=dt.timedelta(seconds=timeout_s))
-        engine = factory[0 if rank == 0 else 1](device=device)
+        engine = factories[0 if rank == 0 else 1](device=device)
         models = [engine.dit, getattr(engine, "sr_dit", None)]
         for model in models:
             if model is not None:
