@@ -349,10 +349,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m engine.parity", description=__doc__.splitlines()[0])
     parser.add_argument("fixture_dir", type=Path, help="directory laid out like shared/fixtures/upstream")
     parser.add_argument("--family", action="append", choices=sorted(FAMILIES), help="only these families")
+    parser.add_argument("--cp", type=int, default=1, metavar="N",
+                        help="run the DiT cases with the forward split over N local gloo processes "
+                             "(engine.context_parallel.run_parity)")
     args = parser.parse_args(argv)
     if not args.fixture_dir.is_dir():
         print(f"error: fixture directory {args.fixture_dir} does not exist", file=sys.stderr)
         return 2
+    if args.cp != 1:
+        from engine.context_parallel import run_parity
+
+        try:
+            return run_parity(args.fixture_dir, args.cp, args.family)
+        except ValueError as exc:
+            print(f"error: --cp {args.cp}: {exc}", file=sys.stderr)
+            return 2
     torch.set_grad_enabled(False)
     checks = run(args.fixture_dir, args.family)
     failed = [c for c in checks if not c.passed]

@@ -796,6 +796,11 @@ def default_out(doc: dict) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--cp" in argv:  # context-parallel scaling (issue 14) is measured by ops/bench_cp.py
+        from ops import bench_cp
+
+        return bench_cp.main(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     args = _parse(argv)
     doc = run(args)
