@@ -162,3 +162,72 @@ class AudioFileTrack(MediaStreamTrack):
         frame.time_base = self._time_base
         self._pts = pts + self.samples_per_frame
         return frame
+
+
+class PushAudioTrack(MediaStreamTrack):
+    """A live microphone fed by :meth:`push`: mono int16 samples played out in 20 ms frames at
+    real time on a monotonic clock, silence whenever nothing is queued.
+
+    Frame ``k`` carries ``pts = k * samples_per_frame`` in a ``1 / sample_rate_hz`` time base
+    and is released at ``start + pts / sample_rate_hz`` (the start is the first :meth:`recv`).
+    Audio pushed faster than real time (a TTS answers in bursts) waits in the queue; audio
+    pushed while the queue is empty starts with the next frame.
+
+    Args:
+        sample_rate_hz: sample rate of the pushed samples and of the frames sent.
+    """
+
+    kind = "audio"
+
+    def __init__(self, sample_rate_hz: int = MIC_SAMPLE_RATE_HZ) -> None:
+        super().__init__()
+        self.sample_rate_hz = sample_rate_hz
+        self.samples_per_frame = sample_rate_hz * MIC_FRAME_MS // 1000
+        self.sent_samples = 0  # pushed samples handed out so far (silence not counted)
+        self._queue = np.zeros(0, dtype=np.int16)
+        self._time_base = Fraction(1, sample_rate_hz)
+        self._start_s: float | None = None
+        self._pts = 0
+
+    @property
+    def queued_samples(self) -> int:
+        """Samples pushed and not yet sent."""
+        return int(self._queue.size)
+
+    def push(self, samples: np.ndarray) -> None:
+        """Queue mono int16 ``samples`` (shape ``[n]``) behind what is queued.
+
+        Raises:
+            ValueError: ``samples`` is not one-dimensional int16.
+        """
+        if samples.ndim != 1 or samples.dtype != np.int16:
+            raise ValueError(f"samples: need mono int16, got {samples.dtype} with shape {samples.shape}")
+        self._queue = np.concatenate([self._queue, samples])
+
+    def clear(self) -> int:
+        """Drop everything queued (an interruption); returns the number of samples dropped."""
+        dropped = self._queue.size
+        self._queue = np.zeros(0, dtype=np.int16)
+        return int(dropped)
+
+    async def recv(self) -> av.AudioFrame:
+        """The next 20 ms frame (queued samples, padded with silence), released at its media time."""
+        if self.readyState != "live":
+            raise MediaStreamError
+        now_s = time.monotonic()
+        if self._start_s is None:
+            self._start_s = now_s
+        pts = self._pts
+        wait_s = self._start_s + pts / self.sample_rate_hz - now_s
+        if wait_s > 0:
+            await asyncio.sleep(wait_s)
+        chunk, self._queue = self._queue[: self.samples_per_frame], self._queue[self.samples_per_frame :]
+        self.sent_samples += chunk.size
+        if chunk.size < self.samples_per_frame:
+            chunk = np.concatenate([chunk, np.zeros(self.samples_per_frame - chunk.size, dtype=np.int16)])
+        frame = av.AudioFrame.from_ndarray(chunk.reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate = self.sample_rate_hz
+        frame.pts = pts
+        frame.time_base = self._time_base
+        self._pts = pts + self.samples_per_frame
+        return frame
