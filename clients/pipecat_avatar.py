@@ -172,6 +172,7 @@ class AvatarService(AIService):
         self.client: AvatarClient | None = None
         self.session: protocol.SessionReady | None = None
         self.interruptions: list[Interruption] = []
+        self.ready = asyncio.Event()  # set once the session and its media are up
         self._sample_rate_hz = MIC_SAMPLE_RATE_HZ
         self._out: asyncio.Queue[tuple[int, Frame | tuple[str, tuple[Any, ...]]]] = asyncio.Queue()
         self._epoch = 0  # interruptions so far
@@ -224,6 +225,7 @@ class AvatarService(AIService):
             self._mic = PushAudioTrack(MIC_SAMPLE_RATE_HZ)
             self._resampler = av.AudioResampler(format="s16", layout="mono", rate=MIC_SAMPLE_RATE_HZ)
         await client.start_media(microphone=self._mic, timeout_s=self.timeout_s)
+        self.ready.set()
 
     async def stop(self, frame: EndFrame) -> None:
         """End the session (the WebSocket closes, then the peer connection)."""
