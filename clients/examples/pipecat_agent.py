@@ -37,9 +37,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -231,8 +232,17 @@ def create_app(config: AgentConfig) -> Any:
     from pipecat.workers.runner import WorkerRunner
 
     handler = SmallWebRTCRequestHandler()
-    app = FastAPI(title="avatar agent")
-    app.state.runs = set()
+    runs: set[asyncio.Task[None]] = set()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await handler.close()
+        for run in list(runs):
+            run.cancel()
+
+    app = FastAPI(title="avatar agent", lifespan=lifespan)
+    app.state.runs = runs  # one pipeline run per peer connection
 
     @app.get("/", response_class=HTMLResponse)
     async def page() -> str:
@@ -250,12 +260,6 @@ def create_app(config: AgentConfig) -> Any:
 
         request = SmallWebRTCRequest(sdp=str(body.get("sdp", "")), type=str(body.get("type", "offer")))
         return await handler.handle_web_request(request, start)
-
-    @app.on_event("shutdown")
-    async def shutdown() -> None:
-        await handler.close()
-        for run in list(app.state.runs):
-            run.cancel()
 
     return app
 
