@@ -13,7 +13,7 @@ from streaming.events import (
     FirstFrame,
     InterruptSilenced,
     SegmentGenerated,
-    SegmentUpgraded,
+    SegmentSuperResolved,
     SessionEvent,
     SpeakStarted,
     Underrun,
@@ -192,7 +192,7 @@ class Metrics:
             self.underruns.inc()
         elif isinstance(event, InterruptSilenced):
             self.interrupt_to_silence_seconds.observe(event.seconds)
-        elif isinstance(event, SegmentUpgraded):
+        elif isinstance(event, SegmentSuperResolved):
             self.segment_upgrades.labels(event.result).inc()
             if event.result == "done":
                 self.segment_upgrade_seconds.observe(event.seconds)

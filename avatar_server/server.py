@@ -8,7 +8,7 @@ Layers: :class:`AvatarServer` (entry point, HTTP routes, capacity) -> :class:`Cl
 (one session and the WebSocket attached to it: parses frames, owns the session and its peer
 connection; a session whose WebSocket drops abnormally is *parked* for
 ``session_resume_grace_s`` and a new WebSocket may take it over with ``session.resume``) ->
-:class:`~streaming.session.SessionRunner` (segment loop) -> :class:`~streaming.session.EngineWorker`
+:class:`~streaming.session.SessionRunner` (segment loop) -> :class:`~streaming.engine_client.EngineWorker`
 (the engine's one thread).
 """
 
@@ -60,9 +60,10 @@ from avatar_server.webrtc import (
 )
 from engine.api import EngineInputError, SegmentEngine, SegmentKind, SegmentRequest
 from streaming import events
+from streaming.engine_client import EngineWorker
 from streaming.microphone import Microphone, load_vad_model
 from streaming.playout import PLAYOUT_SAMPLE_RATE_HZ
-from streaming.session import EngineWorker, LoopConfig, SessionInputError, SessionRunner
+from streaming.session import LoopConfig, SessionInputError, SessionRunner
 
 logger = logging.getLogger(__name__)
 
@@ -124,14 +125,14 @@ class AvatarServer:
             words_per_second=settings.words_per_second,
             max_utterance_chars=settings.limits.max_utterance_chars,
             seed=settings.seed,
-            upgrade=settings.sr,
+            super_resolution=settings.sr,
         )
-        if settings.sr and not self.worker.can_upgrade:
+        if settings.sr and not self.worker.can_super_resolve:
             logger.warning("sr is on but engine %s has no super-resolution model: sr is ignored", engine.name)
-        self.metrics.generation_queue_length.set_function(lambda: self.worker.scheduler.queue_length)
-        self.metrics.engine_job_running_seconds.set_function(lambda: self.worker.scheduler.running_for_s)
+        self.metrics.generation_queue_length.set_function(lambda: self.worker.jobs.queue_length)
+        self.metrics.engine_job_running_seconds.set_function(lambda: self.worker.jobs.running_for_s)
         self.metrics.engine_utilization.set_function(
-            lambda: self.worker.scheduler.foreground_utilization(settings.engine_utilization_window_s)
+            lambda: self.worker.jobs.foreground_utilization(settings.engine_utilization_window_s)
         )
         self._stall_logged = False
         self.draining = False
@@ -264,7 +265,7 @@ class AvatarServer:
     def engine_stall(self) -> str | None:
         """Why the engine counts as stalled, or ``None``: after warm-up, a job has run longer than
         ``engine_stall_s`` (logged once per stall). Warm-up itself (compile, autotune) is exempt."""
-        running_s = self.worker.scheduler.running_for_s
+        running_s = self.worker.jobs.running_for_s
         if not self._warm or running_s <= self.settings.engine_stall_s:
             self._stall_logged = False
             return None
@@ -287,7 +288,7 @@ class AvatarServer:
         if n < 1:
             return None
         settings = self.settings
-        busy = self.worker.scheduler.foreground_utilization(settings.engine_utilization_window_s)
+        busy = self.worker.jobs.foreground_utilization(settings.engine_utilization_window_s)
         projected = busy * (n + 1) / n
         if projected <= settings.max_engine_utilization:
             return None
@@ -318,7 +319,7 @@ class AvatarServer:
         if path == "/ws":
             return None  # continue with the WebSocket handshake
         if path == "/healthz":
-            if not self.worker.scheduler.alive:
+            if not self.worker.jobs.alive:
                 return _text(http.HTTPStatus.SERVICE_UNAVAILABLE, "engine worker stopped\n")
             if (stall := self.engine_stall()) is not None:
                 return _text(http.HTTPStatus.SERVICE_UNAVAILABLE, stall + "\n")
@@ -807,8 +808,9 @@ class ClientConnection:
             "fps": app.engine.fps,
             "sample_rate": PLAYOUT_SAMPLE_RATE_HZ,
             "engine": app.engine.name,
+            "notice": app.engine.notice,
             "ice_servers": ice_server_dicts(app.settings.webrtc.ice_servers),
-            "sr": session.upgrader is not None,
+            "sr": session.super_resolver is not None,
             "mode": session.config.mode,
             "barge_in": session.config.barge_in,
             "resume_grace_s": app.settings.session_resume_grace_s,

@@ -27,6 +27,8 @@ import numpy as np
 import soxr
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
+from streaming.tasks import cancel_and_wait
+
 logger = logging.getLogger(__name__)
 
 MIC_SAMPLE_RATE_HZ = 48_000
@@ -167,12 +169,7 @@ class Microphone:
 
     async def close(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(task)
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def _consume(self, track: MediaStreamTrack) -> None:

@@ -22,8 +22,8 @@ underrun or an interrupt, silence after audio), the first pulled chunk after the
 discontinuity gets a *de-click* ramp: the jump from the last sample sent decays to zero over
 ``crossfade_ms``.
 
-**Output size.** Frames of another size than ``width x height`` (segments not upgraded by
-super-resolution) are resized bilinearly as they are pulled, so the outgoing video never
+**Output size.** Frames of another size than ``width x height`` (segments not re-rendered
+by super-resolution) are resized bilinearly as they are pulled, so the outgoing video never
 changes size.
 
 **Taps** (``video_taps``, ``audio_taps``) see every frame and chunk as it is pulled (the
@@ -44,7 +44,7 @@ import numpy as np
 import soxr
 
 from engine.api import Continuation, SegmentKind
-from streaming.upscale import fit_frame
+from streaming.frames import fit_frame
 
 PLAYOUT_FPS = 25
 PLAYOUT_SAMPLE_RATE_HZ = 48_000
@@ -84,7 +84,7 @@ class QueuedSegment:
         started, ended: whether the start/end callbacks have fired.
         cut: shortened by :meth:`PlayoutBuffer.clear`.
         dropped: removed before it played.
-        source: the engine's :class:`~engine.api.Segment` it came from (for an upgrade).
+        source: the engine's :class:`~engine.api.Segment` it came from (for super-resolution).
         super_resolved: ``frames`` come from the super-resolution stage.
     """
 

@@ -1,36 +1,28 @@
 """Per-session segment loop: keeps the playout buffer filled from the engine.
 
-:class:`EngineWorker` owns the engine and its single worker thread (one per engine, shared by
-all sessions): ``generate`` never runs on the event loop.
-
 :class:`SessionRunner` owns one session: a :class:`~streaming.playout.PlayoutBuffer`, the
-media clock, the outgoing tracks, the optional microphone, and one asyncio task (the segment
-loop). The loop keeps about ``playout_target_ms`` of media queued ahead and picks each next
-segment in this order:
-
-1. speech text of the oldest open utterance, once a segment's worth of words (or the end of
-   the utterance) is buffered -> ``SPEAK``;
-2. voiced microphone audio, once a segment's worth (or the end of the voiced span) has
-   arrived -> ``LIPSYNC`` with that audio;
-3. otherwise ``IDLE`` (``LISTEN`` while the user speaks), so the picture never freezes.
+media clock, the outgoing tracks, the optional microphone, the
+:class:`~streaming.utterances.UtteranceQueue`, and one asyncio task (the segment loop). The
+loop keeps about ``playout_target_ms`` of media queued ahead: at each step it hands a
+snapshot of the session to :func:`streaming.planner.decide` (speech, then lip-sync, then idle
+or listening; speech and lip-sync overtake idle content), applies the decision, builds the
+one :class:`~engine.api.SegmentRequest` (:meth:`SessionRunner._request`) and awaits it from
+the shared :class:`~streaming.engine_client.EngineWorker`.
 
 Every segment continues from the previous one (``continue_from`` is the last queued
-segment's :class:`~engine.api.Continuation`). Speech and lip-sync overtake idle content:
-idle segments that are queued but not playing are dropped, and idle generation in flight is
-cancelled, so that speech begins after the segment on screen ends.
+segment's :class:`~engine.api.Continuation`, or the frame on screen where it cuts into idle
+content or where an interrupt cut the buffer).
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import dataclasses
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,156 +33,42 @@ from engine.api import (
     EngineInputError,
     Identity,
     Segment,
-    SegmentEngine,
     SegmentKind,
     SegmentRequest,
-    segment_frame_count,
 )
+from streaming import planner
 from streaming.clock import MediaClock
+from streaming.engine_client import EngineWorker
+from streaming.errors import SessionInputError
 from streaming.events import (
     AvatarState,
     FirstFrame,
     Interrupted,
     InterruptSilenced,
     SegmentGenerated,
-    SegmentUpgraded,
+    SegmentSuperResolved,
     SessionError,
     SessionEvent,
+    SessionStats,
     SpeakEnded,
     SpeakStarted,
     StateChanged,
     Underrun,
 )
-from streaming.language import detect_language, normalize_language
+from streaming.frames import fit_frame
 from streaming.microphone import MIC_SAMPLE_RATE_HZ, Microphone
-from streaming.playout import PlayoutBuffer, QueuedSegment, frames_to_ms
+from streaming.planner import LoopConfig
+from streaming.playout import PlayoutBuffer, QueuedSegment
 from streaming.recorder import RecordingResult, SessionRecorder
-from streaming.scheduler import EdfScheduler
-from streaming.text import PromptStyle, build_prompt, speech_seconds, take_chunk
+from streaming.super_resolution import SegmentSuperResolver, SuperResolutionResult
+from streaming.tasks import cancel_and_wait
+from streaming.text import build_prompt
 from streaming.tracks import AvatarAudioTrack, AvatarVideoTrack
-from streaming.upscale import SegmentUpgrader, UpgradeResult, fit_frame
+from streaming.utterances import Utterance, UtteranceQueue
 
 logger = logging.getLogger(__name__)
 
-_IDLE_KINDS = (SegmentKind.IDLE, SegmentKind.LISTEN)
 _ERROR_BACKOFF_S = 0.5
-_WAIT = object()  # "wait for more microphone audio"
-_MIN_LIPSYNC_S = 0.36  # 9 frames: the shortest lip-sync segment requested
-_CUT_MARGIN_S = 0.15  # planned cut of an idle segment: lead beyond the expected generation time
-
-
-class EngineWorker:
-    """An engine and the one worker thread that runs it, shared by every session.
-
-    Requests from all sessions meet in one earliest-deadline-first queue
-    (:class:`~streaming.scheduler.EdfScheduler`): ``deadline_s`` is the monotonic time by which
-    the result must be there (for a segment: when it must start playing; default now).
-    Upgrades (:meth:`upgrade`) run only while no generation is queued.
-
-    Args:
-        engine: any :class:`~engine.api.SegmentEngine`.
-    """
-
-    def __init__(self, engine: SegmentEngine) -> None:
-        self.engine = engine
-        self.scheduler = EdfScheduler(engine.name)
-
-    @property
-    def can_upgrade(self) -> bool:
-        """The engine has a super-resolution model (``upgrade`` and ``sr_width`` set)."""
-        return getattr(self.engine, "sr_width", None) is not None and hasattr(self.engine, "upgrade")
-
-    async def prepare_identity(self, image: np.ndarray, appearance: str) -> Identity:
-        return await self.scheduler.run(
-            self.engine.prepare_identity, image, appearance, deadline_s=time.monotonic()
-        )
-
-    async def generate(
-        self,
-        request: SegmentRequest,
-        cancel: threading.Event,
-        *,
-        deadline_s: float | None = None,
-        estimate_s: float = 0.0,
-    ) -> Segment:
-        """Run ``engine.generate`` in the worker thread; cancelling the awaiting task sets ``cancel``."""
-        return await self.scheduler.run(
-            self.engine.generate,
-            request,
-            cancel,
-            deadline_s=time.monotonic() if deadline_s is None else deadline_s,
-            cancel=cancel,
-            estimate_s=estimate_s,
-        )
-
-    async def upgrade(self, segment: Segment, cancel: threading.Event, *, deadline_s: float, estimate_s: float) -> Segment:
-        """Run ``engine.upgrade`` as background work (only while no generation is queued)."""
-        upgrade = self.engine.upgrade  # type: ignore[attr-defined]
-        return await self.scheduler.run(
-            upgrade, segment, cancel, deadline_s=deadline_s, cancel=cancel, background=True, estimate_s=estimate_s
-        )
-
-    def close(self, wait_s: float = 0.0) -> None:
-        """Cancel all engine work; ``wait_s``: wait that long for the job running now to stop."""
-        self.scheduler.close(wait_s)
-
-
-@dataclass(frozen=True)
-class LoopConfig:
-    """Knobs of the segment loop.
-
-    Attributes:
-        segment_seconds: length of speech and lip-sync segments.
-        idle_segment_seconds: length of idle segments.
-        min_segment_seconds: shortest segment the loop requests.
-        playout_target_ms: media kept queued ahead of playback.
-        words_per_second: speaking rate used to size speech segments.
-        max_utterance_chars: longest utterance (all chunks together).
-        seed: base seed; segment ``n`` of a session uses ``seed + n``.
-        prompt_style: wording of generated prompt parts.
-        mode: what the microphone does: ``lipsync`` (the user's voice drives the lips and is
-            played back) or ``conversation`` (the avatar listens while the user speaks).
-        barge_in: the user starting to speak interrupts the avatar's speech.
-        upgrade: upgrade queued segments through the engine's super-resolution model in its
-            spare time, and send video at the SR size (ignored without an SR model).
-    """
-
-    segment_seconds: float = 2.0
-    idle_segment_seconds: float = 2.0
-    min_segment_seconds: float = 1.0
-    playout_target_ms: float = 2000.0
-    words_per_second: float = 2.5
-    max_utterance_chars: int = 5000
-    seed: int = 0
-    prompt_style: PromptStyle = field(default_factory=PromptStyle)
-    mode: str = "lipsync"
-    barge_in: bool = False
-    upgrade: bool = False
-
-
-class SessionInputError(ValueError):
-    """A client request the session cannot take; ``code`` is the protocol error code."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-@dataclass(eq=False)
-class _Utterance:
-    utterance_id: str
-    language: str | None
-    created_s: float
-    text: str = ""
-    chars: int = 0
-    input_ended: bool = False
-    in_flight: int = 0
-    started: bool = False
-    segments: list[QueuedSegment] = field(default_factory=list)
-
-    @property
-    def played_ms(self) -> int:
-        return frames_to_ms(sum(seg.played_frames for seg in self.segments))
 
 
 @dataclass(frozen=True)
@@ -214,7 +92,7 @@ class SessionRunner:
     """One avatar session: segment loop, playout buffer, clock and tracks.
 
     Args:
-        worker: the shared :class:`EngineWorker`.
+        worker: the shared :class:`~streaming.engine_client.EngineWorker`.
         identity: the session's prepared identity.
         on_event: called on the event loop with every :class:`~streaming.events.SessionEvent`;
             must not block.
@@ -241,9 +119,9 @@ class SessionRunner:
         self.created_s = time.monotonic()
 
         # With idle super-resolution the video goes out at the SR size from the first frame.
-        upgrade = self.config.upgrade and worker.can_upgrade
+        super_resolution = self.config.super_resolution and worker.can_super_resolve
         self.width, self.height = self.engine.width, self.engine.height
-        if upgrade:
+        if super_resolution:
             self.width, self.height = self.engine.sr_width, self.engine.sr_height  # type: ignore[attr-defined]
         self.clock = MediaClock()
         self.buffer = PlayoutBuffer(
@@ -256,10 +134,11 @@ class SessionRunner:
             on_underrun=self._on_underrun,
         )
         self.buffer.audio_taps.append(self._on_audio_pulled)
-        self.upgrader: SegmentUpgrader | None = None
-        if upgrade:
-            self.upgrader = SegmentUpgrader(
-                upgrade=worker.upgrade, buffer=self.buffer, clock=self.clock, on_result=self._on_upgrade
+        self.super_resolver: SegmentSuperResolver | None = None
+        if super_resolution:
+            self.super_resolver = SegmentSuperResolver(
+                super_resolve=worker.super_resolve, buffer=self.buffer, clock=self.clock,
+                on_result=self._on_super_resolved,
             )
         self.recorder: SessionRecorder | None = None
         self.microphone: Microphone | None = None
@@ -273,8 +152,7 @@ class SessionRunner:
         self.late_cuts = 0  # planned idle cuts that the new segment missed
         self._silence_due: tuple[float, int] | None = None  # (interrupt time, first chunk after the cut)
 
-        self._utterances: collections.OrderedDict[str, _Utterance] = collections.OrderedDict()
-        self._closed_ids: collections.OrderedDict[str, str] = collections.OrderedDict()  # id -> "ended"/"interrupted"
+        self.utterances = UtteranceQueue(max_chars=self.config.max_utterance_chars)
         self._tail_continuation: Continuation | None = None
         self._played_continuation: Continuation | None = None
         self._in_flight: _InFlight | None = None
@@ -298,17 +176,10 @@ class SessionRunner:
         if self._in_flight is not None:
             self._in_flight.stale = True
             self._in_flight.cancel.set()
-        if self.upgrader is not None:
-            await self.upgrader.close()
-        for task in reversed(self._tasks):
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
-            except Exception:  # the loop logs its own failures; closing must go on
-                logger.exception("segment loop failed")
-        self._tasks.clear()
+        if self.super_resolver is not None:
+            await self.super_resolver.close()
+        tasks, self._tasks = self._tasks, []
+        await cancel_and_wait(*reversed(tasks))  # a failed one is logged: closing goes on
         if self.recorder is not None:
             await self.stop_recording()
         if self.microphone is not None:
@@ -345,33 +216,9 @@ class SessionRunner:
             SessionInputError: ``utterance_ended`` (the id already ended) or
                 ``utterance_too_long`` (over ``max_utterance_chars``).
         """
-        if utterance_id in self._closed_ids:
-            if self._closed_ids[utterance_id] == "interrupted":
-                return  # chunks still in flight when the client interrupted: dropped quietly
-            raise SessionInputError(
-                "utterance_ended", f"utterance_id {utterance_id!r}: speak.end was already received"
-            )
-        utt = self._utterances.get(utterance_id)
-        if utt is not None and utt.input_ended:
-            raise SessionInputError(
-                "utterance_ended", f"utterance_id {utterance_id!r}: speak.end was already received"
-            )
-        chars = (utt.chars if utt is not None else 0) + len(text)
-        if chars > self.config.max_utterance_chars:
-            raise SessionInputError(
-                "utterance_too_long",
-                f"text: utterance {utterance_id!r} would have {chars} characters; "
-                f"the limit is max_utterance_chars = {self.config.max_utterance_chars}",
-            )
-        language = normalize_language(language)
-        if utt is None:
-            utt = _Utterance(utterance_id=utterance_id, language=language, created_s=time.monotonic())
-            self._utterances[utterance_id] = utt
-        utt.chars = chars
-        utt.text += text  # chunks are joined verbatim: the client sends the spaces it means
-        if language and not utt.language:
-            utt.language = language
-        if self._next_speech_chunk(consume=False) is not None:
+        if self.utterances.add_text(utterance_id, text, language, now_s=time.monotonic()) is None:
+            return  # chunks still in flight when the client interrupted: dropped quietly
+        if planner.next_speech_chunk(self._snapshot(microphone=False)) is not None:
             self._cancel_idle_in_flight()  # speech is ready: idle work in flight would delay it
         self._wake.set()
 
@@ -381,12 +228,9 @@ class SessionRunner:
         Raises:
             SessionInputError: ``unknown_utterance``.
         """
-        if self._closed_ids.get(utterance_id) == "interrupted":
-            return
-        utt = self._utterances.get(utterance_id)
+        utt = self.utterances.end_input(utterance_id)
         if utt is None:
-            raise SessionInputError("unknown_utterance", f"utterance_id {utterance_id!r} has no pending speak")
-        utt.input_ended = True
+            return  # interrupted
         self._maybe_finish(utt)
         self._wake.set()
 
@@ -411,12 +255,9 @@ class SessionRunner:
         else:
             self._tail_continuation = self._played_continuation
         self._silence_due = (time.monotonic(), self.buffer.end_frame * self.buffer.chunks_per_frame)
-        if self.upgrader is not None:
-            self.upgrader.check()
-        events = [Interrupted(utt.utterance_id, utt.played_ms) for utt in self._utterances.values()]
-        for utt in self._utterances.values():
-            self._remember_closed(utt.utterance_id, "interrupted")
-        self._utterances.clear()
+        if self.super_resolver is not None:
+            self.super_resolver.check()
+        events = [Interrupted(utt.utterance_id, utt.played_ms) for utt in self.utterances.interrupt_all()]
         if not events:
             events.append(Interrupted(None, 0))
         if self.microphone is not None and discard_microphone:
@@ -481,7 +322,7 @@ class SessionRunner:
         """The microphone carries voice now."""
         return self.microphone is not None and bool(self.microphone.speaking)
 
-    def stats(self) -> dict[str, float | int | str | bool | None]:
+    def stats(self) -> SessionStats:
         """Live figures for the client overlay (fields documented in docs/PROTOCOL.md, ``stats``)."""
         # the newest tracks: a second offer (after a failed connection) makes new ones
         video = next((t for t in reversed(self._tracks) if isinstance(t, AvatarVideoTrack)), None)
@@ -491,42 +332,43 @@ class SessionRunner:
             av_offset_ms = round(1000 * (audio.lateness_s - video.lateness_s), 1)
         encode_ms = None if video is None or video.encode_s is None else round(1000 * video.encode_s, 2)
         silence_s = self.last_interrupt_to_silence_s
-        return {
-            "buffer_ms": round(self.buffer.depth_ms),
-            "underruns": self.buffer.underruns,
-            "segments": self.segments_generated,
-            "rtf": None if self.last_real_time_factor is None else round(self.last_real_time_factor, 3),
-            "ttff_ms": None if self.first_frame_s is None else round(1000 * self.first_frame_s),
-            "frames_sent": self.buffer.video_frames_pulled,
-            "frames_dropped": self.buffer.frames_dropped,
-            "gen_ms": None if self.last_generate_s is None else round(1000 * self.last_generate_s),
-            "encode_ms": encode_ms,
-            "av_offset_ms": av_offset_ms,
-            "interrupt_ms": None if silence_s is None else round(1000 * silence_s),
-            "queue": self.worker.scheduler.queue_length,
-            "upgraded": 0 if self.upgrader is None else self.upgrader.counts["done"],
-            "width": self.width,
-            "height": self.height,
-            "mode": self.config.mode,
-            "barge_in": self.config.barge_in,
-            "recording": self.recorder is not None,
-        }
+        return SessionStats(
+            buffer_ms=round(self.buffer.depth_ms),
+            underruns=self.buffer.underruns,
+            segments=self.segments_generated,
+            rtf=None if self.last_real_time_factor is None else round(self.last_real_time_factor, 3),
+            ttff_ms=None if self.first_frame_s is None else round(1000 * self.first_frame_s),
+            frames_sent=self.buffer.video_frames_pulled,
+            frames_dropped=self.buffer.frames_dropped,
+            gen_ms=None if self.last_generate_s is None else round(1000 * self.last_generate_s),
+            encode_ms=encode_ms,
+            av_offset_ms=av_offset_ms,
+            interrupt_ms=None if silence_s is None else round(1000 * silence_s),
+            queue=self.worker.jobs.queue_length,
+            upgraded=0 if self.super_resolver is None else self.super_resolver.counts["done"],
+            width=self.width,
+            height=self.height,
+            mode=self.config.mode,
+            barge_in=self.config.barge_in,
+            recording=self.recorder is not None,
+        )
 
     # ----------------------------------------------------------------------------- loop
     async def _run(self) -> None:
         segment_index = 0
         while True:
             self._wake.clear()
-            choice = self._decide()
-            if choice is None:
-                if self.upgrader is not None:
-                    self.upgrader.poke()  # the buffer is full: spare engine time may upgrade it
+            decision = planner.decide(self._snapshot())
+            if decision.drop_idle_from_frame is not None:
+                self._drop_idle(decision.drop_idle_from_frame)
+            if decision.end_microphone_run and self.microphone is not None:
+                self.microphone.end_run()
+            if decision.segment is None:
+                if self.super_resolver is not None:
+                    self.super_resolver.poke()  # the buffer is full: spare engine time may re-render it
                 await self._sleep(self._poll_s())
                 continue
-            request, utt = choice
-            request.seed = self.config.seed + segment_index
-            request.continue_from = self._tail_continuation
-            cut = self._plan_cut(request)
+            request, utt, cut = self._request(decision.segment, self.config.seed + segment_index)
             segment_index += 1
             if utt is not None:
                 utt.in_flight += 1
@@ -552,134 +394,85 @@ class SessionRunner:
         excess_ms = self.buffer.depth_ms - self.config.playout_target_ms
         return min(0.2, max(0.01, excess_ms / 1000))
 
-    def _decide(self) -> tuple[SegmentRequest, _Utterance | None] | None:
-        """The next request, or ``None`` to wait (buffer full, or waiting for mic audio)."""
-        cfg = self.config
-        mic = self.microphone
-        lipsync_mic = mic if cfg.mode == "lipsync" else None  # conversation: the mic only listens
-        speech = self._next_speech_chunk(consume=False)
-        depth_ms = self.buffer.depth_ms
-        held = list(self.buffer.segments())
-        last_kind = held[-1].kind if held else None
-        if speech is not None or (lipsync_mic is not None and lipsync_mic.available_s() >= self._lipsync_full_s()):
-            self._preempt_idle()  # speech and lip-sync overtake idle content
-            if last_kind in _IDLE_KINDS:
-                depth_ms = 0.0  # the idle content queued will be cut where the new segment starts
-        elif mic is not None and mic.speaking and last_kind is SegmentKind.IDLE:
-            depth_ms = 0.0  # listening overtakes idle content the same way
-        if depth_ms >= cfg.playout_target_ms:
-            return None
-        if speech is not None:
-            if speech[0].language is None:  # detected once, on the text there at its first segment
-                speech[0].language = detect_language(speech[0].text)
-            fit_s = self._fitting_speech_seconds(self.buffer.depth_ms)
-            taken = None if fit_s is None else self._next_speech_chunk(consume=True, max_seconds=fit_s)
-            utt, text = taken or self._next_speech_chunk(consume=True) or speech
-            seconds = speech_seconds(
-                text,
-                words_per_second=cfg.words_per_second,
-                min_seconds=cfg.min_segment_seconds,
-                max_seconds=self._max_seconds(cfg.segment_seconds),
+    def _snapshot(self, *, microphone: bool = True) -> planner.SessionSnapshot:
+        """The session as the planner sees it now (``microphone=False``: without it, whose
+        audio queries may end a finished run)."""
+        mic_state = None
+        mic = self.microphone if microphone else None
+        if mic is not None:
+            lipsync = self.config.mode == "lipsync"  # conversation: the mic only listens
+            available_s = mic.available_s() if lipsync else 0.0  # first: it may end a finished run
+            mic_state = planner.MicrophoneState(
+                speaking=bool(mic.speaking),
+                run_active=bool(mic.run_active),
+                run_closing=bool(mic.run_closing) if lipsync else False,
+                run_id=mic.run_id,
+                available_s=available_s,
+                voiced_remaining_s=mic.voiced_remaining_s() if lipsync else 0.0,
             )
-            return self._request(SegmentKind.SPEAK, seconds, text=text, language=utt.language), utt
-        if lipsync_mic is not None:
-            choice = self._microphone_choice(lipsync_mic, depth_ms)
-            if choice is _WAIT:
-                return None
-            if choice is not None:
-                return choice, None
-        kind = SegmentKind.LISTEN if mic is not None and mic.speaking else SegmentKind.IDLE
-        # A full-length segment only when it will be ready before the buffer runs dry; else a
-        # short one (session start, after an interrupt, a slow engine): the picture moves again
-        # after a shorter generation.
-        seconds = self._max_seconds(cfg.idle_segment_seconds)
-        ready_ms = 1000.0 * (self.last_real_time_factor or 0.0) * seconds + 200.0
-        if depth_ms < max(ready_ms, self._low_water_ms()):
-            seconds = self._max_seconds(min(cfg.min_segment_seconds, seconds))
-        return self._request(kind, seconds), None
-
-    def _lipsync_full_s(self) -> float:
-        """Media duration of a full-length lip-sync segment."""
-        fps = self.engine.fps
-        return segment_frame_count(self._max_seconds(self.config.segment_seconds), fps) / fps
-
-    def _microphone_choice(self, mic: Microphone, depth_ms: float) -> SegmentRequest | object | None:
-        """The next lip-sync step: a request, :data:`_WAIT`, or ``None`` (no run: nothing to do).
-
-        A run's first segment waits for a full segment of audio, which sets the run's latency
-        to one segment plus generation time; from then on each segment's audio has arrived by
-        the time it is due, so the user's audio plays back without gaps. When the buffer is
-        about to run dry anyway (slow engine), the run goes on with what has arrived, and a
-        run that has not begun yet is covered with a short ``LISTEN`` segment.
-        """
-        cfg = self.config
-        if not mic.run_active:
-            return None
-        available_s = mic.available_s()
-        if mic.run_closing:  # the voice is over: play out its tail
-            tail_s = min(available_s, mic.voiced_remaining_s(), self._lipsync_full_s())
-            if tail_s < 0.1:
-                mic.end_run()
-                return None
-            return self._lipsync(mic, self._fit_seconds(max(tail_s, _MIN_LIPSYNC_S)))
-        if available_s >= self._lipsync_full_s():
-            return self._lipsync(mic, self._max_seconds(cfg.segment_seconds))
-        if depth_ms > self._low_water_ms():
-            return _WAIT
-        if self._lipsync_run_id == mic.run_id and available_s >= _MIN_LIPSYNC_S:
-            return self._lipsync(mic, self._fit_seconds(available_s))
-        # Cover the wait for the run's first full segment: about the audio still missing
-        # plus the time to generate it.
-        full_s = self._lipsync_full_s()
-        missing_s = full_s - available_s + (self.last_real_time_factor or 0.0) * full_s
-        listen_s = min(cfg.min_segment_seconds, max(_MIN_LIPSYNC_S, missing_s))
-        return self._request(SegmentKind.LISTEN, self._max_seconds(listen_s))
-
-    def _lipsync(self, mic: Microphone, seconds: float) -> SegmentRequest:
-        duration_s = segment_frame_count(seconds, self.engine.fps) / self.engine.fps
-        self._preempt_idle()
-        self._lipsync_run_id = mic.run_id
-        request = self._request(SegmentKind.LIPSYNC, seconds)
-        request.audio = mic.take_audio(duration_s)
-        request.audio_sample_rate = MIC_SAMPLE_RATE_HZ
-        return request
-
-    def _request(self, kind: SegmentKind, seconds: float, *, text: str = "", language: str | None = None):
-        prompt = build_prompt(
-            self.identity.appearance, kind, text, language=language, style=self.config.prompt_style
+        jobs = self.worker.jobs
+        return planner.SessionSnapshot(
+            config=self.config,
+            engine_fps=self.engine.fps,
+            max_segment_seconds=self.engine.max_segment_seconds,
+            playout_fps=self.buffer.fps,
+            head_frame=self.buffer.head_frame,
+            end_frame=self.buffer.end_frame,
+            held=tuple(
+                planner.HeldSegment(seg.kind, seg.start_frame, seg.end_frame, seg.started)
+                for seg in self.buffer.segments()
+            ),
+            utterances=tuple(
+                planner.PendingUtterance(utt.utterance_id, utt.text, utt.input_ended, utt.language)
+                for utt in self.utterances
+            ),
+            microphone=mic_state,
+            lipsync_run_id=self._lipsync_run_id,
+            real_time_factor=self.last_real_time_factor,
+            generate_s=self.last_generate_s,
+            engine_waiting=jobs.queue_length + (1 if jobs.busy else 0),
         )
-        return SegmentRequest(identity=self.identity, kind=kind, prompt=prompt, text=text, seconds=seconds)
 
-    def _max_seconds(self, seconds: float) -> float:
-        return min(seconds, self.engine.max_segment_seconds)
-
-    def _fit_seconds(self, seconds: float) -> float:
-        """Largest request length whose decoded duration does not exceed ``seconds``."""
-        fps = self.engine.fps
-        fitted = seconds
-        while fitted > 1 / fps and segment_frame_count(fitted, fps) / fps > seconds + 1e-9:
-            fitted -= 1 / fps
-        return fitted
-
-    def _low_water_ms(self) -> float:
-        """Depth below which the loop must start generating something now."""
-        rtf = self.last_real_time_factor or 0.0
-        return max(200.0, 1000.0 * rtf * self.config.min_segment_seconds + 200.0)
-
-    def _next_speech_chunk(self, *, consume: bool, max_seconds: float | None = None) -> tuple[_Utterance, str] | None:
-        """The next speech chunk of the oldest open utterance (taken off its text if ``consume``),
-        of at most ``max_seconds`` of speech (default ``segment_seconds``)."""
-        seconds = self._max_seconds(self.config.segment_seconds if max_seconds is None else max_seconds)
-        max_words = self.config.words_per_second * seconds
-        for utt in self._utterances.values():
-            chunk = take_chunk(utt.text, max_words, final=utt.input_ended)
-            if chunk is not None and chunk[0]:
-                if consume:
-                    utt.text = chunk[1]
-                return utt, chunk[0]
-            if not utt.input_ended:
-                return None  # utterances are spoken in order: wait for this one's text
-        return None
+    def _request(
+        self, plan: planner.SegmentPlan, seed: int
+    ) -> tuple[SegmentRequest, Utterance | None, _PlannedCut | None]:
+        """The one place a :class:`~engine.api.SegmentRequest` is built: takes the planned
+        speech text off its utterance, or the planned microphone audio, and the frame a cut
+        continues from."""
+        utt = None
+        if plan.utterance_id is not None:
+            utt = self.utterances.get(plan.utterance_id)
+            assert utt is not None and plan.remaining_text is not None
+            utt.text = plan.remaining_text
+            if utt.language is None:
+                utt.language = plan.language  # detected once, on the text there at its first segment
+        audio: dict[str, object] = {}
+        if plan.audio_s is not None and self.microphone is not None:
+            self._lipsync_run_id = self.microphone.run_id
+            audio = {"audio": self.microphone.take_audio(plan.audio_s), "audio_sample_rate": MIC_SAMPLE_RATE_HZ}
+        continue_from = self._tail_continuation
+        cut = None
+        if plan.cut is not None:
+            segment = list(self.buffer.segments())[plan.cut.index]
+            on_screen = segment.frames[plan.cut.frame - 1 - segment.start_frame]
+            continue_from = Continuation(
+                last_frame=np.array(fit_frame(on_screen, self.engine.width, self.engine.height, downscale=True))
+            )
+            cut = _PlannedCut(segment, plan.cut.frame, continue_from)
+        prompt = build_prompt(
+            self.identity.appearance, plan.kind, plan.text, language=plan.language, style=self.config.prompt_style
+        )
+        request = SegmentRequest(
+            identity=self.identity,
+            kind=plan.kind,
+            prompt=prompt,
+            text=plan.text,
+            seconds=plan.seconds,
+            seed=seed,
+            continue_from=continue_from,
+            **audio,  # type: ignore[arg-type]
+        )
+        return request, utt, cut
 
     async def _generate(self, request: SegmentRequest) -> Segment | None:
         in_flight = _InFlight(kind=request.kind, cancel=threading.Event())
@@ -709,63 +502,15 @@ class SessionRunner:
             return None
         return segment
 
-    def _fitting_speech_seconds(self, depth_ms: float) -> float | None:
-        """A shorter speech segment when a full one would not be generated before the media
-        queued now runs out (a slow engine, or speech arriving as an idle segment ends): it is
-        ready sooner, so speech starts sooner and the picture does not hold; the following
-        segments grow back to full length as the buffer fills. ``None``: full length."""
-        rtf = self.last_real_time_factor
-        if not rtf:
-            return None
-        fits_s = (depth_ms / 1000 - _CUT_MARGIN_S) / rtf
-        if fits_s >= self._max_seconds(self.config.segment_seconds):
-            return None
-        return max(self.config.min_segment_seconds, fits_s)
-
-    def _lead_frames(self, seconds: float) -> int:
-        """Frames from the head within which a new segment of ``seconds`` can be ready: its
-        generation time, the engine work queued before it (other sessions'), and a margin."""
-        rtf = self.last_real_time_factor if self.last_real_time_factor is not None else 1.0
-        scheduler = self.worker.scheduler
-        waiting = scheduler.queue_length + (1 if scheduler.busy else 0)
-        lead_s = rtf * seconds + waiting * (self.last_generate_s or 0.0) + _CUT_MARGIN_S
-        return max(1, math.ceil(lead_s * self.buffer.fps))
-
-    def _plan_cut(self, request: SegmentRequest) -> _PlannedCut | None:
-        """Let speech, lip-sync or listening start inside the idle content queued now instead
-        of after it.
-
-        Idle (or, for speech and lip-sync, listening) content is cut at frame ``c``, the lead
-        time (:meth:`_lead_frames`) ahead of the head, and the new segment continues from frame
-        ``c - 1``: the frame that will be on screen when it starts. Without this, speech waits
-        for the rest of the idle segment on screen (half a segment on average).
-        """
-        if request.kind is SegmentKind.IDLE:
-            return None
-        cuttable = (SegmentKind.IDLE,) if request.kind is SegmentKind.LISTEN else _IDLE_KINDS
-        held = list(self.buffer.segments())
-        frame = self.buffer.head_frame + self._lead_frames(request.seconds)
-        if not held or held[-1].kind not in cuttable or frame >= held[-1].end_frame - 1:
-            return None  # nothing idle to cut, or it ends about then anyway
-        segment = next((seg for seg in held if seg.start_frame < frame <= seg.end_frame), None)
-        if segment is None or any(seg.kind not in cuttable for seg in held if seg.start_frame >= segment.start_frame):
-            return None
-        on_screen = segment.frames[frame - 1 - segment.start_frame]
-        continuation = Continuation(
-            last_frame=np.array(fit_frame(on_screen, self.engine.width, self.engine.height, downscale=True))
-        )
-        request.continue_from = continuation
-        return _PlannedCut(segment, frame, continuation)
-
     def _queue(
-        self, segment: Segment, request: SegmentRequest, utt: _Utterance | None, cut: _PlannedCut | None = None
+        self, segment: Segment, request: SegmentRequest, utt: Utterance | None, cut: _PlannedCut | None = None
     ) -> None:
-        if utt is not None and utt.utterance_id not in self._utterances:
+        if utt is not None and self.utterances.get(utt.utterance_id) is not utt:
             return  # interrupted while generating
         if cut is not None:
             held = list(self.buffer.segments())
             after = held[held.index(cut.segment) :] if cut.segment in held else []
-            if after and not cut.segment.dropped and all(seg.kind in _IDLE_KINDS for seg in after):
+            if after and not cut.segment.dropped and all(seg.kind in planner.IDLE_KINDS for seg in after):
                 if self.buffer.head_frame > cut.frame:
                     self.late_cuts += 1  # generation took longer than planned: cut at the head
                 trimmed, _ = self.buffer.clear(cut.frame)
@@ -778,7 +523,7 @@ class SessionRunner:
             kind=request.kind,
             utterance_id=None if utt is None else utt.utterance_id,
             continuation=segment.continuation,
-            source=segment if self.upgrader is not None else None,
+            source=segment if self.super_resolver is not None else None,
         )
         self._tail_continuation = segment.continuation
         if utt is not None:
@@ -791,26 +536,23 @@ class SessionRunner:
         self._emit(SegmentGenerated(request.kind, generate_s, segment.duration_s))
 
     def _preempt_idle(self) -> None:
-        """Let speech overtake idle content that has not started playing.
-
-        Idle segments queued within about twice the lead time of a new segment (plus a second)
-        stay: the new segment cuts into them where it starts (:meth:`_plan_cut`), and until it
-        is there they cover its generation, even when that takes longer than expected.
-        """
+        """Let speech, lip-sync or listening overtake idle content that has not started
+        playing (:func:`streaming.planner.idle_drop_frame`), and idle generation in flight."""
         self._cancel_idle_in_flight()
-        lead = self._lead_frames(self._max_seconds(self.config.segment_seconds))
-        keep_until = self.buffer.head_frame + 2 * lead + self.buffer.fps
+        self._drop_idle(planner.idle_drop_frame(self._snapshot(microphone=False)))
+
+    def _drop_idle(self, from_frame: int) -> None:
         dropped = self.buffer.drop_unstarted_tail(
-            lambda seg: seg.kind in _IDLE_KINDS and seg.start_frame >= keep_until
+            lambda seg: seg.kind in planner.IDLE_KINDS and seg.start_frame >= from_frame
         )
         if dropped:
             held = list(self.buffer.segments())
             self._tail_continuation = held[-1].continuation if held else self._played_continuation
-            if self.upgrader is not None:
-                self.upgrader.check()
+            if self.super_resolver is not None:
+                self.super_resolver.check()
 
     def _cancel_idle_in_flight(self) -> None:
-        if self._in_flight is not None and self._in_flight.kind in _IDLE_KINDS:
+        if self._in_flight is not None and self._in_flight.kind in planner.IDLE_KINDS:
             self._in_flight.stale = True
             self._in_flight.cancel.set()
 
@@ -820,7 +562,7 @@ class SessionRunner:
             self.first_frame_s = time.monotonic() - self.created_s
             self._emit(FirstFrame(self.first_frame_s))
         if seg.utterance_id is not None:
-            utt = self._utterances.get(seg.utterance_id)
+            utt = self.utterances.get(seg.utterance_id)
             if utt is not None and not utt.started:
                 utt.started = True
                 self._emit(SpeakStarted(utt.utterance_id, time.monotonic() - utt.created_s))
@@ -829,7 +571,7 @@ class SessionRunner:
     def _on_segment_end(self, seg: QueuedSegment) -> None:
         self._played_continuation = seg.continuation  # a cut one's continues from its cut frame
         if seg.utterance_id is not None:
-            utt = self._utterances.get(seg.utterance_id)
+            utt = self.utterances.get(seg.utterance_id)
             if utt is not None:
                 self._maybe_finish(utt)
         self._update_state()
@@ -853,7 +595,7 @@ class SessionRunner:
 
     def _avatar_talking(self) -> bool:
         """Speech is pending, queued or on screen."""
-        return bool(self._utterances) or any(
+        return len(self.utterances) > 0 or any(
             seg.kind is SegmentKind.SPEAK and not seg.ended for seg in self.buffer.segments()
         )
 
@@ -864,26 +606,16 @@ class SessionRunner:
             self._silence_due = None
             self._emit(InterruptSilenced(self.last_interrupt_to_silence_s))
 
-    def _on_upgrade(self, result: UpgradeResult) -> None:
-        self._emit(SegmentUpgraded(result.result, result.seconds, result.media_s))
+    def _on_super_resolved(self, result: SuperResolutionResult) -> None:
+        self._emit(SegmentSuperResolved(result.result, result.seconds, result.media_s))
 
-    def _maybe_finish(self, utt: _Utterance) -> None:
-        if not utt.input_ended or utt.text.strip() or utt.in_flight:
+    def _maybe_finish(self, utt: Utterance) -> None:
+        if not self.utterances.close_if_done(utt):
             return
-        if any(not seg.ended and not seg.dropped for seg in utt.segments):
-            return
-        if self._utterances.pop(utt.utterance_id, None) is None:
-            return
-        self._remember_closed(utt.utterance_id, "ended")
         if not utt.started:
             # An utterance without words still gets its start/end pair.
             self._emit(SpeakStarted(utt.utterance_id, time.monotonic() - utt.created_s))
         self._emit(SpeakEnded(utt.utterance_id, utt.played_ms))
-
-    def _remember_closed(self, utterance_id: str, how: str) -> None:
-        self._closed_ids[utterance_id] = how
-        while len(self._closed_ids) > 1024:
-            self._closed_ids.popitem(last=False)
 
     def _update_state(self) -> None:
         playing = [seg for seg in self.buffer.segments() if seg.started and not seg.ended]

@@ -35,8 +35,9 @@ from engine.testpattern import TestPatternEngine, decode_counter
 from ops.measure_live import MarkedEngine, first_silence_arrival, first_speech_arrival
 from ops.soak import http_status
 from streaming import events
+from streaming.engine_client import EngineWorker
 from streaming.playout import PlayoutBuffer
-from streaming.session import EngineWorker, LoopConfig, SessionRunner
+from streaming.session import LoopConfig, SessionRunner
 from tests.test_server_app import portrait_b64
 from tests.test_streaming_session import (
     FakeMicrophone,
@@ -180,17 +181,14 @@ async def test_speech_starts_inside_the_idle_segment_on_screen() -> None:
 # ------------------------------------------------------------------------------- modes
 async def test_barge_in_interrupts_and_keeps_the_users_voice() -> None:
     for barge_in in (True, False):
-        runner, engine, log = await make_runner(barge_in=barge_in)
         mic = FakeMicrophone()
-        runner.microphone = mic
+        runner, engine, log = await make_runner(barge_in=barge_in, microphone=mic)
         runner.start()
         try:
             runner.speak("u1", "I am talking and talking about many things for quite a long while now. " * 2)
             runner.speak_end("u1")
             await play_until(runner, log, lambda e: isinstance(e, events.SpeakStarted))
-            mic.audio = np.full(48_000, 0.1, np.float32)
-            mic.speaking = mic.run_active = True
-            runner._on_mic_change(True)
+            mic.voice_starts(np.full(48_000, 0.1, np.float32))
             await play(runner, 5)
         finally:
             await runner.close()
@@ -203,16 +201,13 @@ async def test_barge_in_interrupts_and_keeps_the_users_voice() -> None:
 
 
 async def test_conversation_mode_listens_and_switching_modes_never_stops_the_stream() -> None:
-    runner, engine, log = await make_runner(RecordingEngine(generate_delay_s=0.02), mode="conversation")
     mic = FakeMicrophone()
-    runner.microphone = mic
+    runner, engine, log = await make_runner(RecordingEngine(generate_delay_s=0.02), mode="conversation", microphone=mic)
     runner.start()
     t = np.arange(6 * 48_000) / 48_000
     try:
         await play(runner, 10)
-        mic.audio = (0.3 * np.sin(2 * np.pi * 200 * t)).astype(np.float32)
-        mic.speaking = mic.run_active = True
-        runner._on_mic_change(True)
+        mic.voice_starts((0.3 * np.sin(2 * np.pi * 200 * t)).astype(np.float32))
         await play(runner, 75)
         kinds_conversation = {r.kind for r in engine.requests}
         state_while_talking = runner.state
@@ -260,7 +255,7 @@ async def sr_runner(upgrade_delay_s: float):
     worker = EngineWorker(engine)
     identity = await worker.prepare_identity(np.full((64, 64, 3), 90, np.uint8), "")
     log: list = []
-    config = LoopConfig(playout_target_ms=3000.0, upgrade=True)
+    config = LoopConfig(playout_target_ms=3000.0, super_resolution=True)
     return SessionRunner(worker=worker, identity=identity, on_event=log.append, config=config), engine, log
 
 
@@ -276,8 +271,8 @@ async def test_idle_super_resolution_upgrades_buffered_segments_at_a_fixed_size(
         await runner.close()
         runner.worker.close()
     assert {f.shape for f in frames} == {(256, 448, 3)}
-    assert runner.upgrader.counts["done"] >= 1 and stats["upgraded"] >= 1
-    upgraded = [e for e in of_type(log, events.SegmentUpgraded) if e.result == "done"]
+    assert runner.super_resolver.counts["done"] >= 1 and stats["upgraded"] >= 1
+    upgraded = [e for e in of_type(log, events.SegmentSuperResolved) if e.result == "done"]
     assert upgraded and runner.buffer.underruns == 0
     assert (stats["width"], stats["height"]) == (448, 256)
 
@@ -290,7 +285,7 @@ async def test_an_upgrade_that_would_delay_its_segment_is_cancelled() -> None:
     finally:
         await runner.close()
         runner.worker.close()
-    assert engine.upgrades == 0 and runner.upgrader.counts["cancelled"] >= 1
+    assert engine.upgrades == 0 and runner.super_resolver.counts["cancelled"] >= 1
     assert runner.buffer.underruns == 0  # generation never waited for the upgrade
     assert {f.shape for f in frames} == {(256, 448, 3)}  # not upgraded: resized at playout
 
@@ -407,7 +402,7 @@ async def test_a_stalled_engine_job_fails_health_and_readiness_until_it_ends() -
     try:
         await wait_until(lambda: app.readiness()[0])
         base = f"http://127.0.0.1:{app.port}/"
-        future, _ = app.worker.scheduler.submit(gate.wait, 30.0, deadline_s=time.monotonic())
+        future, _ = app.worker.jobs.submit(gate.wait, 30.0, deadline_s=time.monotonic())
         assert await asyncio.to_thread(http_status, base + "healthz") == 200  # running, not yet stalled
         await asyncio.sleep(0.45)
         assert await asyncio.to_thread(http_status, base + "healthz") == 503
@@ -418,7 +413,7 @@ async def test_a_stalled_engine_job_fails_health_and_readiness_until_it_ends() -
         assert running >= 0.45
         gate.set()
         assert await asyncio.wrap_future(future) is True
-        await wait_until(lambda: not app.worker.scheduler.busy)
+        await wait_until(lambda: not app.worker.jobs.busy)
         assert await asyncio.to_thread(http_status, base + "healthz") == 200
         assert app.readiness() == (True, "ready")
     finally:
@@ -443,9 +438,9 @@ async def test_a_session_the_engine_could_not_keep_up_with_is_refused(media_dir)
             assert json.loads(await first.recv())["type"] == "session.ready"
             await asyncio.sleep(1.0)  # the window forgets the warm-up and the identity
             assert app.engine_overload() is None
-            future, _ = app.worker.scheduler.submit(gate.wait, 30.0, deadline_s=time.monotonic())
+            future, _ = app.worker.jobs.submit(gate.wait, 30.0, deadline_s=time.monotonic())
             await asyncio.sleep(0.7)
-            busy = app.worker.scheduler.foreground_utilization(1.0)
+            busy = app.worker.jobs.foreground_utilization(1.0)
             assert 0.6 <= busy <= 1.0, busy
             await second.send(start)
             refused = json.loads(await second.recv())

@@ -12,7 +12,8 @@ import pytest
 from engine.api import EngineInputError, SegmentKind, SegmentRequest
 from engine.testpattern import TestPatternEngine
 from streaming import events
-from streaming.session import EngineWorker, LoopConfig, SessionInputError, SessionRunner
+from streaming.engine_client import EngineWorker
+from streaming.session import LoopConfig, SessionInputError, SessionRunner
 
 
 class RecordingEngine(TestPatternEngine):
@@ -37,9 +38,12 @@ class RecordingEngine(TestPatternEngine):
 
 
 class FakeMicrophone:
-    """Voice state and audio of one lip-sync run under the test's control."""
+    """Voice state and audio of one lip-sync run under the test's control; the session gets
+    it from ``attach_microphone`` (as :meth:`factory`), and hears voice changes through the
+    ``on_change`` callback as from a real :class:`~streaming.microphone.Microphone`."""
 
     def __init__(self) -> None:
+        self.on_change = None
         self.speaking = False
         self.run_active = False
         self.run_id = 1
@@ -67,6 +71,19 @@ class FakeMicrophone:
     def end_run(self) -> None:
         self.run_active = False
 
+    def factory(self, *, on_change) -> FakeMicrophone:
+        self.on_change = on_change
+        return self
+
+    def attach(self, track) -> None:
+        pass
+
+    def voice_starts(self, audio: np.ndarray) -> None:
+        """The VAD hears voice: a run begins with ``audio``, and the session is told."""
+        self.audio = audio
+        self.speaking = self.run_active = True
+        self.on_change(True)
+
     def discard_pending(self) -> None:
         self.audio = np.zeros(0, np.float32)
 
@@ -74,13 +91,18 @@ class FakeMicrophone:
         pass
 
 
-async def make_runner(engine=None, **config):
+async def make_runner(engine=None, *, microphone: FakeMicrophone | None = None, **config):
+    """A session on ``engine`` (a new :class:`RecordingEngine` by default), its engine and its
+    event log; ``microphone`` is attached as the client's audio track would be."""
     engine = engine or RecordingEngine()
     worker = EngineWorker(engine)
     identity = await worker.prepare_identity(np.full((720, 1280, 3), 90, np.uint8), "A calm person.")
     log: list = []
     cfg = {"playout_target_ms": 2000.0, **config}
-    runner = SessionRunner(worker=worker, identity=identity, on_event=log.append, config=LoopConfig(**cfg))
+    factory = {} if microphone is None else {"microphone_factory": microphone.factory}
+    runner = SessionRunner(worker=worker, identity=identity, on_event=log.append, config=LoopConfig(**cfg), **factory)
+    if microphone is not None:
+        assert runner.attach_microphone(None) is microphone
     return runner, engine, log
 
 
@@ -251,9 +273,8 @@ async def test_input_errors() -> None:
 
 
 async def test_lipsync_segments_carry_the_microphone_audio() -> None:
-    runner, engine, log = await make_runner()
     mic = FakeMicrophone()
-    runner.microphone = mic
+    runner, engine, log = await make_runner(microphone=mic)
     runner.start()
     try:
         await play(runner, 3)
@@ -280,10 +301,9 @@ async def test_lipsync_segments_carry_the_microphone_audio() -> None:
 
 
 async def test_listen_while_the_user_speaks_and_the_buffer_runs_low() -> None:
-    runner, engine, log = await make_runner(playout_target_ms=200.0)
     mic = FakeMicrophone()
     mic.speaking = mic.run_active = True
-    runner.microphone = mic
+    runner, engine, log = await make_runner(playout_target_ms=200.0, microphone=mic)
     runner.start()
     try:
         await play(runner, 60)
@@ -314,3 +334,25 @@ async def test_close_cancels_generation_in_flight() -> None:
     await runner.close()
     assert time.monotonic() - started < 1.0
     runner.worker.close()
+
+
+async def test_stats_are_a_typed_record_that_reads_as_the_protocol_mapping() -> None:
+    runner, engine, _ = await make_runner()
+    runner.start()
+    try:
+        await play(runner, 30)
+        stats = runner.stats()
+    finally:
+        await runner.close()
+    assert isinstance(stats, events.SessionStats)
+    assert list(stats) == [
+        "buffer_ms", "underruns", "segments", "rtf", "ttff_ms", "frames_sent", "frames_dropped", "gen_ms",
+        "encode_ms", "av_offset_ms", "interrupt_ms", "queue", "upgraded", "width", "height", "mode",
+        "barge_in", "recording",
+    ]
+    assert dict(stats) == stats.as_dict() and stats["segments"] == stats.segments == len(engine.requests)
+    assert stats.frames_sent == 30 and stats.buffer_ms == round(runner.buffer.depth_ms)
+    assert (stats.width, stats.height, stats.mode, stats.recording) == (224, 128, "lipsync", False)
+    assert stats.encode_ms is None and stats.av_offset_ms is None  # no tracks
+    with pytest.raises(KeyError):
+        stats["nope"]

@@ -1,6 +1,9 @@
-"""One engine, one worker thread, many sessions: earliest-deadline-first generation.
+"""The engine client shared by all sessions: one engine, one worker thread, an EDF job queue.
 
-:class:`EdfScheduler` replaces a FIFO executor in front of the engine. Every job carries a
+:class:`EngineWorker` owns the engine and its single worker thread (one per engine, shared by
+all sessions): the engine's GPU work never runs on the event loop.
+
+:class:`EdfJobQueue` (earliest deadline first) replaces a FIFO executor in front of the engine. Every job carries a
 *deadline*: the monotonic wall time by which its result is needed. For a segment that is the
 moment the segment must start playing (its media start time on the session's clock mapped to
 wall time), so a session whose buffer is about to run dry is served before one that has
@@ -14,7 +17,7 @@ deadline (``estimate_s`` of both, plus :data:`PREEMPT_MARGIN_S`); a cancelled ba
 ends with :class:`~engine.api.CancelledError` from the engine at its next step.
 
 Jobs are blocking callables ``fn(*args)`` run in the worker thread; an ``asyncio`` caller
-awaits :meth:`EdfScheduler.run`. Cancelling the awaiting task sets the job's cancel event, and
+awaits :meth:`EdfJobQueue.run`. Cancelling the awaiting task sets the job's cancel event, and
 a job that has not started yet is skipped (its future raises
 :class:`~engine.api.CancelledError`, as a job cancelled while it runs does).
 """
@@ -32,7 +35,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.api import CancelledError
+import numpy as np
+
+from engine.api import CancelledError, Identity, Segment, SegmentEngine, SegmentRequest
 
 PREEMPT_MARGIN_S = 0.1
 
@@ -56,7 +61,7 @@ def _skip(job: _Job) -> None:
         job.future.set_exception(CancelledError("cancelled before it started"))
 
 
-class EdfScheduler:
+class EdfJobQueue:
     """Earliest-deadline-first queue feeding one worker thread (see the module docstring).
 
     Args:
@@ -104,7 +109,7 @@ class EdfScheduler:
 
     @property
     def running_for_s(self) -> float:
-        """Seconds the job running now has run (on the scheduler's clock); 0.0 when idle.
+        """Seconds the job running now has run (on the queue's clock); 0.0 when idle.
 
         A value far above any job's expected duration means the engine is stalled (a hung
         kernel, a deadlocked driver): every session waits behind it, and since a Python
@@ -120,7 +125,7 @@ class EdfScheduler:
         """Fraction of the last ``window_s`` seconds the worker spent on foreground jobs
         (segments, identities; the running one included), in [0, 1]. Background work (idle
         super-resolution) is left out: it only uses time that foreground work leaves, and is
-        preempted for it. A scheduler younger than ``window_s`` counts the time before it
+        preempted for it. A queue younger than ``window_s`` counts the time before it
         existed as idle, so a fresh server reads low until it has a window of evidence.
 
         Raises:
@@ -162,7 +167,7 @@ class EdfScheduler:
         )
         with self._cond:
             if self._closed:
-                raise RuntimeError("scheduler is closed")
+                raise RuntimeError("job queue is closed")
             heapq.heappush(self._background if background else self._foreground, job)
             if not background:
                 self._maybe_preempt(job)
@@ -264,3 +269,69 @@ class EdfScheduler:
             self._cond.notify_all()
         if wait_s > 0 and threading.current_thread() is not self._thread:
             self._thread.join(wait_s)
+
+
+class EngineWorker:
+    """An engine and the one worker thread that runs it, shared by every session.
+
+    Requests from all sessions meet in one earliest-deadline-first queue (:attr:`jobs`, an
+    :class:`EdfJobQueue`): ``deadline_s`` is the monotonic time by which the result must be
+    there (for a segment: when it must start playing; default now). Super-resolution
+    (:meth:`super_resolve`) runs only while no generation is queued.
+
+    Args:
+        engine: any :class:`~engine.api.SegmentEngine`.
+    """
+
+    def __init__(self, engine: SegmentEngine) -> None:
+        self.engine = engine
+        self.jobs = EdfJobQueue(engine.name)
+
+    @property
+    def can_super_resolve(self) -> bool:
+        """The engine has a super-resolution model (``sr_width`` and its SR method set)."""
+        return getattr(self.engine, "sr_width", None) is not None and hasattr(self.engine, "upgrade")
+
+    async def prepare_identity(self, image: np.ndarray, appearance: str) -> Identity:
+        """Run ``engine.prepare_identity`` (uint8 ``[H, W, 3]`` image) in the worker thread, first in line."""
+        return await self.jobs.run(self.engine.prepare_identity, image, appearance, deadline_s=time.monotonic())
+
+    async def generate(
+        self,
+        request: SegmentRequest,
+        cancel: threading.Event,
+        *,
+        deadline_s: float | None = None,
+        estimate_s: float = 0.0,
+    ) -> Segment:
+        """Run ``engine.generate`` in the worker thread; cancelling the awaiting task sets ``cancel``.
+
+        Raises:
+            engine.api.CancelledError: ``cancel`` was set (before or while it ran).
+        """
+        return await self.jobs.run(
+            self.engine.generate,
+            request,
+            cancel,
+            deadline_s=time.monotonic() if deadline_s is None else deadline_s,
+            cancel=cancel,
+            estimate_s=estimate_s,
+        )
+
+    async def super_resolve(
+        self, segment: Segment, cancel: threading.Event, *, deadline_s: float, estimate_s: float
+    ) -> Segment:
+        """Re-render ``segment`` at the engine's SR size as background work (only while no
+        generation is queued; a generation that needs the engine preempts it).
+
+        Raises:
+            engine.api.CancelledError: cancelled or preempted.
+        """
+        super_resolve = self.engine.upgrade  # type: ignore[attr-defined]  # the engine's SR method
+        return await self.jobs.run(
+            super_resolve, segment, cancel, deadline_s=deadline_s, cancel=cancel, background=True, estimate_s=estimate_s
+        )
+
+    def close(self, wait_s: float = 0.0) -> None:
+        """Cancel all engine work; ``wait_s``: wait that long for the job running now to stop."""
+        self.jobs.close(wait_s)

@@ -1,20 +1,21 @@
 """Idle super-resolution of buffered segments, and the fixed output size.
 
-With an SR model (``engine.sr_width`` set, ``engine.upgrade(segment, cancel)``) and ``sr`` on,
-a session's video is sent at the SR size (``sr_width x sr_height``, 540p on the real model,
-twice the base size on the preview preset) from its first frame to its last:
+With an SR model (``engine.sr_width`` set, and the engine's SR method,
+``engine.upgrade(segment, cancel)`` today) and ``sr`` on, a session's video is sent at the SR
+size (``sr_width x sr_height``, 540p on the real model, twice the base size on the preview
+preset) from its first frame to its last:
 
-* :class:`SegmentUpgrader` re-renders segments that are queued but have not started playing
-  through ``engine.upgrade`` while the engine has spare time: the upgrade runs as background
-  work of the :class:`~streaming.scheduler.EdfScheduler` (only while no generation is queued;
-  a generation request that needs the engine preempts it). An upgrade starts only when the
-  segment's playout is further away than the measured upgrade time plus a margin, and is
-  cancelled when its segment is :data:`CUTOFF_S` from playing, so an upgrade never delays a
-  segment. A finished upgrade replaces the segment's frames in the buffer.
-* frames that were not upgraded are resized to the output size as they are pulled
-  (:func:`fit_frame`, Pillow bilinear: about 1 ms for 448x256 -> 960x544 on one core).
+* :class:`SegmentSuperResolver` re-renders segments that are queued but have not started playing
+  through the engine's SR stage while the engine has spare time: it runs as background
+  work of the :class:`~streaming.engine_client.EdfJobQueue` (only while no generation is queued;
+  a generation request that needs the engine preempts it). A re-render starts only when the
+  segment's playout is further away than the measured SR time plus a margin, and is
+  cancelled when its segment is :data:`CUTOFF_S` from playing, so super-resolution never
+  delays a segment. A finished re-render replaces the segment's frames in the buffer.
+* frames that were not super-resolved are resized to the output size as they are pulled
+  (:func:`streaming.frames.fit_frame`).
 
-The continuation of a segment is never changed by an upgrade: generation always continues
+The continuation of a segment is never changed by super-resolution: generation always continues
 from the base-size frames and latents.
 """
 
@@ -26,36 +27,22 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-import numpy as np
-from PIL import Image
 
 from engine.api import CancelledError, Segment
 from streaming.clock import MediaClock
-
-if TYPE_CHECKING:  # playout imports fit_frame from here
-    from streaming.playout import PlayoutBuffer, QueuedSegment
+from streaming.playout import PlayoutBuffer, QueuedSegment
+from streaming.tasks import cancel_and_wait
 
 logger = logging.getLogger(__name__)
 
-CUTOFF_S = 0.1  # an upgrade still running this close to its segment's start is cancelled
-START_MARGIN_S = 0.2  # an upgrade starts only this much ahead of its estimated end
+CUTOFF_S = 0.1  # a re-render still running this close to its segment's start is cancelled
+START_MARGIN_S = 0.2  # a re-render starts only this much ahead of its estimated end
 _MAX_FAILURES = 3
 
 
-def fit_frame(frame: np.ndarray, width: int, height: int, *, downscale: bool = False) -> np.ndarray:
-    """``frame`` (uint8 ``[H, W, 3]``) at ``width x height``: unchanged when it already is,
-    else bilinear (``downscale``: box filter, for going from the SR size back to the base size)."""
-    if frame.shape[0] == height and frame.shape[1] == width:
-        return frame
-    resample = Image.Resampling.BOX if downscale else Image.Resampling.BILINEAR
-    return np.asarray(Image.fromarray(np.ascontiguousarray(frame)).resize((width, height), resample))
-
-
 @dataclass(frozen=True)
-class UpgradeResult:
-    """What happened to one upgrade: ``done``, ``cancelled``, ``late`` (finished after its
+class SuperResolutionResult:
+    """What happened to one re-render: ``done``, ``cancelled``, ``late`` (finished after its
     segment started or was dropped) or ``failed``; ``seconds`` of engine time."""
 
     result: str
@@ -63,31 +50,32 @@ class UpgradeResult:
     media_s: float
 
 
-class SegmentUpgrader:
-    """Upgrades a session's queued segments in the engine's spare time (module docstring).
+class SegmentSuperResolver:
+    """Re-renders a session's queued segments at the SR size in the engine's spare time
+    (module docstring).
 
     Args:
-        upgrade: ``async (segment, cancel, *, deadline_s, estimate_s) -> Segment``, normally
-            :meth:`streaming.session.EngineWorker.upgrade`.
+        super_resolve: ``async (segment, cancel, *, deadline_s, estimate_s) -> Segment``,
+            normally :meth:`streaming.engine_client.EngineWorker.super_resolve`.
         buffer: the session's playout buffer (segments carry their engine
             :class:`~engine.api.Segment` in ``source``).
-        clock: the session's media clock (no upgrade before playback has started).
+        clock: the session's media clock (nothing is re-rendered before playback has started).
         on_result: called on the event loop after each attempt.
     """
 
     def __init__(
         self,
         *,
-        upgrade: Callable[..., object],
+        super_resolve: Callable[..., object],
         buffer: PlayoutBuffer,
         clock: MediaClock,
-        on_result: Callable[[UpgradeResult], None] | None = None,
+        on_result: Callable[[SuperResolutionResult], None] | None = None,
     ) -> None:
-        self._upgrade_fn = upgrade
+        self._super_resolve = super_resolve
         self.buffer = buffer
         self.clock = clock
         self.on_result = on_result
-        self.seconds_per_media_s: float | None = None  # measured upgrade cost
+        self.seconds_per_media_s: float | None = None  # measured SR cost
         self.counts = {"done": 0, "cancelled": 0, "late": 0, "failed": 0}
         self._task: asyncio.Task[None] | None = None
         self._current: QueuedSegment | None = None
@@ -99,7 +87,7 @@ class SegmentUpgrader:
         return self._task is not None and not self._task.done()
 
     def estimate_s(self, seg: QueuedSegment) -> float:
-        """Expected engine time to upgrade ``seg``: measured, or at first four times its
+        """Expected engine time to super-resolve ``seg``, s: measured, or at first four times its
         generation time (the SR stage works on four times the pixels)."""
         media_s = seg.num_frames / seg.fps
         if self.seconds_per_media_s is not None:
@@ -109,7 +97,7 @@ class SegmentUpgrader:
         return max(4.0 * generate_s, 0.05)
 
     def poke(self) -> None:
-        """Start upgrading the next segment that can be upgraded in time (one at a time)."""
+        """Start re-rendering the next segment that can be done in time (one at a time)."""
         if self.busy or self._failures >= _MAX_FAILURES or not self.clock.started:
             return
         now_s = time.monotonic()
@@ -120,25 +108,21 @@ class SegmentUpgrader:
             estimate_s = self.estimate_s(seg)
             if start_s - now_s > estimate_s + START_MARGIN_S + CUTOFF_S:
                 self._task = asyncio.get_running_loop().create_task(
-                    self._run(seg, start_s, estimate_s), name="segment-upgrade"
+                    self._run(seg, start_s, estimate_s), name="segment-super-resolution"
                 )
                 return
 
     def check(self) -> None:
-        """Cancel the upgrade in flight if its segment was dropped (interrupt, preemption)."""
+        """Cancel the re-render in flight if its segment was dropped (interrupt, preemption)."""
         if self._current is not None and self._cancel is not None and self._current.dropped:
             self._cancel.set()
 
     async def close(self) -> None:
+        """Cancel the re-render in flight and wait for its task to end."""
         if self._cancel is not None:
             self._cancel.set()
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(task)
 
     async def _run(self, seg: QueuedSegment, start_s: float, estimate_s: float) -> None:
         cancel = threading.Event()
@@ -148,7 +132,7 @@ class SegmentUpgrader:
         began_s = time.monotonic()
         media_s = seg.num_frames / seg.fps
         try:
-            upgraded = await self._upgrade_fn(seg.source, cancel, deadline_s=start_s, estimate_s=estimate_s)
+            resolved = await self._super_resolve(seg.source, cancel, deadline_s=start_s, estimate_s=estimate_s)
         except CancelledError:
             if not seg.dropped and media_s > 0:
                 # Cut off (or preempted) before it finished: it takes longer than estimated.
@@ -158,7 +142,7 @@ class SegmentUpgrader:
             return
         except Exception:
             self._failures += 1
-            logger.exception("segment upgrade failed (%d of %d before upgrades stop)", self._failures, _MAX_FAILURES)
+            logger.exception("segment super-resolution failed (%d of %d before it stops)", self._failures, _MAX_FAILURES)
             self._report("failed", began_s, media_s)
             return
         finally:
@@ -169,15 +153,15 @@ class SegmentUpgrader:
             rate = elapsed_s / media_s
             previous = self.seconds_per_media_s
             self.seconds_per_media_s = rate if previous is None else max(rate, 0.7 * previous + 0.3 * rate)
-        if seg.started or seg.dropped or upgraded.num_frames != seg.num_frames:
+        if seg.started or seg.dropped or resolved.num_frames != seg.num_frames:
             self._report("late", began_s, media_s)
             return
-        seg.frames = upgraded.frames
+        seg.frames = resolved.frames
         seg.super_resolved = True
-        seg.source = upgraded
+        seg.source = resolved
         self._report("done", began_s, media_s)
 
     def _report(self, result: str, began_s: float, media_s: float) -> None:
         self.counts[result] += 1
         if self.on_result is not None:
-            self.on_result(UpgradeResult(result, time.monotonic() - began_s, media_s))
+            self.on_result(SuperResolutionResult(result, time.monotonic() - began_s, media_s))
