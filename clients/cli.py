@@ -186,7 +186,8 @@ async def run_client(
     """What ``avatar-server client`` does; returns the summary it prints last.
 
     Every server message except ``stats`` is printed (``out``) as a JSON line as it arrives;
-    ``error`` frames are also written to ``err`` as one readable line. The session starts
+    ``error`` frames are also written to ``err`` as one readable line, and so is the
+    ``notice`` of ``session.ready`` (what the engine's picture is, e.g. untrained weights). The session starts
     with ``mode``/``barge_in``/``session_id`` (when given); ``microphone`` (an audio file) is
     sent at real-time pace, then silence. Each of ``says`` is one utterance, interrupted
     ``interrupt_after_s`` after its ``speak.started`` when that is given. Once the utterances
@@ -213,6 +214,9 @@ async def run_client(
             errors.append(str(message.code))
             if err is not None:
                 err(f"server error {message.code}: {message.message}")
+        elif isinstance(message, protocol.SessionReady) and message.notice:
+            if err is not None:  # what this engine's picture is (the preview's untrained weights)
+                err(f"note: {message.notice}")
         elif isinstance(message, protocol.RecordStopped) and message.reason != "stopped":
             # The server ended the recording itself (a limit, the session ending, a failure).
             if err is not None:

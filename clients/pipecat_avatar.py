@@ -137,6 +137,9 @@ class AvatarService(AIService):
             :class:`clients.client.AvatarClient`; the default for a loopback server is
             127.0.0.1, which applies process-wide, transports included).
         words_per_second: speaking rate used to time the ``TTSTextFrame`` of each word.
+        audio_preroll_ms: audio (and the video with it) held at the start of each speech
+            before any is passed on, so that network jitter does not starve the output
+            transport (see :meth:`_pump`); it adds as much latency.
         timeout_s: how long to wait for the session and the WebRTC connection at start.
         **kwargs: passed to Pipecat's ``AIService``.
     """
@@ -152,6 +155,7 @@ class AvatarService(AIService):
         token: str | None = None,
         host_addresses: Sequence[str] | None = None,
         words_per_second: float = WORDS_PER_SECOND,
+        audio_preroll_ms: int = 100,
         timeout_s: float = 30.0,
         **kwargs: Any,
     ) -> None:
@@ -168,6 +172,9 @@ class AvatarService(AIService):
         self.token = token
         self.host_addresses = host_addresses
         self.words_per_second = words_per_second
+        if audio_preroll_ms < 0:
+            raise ValueError(f"audio_preroll_ms: must not be negative, got {audio_preroll_ms}")
+        self.audio_preroll_ms = audio_preroll_ms
         self.timeout_s = timeout_s
         self.client: AvatarClient | None = None
         self.session: protocol.SessionReady | None = None
@@ -247,9 +254,35 @@ class AvatarService(AIService):
             self._pump_task = None
 
     async def _pump(self) -> None:
-        """Push what the media and message callbacks queued, in arrival order."""
+        """Push what the media and message callbacks queued, in arrival order. From each
+        ``TTSStartedFrame`` the frames are held until ``audio_preroll_ms`` of audio is in hand
+        (or the speech ends), then released at once: the output transport plays audio at real
+        time and fills any gap with silence, so without this head start every late packet of
+        the avatar's stream would become a gap in the bot's speech."""
+        held: list[tuple[int, Frame | tuple[str, tuple[Any, ...]]]] = []
+        held_samples = 0
+        holding = False
         while True:
             epoch, item = await self._out.get()
+            if isinstance(item, TTSStartedFrame):
+                await self._release(held)
+                held, held_samples, holding = [], 0, self.audio_preroll_ms > 0
+                await self.push_frame(item)
+                continue
+            if holding:
+                held.append((epoch, item))
+                if isinstance(item, TTSAudioRawFrame):
+                    held_samples += len(item.audio) // 2
+                if held_samples * 1000 >= self.audio_preroll_ms * self._sample_rate_hz or isinstance(
+                    item, TTSStoppedFrame
+                ):
+                    await self._release(held)
+                    held, holding = [], False
+                continue
+            await self._release([(epoch, item)])
+
+    async def _release(self, items: list[tuple[int, Frame | tuple[str, tuple[Any, ...]]]]) -> None:
+        for epoch, item in items:
             if epoch != self._epoch and isinstance(item, (TTSAudioRawFrame, TTSTextFrame)):
                 continue  # speech of before an interruption
             if isinstance(item, tuple):

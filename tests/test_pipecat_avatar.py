@@ -13,8 +13,12 @@ transport (``SmallWebRTCTransport``, aiortc) to a headless viewer, against a rea
   load) after it; the server reports ``played_ms``; the words that reached the context before
   the interruption are those of the audio played (2.5 words/s, +-2 words);
 * lipsync mode: ``../shared/media/english.wav`` as another TTS's audio; the envelope of the
-  audio at the viewer matches the file's (normalised cross-correlation > 0.8 at the best lag,
-  as the microphone test does).
+  audio the service passes on matches the file's (normalised cross-correlation of 10 ms RMS
+  envelopes > 0.8 at the best lag, as the microphone test does), and so does the audio at the
+  viewer on 40 ms windows. Two more aiortc hops lie between (service -> transport -> viewer,
+  all in one process here): on this machine's load (1-minute average 10-15 on 2 cores) the
+  viewer's 10 ms figure ranged 0.6-0.99; without the service's audio pre-roll even the 40 ms
+  one fell to 0.6 (the transport filled each late packet with silence).
 
 Skipped when Pipecat is not installed (``pip install -e ".[pipecat]"``; CI installs it).
 """
@@ -46,7 +50,7 @@ from clients.client import split_chunks  # noqa: E402
 from clients.pipecat_avatar import AvatarService  # noqa: E402
 from tests.browser_support import server_process  # noqa: E402
 from tests.e2e_support import best_lag_correlation, load_audio, rms_envelope  # noqa: E402
-from tests.pipecat_support import SAMPLE_RATE_HZ, pipecat_bot, wait_until  # noqa: E402
+from tests.pipecat_support import SAMPLE_RATE_HZ, Recorder, pipecat_bot, wait_until  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -138,12 +142,12 @@ async def test_speech_mode_streams_in_sync_and_an_interruption_truncates_the_con
 async def test_lipsync_mode_follows_another_tts_audio(media_dir, tmp_path) -> None:
     speech = load_audio(media_dir / "english.wav", SAMPLE_RATE_HZ)
     pcm = (np.clip(speech, -1, 1) * 32767).astype(np.int16)
-    reference = rms_envelope(speech)
     with server_process(tmp_path) as (url, log_path):
         avatar = AvatarService(
             url=url, image=(media_dir / "portrait.png").read_bytes(), prompt="A person.", mode="lipsync"
         )
-        async with pipecat_bot([avatar]) as bot:
+        out = Recorder()  # what the service passes on, before Pipecat's transport
+        async with pipecat_bot([avatar, out]) as bot:
             viewer, recorder = bot.viewer, bot.recorder
             await wait_until(lambda: len(viewer.video) > 25, 30, "video at the viewer")
             # a TTS answers in a burst: 100 ms chunks, all at once
@@ -158,11 +162,17 @@ async def test_lipsync_mode_follows_another_tts_audio(media_dir, tmp_path) -> No
             await bot.worker.queue_frames([*frames, TTSStoppedFrame()])
             await wait_until(lambda: recorder.of(BotStoppedSpeakingFrame), 40, "the bot to stop speaking")
             await asyncio.sleep(0.5)
+    passed_on = np.concatenate(
+        [np.frombuffer(f.audio, np.int16) / 32768.0 for _, f in out.of(TTSAudioRawFrame)]
+    )
+    service_corr, _ = best_lag_correlation(rms_envelope(speech), rms_envelope(passed_on))
     received = np.concatenate([a.samples for a in viewer.audio])
-    corr, lag = best_lag_correlation(reference, rms_envelope(received))
+    fine_corr, _ = best_lag_correlation(rms_envelope(speech), rms_envelope(received))
+    corr, lag = best_lag_correlation(rms_envelope(speech, window_ms=40), rms_envelope(received, window_ms=40))
     order = [type(f) for _, f in recorder.of(*SPEAKING)]
     print(
-        f"\nlipsync: envelope correlation {corr:.3f} at lag {lag / 100:.2f} s; {[t.__name__ for t in order]}"
+        f"\nlipsync: envelope correlation {service_corr:.3f} out of the service (10 ms), {corr:.3f} at the viewer "
+        f"(40 ms; {fine_corr:.3f} on 10 ms) at lag {lag * 0.04:.2f} s; {[t.__name__ for t in order]}"
     )
-    assert corr > 0.8
+    assert service_corr > 0.8 and corr > 0.8
     assert order == [TTSStartedFrame, BotStartedSpeakingFrame, BotStoppedSpeakingFrame, TTSStoppedFrame]
