@@ -81,6 +81,7 @@ except ModuleNotFoundError as exc:  # pragma: no cover - depends on the optional
 logger = logging.getLogger(__name__)
 
 WORDS_PER_SECOND = 2.5  # the server's planning rate (streaming/text.py WORDS_PER_SECOND)
+DEFAULT_AUDIO_PREROLL_MS = 100
 LIPSYNC_TAIL_S = 0.3  # returned audio still passed on after the state leaves speaking
 
 
@@ -144,6 +145,8 @@ class AvatarService(AIService):
         **kwargs: passed to Pipecat's ``AIService``.
     """
 
+    DEFAULT_AUDIO_PREROLL_MS = DEFAULT_AUDIO_PREROLL_MS
+
     def __init__(
         self,
         *,
@@ -155,7 +158,7 @@ class AvatarService(AIService):
         token: str | None = None,
         host_addresses: Sequence[str] | None = None,
         words_per_second: float = WORDS_PER_SECOND,
-        audio_preroll_ms: int = 100,
+        audio_preroll_ms: int = DEFAULT_AUDIO_PREROLL_MS,
         timeout_s: float = 30.0,
         **kwargs: Any,
     ) -> None:

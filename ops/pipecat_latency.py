@@ -1,6 +1,6 @@
 """Added latency of the Pipecat service (issue 16): LLM text in -> first avatar audio out.
 
-One ``avatar-server serve`` process (``--engine testpattern`` by default) and two sessions on it,
+One ``avatar-server serve`` process (``--engine testpattern`` by default) and three sessions on it,
 used in turns, the same answer each round (3-word chunks, as an LLM streams):
 
 * **client**: :class:`clients.client.AvatarClient` sends the chunks and ``speak.end``; measured
@@ -12,8 +12,11 @@ used in turns, the same answer each round (3-word chunks, as an LLM streams):
   service passes audio on from ``speak.started``: the same frame).
 
 The test pattern's speech cannot be told from its idle stream by its audio (both click once a
-second), so both paths are timed on the same protocol event. The figure is ``ratio`` = median
-service / median client, one run; ``added_ms_median`` the difference.
+second), so both paths are timed on the same protocol event. The service runs twice, with its
+default ``audio_preroll_ms`` (the head start it gives the output transport, which it adds by
+design) and with none (the pipeline's own cost), each on its own session, in turns with the
+client. The figure is ``ratio`` = median service (default) / median client, one run;
+``added_ms_median`` the difference; ``service`` has both variants.
 
     python -m ops.pipecat_latency --rounds 6 --out ops/results/2026-12-06_cpu-pipecat-latency.json
 """
@@ -53,7 +56,7 @@ def _cpu_model() -> str:
 
 async def _start_server(engine: str, delay_s: float) -> tuple[asyncio.subprocess.Process, str]:
     command = [sys.executable, "-m", "avatar_server.cli", "serve", "--engine", engine, "--host", "127.0.0.1",
-               "--port", "0", "--log-level", "WARNING"]  # fmt: skip
+               "--port", "0", "--max-sessions", "3", "--log-level", "WARNING"]  # fmt: skip
     if engine == "testpattern":
         command += ["--testpattern-delay-s", str(delay_s)]
     proc = await asyncio.create_subprocess_exec(*command, stdout=asyncio.subprocess.PIPE, cwd=str(REPO_DIR))
@@ -127,22 +130,61 @@ async def measure(url: str, image: bytes, *, rounds: int, timeout_s: float = 60.
     await client.start_session(image, "A person in front of a plain wall.", timeout_s=timeout_s)
     await client.start_media(timeout_s=timeout_s)
 
-    avatar = AvatarService(
-        url=url, image=image, prompt="A person in front of a plain wall.", timeout_s=timeout_s
-    )
-    sink = Sink()
-    worker = PipelineWorker(Pipeline([avatar, sink]), idle_timeout_secs=None, enable_rtvi=False)
-    runner = WorkerRunner(handle_sigint=False)
-    await runner.add_workers(worker)
-    run = asyncio.get_running_loop().create_task(runner.run())
+    class Bot:
+        """One ``AvatarService -> Sink`` pipeline running."""
+
+        def __init__(self, preroll_ms: int) -> None:
+            self.avatar = AvatarService(
+                url=url,
+                image=image,
+                prompt="A person in front of a plain wall.",
+                audio_preroll_ms=preroll_ms,
+                timeout_s=timeout_s,
+            )
+            self.sink = Sink()
+            self.worker = PipelineWorker(
+                Pipeline([self.avatar, self.sink]), idle_timeout_secs=None, enable_rtvi=False
+            )
+            self.run: asyncio.Task[None] | None = None
+            self.ms: list[float] = []
+
+        async def start(self) -> None:
+            runner = WorkerRunner(handle_sigint=False)
+            await runner.add_workers(self.worker)
+            self.run = asyncio.get_running_loop().create_task(runner.run())
+            async with asyncio.timeout(timeout_s):
+                await self.avatar.ready.wait()
+
+        async def answer(self, number: int) -> None:
+            self.sink.first_s = None
+            self.sink.stopped.clear()
+            frames = [
+                LLMFullResponseStartFrame(),
+                *(LLMTextFrame(c) for c in chunks),
+                LLMFullResponseEndFrame(),
+            ]
+            sent_s = time.monotonic()
+            await self.worker.queue_frames(frames)
+            async with asyncio.timeout(timeout_s):
+                await self.sink.stopped.wait()
+            if self.sink.first_s is None:
+                raise RuntimeError(f"service round {number}: no audio passed on")
+            self.ms.append(1000 * (self.sink.first_s - sent_s))
+
+        async def stop(self) -> None:
+            await self.worker.cancel()
+            if self.run is not None:
+                self.run.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self.run
+
+    bots = {preroll_ms: Bot(preroll_ms) for preroll_ms in (AvatarService.DEFAULT_AUDIO_PREROLL_MS, 0)}
     client_ms: list[float] = []
-    service_ms: list[float] = []
     try:
-        async with asyncio.timeout(timeout_s):
-            await avatar.ready.wait()
-        await asyncio.sleep(3.0)  # both streams settled
+        for bot in bots.values():
+            await bot.start()
+        await asyncio.sleep(3.0)  # the streams settled
         for number in range(rounds):
-            # the client
             started, first_s = False, None
             sent_s = time.monotonic()
             await client.speak(f"c{number}", chunks)
@@ -150,31 +192,15 @@ async def measure(url: str, image: bytes, *, rounds: int, timeout_s: float = 60.
             if first_s is None:
                 raise RuntimeError(f"client round {number}: no audio after speak.started")
             client_ms.append(1000 * (first_s - sent_s))
+            for bot in bots.values():
+                await asyncio.sleep(1.0)
+                await bot.answer(number)
             await asyncio.sleep(1.0)
-            # the service
-            sink.first_s = None
-            sink.stopped.clear()
-            frames = [
-                LLMFullResponseStartFrame(),
-                *(LLMTextFrame(chunk) for chunk in chunks),
-                LLMFullResponseEndFrame(),
-            ]
-            sent_s = time.monotonic()
-            await worker.queue_frames(frames)
-            async with asyncio.timeout(timeout_s):
-                await sink.stopped.wait()
-            if sink.first_s is None:
-                raise RuntimeError(f"service round {number}: no audio passed on")
-            service_ms.append(1000 * (sink.first_s - sent_s))
-            await asyncio.sleep(1.0)
-            print(
-                f"round {number}: client {client_ms[-1]:.0f} ms, service {service_ms[-1]:.0f} ms", flush=True
-            )
+            figures = ", ".join(f"service (pre-roll {p} ms) {b.ms[-1]:.0f} ms" for p, b in bots.items())
+            print(f"round {number}: client {client_ms[-1]:.0f} ms, {figures}", flush=True)
     finally:
-        await worker.cancel()
-        run.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await run
+        for bot in bots.values():
+            await bot.stop()
         await client.close()
 
     def stats(values: list[float]) -> dict[str, float]:
@@ -184,15 +210,26 @@ async def measure(url: str, image: bytes, *, rounds: int, timeout_s: float = 60.
             "max": round(max(values), 1),
         }
 
+    client_median = statistics.median(client_ms)
+    services = {
+        f"preroll_{preroll_ms}ms": {
+            "audio_preroll_ms": preroll_ms,
+            "first_audio_ms": [round(v, 1) for v in bot.ms],
+            **stats(bot.ms),
+            "added_ms_median": round(statistics.median(bot.ms) - client_median, 1),
+            "ratio": round(statistics.median(bot.ms) / client_median, 3),
+        }
+        for preroll_ms, bot in bots.items()
+    }
+    default = services[f"preroll_{AvatarService.DEFAULT_AUDIO_PREROLL_MS}ms"]
     return {
         "text": TEXT,
         "chunks": len(chunks),
         "client_first_audio_ms": [round(v, 1) for v in client_ms],
-        "service_first_audio_ms": [round(v, 1) for v in service_ms],
         "client": stats(client_ms),
-        "service": stats(service_ms),
-        "added_ms_median": round(statistics.median(service_ms) - statistics.median(client_ms), 1),
-        "ratio": round(statistics.median(service_ms) / statistics.median(client_ms), 3),
+        "service": services,
+        "added_ms_median": default["added_ms_median"],
+        "ratio": default["ratio"],
     }
 
 
