@@ -199,9 +199,18 @@ class AvatarService(AIService):
         self._returned_samples = 0  # returned audio passed on, in total
         self._held: list[_HeldText] = []
         self._lipsync_speaking = False
-        self._lipsync_muted = False  # interrupted: ignore returned audio until speaking starts anew
+        # Interrupted: the server goes on lip-syncing the audio it already has, so the returned
+        # audio stays muted until its state has left speaking and new TTS audio was fed since.
+        self._lipsync_muted = False
+        self._lipsync_quiet_since_mute = False
+        self._fed_since_mute = False
         self._lipsync_stop_s: float | None = None
         self._register_event_handler("on_avatar_interrupted")
+
+    @property
+    def microphone(self) -> PushAudioTrack | None:
+        """Lipsync mode: the track that carries the TTS's audio to the server (else ``None``)."""
+        return self._mic
 
     # ------------------------------------------------------------------------------ lifecycle
     async def start(self, frame: StartFrame) -> None:
@@ -315,11 +324,15 @@ class AvatarService(AIService):
         if isinstance(frame, LLMFullResponseStartFrame):
             self._current = None  # the utterance starts with the first text
             await self.push_frame(frame)
-        elif isinstance(frame, (LLMTextFrame, TTSSpeakFrame)) or type(frame) is TextFrame:
+        elif isinstance(frame, TTSSpeakFrame):  # an utterance of its own, even inside a response
+            ongoing, self._current = self._current, None
             if frame.text:
                 await self._speak(frame.text)
-            if isinstance(frame, TTSSpeakFrame):
                 await self._speak_end()
+            self._current = ongoing
+        elif isinstance(frame, LLMTextFrame) or type(frame) is TextFrame:
+            if frame.text:
+                await self._speak(frame.text)
         elif isinstance(frame, LLMFullResponseEndFrame):
             await self._speak_end()
             await self.push_frame(frame)
@@ -363,6 +376,7 @@ class AvatarService(AIService):
             samples = out.to_ndarray().reshape(-1).astype(np.int16)
             self._mic.push(samples)
             self._fed_samples += samples.size
+            self._fed_since_mute = True
 
     async def _interrupt(self) -> None:
         """Pipecat interrupted the bot: stop passing the avatar's audio on, tell the server."""
@@ -381,6 +395,7 @@ class AvatarService(AIService):
                 self._mic.clear()
             self._held.clear()
             self._lipsync_muted = True
+            self._lipsync_quiet_since_mute = self._fed_since_mute = False
             self._lipsync_speaking = False
             self._lipsync_stop_s = None
             if self.client is not None:
@@ -453,8 +468,14 @@ class AvatarService(AIService):
         return TTSTextFrame(text=word, text_type=TextType.WORD, context_id=utterance.utterance_id)
 
     def _lipsync_state(self, state: str) -> None:
-        if state == "speaking":
+        if self._lipsync_muted:
+            if state != "speaking":
+                self._lipsync_quiet_since_mute = True
+                return
+            if not (self._lipsync_quiet_since_mute and self._fed_since_mute):
+                return  # still the interrupted answer
             self._lipsync_muted = False
+        if state == "speaking":
             self._lipsync_stop_s = None
             if not self._lipsync_speaking:
                 self._lipsync_speaking = True
