@@ -210,122 +210,14 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--log-format", choices=["text", "json"])
 
 
-_CLIENT_EPILOG = """\
-modes (--mode):
-  text          the avatar speaks the --say text; no microphone is sent
-                (the default without --audio)
-  microphone    --audio FILE is the live microphone and the avatar lip-syncs to it
-                (session mode lipsync; the default with --audio); --say text is spoken too
-  conversation  --audio FILE is the live microphone and the avatar listens while it
-                carries voice; it speaks the --say text (session mode conversation)
-
-The client leaves once the utterances are done, the --audio file has been sent and the
-avatar has been idle for --duration seconds (in microphone mode the last words are lip-synced
-about one segment plus generation time after they were sent: keep --duration above that).
---barge-in: the user's voice interrupts the avatar's speech.
---server-record: the server writes an MP4 of what it sends, from media start to the end
-(record.start / record.stop); its record.stopped (path, duration_ms, dropped_frames, error)
-is printed and put in the summary as server_recording.
-
-Every server message except stats is printed as a JSON line, then a summary line; server
-errors are also written to stderr. Exit status: 0 when video arrived and the server sent no
-error, 1 otherwise, 2 for bad arguments.
-"""
-
-
-def _add_client(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "client",
-        help="connect as a client, record to MP4",
-        description="Start a session with an image, speak text or play an audio file as the microphone, "
-        "and record what comes back.",
-        epilog=_CLIENT_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--url", default="http://127.0.0.1:8080/", help="server URL")
-    p.add_argument("--image", type=Path, required=True, help="reference image (PNG/JPEG/WebP)")
-    p.add_argument("--prompt", default="", help="appearance text")
-    p.add_argument("--prompt-file", type=Path, help="read the appearance text from this file (first paragraph)")
-    p.add_argument(
-        "--mode",
-        choices=["text", "microphone", "conversation"],
-        help="what you send: text, or --audio as a live microphone that the avatar lip-syncs (microphone) "
-        "or listens to (conversation); default: microphone with --audio, text otherwise",
-    )
-    p.add_argument(
-        "--audio",
-        "--mic",
-        dest="audio",
-        type=Path,
-        help="audio file (WAV, FLAC, MP3, ... anything PyAV reads) sent as the live microphone at real-time pace",
-    )
-    p.add_argument(
-        "--barge-in",
-        action="store_true",
-        help="the user's voice interrupts the avatar (needs a microphone mode)",
-    )
-    p.add_argument("--say", action="append", default=[], help="text to speak (repeatable: one utterance each)")
-    p.add_argument("--language", help="language of --say text, e.g. English (goes into the prompt)")
-    p.add_argument("--chunk-words", type=int, default=3, help="send --say text in chunks of this many words")
-    p.add_argument(
-        "--interrupt-after",
-        type=float,
-        metavar="SECONDS",
-        help="send interrupt this long after each utterance starts playing (speak.started)",
-    )
-    p.add_argument("--record", type=Path, help="write the received audio+video to this MP4 (client side)")
-    p.add_argument(
-        "--server-record",
-        action="store_true",
-        help="ask the server to record the session to an MP4 on its disk; prints record.stopped",
-    )
-    p.add_argument(
-        "--duration",
-        type=float,
-        default=3.0,
-        help="leave once the avatar has been idle this many seconds after the last utterance and the --audio file",
-    )
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each server reply")
-    p.add_argument("--token", help="session token from the server's POST /v1/tokens (servers with an api key)")
-    p.add_argument("--session-id", help="session id to ask for (with a token it must be the token's)")
-    p.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-
-
-def check_client_args(args: argparse.Namespace) -> str | None:
-    """What is wrong with the ``client`` flags (one message naming the flag), or ``None``.
-
-    Fills in ``args.mode`` when it was left out (``microphone`` with ``--audio``, else ``text``).
-    """
-    if args.mode is None:
-        args.mode = "microphone" if args.audio is not None else "text"
-    if args.mode == "text" and args.audio is not None:
-        return "--audio: a microphone is sent only with --mode microphone or --mode conversation"
-    if args.mode != "text" and args.audio is None:
-        return f"--mode {args.mode}: needs --audio FILE (the audio to send as the microphone)"
-    if args.barge_in and args.mode == "text":
-        return "--barge-in: needs a microphone (--mode microphone or conversation with --audio FILE)"
-    if not args.image.is_file():
-        return f"--image: {args.image}: no such file"
-    if args.audio is not None and not args.audio.is_file():
-        return f"--audio: {args.audio}: no such file"
-    if args.prompt_file is not None and not args.prompt_file.is_file():
-        return f"--prompt-file: {args.prompt_file}: no such file"
-    if args.chunk_words < 1:
-        return f"--chunk-words: must be at least 1, got {args.chunk_words}"
-    for flag, value in (("--duration", args.duration), ("--interrupt-after", args.interrupt_after)):
-        if value is not None and value < 0:
-            return f"{flag}: must not be negative, got {value:g}"
-    if args.timeout <= 0:
-        return f"--timeout: must be positive, got {args.timeout:g}"
-    return None
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The ``avatar-server`` parser with all subcommands (imports nothing heavy)."""
     parser = argparse.ArgumentParser(prog="avatar-server", description="Real-time streaming avatar server.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_serve(sub)
-    _add_client(sub)
+    from clients.cli import add_client_parser  # the client's flags live with the client (argparse only)
+
+    add_client_parser(sub)
     offline_cli.add_generate_parser(sub)
     offline_cli.add_download_parser(sub)
     return parser
@@ -361,10 +253,6 @@ async def _serve(settings: Settings) -> None:
         await app.close()
 
 
-def _first_paragraph(text: str) -> str:
-    return text.strip().strip('"').split("\n\n")[0].strip()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``avatar-server`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     args = build_parser().parse_args(argv)
@@ -397,52 +285,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         run = offline_cli.run_generate if args.command == "generate" else offline_cli.run_download
         return run(args)
 
-    return _client(args)
+    from clients.cli import main as client_main
 
-
-def _client(args: argparse.Namespace) -> int:
-    problem = check_client_args(args)
-    if problem is not None:
-        print(f"avatar-server client: {problem}", file=sys.stderr)
-        return 2
-    configure_logging(args.log_level, "text")
-    from websockets.exceptions import InvalidHandshake
-
-    from clients.python_client import CLIENT_MODES, run_client
-
-    prompt = args.prompt
-    if args.prompt_file is not None:
-        prompt = _first_paragraph(args.prompt_file.read_text(encoding="utf-8"))
-    try:
-        summary = asyncio.run(
-            run_client(
-                url=args.url,
-                image=args.image.read_bytes(),
-                prompt=prompt,
-                says=args.say,
-                language=args.language,
-                microphone=args.audio,
-                record=args.record,
-                chunk_words=args.chunk_words,
-                duration_s=args.duration,
-                timeout_s=args.timeout,
-                err=lambda line: print(f"avatar-server client: {line}", file=sys.stderr, flush=True),
-                token=args.token,
-                mode=CLIENT_MODES[args.mode],
-                barge_in=True if args.barge_in else None,
-                session_id=args.session_id,
-                server_record=args.server_record,
-                interrupt_after_s=args.interrupt_after,
-            )
-        )
-    except ValueError as exc:  # the --audio file cannot be decoded
-        print(f"avatar-server client: {exc}", file=sys.stderr)
-        return 2
-    except (OSError, InvalidHandshake) as exc:  # the server cannot be reached or refused the WebSocket
-        print(f"avatar-server client: cannot connect to {args.url}: {exc}", file=sys.stderr)
-        return 1
-    ok = summary["video_frames"] and not summary["errors"] and summary["failure"] is None
-    return 0 if ok else 1
+    return client_main(args)
 
 
 if __name__ == "__main__":

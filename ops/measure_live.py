@@ -214,7 +214,7 @@ async def measure(
     url: str, image: bytes, *, utterances: int = 3, interrupts: int = 3, warm_s: float = 3.0, timeout_s: float = 60.0
 ) -> dict[str, Any]:
     """Run the measurement against a server at ``url`` (module docstring); returns the figures."""
-    from clients.python_client import AvatarClient, split_chunks
+    from clients.client import AvatarClient, split_chunks
 
     client = AvatarClient(url)
     await client.connect()
@@ -227,9 +227,9 @@ async def measure(
             utterance_id = f"m{number}"
             sent_s = time.monotonic()
             await client.speak(utterance_id, split_chunks(SPEECH, 3), language="English")
-            started = await client.wait_for("speak.started", lambda m, u=utterance_id: m["utterance_id"] == u, timeout_s=timeout_s)
+            started = await client.wait_for("speak.started", lambda m, u=utterance_id: m.utterance_id == u, timeout_s=timeout_s)
             ttff_msg.append(1000 * (_arrival(client, started) - sent_s))
-            await client.wait_for("speak.ended", lambda m, u=utterance_id: m["utterance_id"] == u, timeout_s=timeout_s)
+            await client.wait_for("speak.ended", lambda m, u=utterance_id: m.utterance_id == u, timeout_s=timeout_s)
             heard_s = first_speech_arrival(client.received.audio, sent_s)
             if heard_s is not None:
                 ttff_audio.append(1000 * (heard_s - sent_s))
@@ -238,7 +238,7 @@ async def measure(
             utterance_id = f"i{number}"
             sent_s = time.monotonic()
             await client.speak(utterance_id, split_chunks(LONG_SPEECH, 3), language="English")
-            await client.wait_for("speak.started", lambda m, u=utterance_id: m["utterance_id"] == u, timeout_s=timeout_s)
+            await client.wait_for("speak.started", lambda m, u=utterance_id: m.utterance_id == u, timeout_s=timeout_s)
             deadline_s = time.monotonic() + timeout_s
             while first_speech_arrival(client.received.audio, sent_s) is None:
                 if time.monotonic() > deadline_s:
@@ -253,7 +253,7 @@ async def measure(
             if quiet_s is not None:
                 silence.append(1000 * (quiet_s - interrupted_s))
         await asyncio.sleep(0.5)
-        stats = client.messages("stats")[-1] if client.messages("stats") else {}
+        stats = client.messages("stats")[-1].model_dump() if client.messages("stats") else {}
     finally:
         await client.close()
     video, audio = client.received.video, client.received.audio
@@ -279,7 +279,7 @@ async def measure(
     }
 
 
-def _arrival(client, message: dict) -> float:
+def _arrival(client, message) -> float:
     for arrival_s, candidate in client.received.messages:
         if candidate is message:
             return arrival_s

@@ -87,7 +87,8 @@ def http_status(url: str) -> int:
 
 async def _client_loop(url: str, image: bytes, end_s: float, tally: Tally, rng: random.Random, number: int) -> None:
     """One session slot: keep a session busy until ``end_s``; replace it when it is lost."""
-    from clients.python_client import AvatarClient, split_chunks
+    from avatar_server import protocol
+    from clients.client import AvatarClient, split_chunks
 
     count = 0
     while time.monotonic() < end_s:
@@ -104,22 +105,22 @@ async def _client_loop(url: str, image: bytes, end_s: float, tally: Tally, rng: 
                 utterance_id = f"s{number}-{count}"
                 record = count % 5 == 0
                 if record:
-                    await client.send({"type": "record.start"})
+                    await client.send(protocol.RecordStart(type="record.start"))
                 await client.speak(utterance_id, split_chunks(text, 3), language=language)
                 tally.utterances += 1
                 try:
                     if count % 3 == 0:
-                        await client.wait_for("speak.started", lambda m, u=utterance_id: m["utterance_id"] == u, timeout_s=60)
+                        await client.wait_for("speak.started", lambda m, u=utterance_id: m.utterance_id == u, timeout_s=60)
                         await asyncio.sleep(rng.uniform(0.3, 1.5))
                         await client.interrupt()
                         await client.wait_for("interrupted", timeout_s=10)
                         tally.interrupts += 1
                     else:
-                        await client.wait_for("speak.ended", lambda m, u=utterance_id: m["utterance_id"] == u, timeout_s=60)
+                        await client.wait_for("speak.ended", lambda m, u=utterance_id: m.utterance_id == u, timeout_s=60)
                 except TimeoutError:
                     tally.utterances_unfinished += 1
                 if record:
-                    await client.send({"type": "record.stop"})
+                    await client.send(protocol.RecordStop(type="record.stop"))
                     await client.wait_for("record.stopped", timeout_s=30)
                     tally.recordings += 1
                 await asyncio.sleep(rng.uniform(0.5, 3.0))
@@ -129,10 +130,10 @@ async def _client_loop(url: str, image: bytes, end_s: float, tally: Tally, rng: 
         finally:
             stats = client.messages("stats")
             if stats:
-                tally.underruns += int(stats[-1].get("underruns", 0))
+                tally.underruns += stats[-1].underruns
             tally.video_frames += len(client.received.video)
             for message in client.messages("error"):
-                tally.errors[message["code"]] = tally.errors.get(message["code"], 0) + 1
+                tally.errors[str(message.code)] = tally.errors.get(str(message.code), 0) + 1
             with contextlib.suppress(Exception):
                 await client.close()
         if lost is not None and time.monotonic() < end_s:
@@ -154,7 +155,7 @@ def _why_lost(client) -> str | None:
 
 
 async def _refused(url: str, image: bytes, tally: Tally) -> None:
-    from clients.python_client import AvatarClient
+    from clients.client import AvatarClient
 
     client = AvatarClient(url)
     await client.connect()

@@ -13,7 +13,7 @@ import numpy as np
 
 from avatar_server.server import AvatarServer, build_app
 from avatar_server.settings import Settings
-from clients.python_client import AudioRecord, VideoRecord
+from clients.media import AudioRecord, VideoRecord
 from engine.testpattern import TestPatternEngine
 from ops import measure_live
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-HEAVY = ("torch", "engine", "aiortc", "av", "streaming", "avatar_server.server", "clients.python_client")
+HEAVY = ("torch", "engine", "aiortc", "av", "streaming", "avatar_server.server", "clients.client")
 
 PROBE = """
 import json, sys
@@ -68,4 +68,4 @@ def test_the_probe_sees_heavy_imports(media_dir) -> None:
     imports the Python client, aiortc and PyAV, and the probe reports them."""
     outcome = probe(["client", "--image", str(media_dir / "portrait.png"), "--url", "http://127.0.0.1:9/"])
     assert outcome["code"] == 1
-    assert {"aiortc", "av", "clients.python_client"} <= set(outcome["heavy"]), outcome
+    assert {"aiortc", "av", "clients.client"} <= set(outcome["heavy"]), outcome

@@ -9,7 +9,8 @@ import json
 
 import pytest
 
-from clients.python_client import AvatarClient
+from avatar_server import protocol
+from clients.client import AvatarClient
 from tests.e2e_support import running_server
 
 pytestmark = pytest.mark.slow
@@ -30,23 +31,23 @@ async def test_bad_input_then_a_good_session(media_dir) -> None:
         for raw, code in bad:
             await client.send(raw)
             reply = await client.wait_for("error", timeout_s=10)
-            assert reply["code"] == code, (code, reply)
-            assert reply["message"]
+            assert reply.code == code, (code, reply)
+            assert reply.message
 
         await client.start_session(portrait, "A man at a counter.")
         await client.start_media()
-        await client.send({"type": "speak", "utterance_id": "long", "text": "x" * 201})
+        await client.send(protocol.Speak.model_construct(type="speak", utterance_id="long", text="x" * 201))
         reply = await client.wait_for("error", timeout_s=10)
-        assert reply["code"] == "text_too_long" and "max_text_chars = 200" in reply["message"]
+        assert reply.code == "text_too_long" and "max_text_chars = 200" in reply.message
         for _ in range(2):
-            await client.send({"type": "speak", "utterance_id": "u1", "text": "word " * 40})
-        await client.send({"type": "speak", "utterance_id": "u1", "text": "word " * 40})
+            await client.speak_chunk("u1", "word " * 40)
+        await client.speak_chunk("u1", "word " * 40)
         reply = await client.wait_for("error", timeout_s=10)
-        assert reply["code"] == "utterance_too_long" and "max_utterance_chars = 400" in reply["message"]
+        assert reply.code == "utterance_too_long" and "max_utterance_chars = 400" in reply.message
         await client.interrupt()
         await client.wait_for("interrupted", timeout_s=10)
         await client.speak("u2", ["Still here, and still talking."], language="English")
-        await client.wait_for("speak.ended", lambda m: m["utterance_id"] == "u2", timeout_s=20)
+        await client.wait_for("speak.ended", lambda m: m.utterance_id == "u2", timeout_s=20)
 
         # a second client is served at the same time
         other = AvatarClient(f"http://127.0.0.1:{app.port}/")

@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from clients.python_client import AvatarClient
+from clients.client import AvatarClient
 from tests.e2e_support import best_lag_correlation, load_audio, rms_envelope, running_server
 
 pytestmark = pytest.mark.slow
@@ -34,9 +34,9 @@ async def test_microphone_drives_lipsync_with_the_users_audio(media_dir) -> None
         await client.start_session((media_dir / "portrait.png").read_bytes(), "A man speaks at a podium.")
         started_s = time.monotonic()
         await client.start_media(microphone=media_dir / "jfk.flac")
-        listening = await client.wait_for("state", lambda m: m["state"] == "listening", timeout_s=10)
+        listening = await client.wait_for("state", lambda m: m.state == "listening", timeout_s=10)
         listening_s = time.monotonic() - started_s
-        await client.wait_for("state", lambda m: m["state"] == "speaking", timeout_s=10)
+        await client.wait_for("state", lambda m: m.state == "speaking", timeout_s=10)
         speaking_s = time.monotonic() - started_s
         # enough received audio to hold the first SPEECH_S of speech after the lag
         deadline = time.monotonic() + 20
@@ -56,5 +56,5 @@ async def test_microphone_drives_lipsync_with_the_users_audio(media_dir) -> None
         f"envelope correlation {corr:.3f} at lag {lag / 100:.2f} s in the received stream "
         f"(speech starts {onset / 100:.2f} s into the file: {delay_s:.2f} s later than sent)"
     )
-    assert listening["state"] == "listening"
+    assert listening.state == "listening"
     assert corr > 0.8

@@ -22,7 +22,7 @@ import time
 import numpy as np
 import pytest
 
-from clients.python_client import AvatarClient, split_chunks
+from clients.client import AvatarClient, split_chunks
 from tests.e2e_support import av_offsets_ms, first_paragraph, running_server
 
 pytestmark = pytest.mark.slow
@@ -41,7 +41,7 @@ async def test_speak_two_languages_over_webrtc(media_dir) -> None:
         await client.connect()
         prompt = first_paragraph((media_dir / "prompt.txt").read_text(encoding="utf-8"))
         ready = await client.start_session((media_dir / "portrait.png").read_bytes(), prompt)
-        assert (ready["width"], ready["height"], ready["fps"], ready["sample_rate"]) == (224, 128, 25, 48_000)
+        assert (ready.width, ready.height, ready.fps, ready.sample_rate) == (224, 128, 25, 48_000)
         media_start_s = time.monotonic()
         await client.start_media()
         wall0_s, cpu0_s = time.monotonic(), time.process_time()
@@ -50,9 +50,9 @@ async def test_speak_two_languages_over_webrtc(media_dir) -> None:
         for utterance_id, language, text in UTTERANCES:
             sent_s = time.monotonic()
             await client.speak(utterance_id, split_chunks(text, 3), language=language)
-            await client.wait_for("speak.started", lambda m, u=utterance_id: m["utterance_id"] == u, timeout_s=20)
+            await client.wait_for("speak.started", lambda m, u=utterance_id: m.utterance_id == u, timeout_s=20)
             latencies_s[utterance_id] = time.monotonic() - sent_s
-            await client.wait_for("speak.ended", lambda m, u=utterance_id: m["utterance_id"] == u, timeout_s=30)
+            await client.wait_for("speak.ended", lambda m, u=utterance_id: m.utterance_id == u, timeout_s=30)
         await client.wait_for("stats", timeout_s=5)
         cpu_s, wall_s = time.process_time() - cpu0_s, time.monotonic() - wall0_s
         await client.close()
@@ -76,11 +76,11 @@ async def test_speak_two_languages_over_webrtc(media_dir) -> None:
     assert max(np.diff([a.arrival_s for a in audio])) < 0.25
 
     # protocol events for each utterance, in order
-    events = [(m["type"], m.get("utterance_id")) for _, m in client.received.messages if m["type"].startswith("speak.")]
+    events = [(m.type, m.utterance_id) for _, m in client.received.messages if m.type.startswith("speak.")]
     assert events == [("speak.started", "en"), ("speak.ended", "en"), ("speak.started", "de"), ("speak.ended", "de")]
-    played = {m["utterance_id"]: m["played_ms"] for m in client.messages("speak.ended")}
+    played = {m.utterance_id: m.played_ms for m in client.messages("speak.ended")}
     assert all(ms > 1000 and ms % 40 == 0 for ms in played.values()), played
-    states = [m["state"] for m in client.messages("state")]
+    states = [m.state for m in client.messages("state")]
     assert "speaking" in states and states[-1] == "idle"
 
     # A/V offset from flash and click

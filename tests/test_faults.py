@@ -32,7 +32,7 @@ from PIL import Image
 from websockets.asyncio.client import connect
 
 from avatar_server.webrtc import close_peer_connection, make_peer_connection
-from clients.python_client import AvatarClient
+from clients.client import AvatarClient
 from engine.api import SegmentKind, SegmentRequest
 from engine.testpattern import TestPatternEngine
 from tests.security_support import Resources, server, settle, snapshot
@@ -130,8 +130,8 @@ async def frames_in(c: AvatarClient, seconds: float) -> int:
     return len(c.received.video) - before
 
 
-def errors(c: AvatarClient) -> list[dict]:
-    return [m for _, m in c.received.messages if m.get("type") == "error"]
+def errors(c: AvatarClient) -> list:
+    return c.messages("error")
 
 
 def vanish(c: AvatarClient) -> None:
@@ -159,14 +159,14 @@ async def test_engine_errors_retry_then_end_only_their_own_session() -> None:
             # one failure: retried, the session goes on
             engine.faults["red"] = raise_oom(1)
             assert await settle(lambda: errors(a), 10)
-            assert errors(a)[0]["code"] == "engine_failed"
+            assert errors(a)[0].code == "engine_failed"
             engine.calls.clear()
             assert await settle(lambda: engine.calls.get("red", 0) >= 3, 15)  # generating again
-            assert a.session["session_id"] in {conn.session_id for conn in app.connections}
+            assert a.session.session_id in {conn.session_id for conn in app.connections}
             # failures in a row: the session ends; the other one plays on
             engine.faults["red"] = raise_oom(None)
             watch = asyncio.ensure_future(frames_in(b, 4.0))
-            assert await settle(lambda: any("max_engine_failures = 3" in e["message"] for e in errors(a)), 15)
+            assert await settle(lambda: any("max_engine_failures = 3" in e.message for e in errors(a)), 15)
             assert await settle(lambda: a._ws.close_code is not None, 5)
             assert a._ws.close_code == 1011
             assert await watch >= 0.6 * 25 * 4.0
@@ -183,17 +183,17 @@ async def test_track_and_encoder_crashes_end_only_their_own_session(monkeypatch)
         try:
             # an outgoing track crashes
             a = await client(app, "red")
-            session = connection_of(app, a.session["session_id"]).session
+            session = connection_of(app, a.session.session_id).session
             session.buffer.pull_video_frame = lambda index: 1 / 0
             assert await settle(lambda: errors(a), 10)
-            assert errors(a)[0]["code"] == "media_failed" and "video track failed" in errors(a)[0]["message"]
+            assert errors(a)[0].code == "media_failed" and "video track failed" in errors(a)[0].message
             assert await settle(lambda: app.sessions_active == 1)
             await a.close()
             # the video encoder crashes (only on the red session's frames)
             a = await client(app, "red")
             monkeypatch.setattr(aiortc.codecs.vpx.Vp8Encoder, "encode", crashing_encode(aiortc.codecs.vpx.Vp8Encoder.encode))
             assert await settle(lambda: errors(a), 10)
-            assert errors(a)[0]["code"] == "media_failed" and "sender stopped" in errors(a)[0]["message"]
+            assert errors(a)[0].code == "media_failed" and "sender stopped" in errors(a)[0].message
             await a.close()
             assert await frames_in(b, 1.0) >= 15 and not errors(b)
             assert await settle(lambda: app.sessions_active == 1)
@@ -278,7 +278,7 @@ async def test_nothing_is_left_behind_after_faults(monkeypatch) -> None:
             del engine.faults["red"]
             # 3. an outgoing track crashes
             victim = await client(app, "green")
-            connection_of(app, victim.session["session_id"]).session.buffer.pull_video_frame = lambda index: 1 / 0
+            connection_of(app, victim.session.session_id).session.buffer.pull_video_frame = lambda index: 1 / 0
             assert await settle(lambda: errors(victim), 10)
             await victim.close()
             # 4. the video encoder crashes

@@ -337,7 +337,7 @@ async def test_session_lifetime_limits_end_the_session(settings, reason, media_d
 
 
 async def test_sigterm_drains_a_serve_process_and_exits_cleanly(media_dir) -> None:
-    from clients.python_client import AvatarClient, split_chunks
+    from clients.client import AvatarClient, split_chunks
 
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "avatar_server.cli", "serve", "--engine", "testpattern", "--port", "0",
@@ -367,8 +367,8 @@ async def test_sigterm_drains_a_serve_process_and_exits_cleanly(media_dir) -> No
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
-    types = [m["type"] for _, m in client.received.messages]
-    assert ended["reason"] == "shutdown"
+    types = [m.type for _, m in client.received.messages]
+    assert ended.reason == "shutdown"
     assert "speak.ended" in types and types.index("speak.ended") < types.index("session.ended")  # finished first
     assert returncode == 0, (await proc.stderr.read()).decode()[-2000:]
 
@@ -470,7 +470,7 @@ async def test_interrupt_to_silence_at_the_client_over_webrtc(media_dir) -> None
     received audio must be silent within 200 ms plus transport (aiortc's receiver holds about
     four 20 ms packets). Through two interrupts and a mode switch, the audio and video
     timelines stay gapless."""
-    from clients.python_client import AvatarClient, split_chunks
+    from clients.client import AvatarClient, split_chunks
 
     engine = MarkedEngine(TestPatternEngine(generate_delay_s=0.2))
     app = build_app(Settings(engine="testpattern", port=0, max_sessions=2), engine)
@@ -480,7 +480,7 @@ async def test_interrupt_to_silence_at_the_client_over_webrtc(media_dir) -> None
         client = AvatarClient(f"http://127.0.0.1:{app.port}/")
         await client.connect()
         ready = await client.start_session((media_dir / "portrait.png").read_bytes(), "A person.")
-        assert ready["mode"] == "lipsync" and ready["sr"] is False
+        assert ready.mode == "lipsync" and ready.sr is False
         await client.start_media()
         await asyncio.sleep(1.5)
         latencies_ms = []
@@ -494,12 +494,12 @@ async def test_interrupt_to_silence_at_the_client_over_webrtc(media_dir) -> None
             interrupted_s = time.monotonic()
             await client.interrupt()
             reply = await client.wait_for("interrupted", timeout_s=5)
-            assert reply["utterance_id"] == f"long{number}" and reply["played_ms"] > 0
+            assert reply.utterance_id == f"long{number}" and reply.played_ms > 0
             await asyncio.sleep(0.8)
             quiet_s = first_silence_arrival(client.received.audio, interrupted_s)
             latencies_ms.append(1000 * (quiet_s - interrupted_s))
-            await client.send({"type": "session.update", "mode": "conversation" if number == 0 else "lipsync"})
-        stats = await client.wait_for("stats", lambda m: m["mode"] == "lipsync", timeout_s=5)
+            await client.update_session(mode="conversation" if number == 0 else "lipsync")
+        stats = (await client.wait_for("stats", lambda m: m.mode == "lipsync", timeout_s=5)).model_dump()
         await client.close()
         metrics = app.metrics.render().decode()
     finally:
@@ -547,7 +547,7 @@ async def test_a_client_closing_its_peer_connection_is_not_a_media_failure(media
     renegotiation, or a client leaving in that order): the server's senders stop while the
     peer connection still reads ``connected`` for a moment. That is the peer leaving, not an
     encoder/transport failure: no ``media_failed``; the session waits for a new offer."""
-    from clients.python_client import AvatarClient
+    from clients.client import AvatarClient
 
     app = build_app(Settings(engine="testpattern", port=0), TestPatternEngine(generate_delay_s=0.05))
     await app.start()
@@ -560,7 +560,7 @@ async def test_a_client_closing_its_peer_connection_is_not_a_media_failure(media
         await wait_until(lambda: len(client.received.video) > 10, timeout_s=15)
         await client.pc.close()
         await asyncio.sleep(2.0)
-        errors = [m for _, m in client.received.messages if m["type"] in ("error", "session.ended")]
+        errors = [m for _, m in client.received.messages if m.type in ("error", "session.ended")]
         assert errors == [], errors
         assert app.sessions_active == 1
         assert 'avatar_server_sessions_ended_total{reason="media_failed"}' not in app.metrics.render().decode()

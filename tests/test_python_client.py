@@ -11,7 +11,8 @@ prints, what the server saw and the files on disk:
 * ``--barge-in`` in ``--mode conversation``: a microphone file that stays silent for 3 s and
   then speaks interrupts a long utterance (``interrupted``, played 1.5-6 s), while the same run
   without the flag lets it end (``speak.ended``); ``session.ready`` echoes mode and barge-in;
-* ``--interrupt-after``: ``interrupted`` with ``played_ms`` near the delay;
+* ``--interrupt-after``: ``interrupted`` with ``played_ms`` near the delay; the notice of
+  ``session.ready`` is written to stderr;
 * ``--audio`` alone (``microphone`` mode, the session's ``lipsync``): sent at real-time pace
   (the run lasts at least the file), the avatar listens then lip-syncs, and the server's
   recording carries the user's speech (RMS envelope correlation > 0.8);
@@ -169,6 +170,9 @@ async def test_interrupt_after(media_dir) -> None:
     # 1 s after speak.started, plus the message's trip and the cut at the next frame.
     assert 800 <= interrupted[0]["played_ms"] <= 1600, interrupted
     assert not of_type(lines, "speak.ended"), lines
+    # session.ready's notice (what the test pattern is) goes to stderr as a readable line
+    notice = of_type(lines, "session.ready")[0]["notice"]
+    assert notice and f"avatar-server client: note: {notice}" in stderr
 
 
 async def test_audio_file_is_a_live_microphone_for_lipsync(media_dir, late_speech, tmp_path) -> None:

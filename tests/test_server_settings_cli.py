@@ -73,20 +73,6 @@ def test_parser_has_serve_and_client() -> None:
         parser.parse_args(["serve", "--engine", "nope"])
 
 
-def test_client_mode_defaults_and_checks(media_dir) -> None:
-    parser = cli.build_parser()
-    image = str(media_dir / "portrait.png")
-    audio = str(media_dir / "jfk.flac")
-    args = parser.parse_args(["client", "--image", image])
-    assert cli.check_client_args(args) is None and args.mode == "text"
-    args = parser.parse_args(["client", "--image", image, "--audio", audio, "--barge-in"])
-    assert cli.check_client_args(args) is None and args.mode == "microphone"
-    args = parser.parse_args(["client", "--image", image, "--interrupt-after", "-1"])
-    assert cli.check_client_args(args) == "--interrupt-after: must not be negative, got -1"
-    args = parser.parse_args(["client", "--image", "nope.png"])
-    assert cli.check_client_args(args) == "--image: nope.png: no such file"
-
-
 def test_json_logging(capsys) -> None:
     cli.configure_logging("INFO", "json")
     logging.getLogger("avatar_server.test").info("hello %s", "world")

@@ -305,12 +305,12 @@ async def test_media_and_events_survive_a_signalling_drop_over_webrtc() -> None:
     """The avatar speaks; the WebSocket drops mid-utterance; media keeps arriving over the
     untouched peer connection; the utterance ends during the gap; ``resume()`` gets its
     ``speak.ended`` among the replayed messages, and the stream never restarted."""
-    from clients.python_client import AvatarClient, split_chunks
+    from clients.client import AvatarClient, split_chunks
 
     async with server(session_resume_grace_s=GRACE_S, testpattern_delay_s=0.05, warm_up=True) as app:
         client = AvatarClient(f"http://127.0.0.1:{app.port}/", keep_audio=False)
         await client.connect()
-        ready = dict(await client.start_session(base64.b64decode(png_b64())))  # resume() updates client.session
+        ready = await client.start_session(base64.b64decode(png_b64()))  # resume() replaces client.session
         await client.start_media()
         pc = client.pc
         await client.speak("u1", split_chunks("One short sentence for the gap.", 2))
@@ -324,13 +324,13 @@ async def test_media_and_events_survive_a_signalling_drop_over_webrtc() -> None:
         ), "the utterance did not end during the gap"
         frames_in_gap = len(client.received.video) - frames_at_drop
         resumed = await client.resume()
-        assert resumed["session_id"] == ready["session_id"]
-        assert resumed["resume_token"] != ready["resume_token"] and resumed["peer_connection"] == "connected"
+        assert resumed.session_id == ready.session_id
+        assert resumed.resume_token != ready.resume_token and resumed.peer_connection == "connected"
         ended = await client.wait_for("speak.ended", timeout_s=5)
-        assert ended["utterance_id"] == "u1"
-        types = [m["type"] for _, m in client.received.messages]
+        assert ended.utterance_id == "u1"
+        types = [m.type for _, m in client.received.messages]
         after = types[types.index("session.resumed") + 1 :]
-        assert "speak.ended" in after[: resumed["missed_messages"]] and "stats" not in after[: resumed["missed_messages"]]
+        assert "speak.ended" in after[: resumed.missed_messages] and "stats" not in after[: resumed.missed_messages]
         assert counts(app) == one_session()
         frames_after_resume = len(client.received.video)
         await asyncio.sleep(1.0)
@@ -345,19 +345,19 @@ async def test_media_and_events_survive_a_signalling_drop_over_webrtc() -> None:
 
 
 async def test_python_client_resumes_by_itself() -> None:
-    from clients.python_client import AvatarClient
+    from clients.client import AvatarClient
 
     async with server(session_resume_grace_s=GRACE_S) as app:
         client = AvatarClient(f"http://127.0.0.1:{app.port}/", auto_resume=True)
         await client.connect()
-        ready = dict(await client.start_session(base64.b64decode(png_b64())))
+        ready = await client.start_session(base64.b64decode(png_b64()))
         drop(client._ws)
         resumed = await client.wait_for("session.resumed", timeout_s=10)
-        assert resumed["session_id"] == ready["session_id"]
+        assert resumed.session_id == ready.session_id
         assert await settle(lambda: client.resumes == 1, 5)
-        assert client.session["resume_token"] == resumed["resume_token"] != ready["resume_token"]
+        assert client.session.resume_token == resumed.resume_token != ready.resume_token
         await client.interrupt()
-        assert (await client.wait_for("interrupted"))["utterance_id"] is None
+        assert (await client.wait_for("interrupted")).utterance_id is None
         assert counts(app) == one_session()
         await client.close()
         assert await settle(lambda: counts(app) == NOTHING, 5), counts(app)

@@ -1,0 +1,144 @@
+"""Harness of the Pipecat tests: a Pipecat pipeline whose output transport is Pipecat's own
+WebRTC transport (``SmallWebRTCTransport``, aiortc) to a headless aiortc viewer in this
+process, with a recorder of the frames that leave the transport.
+
+Import only after ``pytest.importorskip("pipecat")``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from pipecat.frames.frames import Frame
+from pipecat.pipeline.pipeline import Pipeline
+from pipecat.pipeline.worker import PipelineParams, PipelineWorker
+from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
+from pipecat.transports.base_transport import TransportParams
+from pipecat.transports.smallwebrtc.connection import SmallWebRTCConnection
+from pipecat.transports.smallwebrtc.transport import SmallWebRTCTransport
+from pipecat.workers.runner import WorkerRunner
+
+from avatar_server.webrtc import use_host_addresses
+from clients.media import AudioRecord, VideoRecord, audio_frame_to_mono
+
+SAMPLE_RATE_HZ = 48_000
+
+
+class Recorder(FrameProcessor):
+    """Passes every frame on and keeps the downstream ones with their time (monotonic s)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.frames: list[tuple[float, Frame]] = []
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
+        await super().process_frame(frame, direction)
+        if direction == FrameDirection.DOWNSTREAM:
+            self.frames.append((time.monotonic(), frame))
+        await self.push_frame(frame, direction)
+
+    def of(self, *types: type) -> list[tuple[float, Frame]]:
+        return [(t, f) for t, f in self.frames if isinstance(f, types)]
+
+
+@dataclass
+class Viewer:
+    """The headless WebRTC peer on the other side of Pipecat's transport: what it received."""
+
+    pc: RTCPeerConnection
+    video: list[VideoRecord] = field(default_factory=list)
+    audio: list[AudioRecord] = field(default_factory=list)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    async def consume(self, track: MediaStreamTrack) -> None:
+        while True:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                return
+            arrival_s = time.monotonic()
+            pts_s = float(frame.pts * frame.time_base)
+            if track.kind == "video":
+                luma = frame.to_ndarray(format="gray")
+                self.video.append(
+                    VideoRecord(arrival_s, pts_s, frame.width, frame.height, float(luma.mean()))
+                )
+            else:
+                self.audio.append(
+                    AudioRecord(arrival_s, pts_s, frame.sample_rate, audio_frame_to_mono(frame))
+                )
+
+
+@dataclass
+class Bot:
+    worker: PipelineWorker
+    viewer: Viewer
+    recorder: Recorder
+    transport: SmallWebRTCTransport
+
+
+@contextlib.asynccontextmanager
+async def pipecat_bot(
+    processors: Sequence[FrameProcessor], *, width: int = 224, height: int = 128
+) -> AsyncIterator[Bot]:
+    """``transport.input() -> *processors -> transport.output() -> Recorder`` running, its
+    transport connected to a headless viewer (loopback ICE)."""
+    use_host_addresses(["127.0.0.1"])
+    viewer = Viewer(RTCPeerConnection())
+    viewer.pc.addTransceiver("audio", direction="recvonly")
+    viewer.pc.addTransceiver("video", direction="recvonly")
+
+    @viewer.pc.on("track")
+    def on_track(track: MediaStreamTrack) -> None:
+        viewer.tasks.append(asyncio.get_running_loop().create_task(viewer.consume(track)))
+
+    await viewer.pc.setLocalDescription(await viewer.pc.createOffer())
+    connection = SmallWebRTCConnection()
+    await connection.initialize(sdp=viewer.pc.localDescription.sdp, type="offer")
+    answer = connection.get_answer()
+    await viewer.pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
+    params = TransportParams(
+        audio_out_enabled=True,
+        audio_out_sample_rate=SAMPLE_RATE_HZ,
+        video_out_enabled=True,
+        video_out_is_live=True,
+        video_out_width=width,
+        video_out_height=height,
+        video_out_framerate=25,
+    )
+    transport = SmallWebRTCTransport(webrtc_connection=connection, params=params)
+    recorder = Recorder()
+    pipeline = Pipeline([transport.input(), *processors, transport.output(), recorder])
+    worker = PipelineWorker(
+        pipeline,
+        params=PipelineParams(audio_out_sample_rate=SAMPLE_RATE_HZ),
+        idle_timeout_secs=None,
+        enable_rtvi=False,
+    )
+    runner = WorkerRunner(handle_sigint=False)
+    await runner.add_workers(worker)
+    run = asyncio.get_running_loop().create_task(runner.run())
+    try:
+        yield Bot(worker, viewer, recorder, transport)
+    finally:
+        await worker.cancel()
+        with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
+            await asyncio.wait_for(run, 15)
+        await viewer.pc.close()
+        for task in viewer.tasks:
+            task.cancel()
+        await connection.disconnect()
+
+
+async def wait_until(predicate, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
+        await asyncio.sleep(0.05)
