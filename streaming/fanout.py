@@ -11,8 +11,13 @@ Every frame read goes to every sink (:class:`FrameSink`): WebRTC viewers (throug
 :class:`SinkTrack`, an aiortc track fed by the pump), live outputs (RTMP, WHIP), a shared
 encoder. ``put`` must return at once; a sink keeps a bounded queue of its own and drops (and
 counts) what it cannot take, so a sink that stalls never stalls the pump nor the other sinks.
-A sink whose ``put`` raises is removed. Sinks must not modify the frames they are given:
-the same :class:`av.VideoFrame` / :class:`av.AudioFrame` object goes to all of them.
+A sink whose ``put`` raises is removed.
+
+**Frames are shared, and only the event loop may touch them.** The same
+:class:`av.VideoFrame` / :class:`av.AudioFrame` object goes to every sink. PyAV keeps a
+scaler (``SwsContext``) on each frame for ``reformat``, so two threads converting one frame
+at once crash the process. A sink that hands frames to another thread (an encoder thread,
+aiortc's encoder executor) gives it its own copy made on the loop: :func:`copy_frame`.
 
 Frames: video ``rgb24`` at the session's size, ``pts`` in 90 kHz units; audio ``s16`` mono
 20 ms chunks (960 samples at 48 kHz), ``pts`` in samples. Both share media time 0.
@@ -33,6 +38,19 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 logger = logging.getLogger(__name__)
 
 MediaKind = Literal["video", "audio"]
+
+
+def copy_frame(frame: av.VideoFrame | av.AudioFrame) -> av.VideoFrame | av.AudioFrame:
+    """A new frame with the same pixels or samples, ``pts`` and ``time_base`` (call on the
+    event loop; the copy may then go to any one thread). Video ``rgb24``, audio as is."""
+    if isinstance(frame, av.VideoFrame):
+        out = av.VideoFrame.from_ndarray(frame.to_ndarray(format="rgb24"), format="rgb24")
+    else:
+        out = av.AudioFrame.from_ndarray(frame.to_ndarray(), format=frame.format.name, layout=frame.layout.name)
+        out.sample_rate = frame.sample_rate
+    out.pts = frame.pts
+    out.time_base = frame.time_base
+    return out
 
 
 class FrameSink(Protocol):
@@ -197,6 +215,6 @@ class SinkTrack(MediaStreamTrack):
             self._last_read_s = time.monotonic()
             if self._queue:
                 self.delivered += 1
-                return self._queue.popleft()
+                return copy_frame(self._queue.popleft())  # aiortc encodes it in another thread
             self._ready.clear()
             await self._ready.wait()

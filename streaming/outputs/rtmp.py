@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import av
 
-from streaming.fanout import MediaKind
+from streaming.fanout import MediaKind, copy_frame
 from streaming.outputs.base import Backoff, OutputState, OutputStateName, redact_text, redact_url, url_secrets
 
 logger = logging.getLogger(__name__)
@@ -139,7 +139,7 @@ class RtmpOutput:
         with self._ready:
             if len(self._queue) == self._queue.maxlen:
                 self.dropped += 1
-            self._queue.append((kind, frame))
+            self._queue.append((kind, copy_frame(frame)))  # the writer thread's own frame
             self._ready.notify()
 
     # ----------------------------------------------------------------------------- control
@@ -271,8 +271,7 @@ class RtmpOutput:
                     if pts <= last_audio_pts:
                         continue
                     last_audio_pts = pts
-                    out = av.AudioFrame.from_ndarray(frame.to_ndarray(), format=frame.format.name, layout="mono")
-                    out.sample_rate = frame.sample_rate
+                    out = frame
                     out.pts = pts
                     out.time_base = audio_time_base
                     packets = audio.encode(out)
