@@ -38,6 +38,7 @@ from avatar_server.auth import Authenticator, startup_problem
 from avatar_server.connection import ClientConnection, token_key
 from avatar_server.images import set_pixel_limit
 from avatar_server.limits import AdmissionRegistry
+from avatar_server.live import LiveRegistry
 from avatar_server.metrics import Metrics
 from avatar_server.settings import Settings
 from avatar_server.tls import server_ssl_context
@@ -50,7 +51,8 @@ from streaming.session import EngineWorker, LoopConfig
 logger = logging.getLogger(__name__)
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "clients" / "web"
-STATIC_FILES = ("index.html", "app.js", "style.css")
+STATIC_FILES = ("index.html", "app.js", "style.css", "watch.html", "watch.js")
+PUBLIC_PAGES = ("watch",)  # /watch: the WHEP player (avatar_server/live.py)
 SHUTDOWN_TIMEOUT_S = 15.0
 
 
@@ -184,9 +186,10 @@ class AvatarServer:
         self._warmup_task: asyncio.Task[None] | None = None
         use_host_addresses(settings.ice_host_addresses())
         set_pixel_limit(settings.limits.max_image_pixels)
-        self.auth = Authenticator(settings, static_files=STATIC_FILES, metrics=self.metrics)
+        self.auth = Authenticator(settings, static_files=STATIC_FILES + PUBLIC_PAGES, metrics=self.metrics)
         self.admission = AdmissionRegistry(settings.limits)
         self.web_dir = WEB_DIR
+        self.live = LiveRegistry(self)  # headless sessions, outputs and viewers (issue 15)
         self.asgi = routes.build_asgi_app(self)
 
     # ----------------------------------------------------------------------------- lifecycle
@@ -217,6 +220,7 @@ class AvatarServer:
                 await self._warmup_task
         for conn in self._all_sessions():
             await conn.close()
+        await self.live.close()
         await asyncio.to_thread(self.worker.close, 10.0)  # the engine thread stops before exit
 
     async def start(self, *, warm_up: bool = True) -> None:

@@ -17,7 +17,8 @@ done. Three kinds of callers:
 * **Operators** read ``/metrics`` and any other non-public route (deny by default: every path
   that is not the page, a static file, ``/healthz``, ``/readyz``, ``/ws`` or ``/v1/tokens``)
   with the API key, or from a loopback address (``auth.admin_from_loopback``, default on).
-  ``/v1/sessions/<id>/...`` also answers the token of session ``<id>``.
+  ``/v1/sessions/<id>/...`` (and ``DELETE /v1/sessions/<id>``) also answers the token of
+  session ``<id>``; its ``whep`` routes also a *viewer* token (scope ``viewer``: watch only).
 
 Browsers' ``Origin`` on ``/ws`` must be in ``allowed_origins`` (default: the server's own
 host). Without an API key the server is a zero-config developer server: no token is needed,
@@ -74,6 +75,8 @@ WEBSOCKET_PATH = "/ws"
 SUBPROTOCOL = "avatar.v1"
 BEARER_SUBPROTOCOL_PREFIX = "bearer."
 SCOPE_SESSION = "session"
+SCOPE_VIEWER = "viewer"  # may watch a session (WHEP), never control it
+VIEWER_ROUTES = ("whep",)  # /v1/sessions/<id>/<route>... that a viewer token opens
 TOKEN_ISSUER = "avatar-server"
 TOKEN_AUDIENCE = "avatar-server"
 TOKEN_ALGORITHM = "HS256"
@@ -142,8 +145,16 @@ class TokenIssuer:
         self.default_ttl_s = default_ttl_s
         self.max_ttl_s = max_ttl_s
 
-    def mint(self, session_id: str | None = None, *, ttl_s: float | None = None, now: float | None = None) -> MintedToken:
-        """A token for ``session_id`` (a fresh id when ``None``) valid for ``ttl_s`` seconds."""
+    def mint(
+        self,
+        session_id: str | None = None,
+        *,
+        ttl_s: float | None = None,
+        now: float | None = None,
+        scope: str = SCOPE_SESSION,
+    ) -> MintedToken:
+        """A token for ``session_id`` (a fresh id when ``None``) valid for ``ttl_s`` seconds;
+        ``scope``: ``session`` (start and control it) or ``viewer`` (watch it over WHEP)."""
         session_id = session_id or new_session_id()
         if not SESSION_ID_RE.fullmatch(session_id):
             raise ValueError(f"session_id: must match {SESSION_ID_RE.pattern}")
@@ -156,20 +167,20 @@ class TokenIssuer:
             "iss": TOKEN_ISSUER,
             "aud": TOKEN_AUDIENCE,
             "sub": session_id,
-            "scope": SCOPE_SESSION,
+            "scope": scope,
             "iat": issued,
             "exp": expires_at,
             "jti": secrets.token_hex(12),
         }
         token = jwt.encode(claims, self._secret, algorithm=TOKEN_ALGORITHM)
-        return MintedToken(token=token, expires_at=expires_at, session_id=session_id)
+        return MintedToken(token=token, expires_at=expires_at, session_id=session_id, scope=scope)
 
-    def verify(self, token: str) -> dict[str, Any]:
-        """The claims of a valid session token.
+    def verify(self, token: str, scopes: tuple[str, ...] = (SCOPE_SESSION,)) -> dict[str, Any]:
+        """The claims of a valid token with one of ``scopes`` (default: a session token).
 
         Raises:
             TokenError: expired, not signed with this server's secret, malformed, or without
-                the ``session`` scope.
+                one of ``scopes``.
         """
         if len(token) > MAX_TOKEN_CHARS:
             raise TokenError(f"token: longer than {MAX_TOKEN_CHARS} characters")
@@ -189,9 +200,9 @@ class TokenIssuer:
             raise TokenError("token: not signed by this server") from None
         except jwt.InvalidTokenError as exc:
             raise TokenError(f"token: invalid ({type(exc).__name__})") from None
-        scopes = str(claims.get("scope", "")).split()
-        if SCOPE_SESSION not in scopes:
-            raise TokenError("token: lacks the 'session' scope", http.HTTPStatus.FORBIDDEN)
+        granted = str(claims.get("scope", "")).split()
+        if not any(scope in granted for scope in scopes):
+            raise TokenError(f"token: lacks the {' or '.join(map(repr, scopes))} scope", http.HTTPStatus.FORBIDDEN)
         if not isinstance(claims.get("sub"), str) or not SESSION_ID_RE.fullmatch(claims["sub"]):
             raise TokenError("token: 'sub' is not a session id")
         return claims
@@ -635,7 +646,8 @@ class Authenticator:
             return self._tokens(request)
         if path in self.public_paths:
             return None
-        if path.startswith(SESSIONS_PREFIX) and "/" in path[len(SESSIONS_PREFIX) :].strip("/"):
+        rest = path[len(SESSIONS_PREFIX) :].strip("/") if path.startswith(SESSIONS_PREFIX) else ""
+        if rest and ("/" in rest or request.method == "DELETE"):  # a session's routes; DELETE ends it
             return self._session_route(request)
         return self._admin(request)
 
@@ -707,13 +719,14 @@ class Authenticator:
             return refused
         if self.is_api_key(credentials):
             return None
+        session_id, _, route = request.path[len(SESSIONS_PREFIX) :].partition("/")
+        watch_only = route.split("/", 1)[0] in VIEWER_ROUTES  # a viewer token may watch, not control
         try:
-            claims = self.issuer.verify(credentials)
+            claims = self.issuer.verify(credentials, (SCOPE_SESSION, SCOPE_VIEWER) if watch_only else (SCOPE_SESSION,))
         except TokenError as exc:
             if not exc.expired and exc.status != http.HTTPStatus.FORBIDDEN:  # neither key nor token of ours
                 self._key_failed(address, "sessions")
             return _forbidden(str(exc)) if exc.status == http.HTTPStatus.FORBIDDEN else _unauthorized(str(exc))
-        session_id = request.path[len(SESSIONS_PREFIX) :].split("/", 1)[0]
         if claims["sub"] != session_id:
             return _forbidden("session_id: this token is for another session")
         return None

@@ -31,6 +31,8 @@ from starlette.staticfiles import StaticFiles
 from avatar_server import protocol
 from avatar_server.auth import SESSION_ID_RE, Grant, Refusal, RequestView, peer_host
 from avatar_server.connection import ClientConnection, WebSocketLink
+from avatar_server.live import build_router as build_live_router
+from avatar_server.live import end_headless
 from avatar_server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
 if TYPE_CHECKING:
@@ -276,6 +278,8 @@ def build_asgi_app(server: AvatarServer) -> FastAPI:
     async def delete_session(session_id: str) -> Any:
         """End a session (admin): its client gets an ``error`` (code ``ended_by_operator``),
         ``session.ended``, and its WebSocket closes."""
+        if await end_headless(server, session_id):
+            return SessionDeleted(session_id=session_id, reason="ended_by_operator")
         conn = server.session_by_id(session_id)
         if conn is None:
             return error_response(404, "no_session", f"session_id: no live session {session_id[:64]!r}", field="session_id")
@@ -294,6 +298,7 @@ def build_asgi_app(server: AvatarServer) -> FastAPI:
         await websocket.accept(subprotocol=subprotocol)
         await server.handle_websocket(WebSocketLink(websocket), grant)
 
+    api.include_router(build_live_router(server))  # /v1/sessions (headless), WHEP, /watch
     api.mount("/", StaticFiles(directory=server.web_dir, html=True, check_dir=False), name="web")
     api.add_middleware(AccessMiddleware, server=server)
     return api

@@ -143,6 +143,19 @@ class WebRTCSettings(BaseModel):
     )
 
 
+class LiveSettings(BaseModel):
+    """Sessions on air (issue 15): headless sessions over HTTP, live outputs, WHEP viewers."""
+
+    max_outputs_per_session: int = Field(4, ge=0, description="RTMP/WHIP outputs one session may run at once")
+    max_viewers_per_session: int = Field(50, ge=0, description="WHEP viewers of one session at once")
+    max_viewers: int = Field(200, ge=0, description="WHEP viewers of all sessions at once, server-wide")
+    whep_bitrate_bps: int = Field(
+        1_000_000, ge=100_000, le=50_000_000, description="video bitrate of the one H.264 encode shared by viewers"
+    )
+    viewer_token_ttl_s: float = Field(3600.0, gt=0, description="lifetime of a viewer token")
+    output_reconnect_max_s: float = Field(10.0, gt=0, description="longest wait between reconnect attempts of an output")
+
+
 class VadSettings(BaseModel):
     """Voice activity detection on the client's microphone."""
 
@@ -212,6 +225,7 @@ class Settings(BaseSettings):
     limits: Limits = Field(default_factory=Limits)
     webrtc: WebRTCSettings = Field(default_factory=WebRTCSettings)
     vad: VadSettings = Field(default_factory=VadSettings)
+    live: LiveSettings = Field(default_factory=LiveSettings)
 
     api_key: SecretStr | None = Field(
         None, description="mints session tokens (POST /v1/tokens); required to bind a non-loopback host"

@@ -19,6 +19,7 @@ class Viewer:
     def __init__(self, *, video_codec: str | None = None) -> None:
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         self.frames: dict[str, list[float]] = {"video": [], "audio": []}
+        self.video_pts_s: list[float] = []  # media time of each decoded video frame
         self.shapes: set[tuple] = set()
         self.tasks: list[asyncio.Task] = []
         self.video_codec = video_codec
@@ -46,6 +47,14 @@ class Viewer:
             self.frames[track.kind].append(time.monotonic())
             if track.kind == "video":
                 self.shapes.add((frame.height, frame.width))
+                self.video_pts_s.append(float(frame.pts * frame.time_base))
+
+    def media_rate(self, since_s: float, until_s: float) -> float:
+        """Video frames decoded per second of *media* time, over the frames that arrived between
+        the two wall times: 25 when every frame of a 25 fps stream was decoded, however late
+        (a loaded machine delays frames; a viewer that misses frames counts fewer)."""
+        pts = [p for t, p in zip(self.frames["video"], self.video_pts_s, strict=True) if since_s <= t < until_s]
+        return (len(pts) - 1) / (pts[-1] - pts[0]) if len(pts) > 1 and pts[-1] > pts[0] else 0.0
 
     def rate(self, kind: str, since_s: float, until_s: float) -> float:
         count = sum(1 for t in self.frames[kind] if since_s <= t < until_s)
