@@ -23,12 +23,12 @@ import pytest
 from avatar_server.app import build_app
 from avatar_server.settings import AuthSettings, Settings
 from engine.testpattern import TestPatternEngine
+from ops.rtmp_server import NginxRtmp, rtmp_server_available
+from ops.whep_viewer import Viewer
 from tests.browser_support import CHROMIUM, CHROMIUM_ARGS
-from tests.rtmp_support import NginxRtmp, rtmp_server_available
 from tests.test_fanout import SPEAK_SHADE
 from tests.test_rtmp_output import pull
 from tests.test_server_app import portrait_b64
-from tests.whep_support import Viewer
 
 API_KEY = "test-api-key-0123456789abcdef"
 STREAM_KEY = "sk_live_TOPSECRET42"

@@ -18,10 +18,10 @@ import av
 import numpy as np
 import pytest
 
+from ops.rtmp_server import NginxRtmp, free_port, rtmp_server_available
 from streaming.fanout import MediaFanout
 from streaming.outputs.base import Backoff, OutputState, redact_text, redact_url, url_secrets
 from streaming.outputs.rtmp import EncoderSettings, RtmpOutput
-from tests.rtmp_support import NginxRtmp, free_port, rtmp_server_available
 from tests.test_streaming_session import make_runner
 
 needs_rtmp = pytest.mark.skipif(

@@ -18,10 +18,10 @@ import time
 import pytest
 
 from avatar_server.webrtc import use_host_addresses
+from ops.whep_viewer import Viewer
 from streaming.fanout import MediaFanout
 from streaming.whep import ViewerBudget, WhepError, WhepRelay
 from tests.test_streaming_session import make_runner
-from tests.whep_support import Viewer
 
 
 @pytest.fixture
@@ -121,7 +121,7 @@ async def test_a_frozen_viewer_is_dropped_and_the_others_go_on(session) -> None:
     )
     healthy = Viewer()
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tests.whep_support", stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        sys.executable, "-m", "ops.whep_viewer", stdin=subprocess.PIPE, stdout=subprocess.PIPE,
     )
     try:
         await join(relay, healthy)

@@ -1,4 +1,5 @@
-"""A real RTMP server for tests: nginx with Debian's ``libnginx-mod-rtmp`` on a loopback port.
+"""A real RTMP server for tests and measurements: nginx with Debian's ``libnginx-mod-rtmp`` on a
+loopback port.
 
 Installed by ``.ci/run`` (``apt-get install nginx libnginx-mod-rtmp``); tests that need it are
 skipped with a clear reason when it is missing. The config is written to a temporary folder,

@@ -1,5 +1,7 @@
-"""WHEP viewers for tests: an in-process aiortc viewer and one in a subprocess (that a test can
-freeze with SIGSTOP: a viewer that stops reading and stops sending RTCP, like a vanished one).
+"""WHEP viewers for tests and measurements: an in-process aiortc viewer, and one in a subprocess
+(``python -m ops.whep_viewer``: offer and answer as JSON lines on stdout/stdin), which a test can
+freeze with SIGSTOP (a viewer that stops reading and stops sending RTCP, like a vanished one)
+and a measurement uses to keep the viewers' decoding out of the server's process.
 """
 
 from __future__ import annotations
