@@ -163,6 +163,7 @@ class HeadlessSession:
     live: LiveSession
     created_s: float
     recordings: int = 0
+    lifetime: asyncio.Task[None] | None = None
 
 
 class LiveRegistry:
@@ -232,6 +233,9 @@ class LiveRegistry:
         headless = HeadlessSession(session_id, live, time.monotonic())
         self.sessions[session_id] = headless
         live.start()
+        headless.lifetime = asyncio.get_running_loop().create_task(
+            self._end_after(session_id, settings.session_max_duration_s), name="headless-lifetime"
+        )
         server.metrics.sessions_started.inc()
         try:
             for output in body.outputs:
@@ -269,10 +273,19 @@ class LiveRegistry:
         logger.info("session %s: recording to %s", headless.session_id, path)
         return str(path)
 
-    async def end(self, session_id: str) -> bool:
+    async def _end_after(self, session_id: str, seconds: float) -> None:
+        """A headless session ends after ``session_max_duration_s`` like any other (a backend
+        that forgets one does not hold a slot forever)."""
+        await asyncio.sleep(seconds)
+        logger.info("headless session %s reached session_max_duration_s = %g", session_id, seconds)
+        await self.end(session_id, from_lifetime=True)
+
+    async def end(self, session_id: str, *, from_lifetime: bool = False) -> bool:
         headless = self.sessions.pop(session_id, None)
         if headless is None:
             return False
+        if headless.lifetime is not None and not from_lifetime:
+            headless.lifetime.cancel()
         try:
             await headless.live.close()
         finally:

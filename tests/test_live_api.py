@@ -229,3 +229,23 @@ async def test_whep_viewers_over_http_and_the_watch_page(server, media_dir) -> N
     assert abs(page_fps / 25 - 1) < 0.1, page_stats
     assert page_stats["audioPackets"] > 0
     assert stats["viewers"] == 4 and stats["viewers_total"] == 6  # the page left, one viewer DELETEd
+
+
+async def test_a_headless_session_ends_at_its_max_duration(tmp_path, media_dir) -> None:
+    settings = Settings(
+        engine="testpattern", port=0, api_key=API_KEY, recordings_dir=tmp_path / "recordings",
+        session_max_duration_s=2.0, auth=AuthSettings(admin_from_loopback=False),
+    )
+    app = build_app(settings, TestPatternEngine(width=224, height=128))
+    await app.start(warm_up=False)
+    try:
+        async with httpx.AsyncClient(base_url=app.url.rstrip("/")) as client:
+            began = time.monotonic()
+            created = await create(client, media_dir)
+            reader = EventReader(client, f"/v1/sessions/{created['session_id']}/events", created["token"])
+            await asyncio.wait_for(reader.task, 15)
+            lasted_s = time.monotonic() - began
+    finally:
+        await app.close()
+    assert reader.events[-1]["type"] == "session.ended" and app.sessions_active == 0
+    assert 2.0 <= lasted_s < 6.0, lasted_s
