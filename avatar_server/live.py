@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from prometheus_client import Counter, Gauge
 from pydantic import BaseModel, Field, field_validator
 
 from avatar_server import protocol
@@ -174,6 +175,25 @@ class LiveRegistry:
         self.sessions: dict[str, HeadlessSession] = {}
         settings = server.settings.live
         self.viewer_budget = ViewerBudget(settings.max_viewers)
+        # Metrics of this module, on the server's registry (avatar_server_*; no session labels).
+        registry = server.metrics.registry
+        self.outputs_active = Gauge("avatar_server_live_outputs_active", "RTMP/WHIP outputs running", registry=registry)
+        self.outputs_active.set_function(lambda: sum(len(h.live.outputs) for h in self.sessions.values()))
+        self.outputs_live = Gauge("avatar_server_live_outputs_live", "Outputs whose state is live", registry=registry)
+        self.outputs_live.set_function(
+            lambda: sum(o.state == "live" for h in self.sessions.values() for o in h.live.outputs.values())
+        )
+        self.output_reconnects = Counter(
+            "avatar_server_live_output_reconnects", "Output reconnect attempts after a failure", registry=registry
+        )
+        self.output_failures = Counter(
+            "avatar_server_live_output_failures", "Outputs that gave up (state failed)", registry=registry
+        )
+        self.viewers_active = Gauge("avatar_server_whep_viewers_active", "WHEP viewers watching", registry=registry)
+        self.viewers_active.set_function(lambda: self.viewer_budget.in_use)
+        self.viewers_dropped = Counter(
+            "avatar_server_whep_viewers_dropped", "WHEP viewers dropped (stalled, failed, timed out)", registry=registry
+        )
 
     def get(self, session_id: str) -> HeadlessSession | None:
         return self.sessions.get(session_id)
@@ -209,7 +229,7 @@ class LiveRegistry:
             runner = SessionRunner(
                 worker=server.worker,
                 identity=identity,
-                on_event=lambda event: self._on_event(holder, event),
+                on_event=lambda event: holder[0].emit(event) if holder else None,
                 config=server.loop_config,
             )
             ice = settings.webrtc.ice_servers
@@ -224,6 +244,7 @@ class LiveRegistry:
                 peer_connection_factory=lambda: make_peer_connection(ice),
                 backoff=Backoff(max_s=live_settings.output_reconnect_max_s),
                 whep_bitrate_bps=live_settings.whep_bitrate_bps,
+                on_event=self._observe,
             )
             holder.append(live)
         except BaseException:
@@ -249,11 +270,18 @@ class LiveRegistry:
                     image.shape[0], len(body.outputs))
         return headless
 
-    def _on_event(self, holder: list[LiveSession], event: LiveEvent) -> None:
-        if not isinstance(event, (OutputState, ViewerLeft)):
+    def _observe(self, event: LiveEvent) -> None:
+        """Metrics of every event of a headless session."""
+        if isinstance(event, OutputState):
+            if event.state == "reconnecting":
+                self.output_reconnects.inc()
+            elif event.state == "failed":
+                self.output_failures.inc()
+        elif isinstance(event, ViewerLeft):
+            if event.reason not in ("left", "session ended"):
+                self.viewers_dropped.inc()
+        else:
             self.server.metrics.observe(event)
-        if holder:
-            holder[0].emit(event)
 
     def start_recording(self, headless: HeadlessSession) -> str:
         settings = self.server.settings

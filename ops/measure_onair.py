@@ -25,6 +25,14 @@ after ``speak`` the time to the first pulled frame with the SPEAK background, mi
 to the session's own ``speak.started`` (its first frame leaving the pump), is the latency the
 output adds (encode, FLV, nginx, the puller's demuxing), median of ``--utterances``.
 
+Memory per viewer: the RSS growth is reported but is mostly noise: the session's own churn of
+segment-sized arrays (MBs per segment at 448x256, tens of MB at 896x512) moves RSS by more than a
+viewer costs, even with ``MALLOC_MMAP_THRESHOLD_=131072 MALLOC_ARENA_MAX=2``. The figure to read
+is ``python_heap_mb_per_extra_viewer``: the growth of the Python heap (``tracemalloc``) in
+allocations made by aiortc, aioice, pylibsrtp and the relay while N - 1 viewers join (native
+buffers of OpenSSL, libsrtp and libopus are not in it; they are small beside video frames).
+The JSON records the ``MALLOC_*`` environment it ran under.
+
 The test pattern is easy to encode: x264 spends less on it than on a real face, so the
 encode figures are a lower bound for the preview/real engines at the same size.
 
@@ -50,6 +58,7 @@ import sys
 import tempfile
 import threading
 import time
+import tracemalloc
 from pathlib import Path
 
 import av
@@ -65,6 +74,7 @@ from streaming.session import EngineWorker, LoopConfig, SessionRunner
 
 SPEAK_SHADE = np.array((40, 24, 56), dtype=np.float64)  # engine/testpattern.py, SegmentKind.SPEAK
 STREAM_KEY = "measure"
+VIEWER_CODE = ("aiortc", "aioice", "pylibsrtp", "streaming/whep.py", "streaming/fanout.py")
 
 
 def cpu_seconds(process: psutil.Process) -> float:
@@ -103,7 +113,7 @@ class SubprocessViewer:
         while line := await self.proc.stdout.readline():
             self.decoded = json.loads(line).get("video", self.decoded)
 
-    async def wait_decoding(self, frames: int, timeout_s: float = 30.0) -> None:
+    async def wait_decoding(self, frames: int, timeout_s: float = 60.0) -> None:
         deadline = time.monotonic() + timeout_s
         while self.decoded < frames:
             if time.monotonic() > deadline:
@@ -153,7 +163,7 @@ class Puller(threading.Thread):
 
 
 async def measure_size(width: int, height: int, *, viewers: int, window_s: float, utterances: int,
-                       nginx: NginxRtmp | None) -> dict:
+                       nginx: NginxRtmp | None, trace_memory: bool = True) -> dict:
     process = psutil.Process()
     engine = TestPatternEngine(width=width, height=height)
     worker = EngineWorker(engine)
@@ -168,7 +178,7 @@ async def measure_size(width: int, height: int, *, viewers: int, window_s: float
 
     runner = SessionRunner(worker=worker, identity=identity, on_event=on_event,
                            config=LoopConfig(playout_target_ms=1000.0))
-    live = LiveSession(runner, max_viewers=2 * viewers + 2)
+    live = LiveSession(runner, max_viewers=2 * viewers + 2, whep_connect_timeout_s=60.0)  # a loaded machine
     holder.append(live)
     live.start()
     result: dict = {"width": width, "height": height, "viewers": viewers, "window_s": window_s}
@@ -224,10 +234,23 @@ async def measure_size(width: int, height: int, *, viewers: int, window_s: float
         await shared[0].join(live)
         await shared[0].wait_decoding(50)
         cpu["viewers_1"], rss["viewers_1"] = await cpu_per_s(process, window_s)
+        if trace_memory:
+            tracemalloc.start(4)  # Python-heap growth per viewer (off during the CPU windows)
+            before = tracemalloc.take_snapshot()
         for viewer in shared[1:]:
             await viewer.join(live)
         for viewer in shared:
             await viewer.wait_decoding(viewer.decoded + 50)
+        await asyncio.sleep(2.0)
+        if trace_memory:
+            grown = tracemalloc.take_snapshot().compare_to(before, "traceback")
+            tracemalloc.stop()
+            viewer_bytes = sum(
+                stat.size_diff for stat in grown
+                if any(any(part in frame.filename for part in VIEWER_CODE) for frame in stat.traceback)
+            )
+            if viewers > 1:
+                result["python_heap_mb_per_extra_viewer"] = round(viewer_bytes / (viewers - 1) / 2**20, 3)
         cpu[f"viewers_{viewers}"], rss[f"viewers_{viewers}"] = await cpu_per_s(process, window_s)
         result["shared_encode_ms_per_frame"] = round(
             1000 * live.relay.encoder.encode_s / max(1, live.relay.encoder.frames_encoded), 2
@@ -274,7 +297,8 @@ async def main_async(args: argparse.Namespace) -> dict:
         for width, height in sizes:
             print(f"measuring {width}x{height}...", flush=True)
             runs.append(await measure_size(width, height, viewers=args.viewers, window_s=args.window_s,
-                                           utterances=args.utterances, nginx=nginx))
+                                           utterances=args.utterances, nginx=nginx,
+                                           trace_memory=not runs))  # once: it does not depend on the size
             print(json.dumps(runs[-1]), flush=True)
     finally:
         if nginx is not None:
@@ -285,6 +309,7 @@ async def main_async(args: argparse.Namespace) -> dict:
         "device": "cpu",
         "cpu_count": os.cpu_count(),
         "load_average_1m_at_start": round(os.getloadavg()[0], 2),
+        "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
         "engine": "testpattern",
         "rtmp_server": "nginx + libnginx-mod-rtmp" if nginx is not None else None,
         "command": "python -m ops.measure_onair " + " ".join(sys.argv[1:]),

@@ -103,6 +103,9 @@ class LiveSession:
         viewer_budget: the server's shared viewer slots.
         peer_connection_factory: makes WHIP and WHEP peer connections (STUN/TURN servers).
         backoff: reconnect policy of the outputs.
+        whep_bitrate_bps: video bitrate of the viewers' shared H.264 encode.
+        whep_connect_timeout_s: seconds a WHEP viewer has to connect before it is dropped.
+        on_event: sees every event first (metrics), on the event loop; must not block.
     """
 
     def __init__(
@@ -115,8 +118,11 @@ class LiveSession:
         peer_connection_factory: Callable[[], RTCPeerConnection] = _host_only_pc,
         backoff: Backoff | None = None,
         whep_bitrate_bps: int = 1_000_000,
+        whep_connect_timeout_s: float = 15.0,
+        on_event: Callable[[LiveEvent], None] | None = None,
     ) -> None:
         self.runner = runner
+        self._on_event = on_event
         self.max_outputs = max_outputs
         self._pc_factory = peer_connection_factory
         self._backoff = backoff
@@ -129,6 +135,7 @@ class LiveSession:
             max_viewers=max_viewers,
             budget=viewer_budget,
             bitrate_bps=whep_bitrate_bps,
+            connect_timeout_s=whep_connect_timeout_s,
             peer_connection_factory=peer_connection_factory,
             on_viewer_left=lambda viewer_id, reason: self.emit(ViewerLeft(viewer_id, reason)),
         )
@@ -171,6 +178,11 @@ class LiveSession:
 
     def emit(self, event: LiveEvent) -> None:
         """Hand ``event`` to every subscriber (the runner's ``on_event`` calls this too)."""
+        if self._on_event is not None:
+            try:
+                self._on_event(event)
+            except Exception:
+                logger.exception("live session event handler failed")
         for feed in tuple(self._feeds):
             feed.put(event)
 

@@ -162,14 +162,16 @@ async def test_rtmp_output_started_and_stopped_over_http(server, media_dir, tmp_
             live = await reader.wait_for(lambda e: e["type"] == "output.state" and e["state"] == "live", 30)
             pulled = await asyncio.to_thread(pull, nginx.url(STREAM_KEY), 2.0)
             listed = (await client.get(f"/v1/sessions/{sid}/outputs", headers=bearer(token))).json()
+            metrics = (await client.get("/metrics", headers=bearer(API_KEY))).text
             removed = await client.delete(f"/v1/sessions/{sid}/outputs/{output_id}", headers=bearer(token))
             assert removed.status_code == 200 and removed.json()["state"] == "stopped"
             await reader.wait_for(lambda e: e["type"] == "output.state" and e["state"] == "stopped")
             assert (await client.delete(f"/v1/sessions/{sid}", headers=bearer(API_KEY))).status_code == 200
             await asyncio.wait_for(reader.task, 10)
     assert pulled["codecs"] == {"video": "h264", "audio": "aac"} and len(pulled["video"]) >= 40
-    assert live["output_id"] == output_id and live["url"].endswith("/live/***")
-    everything = json.dumps(reader.events) + json.dumps(listed) + removed.text + caplog.text
+    assert live["output_id"] == output_id and live["url"].endswith("/live/***") and live["output_type"] == "rtmp"
+    assert "avatar_server_live_outputs_live 1.0" in metrics and "avatar_server_live_outputs_active 1.0" in metrics
+    everything = json.dumps(reader.events) + json.dumps(listed) + removed.text + metrics + caplog.text
     assert STREAM_KEY not in everything
 
 
