@@ -118,3 +118,18 @@ async def test_create_app_runs_under_a_plain_asgi_server_lifespan() -> None:
             assert (await client.get("/readyz")).text == "ready\n"
             assert (await client.get("/metrics")).status_code == 200
     assert not avatar.worker.scheduler.alive
+
+
+async def test_server_side_errors_carry_field_limit_and_in_reply_to() -> None:
+    async with server(limits={"max_pending_utterances": 1}) as app:
+        async with connect(f"ws://127.0.0.1:{app.port}/ws", max_size=None) as ws:
+            await ws.send(json.dumps({"type": "speak", "id": "a1", "utterance_id": "u", "text": "hi"}))
+            error = await recv_json(ws)
+            assert (error["code"], error["field"], error["limit"], error["in_reply_to"]) == ("no_session", "type", None, "a1")
+            await ws.send(START)
+            assert (await recv_json(ws))["type"] == "session.ready"
+            await ws.send(json.dumps({"type": "speak", "utterance_id": "u1", "text": "one"}))
+            await ws.send(json.dumps({"type": "speak", "id": "a2", "utterance_id": "u2", "text": "two"}))
+            error = await recv_json(ws, skip=("stats", "state", "speak.started"))
+            assert error["code"] == "too_many_utterances" and error["in_reply_to"] == "a2"
+            assert (error["field"], error["limit"]) == ("utterance_id", "max_pending_utterances")
