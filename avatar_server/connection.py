@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from aiortc import RTCPeerConnection, RTCSessionDescription
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from avatar_server import protocol
+from avatar_server import protocol, sdp
 from avatar_server.auth import Grant
 from avatar_server.errors import ClientError
 from avatar_server.images import ImageError, decode_image
@@ -716,7 +716,7 @@ class ClientConnection:
 
     async def _webrtc_offer(self, message: protocol.WebRTCOffer) -> None:
         session = self._require_session("webrtc.offer")
-        self.guard.check_offer(message.sdp)
+        sdp.check_offer(message.sdp, self.app.settings.limits)
         if self.pc is not None:
             if self.pc.connectionState not in ("failed", "closed"):
                 raise ClientError("webrtc_exists", "type: this session already has a peer connection", field="type")

@@ -109,64 +109,6 @@ class TokenBucket:
         return self._tokens >= self.burst
 
 
-# --------------------------------------------------------------------------------- SDP
-def check_sdp(sdp: str, limits: Limits) -> None:
-    """Refuse an offer over ``max_sdp_bytes``, not SDP, or with media sections other than one
-    video and at most one audio (``max_sdp_media_sections`` in all).
-
-    Raises:
-        LimitError: ``sdp_too_large`` or ``bad_sdp``.
-    """
-    size = len(sdp.encode("utf-8", "surrogatepass"))
-    if size > limits.max_sdp_bytes:
-        raise LimitError("sdp_too_large", f"sdp: {size} bytes; the limit is max_sdp_bytes = {limits.max_sdp_bytes}", field="sdp", limit="max_sdp_bytes")
-    lines = [line.rstrip("\r") for line in sdp.split("\n")]
-    while lines and not lines[-1]:
-        lines.pop()
-    if not lines or lines[0] != "v=0":
-        raise LimitError("bad_sdp", "sdp: not a session description (the first line must be v=0)", field="sdp")
-    media: list[str] = []
-    mids: list[list[str]] = []  # the a=mid values of each media section
-    bundled: list[str] = []
-    needed = ("a=fingerprint:", "a=ice-ufrag:", "a=ice-pwd:")
-    session_has: set[str] = set()
-    sections_have: list[set[str]] = []
-    for number, line in enumerate(lines, start=1):
-        if len(line) < 2 or line[1] != "=" or not ("a" <= line[0] <= "z"):
-            raise LimitError("bad_sdp", f"sdp: line {number} is not of the form <letter>=<value>", field="sdp")
-        if any(ord(ch) < 32 and ch != "\t" for ch in line):
-            raise LimitError("bad_sdp", f"sdp: line {number} has control characters", field="sdp")
-        if line.startswith("m="):
-            media.append(line[2:].split(" ", 1)[0])
-            mids.append([])
-            sections_have.append(set())
-        elif line.startswith(needed):
-            (sections_have[-1] if sections_have else session_has).add(line.split(":", 1)[0])
-        elif line.startswith("a=mid:") and mids:
-            mids[-1].append(line[6:].strip())
-        elif line.startswith("a=group:BUNDLE"):
-            bundled += line[len("a=group:BUNDLE") :].split()
-    limit = limits.max_sdp_media_sections
-    if len(media) > limit:
-        raise LimitError(
-            "bad_sdp", f"sdp: {len(media)} media sections; the limit is max_sdp_media_sections = {limit}", field="sdp", limit="max_sdp_media_sections")
-    others = sorted({kind for kind in media if kind not in ("audio", "video")})
-    if others:
-        raise LimitError("bad_sdp", f"sdp: media {', '.join(others)[:64]!r} not allowed; only audio and video", field="sdp")
-    if media.count("video") != 1 or media.count("audio") > 1:
-        raise LimitError("bad_sdp", "sdp: the offer needs one video section and at most one audio section", field="sdp")
-    # aiortc half-applies an offer whose BUNDLE names a missing mid (and then cannot close it)
-    if any(len(section) != 1 for section in mids) or len({m[0] for m in mids}) != len(mids):
-        raise LimitError("bad_sdp", "sdp: every media section needs one a=mid, each different", field="sdp")
-    if not set(bundled) <= {m[0] for m in mids}:
-        raise LimitError("bad_sdp", "sdp: a=group:BUNDLE names a mid that no media section has", field="sdp")
-    # aiortc's DTLS transport asserts on an offer without a fingerprint (in a task of its own)
-    for have in sections_have:
-        missing = [name[2:-1] for name in needed if name[:-1] not in have | session_has]
-        if missing:
-            raise LimitError("bad_sdp", f"sdp: a media section lacks {', '.join(missing)} (not a WebRTC offer)", field="sdp")
-
-
 # --------------------------------------------------------------------------------- server-wide counts
 class AdmissionRegistry:
     """Open connections and running sessions by client address and by token, and running
@@ -634,9 +576,6 @@ class ConnectionGuard:
         raise LimitError(code, message, field="type", limit=limit)
 
     # ----------------------------------------------------------------------------- media
-    def check_offer(self, sdp: str) -> None:
-        check_sdp(sdp, self.limits)
-
     def wrap_track(self, track: MediaStreamTrack) -> MediaStreamTrack:
         """An outgoing session track whose crash (or its encoder's) ends the session."""
 
