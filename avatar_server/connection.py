@@ -177,6 +177,7 @@ class ClientConnection:
         self._missed_dropped = 0
         self._grace_task: asyncio.Task[None] | None = None
         self._successor: ClientConnection | None = None  # the session this WebSocket resumed
+        self._token_delivered = False  # a session.ready/resumed (with its resume token) was sent
         self.guard = ConnectionGuard(self)
         # the dispatch table: one handler per client message type
         self._handlers: dict[type, Callable[[Any], Awaitable[None]]] = {
@@ -221,9 +222,11 @@ class ClientConnection:
 
     def _may_park(self, link: WebSocketLink) -> bool:
         """A running session whose WebSocket closed abnormally (not 1000/1001 from the
-        client, not ended by the server) is parked while resume is on."""
+        client, not ended by the server) is parked while resume is on, once its resume token
+        was sent (a client that resets before ``session.ready`` reached it holds no slot)."""
         return (
             self.resume_token is not None
+            and self._token_delivered  # a client that never got its token cannot resume
             and self.session is not None
             and not (self._ended or self._closed or self.guard.ending or self.app.draining)
             and link.client_close_code not in NORMAL_CLOSE_CODES
@@ -372,6 +375,8 @@ class ClientConnection:
             try:
                 async with asyncio.timeout(self.app.settings.limits.send_timeout_s):
                     await self.link.send(message.model_dump_json())
+                if isinstance(message, protocol.SessionReady):  # session.resumed too
+                    self._token_delivered = True
             except LinkClosed:
                 return
             except TimeoutError:

@@ -172,7 +172,7 @@ async def test_kept_messages_are_bounded_and_the_loss_is_reported() -> None:
         conn = parked_connection(app)
         conn._missed.clear()  # only what this test sends
         for number in range(10):
-            conn.send(protocol.ErrorMessage(code="test", message=str(number)))
+            conn.send(protocol.ErrorMessage(code="internal", message=str(number)))
         ws2, resumed = await resume(app, ready["resume_token"])
         assert resumed["missed_messages"] == 4 and resumed["dropped_messages"] == 6  # the bound: 8 // 2
         replayed = [await recv_json(ws2) for _ in range(4)]
