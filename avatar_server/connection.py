@@ -14,6 +14,7 @@ import collections
 import contextlib
 import dataclasses
 import datetime
+import enum
 import functools
 import hashlib
 import logging
@@ -57,7 +58,40 @@ ERROR_FIELDS = {
     "recording_active": "type",
     "no_recording": "type",
 }
-NORMAL_CLOSE_CODES = (1000, 1001)  # a client that closes with these ends its session (no parking)
+NORMAL_CLOSE_CODES = (1000, 1001)
+
+
+class ConnectionState(enum.Enum):
+    """The lifecycle of a :class:`ClientConnection` (the allowed moves: :data:`TRANSITIONS`).
+
+    * ``CONNECTED``: a WebSocket, no session;
+    * ``STARTING``: ``session.start`` holds a slot while the image is prepared;
+    * ``ACTIVE``: the session runs with its WebSocket;
+    * ``PARKED``: the session runs without a WebSocket, waiting for ``session.resume``;
+    * ``ENDING``: the server ends the session (``end_session``), the connection closes next;
+    * ``RETIRED``: this WebSocket was handed to the session it resumed;
+    * ``CLOSED``: everything is released.
+    """
+
+    CONNECTED = "connected"
+    STARTING = "starting"
+    ACTIVE = "active"
+    PARKED = "parked"
+    ENDING = "ending"
+    RETIRED = "retired"
+    CLOSED = "closed"
+
+
+_S = ConnectionState
+TRANSITIONS: dict[ConnectionState, frozenset[ConnectionState]] = {
+    _S.CONNECTED: frozenset({_S.STARTING, _S.RETIRED, _S.ENDING, _S.CLOSED}),
+    _S.STARTING: frozenset({_S.ACTIVE, _S.CONNECTED, _S.ENDING, _S.CLOSED}),
+    _S.ACTIVE: frozenset({_S.PARKED, _S.ENDING, _S.CLOSED}),
+    _S.PARKED: frozenset({_S.ACTIVE, _S.ENDING, _S.CLOSED}),
+    _S.ENDING: frozenset({_S.CLOSED}),
+    _S.RETIRED: frozenset(),
+    _S.CLOSED: frozenset(),
+}  # a client that closes with these ends its session (no parking)
 
 
 class LinkClosed(Exception):
@@ -161,9 +195,8 @@ class ClientConnection:
         )
         self._sender: asyncio.Task[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._holds_slot = False
-        self._closed = False
-        self._ended = False  # end_session ran
+        self.state = ConnectionState.CONNECTED
+        self._holds_slot = False  # a session slot is counted in app.sessions_active
         self.started_s = time.monotonic()  # session.ready (reset at session start)
         self.last_control_s = time.monotonic()  # last client message (idle timeout)
         self.recording_id: str | None = None
@@ -172,7 +205,6 @@ class ClientConnection:
         # Session resume: the current token, and what is kept while no WebSocket is attached.
         self._resume_key: bytes | None = None
         self.resume_token: str | None = None
-        self.parked = False
         self._missed: collections.deque[protocol.ServerMessage] = collections.deque()
         self._missed_dropped = 0
         self._grace_task: asyncio.Task[None] | None = None
@@ -191,6 +223,30 @@ class ClientConnection:
             protocol.RecordStart: self._on_record_start,
             protocol.RecordStop: self._on_record_stop,
         }
+
+    def _move(self, to: ConnectionState) -> None:
+        """Change state along :data:`TRANSITIONS` (the parked-sessions gauge follows).
+
+        Raises:
+            RuntimeError: the move is not in the table (a bug, not a client's doing).
+        """
+        if to not in TRANSITIONS[self.state]:
+            raise RuntimeError(f"connection {self.session_id}: {self.state.value} -> {to.value} is not allowed")
+        if self.state is ConnectionState.PARKED:
+            self.app.metrics.sessions_parked.dec()
+        if to is ConnectionState.PARKED:
+            self.app.metrics.sessions_parked.inc()
+        self.state = to
+
+    @property
+    def parked(self) -> bool:
+        """The session runs without a WebSocket, waiting for ``session.resume``."""
+        return self.state is ConnectionState.PARKED
+
+    @property
+    def ending(self) -> bool:
+        """The server is ending the session, or everything is released."""
+        return self.state in (ConnectionState.ENDING, ConnectionState.RETIRED, ConnectionState.CLOSED)
 
     async def run(self) -> ClientConnection | None:
         """Read the attached WebSocket until it ends; then close the session, park it (an
@@ -228,7 +284,8 @@ class ClientConnection:
             self.resume_token is not None
             and self._token_delivered  # a client that never got its token cannot resume
             and self.session is not None
-            and not (self._ended or self._closed or self.guard.ending or self.app.draining)
+            and self.state is ConnectionState.ACTIVE
+            and not (self.guard.ending or self.app.draining)
             and link.client_close_code not in NORMAL_CLOSE_CODES
         )
 
@@ -236,7 +293,7 @@ class ClientConnection:
         """Detach the session from its dropped WebSocket: frames not yet sent and those sent
         from now on are kept (:meth:`send`), the WebSocket's count is released, and the grace
         period starts. Synchronous, so that nothing is sent to the old WebSocket after it."""
-        self.parked = True
+        self._move(ConnectionState.PARKED)
         if self._sender is not None:
             self._sender.cancel()
             self._tasks.append(self._sender)  # awaited on close
@@ -247,7 +304,6 @@ class ClientConnection:
                 self._keep_missed(message)
         self.guard.detach()
         self.app.connections.discard(self)
-        self.app.metrics.sessions_parked.inc()
         grace_s = self.app.settings.session_resume_grace_s
         self._grace_task = asyncio.get_running_loop().create_task(self._resume_grace(grace_s), name="resume-grace")
         logger.info(
@@ -279,7 +335,7 @@ class ClientConnection:
         if self._resume_key is not None:
             self.app.resumable.pop(self._resume_key, None)
             self._resume_key = self.resume_token = None
-        if self.app.settings.session_resume_grace_s > 0 and not self._closed:
+        if self.app.settings.session_resume_grace_s > 0 and not self.closed:
             self.resume_token = secrets.token_urlsafe(32)
             self._resume_key = token_key(self.resume_token)
             self.app.resumable[self._resume_key] = self
@@ -287,7 +343,7 @@ class ClientConnection:
     async def _retire(self) -> None:
         """This connection handed its WebSocket (and its outbox) to the session it resumed:
         stop its own sender and watchdog; its WebSocket count now belongs to that session."""
-        self._closed = True
+        self._move(ConnectionState.RETIRED)
         self.app.connections.discard(self)
         if self._sender is not None:
             self._sender.cancel()
@@ -297,21 +353,19 @@ class ClientConnection:
 
     @property
     def closed(self) -> bool:
-        """:meth:`close` ran: the session and its resources are released."""
-        return self._closed
+        """:meth:`close` ran (or the WebSocket went to a resumed session): nothing is held."""
+        return self.state in (ConnectionState.CLOSED, ConnectionState.RETIRED)
 
     async def close(self) -> None:
         """Close the peer connection, the session, then this connection's tasks (reverse order)."""
-        if self._closed:
+        if self.closed:
             return
-        self._closed = True
+        ended_by_server = self.state is ConnectionState.ENDING
+        self._move(ConnectionState.CLOSED)
         self.app.connections.discard(self)
         if self._resume_key is not None:
             self.app.resumable.pop(self._resume_key, None)
             self._resume_key = None
-        if self.parked:
-            self.parked = False
-            self.app.metrics.sessions_parked.dec()
         await self.guard.close()
         if self.pc is not None:
             await close_peer_connection(self.pc)
@@ -321,7 +375,7 @@ class ClientConnection:
                 self._recording_stopped(result, "session_ended")
             await self.session.close()
             logger.info("session %s closed", self.session_id)
-            if not self._ended:
+            if not ended_by_server:
                 self.app.metrics.sessions_ended.labels("closed").inc()
         if self._holds_slot:
             self._holds_slot = False
@@ -402,7 +456,7 @@ class ClientConnection:
         idle_s, max_s = settings.session_idle_timeout_s, settings.session_max_duration_s
         period_s = min(1.0, idle_s / 4, max_s / 4)
         started_s = time.monotonic()
-        while self.session is not None and not self._ended:
+        while self.session is not None and self.state in (ConnectionState.ACTIVE, ConnectionState.PARKED):
             await asyncio.sleep(period_s)
             session = self.session
             now_s = time.monotonic()
@@ -424,15 +478,16 @@ class ClientConnection:
         """End this connection's session from the server side: an ``error`` frame (``error``:
         the code is ``reason``), ``session.ended`` with ``reason``, then a WebSocket close
         whose reason names it. The connection then closes as usual. Idempotent."""
-        if self._ended or self._closed:
+        if self.ending:
             return
-        self._ended = True
+        was_parked = self.parked
+        self._move(ConnectionState.ENDING)
         logger.info("session %s ended by the server: %s", self.session_id, reason)
         if self.session is not None:
             self.app.metrics.sessions_ended.labels(reason).inc()
             if self.session.recorder is not None:  # finish the file before saying goodbye
                 self._recording_stopped(await self.session.stop_recording(), "session_ended")
-        if self.parked:  # nobody to tell
+        if was_parked:  # nobody to tell
             await self.close()
             return
         frames = [protocol.SessionEnded(reason=reason, message=message)]
@@ -460,7 +515,7 @@ class ClientConnection:
         self.guard.reserve_recording()
         try:
             await self.guard.check_recording_disk(settings.recordings_dir)
-            if self.session is not session or self._closed:
+            if self.session is not session or self.ending:
                 raise ClientError("no_session", "type: record.start needs a session; send session.start first", field="type")
             stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
             recording_id = f"{self.session_id}-{self.recordings + 1}"
@@ -589,17 +644,23 @@ class ClientConnection:
         app.sessions_active += 1
         app.metrics.sessions_active.inc()
         self._holds_slot = True
+        self._move(ConnectionState.STARTING)
         try:
             limits = app.settings.limits
             image = await asyncio.to_thread(
                 decode_image, message.image, max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels
             )
             identity = await app.worker.prepare_identity(image, message.prompt)
+            if self.state is not ConnectionState.STARTING:  # closed or ended meanwhile
+                raise ClientError("no_session", "session.start: the connection closed while the session started")
         except BaseException:
-            self._holds_slot = False
-            app.sessions_active -= 1
-            app.metrics.sessions_active.dec()
+            if self._holds_slot:
+                self._holds_slot = False
+                app.sessions_active -= 1
+                app.metrics.sessions_active.dec()
             self.guard.release_session()
+            if self.state is ConnectionState.STARTING:
+                self._move(ConnectionState.CONNECTED)
             raise
         self.session_id = session_id
         self.session = SessionRunner(
@@ -610,6 +671,7 @@ class ClientConnection:
             microphone_factory=app.microphone_factory,
         )
         self.session.start()
+        self._move(ConnectionState.ACTIVE)
         self.started_s = time.monotonic()
         app.metrics.sessions_started.inc()
         self._rotate_resume_token()
@@ -661,8 +723,7 @@ class ClientConnection:
         if (
             target is None
             or target is self
-            or target._ended
-            or target._closed
+            or target.ending
             or target.session is None
             or (grant.session_id is not None and grant.session_id != target.session_id)
         ):
@@ -694,8 +755,7 @@ class ClientConnection:
             self._grace_task = None
         self.guard.adopt(other.guard)
         self.link, self._outbox = other.link, other._outbox
-        self.parked = False
-        self.app.metrics.sessions_parked.dec()
+        self._move(ConnectionState.ACTIVE)
         self.app.connections.add(self)
         self.last_control_s = time.monotonic()
         self._rotate_resume_token()
