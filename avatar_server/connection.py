@@ -239,6 +239,11 @@ class ClientConnection:
         self.state = to
 
     @property
+    def missed_messages(self) -> tuple[protocol.ServerMessage, ...]:
+        """The frames kept for the client that resumes (oldest first)."""
+        return tuple(self._missed)
+
+    @property
     def parked(self) -> bool:
         """The session runs without a WebSocket, waiting for ``session.resume``."""
         return self.state is ConnectionState.PARKED
