@@ -200,7 +200,14 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
         if not self._failed:
             self.conn.data_to_send()  # the pongs websockets queued are not sent
             self.conn.fail(1008, f"over max_control_frames_per_s = {limits.max_control_frames_per_s:g}")
-            self.handle_parser_exception()
+            self._failed = True
+            self.queue.put_nowait({"type": "websocket.disconnect", "code": 1008, "reason": "control frames"})
+            self.transport.write(b"".join(self.conn.data_to_send()))
+            self.close_sent = True
+            # An abusive client: no closing handshake, nothing more is read; what is buffered
+            # (the close frame) gets a moment to go out, then the connection is dropped.
+            self.transport.close()
+            self.loop.call_later(min(1.0, self.close_timeout), self.transport.abort)
         return False
 
     def keepalive_timeout(self) -> None:
