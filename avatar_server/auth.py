@@ -1,8 +1,9 @@
 """Who may connect, and to what: API key, session tokens, origins, admin routes.
 
-Everything here runs in the ``process_request`` hook of the ``websockets`` server, on the
-parsed HTTP request line and headers, before a WebSocket is accepted or any session work is
-done. Three kinds of callers:
+Everything here decides on the request line and headers (:class:`RequestView`), before a
+route runs, a WebSocket is accepted or any session work is done: :meth:`Authenticator.check`
+returns a :class:`Refusal`, the :class:`Grant` of a ``/ws`` handshake, or ``None``
+(:class:`~avatar_server.routes.AccessMiddleware` applies it). Three kinds of callers:
 
 * **The operator's backend** holds the API key (``--api-key`` / ``AVATAR_SERVER_API_KEY``;
   never given to browsers). ``POST /v1/tokens`` with ``Authorization: Bearer <api key>``
@@ -15,9 +16,11 @@ done. Three kinds of callers:
   starts gets the token's session id; ``?session_id=`` or ``session.start.session_id``
   naming another one is refused.
 * **Operators** read ``/metrics`` and any other non-public route (deny by default: every path
-  that is not the page, a static file, ``/healthz``, ``/readyz``, ``/ws`` or ``/v1/tokens``)
-  with the API key, or from a loopback address (``auth.admin_from_loopback``, default on).
-  ``/v1/sessions/<id>/...`` also answers the token of session ``<id>``.
+  that is not the page, a static file, ``/healthz``, ``/readyz``, ``/ws`` or ``/v1/tokens``;
+  ``GET /v1/sessions`` and ``DELETE /v1/sessions/<id>`` included) with the API key, or from
+  a loopback address (``auth.admin_from_loopback``, default on). ``/v1/sessions/<id>/<more>``
+  also answers the token of session ``<id>``. The key is compared exactly (``Bearer <key>``)
+  and never taken from a query string.
 
 Browsers' ``Origin`` on ``/ws`` must be in ``allowed_origins`` (default: the server's own
 host). Without an API key the server is a zero-config developer server: no token is needed,

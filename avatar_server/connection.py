@@ -13,12 +13,8 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
-import datetime
 import enum
-import functools
-import hashlib
 import logging
-import secrets
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -30,12 +26,9 @@ from avatar_server import protocol, sdp
 from avatar_server.auth import Grant
 from avatar_server.errors import ClientError
 from avatar_server.images import ImageError, decode_image
-from avatar_server.limits import (
-    ConnectionGuard,
-    LimitError,
-    recording_stop_message,
-    recording_stop_reason,
-)
+from avatar_server.limits import ConnectionGuard
+from avatar_server.recording import RecordingMixin
+from avatar_server.resume import ResumeMixin
 from avatar_server.transport import TRANSPORT_EXTENSION
 from avatar_server.webrtc import close_peer_connection, ice_server_dicts, make_peer_connection
 from engine.api import EngineInputError
@@ -167,12 +160,7 @@ class WebSocketLink:
             self._abort()
 
 
-def token_key(token: str) -> bytes:
-    """Resume tokens are looked up by digest, never compared character by character."""
-    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
-
-
-class ClientConnection:
+class ClientConnection(ResumeMixin, RecordingMixin):
     """One session and the WebSocket attached to it: the session, its peer connection and its
     outgoing frames.
 
@@ -239,11 +227,6 @@ class ClientConnection:
         self.state = to
 
     @property
-    def missed_messages(self) -> tuple[protocol.ServerMessage, ...]:
-        """The frames kept for the client that resumes (oldest first)."""
-        return tuple(self._missed)
-
-    @property
     def parked(self) -> bool:
         """The session runs without a WebSocket, waiting for ``session.resume``."""
         return self.state is ConnectionState.PARKED
@@ -280,81 +263,6 @@ class ClientConnection:
             self._park()
         else:
             await self.close()
-
-    def _may_park(self, link: WebSocketLink) -> bool:
-        """A running session whose WebSocket closed abnormally (not 1000/1001 from the
-        client, not ended by the server) is parked while resume is on, once its resume token
-        was sent (a client that resets before ``session.ready`` reached it holds no slot)."""
-        return (
-            self.resume_token is not None
-            and self._token_delivered  # a client that never got its token cannot resume
-            and self.session is not None
-            and self.state is ConnectionState.ACTIVE
-            and not (self.guard.ending or self.app.draining)
-            and link.client_close_code not in NORMAL_CLOSE_CODES
-        )
-
-    def _park(self) -> None:
-        """Detach the session from its dropped WebSocket: frames not yet sent and those sent
-        from now on are kept (:meth:`send`), the WebSocket's count is released, and the grace
-        period starts. Synchronous, so that nothing is sent to the old WebSocket after it."""
-        self._move(ConnectionState.PARKED)
-        if self._sender is not None:
-            self._sender.cancel()
-            self._tasks.append(self._sender)  # awaited on close
-            self._sender = None
-        while not self._outbox.empty():
-            message = self._outbox.get_nowait()
-            if message is not None:
-                self._keep_missed(message)
-        self.guard.detach()
-        self.app.connections.discard(self)
-        grace_s = self.app.settings.session_resume_grace_s
-        self._grace_task = asyncio.get_running_loop().create_task(self._resume_grace(grace_s), name="resume-grace")
-        logger.info(
-            "session %s parked: its WebSocket closed (code %s); waiting %g s for session.resume",
-            self.session_id,
-            self.link.client_close_code,
-            grace_s,
-        )
-
-    async def _resume_grace(self, grace_s: float) -> None:
-        await asyncio.sleep(grace_s)
-        await self.end_session(
-            "resume_timeout", f"session ended: no session.resume within session_resume_grace_s = {grace_s:g}"
-        )
-
-    def _keep_missed(self, message: protocol.ServerMessage) -> None:
-        """Keep a frame for the client that resumes; ``stats`` are not kept. Over the bound
-        (half of ``max_send_queue_messages``, so that the replay fits the send queue) the
-        oldest frame is dropped and counted."""
-        if isinstance(message, protocol.Stats):
-            return
-        if len(self._missed) >= max(1, self.app.settings.limits.max_send_queue_messages // 2):
-            self._missed.popleft()
-            self._missed_dropped += 1
-        self._missed.append(message)
-
-    def _rotate_resume_token(self) -> None:
-        """A fresh resume token (the old one stops working); none while resume is off."""
-        if self._resume_key is not None:
-            self.app.resumable.pop(self._resume_key, None)
-            self._resume_key = self.resume_token = None
-        if self.app.settings.session_resume_grace_s > 0 and not self.closed:
-            self.resume_token = secrets.token_urlsafe(32)
-            self._resume_key = token_key(self.resume_token)
-            self.app.resumable[self._resume_key] = self
-
-    async def _retire(self) -> None:
-        """This connection handed its WebSocket (and its outbox) to the session it resumed:
-        stop its own sender and watchdog; its WebSocket count now belongs to that session."""
-        self._move(ConnectionState.RETIRED)
-        self.app.connections.discard(self)
-        if self._sender is not None:
-            self._sender.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._sender
-        await self.guard.close()
 
     @property
     def closed(self) -> bool:
@@ -512,74 +420,6 @@ class ClientConnection:
             async with asyncio.timeout(2.0):
                 await self.link.close(close_code, f"{reason}: {message}"[:120])
 
-    # ----------------------------------------------------------------------------- recording
-    async def _record_start(self, session: SessionRunner) -> None:
-        """``record.start``: checked against the recording limits (per session, server-wide,
-        free disk), then started with the length/size/disk bounds of ``settings.limits``."""
-        settings = self.app.settings
-        self.guard.reserve_recording()
-        try:
-            await self.guard.check_recording_disk(settings.recordings_dir)
-            if self.session is not session or self.ending:
-                raise ClientError("no_session", "type: record.start needs a session; send session.start first", field="type")
-            stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-            recording_id = f"{self.session_id}-{self.recordings + 1}"
-            path = settings.recordings_dir / f"{stamp}-{recording_id}.mp4"
-            recorder = session.start_recording(path)
-        except BaseException:
-            self.guard.release_recording(started=False)
-            raise
-        recorder.set_limits(self.guard.recording_limits(), on_end=functools.partial(self._recording_ended, recorder))
-        self.recordings += 1
-        self.recording_id = recording_id
-        self.app.metrics.recordings_active.inc()
-        logger.info("session %s: recording to %s", self.session_id, path)
-        self.send(protocol.RecordStarted(recording_id=recording_id, path=str(path)))
-
-    def _recording_ended(self, recorder) -> None:
-        """A recording ended by itself (a limit or a write error; its file is finished): stop
-        it and tell the client, unless it was stopped meanwhile."""
-        session = self.session
-        if session is None or session.recorder is not recorder:
-            return
-
-        async def finish() -> None:
-            if session.recorder is recorder:
-                self._recording_stopped(await session.stop_recording(), "stopped")
-
-        task = asyncio.get_running_loop().create_task(finish(), name="recording-end")
-        self._recording_end_tasks.add(task)
-        task.add_done_callback(self._recording_end_tasks.discard)
-
-    def _recording_stopped(self, result, requested: str) -> None:
-        """Account a finished recording and send ``record.stopped`` (its ``reason``: a limit,
-        ``failed``, or ``requested``: ``stopped`` or ``session_ended``)."""
-        self.guard.release_recording()
-        self.app.metrics.recordings_active.dec()
-        dropped = result.dropped_video_frames + result.dropped_audio_chunks
-        if dropped:
-            self.app.metrics.recording_frames_dropped.inc(dropped)
-        reason = recording_stop_reason(result, requested)
-        self.app.metrics.recordings_stopped.labels(reason).inc()
-        message = recording_stop_message(result, reason, self.app.settings.limits)
-        if reason != requested:
-            logger.info("session %s: %s", self.session_id, message)
-        if result.error is not None:
-            self.send_error("recording_failed", f"record.stop: {result.error}")
-        self.send(
-            protocol.RecordStopped(
-                recording_id=self.recording_id or "",
-                path=str(result.path),
-                duration_ms=result.duration_ms,
-                dropped_frames=result.dropped_video_frames,
-                error=result.error,
-                reason=reason,
-                message=message,
-                size_bytes=result.size_bytes,
-            )
-        )
-        self.recording_id = None
-
     # ----------------------------------------------------------------------------- frames
     async def _on_frame(self, raw: str | bytes) -> None:
         if not await self.guard.allow_frame(raw):
@@ -618,13 +458,6 @@ class ClientConnection:
 
     async def _on_session_update(self, message: protocol.SessionUpdate) -> None:
         self._require_session("session.update").set_mode(mode=message.mode, barge_in=message.barge_in)
-
-    async def _on_record_start(self, message: protocol.RecordStart) -> None:
-        await self._record_start(self._require_session("record.start"))
-
-    async def _on_record_stop(self, message: protocol.RecordStop) -> None:
-        session = self._require_session("record.stop")
-        self._recording_stopped(await session.stop_recording(), "stopped")
 
     def _require_session(self, what: str) -> SessionRunner:
         if self.session is None:
@@ -704,85 +537,6 @@ class ClientConnection:
             "barge_in": session.config.barge_in,
             "resume_grace_s": app.settings.session_resume_grace_s,
         }
-
-    # ----------------------------------------------------------------------------- resume
-    async def _session_resume(self, message: protocol.SessionResume) -> None:
-        """``session.resume``: hand this WebSocket to the session whose resume token it names
-        (parked, or still attached to a WebSocket the server has not yet seen drop, which is
-        then dropped). This connection's read loop stops; the session's takes over.
-
-        Raises:
-            SessionInputError: ``resume_failed`` (unknown or expired token, a token of this
-                connection's grant for another session, shutting down), ``session_exists``
-                (this connection already has a session).
-            LimitError: ``too_many_sessions`` (this address or token is at its limit).
-        """
-        app = self.app
-        if self.session is not None or self._holds_slot:
-            raise ClientError("session_exists", "type: this connection already has a session", field="type")
-        if app.draining:
-            app.metrics.session_resumes.labels("failed").inc()
-            raise ClientError("resume_failed", "resume_token: the server is shutting down", field="resume_token")
-        target = app.resume_target(message.resume_token)
-        grant = self.guard.grant
-        if (
-            target is None
-            or target is self
-            or target.ending
-            or target.session is None
-            or (grant.session_id is not None and grant.session_id != target.session_id)
-        ):
-            app.metrics.session_resumes.labels("failed").inc()
-            raise ClientError("resume_failed", "resume_token: unknown or expired", field="resume_token")
-        try:
-            target.guard.check_adopt(self.guard)
-        except LimitError:
-            app.metrics.session_resumes.labels("failed").inc()
-            raise
-        # From here on nothing awaits until the session is attached (no resume or end in between).
-        if not target.parked:  # its old WebSocket is still open (the server has not seen it drop)
-            old_link = target.link
-            target._park()
-            old_link.abort()
-        if self._sender is not None:  # stops at its next await; what it has not taken stays queued
-            self._sender.cancel()
-        target._attach(self)
-        self._successor = target
-        app.metrics.session_resumes.labels("resumed").inc()
-
-    def _attach(self, other: ClientConnection) -> None:
-        """Take over ``other``'s WebSocket, its outbox and its guard's WebSocket side; answer
-        ``session.resumed`` with a new token, then replay the frames kept while parked."""
-        assert self.parked and self.session is not None
-        if self._grace_task is not None:
-            self._grace_task.cancel()
-            self._tasks.append(self._grace_task)  # awaited on close
-            self._grace_task = None
-        self.guard.adopt(other.guard)
-        self.link, self._outbox = other.link, other._outbox
-        self._move(ConnectionState.ACTIVE)
-        self.app.connections.add(self)
-        self.last_control_s = time.monotonic()
-        self._rotate_resume_token()
-        missed, dropped = list(self._missed), self._missed_dropped
-        self._missed.clear()
-        self._missed_dropped = 0
-        logger.info(
-            "session %s resumed (%d messages replayed, %d dropped)", self.session_id, len(missed), dropped
-        )
-        assert self.resume_token is not None
-        self.send(
-            protocol.SessionResumed(
-                resume_token=self.resume_token,
-                peer_connection=None if self.pc is None else self.pc.connectionState,
-                recording_id=self.recording_id,
-                missed_messages=len(missed),
-                dropped_messages=dropped,
-                **self._session_fields(),
-            )
-        )
-        for frame in missed:
-            self.send(frame)
 
     async def _webrtc_offer(self, message: protocol.WebRTCOffer) -> None:
         session = self._require_session("webrtc.offer")

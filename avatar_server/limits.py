@@ -45,11 +45,7 @@ from avatar_server.errors import ClientError
 from avatar_server.settings import Limits
 from streaming import events
 from streaming.recorder import (
-    LIMIT_DISK,
-    LIMIT_DURATION,
-    LIMIT_SIZE,
     RecordingLimits,
-    RecordingResult,
 )
 
 if TYPE_CHECKING:
@@ -626,40 +622,6 @@ class ConnectionGuard:
         task = asyncio.get_running_loop().create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-
-def recording_stop_reason(result: RecordingResult, requested: str) -> str:
-    """The ``record.stopped`` reason of ``result``: ``failed``, the limit that ended it
-    (``max_duration``, ``max_size``, ``disk_full``), or ``requested`` (``stopped`` by
-    ``record.stop``, ``session_ended``)."""
-    if result.error is not None:
-        return "failed"
-    return result.limit or requested
-
-
-def recording_stop_message(result: RecordingResult, reason: str, limits: Limits) -> str:
-    """Why a recording stopped, naming the limit when one stopped it."""
-    seconds = result.duration_ms / 1000
-    if reason == LIMIT_DURATION:
-        return (
-            f"recording stopped after {seconds:g} s of media: the limit is max_recording_s = {limits.max_recording_s:g}"
-        )
-    if reason == LIMIT_SIZE:
-        return (
-            f"recording stopped after {seconds:g} s at {result.size_bytes} bytes: "
-            f"the limit is max_recording_bytes = {limits.max_recording_bytes}"
-        )
-    if reason == LIMIT_DISK:
-        free = "too few" if result.free_bytes is None else str(result.free_bytes)
-        return (
-            f"recording stopped after {seconds:g} s: {free} bytes free on the recordings volume; "
-            f"the limit is min_recording_free_bytes = {limits.min_recording_free_bytes}"
-        )
-    if reason == "failed":
-        return f"recording failed after {seconds:g} s: {result.error}"
-    if reason == "session_ended":
-        return f"recording stopped after {seconds:g} s: the session ended"
-    return f"recording stopped after {seconds:g} s by record.stop"
 
 
 async def _drain(track: MediaStreamTrack) -> None:
