@@ -516,10 +516,10 @@ def build_router(server: AvatarServer) -> APIRouter:
         if isinstance(headless, JSONResponse):
             return headless
         if request.headers.get("content-type", "").split(";")[0].strip().lower() != SDP_CONTENT_TYPE:
-            return _error(415, "bad_content_type", f"content-type: expected {SDP_CONTENT_TYPE}")
+            return _error(415, "unsupported_media_type", f"content-type: expected {SDP_CONTENT_TYPE}")
         body = await request.body()
         if len(body) > MAX_SDP_BYTES:
-            return _error(413, "message_too_large", f"offer: {len(body)} bytes; the limit is {MAX_SDP_BYTES}")
+            return _error(413, "sdp_too_large", f"offer: {len(body)} bytes; the limit is {MAX_SDP_BYTES}")
         try:
             viewer_id, answer = await headless.live.relay.add_viewer(body.decode("utf-8", "replace"))
         except WhepError as exc:

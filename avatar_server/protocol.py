@@ -82,6 +82,13 @@ class ErrorCode(StrEnum):
     MAX_DURATION = "max_duration"
     RESUME_FAILED = "resume_failed"
     ENDED_BY_OPERATOR = "ended_by_operator"
+    # sessions on air (docs/ON_AIR.md): outputs and WHEP viewers
+    OUTPUT_LIMIT = "output_limit"
+    UNKNOWN_OUTPUT = "unknown_output"
+    VIEWER_LIMIT = "viewer_limit"
+    SERVER_VIEWER_LIMIT = "server_viewer_limit"
+    NO_VIEWER = "no_viewer"
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
     # HTTP only
     UNAUTHORIZED = "unauthorized"
     NOT_FOUND = "not_found"

@@ -54,7 +54,7 @@ class WhepError(Exception):
 
     Attributes:
         code: ``viewer_limit`` (this session is full), ``server_viewer_limit`` (the server
-            is), ``bad_offer`` (not a receive-only offer with video), ``closed``.
+            is), ``bad_sdp`` (not a usable offer with video), ``no_session`` (the relay closed).
         status: the HTTP status the server should answer with (400, 404, 503).
     """
 
@@ -369,11 +369,11 @@ class WhepRelay:
                 ``bad_offer`` (400: not SDP, or no video section).
         """
         if self._closed:
-            raise WhepError("closed", "the session has ended", 404)
+            raise WhepError("no_session", "the session has ended", 404)
         if len(self._viewers) >= self.max_viewers:
             raise WhepError("viewer_limit", f"viewers: the session has its {self.max_viewers} viewers", 503)
         if "m=video" not in offer_sdp:
-            raise WhepError("bad_offer", "offer: expected an SDP offer with a video section (m=video)", 400)
+            raise WhepError("bad_sdp", "offer: expected an SDP offer with a video section (m=video)", 400)
         if self._budget is not None and not self._budget.acquire():
             raise WhepError(
                 "server_viewer_limit", f"viewers: the server has its {self._budget.max_viewers} viewers", 503
@@ -405,7 +405,7 @@ class WhepRelay:
             try:
                 await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
             except Exception as exc:
-                raise WhepError("bad_offer", f"offer: not a usable SDP offer ({type(exc).__name__})", 400) from exc
+                raise WhepError("bad_sdp", f"offer: not a usable SDP offer ({type(exc).__name__})", 400) from exc
             await pc.setLocalDescription(await pc.createAnswer())
         except BaseException:
             if video is not None:

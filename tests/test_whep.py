@@ -107,7 +107,7 @@ async def test_a_viewer_without_h264_gets_its_own_encoder_and_the_server_limit_h
         await other.close()
         await relay_a.close()
         await relay_b.close()
-    assert full.value.code == "server_viewer_limit" and bad.value.code == "bad_offer" and bad.value.status == 400
+    assert full.value.code == "server_viewer_limit" and bad.value.code == "bad_sdp" and bad.value.status == 400
     assert budget.in_use == 0
 
 
