@@ -43,6 +43,7 @@ from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpSender, RTCSession
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from streaming.fanout import MediaFanout, MediaKind, SinkTrack, copy_frame
+from streaming.outputs.base import receiver_report_key
 
 logger = logging.getLogger(__name__)
 
@@ -490,16 +491,7 @@ class WhepRelay:
                     if now - viewer.created_s > self._connect_timeout_s:
                         self._drop(viewer.viewer_id, "connect timeout")
                     continue
-                reports = []
-                for transceiver in viewer.pc.getTransceivers():
-                    with contextlib.suppress(Exception):
-                        stats = await transceiver.sender.getStats()
-                        reports += [
-                            (s.id, s.timestamp, s.packetsReceived)
-                            for s in stats.values()
-                            if getattr(s, "type", "") == "remote-inbound-rtp"
-                        ]
-                key = tuple(sorted(reports, key=str))
+                key = await receiver_report_key(viewer.pc)
                 if key != viewer._last_report_key:
                     viewer._last_report_key = key
                     viewer.last_report_s = now

@@ -126,5 +126,24 @@ class Backoff:
         return base * (1.0 - self.jitter * random.random())
 
 
+async def receiver_report_key(pc) -> tuple:
+    """What the remote's RTCP receiver reports (RFC 3550 section 6.4.2) have said so far, as a
+    comparable key: it changes whenever a new report arrives for any sender of ``pc`` (an
+    aiortc ``RTCPeerConnection``). A key that stays the same for several report intervals
+    means the remote stopped reading or vanished, long before ICE consent (about 30 s) fails."""
+    reports = []
+    for transceiver in pc.getTransceivers():
+        try:
+            stats = await transceiver.sender.getStats()
+        except Exception:  # a sender without a transport yet
+            continue
+        reports += [
+            (s.id, s.timestamp, s.packetsReceived)
+            for s in stats.values()
+            if getattr(s, "type", "") == "remote-inbound-rtp"
+        ]
+    return tuple(sorted(reports, key=str))
+
+
 class StopFlag(threading.Event):
     """A stop request readable from a writer thread; ``wait`` doubles as an interruptible sleep."""

@@ -13,7 +13,8 @@ The media come from the session's :class:`~streaming.fanout.MediaFanout` through
 sender encodes: H.264 or VP8 video at the session's frame size, with the bitrate following
 the receiver's REMB estimate and keyframes on PLI/FIR; Opus audio.
 
-A connection that fails (ICE/DTLS failure, the endpoint refusing, a timeout) is closed and,
+A connection that fails (ICE/DTLS failure, the endpoint refusing, a timeout, no RTCP receiver
+report from the ingest for ``report_timeout_s``) is closed and,
 after :class:`~streaming.outputs.base.Backoff`, a new one is offered. Each change is an
 :class:`~streaming.outputs.base.OutputState` event; the bearer token and URL secrets are in
 none of them, nor in a log line.
@@ -24,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import urllib.parse
 from collections.abc import Callable
 
@@ -31,7 +33,15 @@ import httpx
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
 from streaming.fanout import MediaFanout, SinkTrack
-from streaming.outputs.base import Backoff, OutputState, OutputStateName, redact_text, redact_url, url_secrets
+from streaming.outputs.base import (
+    Backoff,
+    OutputState,
+    OutputStateName,
+    receiver_report_key,
+    redact_text,
+    redact_url,
+    url_secrets,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +68,9 @@ class WhipOutput:
         on_state: called on the event loop with every :class:`OutputState`.
         backoff: reconnect policy.
         connect_timeout_s: limit on one attempt: HTTP exchange plus ICE/DTLS connection.
+        report_timeout_s: a live connection without an RTCP receiver report from the ingest
+            for this long counts as failed (the ingest dropped it or vanished: ICE consent
+            alone would take about 30 s to notice).
         peer_connection_factory: makes each attempt's :class:`RTCPeerConnection` (the server
             passes one with its STUN/TURN servers).
 
@@ -77,6 +90,7 @@ class WhipOutput:
         on_state: Callable[[OutputState], None] | None = None,
         backoff: Backoff | None = None,
         connect_timeout_s: float = 15.0,
+        report_timeout_s: float = 10.0,
         peer_connection_factory: Callable[[], RTCPeerConnection] = default_peer_connection,
     ) -> None:
         parts = urllib.parse.urlsplit(url)
@@ -91,6 +105,7 @@ class WhipOutput:
         self._on_state = on_state
         self._backoff = backoff or Backoff()
         self._connect_timeout_s = connect_timeout_s
+        self._report_timeout_s = report_timeout_s
         self._pc_factory = peer_connection_factory
         self._task: asyncio.Task[None] | None = None
         self._pc: RTCPeerConnection | None = None
@@ -211,8 +226,15 @@ class WhipOutput:
                     raise ConnectionError(f"peer connection {ended.result()} before it connected")
                 await asyncio.sleep(0.05)
         on_state()
-        state = await ended
-        raise ConnectionError(f"peer connection {state}")
+        key, heard_s = None, time.monotonic()
+        while not ended.done():
+            await asyncio.wait([ended], timeout=min(1.0, self._report_timeout_s / 4))
+            now_s = time.monotonic()
+            if (new_key := await receiver_report_key(pc)) != key:
+                key, heard_s = new_key, now_s
+            elif now_s - heard_s > self._report_timeout_s:
+                raise ConnectionError(f"no RTCP receiver report from the ingest for {self._report_timeout_s:g} s")
+        raise ConnectionError(f"peer connection {ended.result()}")
 
     async def _teardown(self) -> None:
         resource, self._resource = self._resource, None
