@@ -18,10 +18,15 @@ from pathlib import Path
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 RTMP_MODULE = Path("/usr/lib/nginx/modules/ngx_rtmp_module.so")
+STREAM_MODULE = Path("/usr/lib/nginx/modules/ngx_stream_module.so")  # libnginx-mod-stream: TLS in front (RTMPS)
 
 
 def rtmp_server_available() -> bool:
     return Path(NGINX).exists() and RTMP_MODULE.exists()
+
+
+def rtmps_server_available() -> bool:
+    return rtmp_server_available() and STREAM_MODULE.exists()
 
 
 def free_port() -> int:
@@ -31,17 +36,38 @@ def free_port() -> int:
 
 
 class NginxRtmp:
-    """nginx-rtmp serving application ``live`` on ``127.0.0.1:port`` (``rtmp://127.0.0.1:port/live/KEY``)."""
+    """nginx-rtmp serving application ``live`` on ``127.0.0.1:port`` (``rtmp://127.0.0.1:port/live/KEY``).
 
-    def __init__(self, folder: Path, port: int | None = None) -> None:
+    With ``tls_cert`` and ``tls_key`` (PEM files) nginx's stream module also terminates TLS on
+    ``tls_port`` in front of it: ``rtmps://127.0.0.1:tls_port/live/KEY``, as platforms' RTMPS
+    ingests do.
+    """
+
+    def __init__(
+        self, folder: Path, port: int | None = None, *, tls_cert: Path | None = None, tls_key: Path | None = None
+    ) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
+        self.tls_port = free_port() if tls_cert is not None else None
         self.process: subprocess.Popen | None = None
         self.conf = self.folder / "nginx.conf"
+        tls_module = tls = ""
+        if tls_cert is not None and tls_key is not None:
+            tls_module = f"\nload_module {STREAM_MODULE};"
+            tls = f"""
+stream {{
+    server {{
+        listen 127.0.0.1:{self.tls_port} ssl;
+        ssl_certificate {tls_cert};
+        ssl_certificate_key {tls_key};
+        proxy_pass 127.0.0.1:{self.port};
+    }}
+}}
+"""
         self.conf.write_text(
             f"""
-load_module {RTMP_MODULE};
+load_module {RTMP_MODULE};{tls_module}
 daemon off;
 master_process off;
 pid {self.folder}/nginx.pid;
@@ -57,11 +83,14 @@ rtmp {{
         }}
     }}
 }}
-"""
+{tls}"""
         )
 
     def url(self, key: str) -> str:
         return f"rtmp://127.0.0.1:{self.port}/live/{key}"
+
+    def tls_url(self, key: str) -> str:
+        return f"rtmps://127.0.0.1:{self.tls_port}/live/{key}"
 
     def start(self, timeout_s: float = 10.0) -> None:
         self.process = subprocess.Popen(

@@ -18,11 +18,12 @@ import av
 import numpy as np
 import pytest
 
-from ops.rtmp_server import NginxRtmp, free_port, rtmp_server_available
+from ops.rtmp_server import NginxRtmp, free_port, rtmp_server_available, rtmps_server_available
 from streaming.fanout import MediaFanout
 from streaming.outputs.base import Backoff, OutputState, redact_text, redact_url, url_secrets
 from streaming.outputs.rtmp import EncoderSettings, RtmpOutput
 from tests.test_streaming_session import make_runner
+from tests.test_tls import certificate  # noqa: F401 - a module fixture: a self-signed localhost certificate
 
 needs_rtmp = pytest.mark.skipif(
     not rtmp_server_available(), reason="nginx with libnginx-mod-rtmp is not installed (.ci/run installs it)"
@@ -205,3 +206,34 @@ async def test_rtmp_gives_up_after_its_attempts_with_the_reason(caplog) -> None:
     assert [s.attempt for s in states] == [0, 1, 2, 3]
     assert "after 2 attempts" in states[-1].reason and output.state == "failed"
     assert KEY not in repr(states) + caplog.text
+
+
+@pytest.mark.skipif(
+    not rtmps_server_available(), reason="nginx with libnginx-mod-rtmp and libnginx-mod-stream is not installed (.ci/run)"
+)
+@pytest.mark.slow
+async def test_rtmps_push_through_tls_is_pulled_back(tmp_path, certificate) -> None:  # noqa: F811
+    """RTMPS: the output speaks TLS (FFmpeg's tls protocol) to nginx's stream module, which
+    terminates it in front of nginx-rtmp; the plain RTMP side gets H.264 + AAC."""
+    cert, key = certificate
+    runner, _engine, _log = await make_runner(playout_target_ms=1000.0)
+    runner.start()
+    fanout = MediaFanout(runner.video_track(), runner.audio_track())
+    states: list[OutputState] = []
+    with NginxRtmp(tmp_path / "nginx", tls_cert=cert, tls_key=key) as nginx:
+        output = RtmpOutput(
+            "out1", nginx.tls_url(KEY), encoder=EncoderSettings(runner.width, runner.height, gop_frames=25),
+            on_state=states.append,
+        )
+        fanout.add_sink(output)
+        fanout.start()
+        output.start()
+        try:
+            await wait_for_state(states, "live", 20)
+            pulled = await asyncio.to_thread(pull, nginx.url(KEY), 2.0)
+        finally:
+            await output.stop()
+            await fanout.close()
+            await runner.close()
+    assert states[1].url == f"rtmps://127.0.0.1:{nginx.tls_port}/live/***"
+    assert pulled["codecs"] == {"video": "h264", "audio": "aac"} and len(pulled["video"]) >= 40
