@@ -27,6 +27,7 @@ from avatar_server.auth import Grant
 from avatar_server.errors import ClientError
 from avatar_server.images import ImageError, decode_image
 from avatar_server.limits import ConnectionGuard
+from avatar_server.live import LiveOutputsMixin
 from avatar_server.recording import RecordingMixin
 from avatar_server.resume import ResumeMixin
 from avatar_server.transport import TRANSPORT_EXTENSION
@@ -160,7 +161,7 @@ class WebSocketLink:
             self._abort()
 
 
-class ClientConnection(ResumeMixin, RecordingMixin):
+class ClientConnection(ResumeMixin, RecordingMixin, LiveOutputsMixin):
     """One session and the WebSocket attached to it: the session, its peer connection and its
     outgoing frames.
 
@@ -210,6 +211,8 @@ class ClientConnection(ResumeMixin, RecordingMixin):
             protocol.SessionUpdate: self._on_session_update,
             protocol.RecordStart: self._on_record_start,
             protocol.RecordStop: self._on_record_stop,
+            protocol.OutputStart: self._on_output_start,  # avatar_server/live.py
+            protocol.OutputStop: self._on_output_stop,
         }
 
     def _move(self, to: ConnectionState) -> None:
@@ -282,6 +285,7 @@ class ClientConnection(ResumeMixin, RecordingMixin):
         await self.guard.close()
         if self.pc is not None:
             await close_peer_connection(self.pc)
+        await self._close_on_air()  # live outputs stop before their session
         if self.session is not None:
             if self.session.recorder is not None:
                 result = await self.session.stop_recording()

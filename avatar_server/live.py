@@ -34,7 +34,7 @@ import datetime
 import json
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
@@ -64,21 +64,11 @@ SSE_KEEPALIVE_S = 15.0
 
 
 # --------------------------------------------------------------------------------- API models
-class OutputRequest(BaseModel):
-    """An output to start: ``rtmp`` (``rtmp://`` or ``rtmps://`` URL with the stream key) or
-    ``whip`` (the endpoint URL and its bearer token)."""
+OutputRequest = protocol.LiveOutput  # one model for HTTP and the WebSocket
 
-    type: Literal["rtmp", "whip"]
-    url: str = Field(max_length=2048, description="ingest URL; its stream key is never shown back")
-    bearer_token: str | None = Field(None, max_length=4096, description="WHIP Authorization: Bearer token")
-    video_bitrate_bps: int = Field(1_500_000, ge=100_000, le=50_000_000)
-    audio_bitrate_bps: int = Field(128_000, ge=32_000, le=320_000)
-    gop_s: float = Field(2.0, gt=0, le=10, description="RTMP keyframe period, seconds")
-    width: int | None = Field(None, ge=16, le=4096, description="RTMP frame width (even; default: the session's)")
-    height: int | None = Field(None, ge=16, le=4096, description="RTMP frame height (even; default: the session's)")
 
-    def spec(self) -> OutputSpec:
-        return OutputSpec(**self.model_dump())
+def output_spec(output: protocol.LiveOutput) -> OutputSpec:
+    return OutputSpec(**output.model_dump())
 
 
 class CreateSession(BaseModel):
@@ -134,12 +124,16 @@ def event_message(event: LiveEvent) -> dict[str, Any] | None:
     if isinstance(event, events.SessionError):
         return protocol.ErrorMessage(code=event.code, message=event.message).model_dump(exclude_none=True)
     if isinstance(event, OutputState):
-        fields = dataclasses.asdict(event)
-        fields["output_type"] = fields.pop("type")
-        return {"type": "output.state", **fields}
+        return output_state_message(event).model_dump()
     if isinstance(event, ViewerLeft):
         return {"type": "viewer.left", "viewer_id": event.viewer_id, "reason": event.reason}
     return None
+
+
+def output_state_message(event: OutputState) -> protocol.OutputStateMessage:
+    fields = dataclasses.asdict(event)
+    fields["output_type"] = fields.pop("type")
+    return protocol.OutputStateMessage(**fields)
 
 
 def _error(status: int, code: str, message: str, field: str | None = None) -> JSONResponse:
@@ -260,7 +254,7 @@ class LiveRegistry:
         server.metrics.sessions_started.inc()
         try:
             for output in body.outputs:
-                live.add_output(output.spec())
+                live.add_output(output_spec(output))
             if body.record:
                 self.start_recording(headless)
         except BaseException:
@@ -443,7 +437,7 @@ def build_router(server: AvatarServer) -> APIRouter:
         if isinstance(headless, JSONResponse):
             return headless
         try:
-            output_id = headless.live.add_output(body.spec())
+            output_id = headless.live.add_output(output_spec(body))
         except SessionInputError as exc:
             return _input_error(exc)
         return JSONResponse(headless.live.outputs[output_id].stats(), status_code=201)
@@ -554,3 +548,51 @@ async def end_headless(server: AvatarServer, session_id: str) -> bool:
     """End headless session ``session_id``; ``False`` when there is none (for ``DELETE /v1/sessions/{id}``)."""
     registry: LiveRegistry | None = getattr(server, "live", None)
     return registry is not None and await registry.end(session_id)
+
+
+class LiveOutputsMixin:
+    """``output.start`` / ``output.stop`` on the WebSocket control channel (a mixin of
+    :class:`~avatar_server.connection.ClientConnection`): the connection's session gets a
+    :class:`~streaming.live.LiveSession` that does not own it (``owns_runner=False``) on its
+    first output; ``output.state`` events go to the client; everything ends with the session.
+    The session stays with this object across a resume, and so do its outputs."""
+
+    _on_air: LiveSession | None = None
+
+    async def _on_output_start(self, message: protocol.OutputStart) -> None:
+        session = self._require_session("output.start")  # type: ignore[attr-defined]
+        app = self.app  # type: ignore[attr-defined]
+        if self._on_air is None:
+            live_settings = app.settings.live
+            ice = app.settings.webrtc.ice_servers
+            self._on_air = LiveSession(
+                session,
+                owns_runner=False,
+                max_outputs=live_settings.max_outputs_per_session,
+                max_viewers=0,
+                viewer_budget=app.live.viewer_budget,
+                peer_connection_factory=lambda: make_peer_connection(ice),
+                backoff=Backoff(max_s=live_settings.output_reconnect_max_s),
+                on_event=self._on_air_event,
+            )
+            self._on_air.start()
+        output_id = self._on_air.add_output(output_spec(message.output))
+        output = self._on_air.outputs[output_id]
+        self.send(protocol.OutputStarted(output_id=output_id, output_type=output.type, url=output.url))  # type: ignore[attr-defined]
+
+    async def _on_output_stop(self, message: protocol.OutputStop) -> None:
+        self._require_session("output.stop")  # type: ignore[attr-defined]
+        if self._on_air is None:
+            raise SessionInputError("unknown_output", f"output_id: no output {message.output_id[:64]!r}")
+        await self._on_air.remove_output(message.output_id)
+
+    def _on_air_event(self, event: LiveEvent) -> None:
+        self.app.live._observe(event)  # type: ignore[attr-defined]
+        if isinstance(event, OutputState):
+            self.send(output_state_message(event))  # type: ignore[attr-defined]
+
+    async def _close_on_air(self) -> None:
+        """Stop the outputs (before the session closes)."""
+        on_air, self._on_air = self._on_air, None
+        if on_air is not None:
+            await on_air.close()

@@ -230,8 +230,49 @@ class SessionResume(_ClientMessage):
     )
 
 
+class LiveOutput(BaseModel):
+    """A live output of a session: ``rtmp`` (``rtmp://`` or ``rtmps://`` URL with the stream key)
+    or ``whip`` (the endpoint URL and its bearer token). Secrets are never shown back."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["rtmp", "whip"]
+    url: str = Field(max_length=2048, description="ingest URL; its stream key is never shown back")
+    bearer_token: str | None = Field(None, max_length=4096, description="WHIP Authorization: Bearer token")
+    video_bitrate_bps: int = Field(1_500_000, ge=100_000, le=50_000_000)
+    audio_bitrate_bps: int = Field(128_000, ge=32_000, le=320_000)
+    gop_s: float = Field(2.0, gt=0, le=10, description="RTMP keyframe period, seconds")
+    width: int | None = Field(None, ge=16, le=4096, description="RTMP frame width (even; default: the session's)")
+    height: int | None = Field(None, ge=16, le=4096, description="RTMP frame height (even; default: the session's)")
+
+
+class OutputStart(_ClientMessage):
+    """Start pushing the session to a live platform (docs/ON_AIR.md); answered with
+    ``output.started``, then ``output.state`` as it connects."""
+
+    type: Literal["output.start"]
+    output: LiveOutput
+
+
+class OutputStop(_ClientMessage):
+    """Stop an output; its last ``output.state`` is ``stopped``."""
+
+    type: Literal["output.stop"]
+    output_id: str = Field(min_length=1, max_length=64)
+
+
 AnyClientMessage = (
-    SessionStart | WebRTCOffer | Speak | SpeakEnd | Interrupt | SessionUpdate | RecordStart | RecordStop | SessionResume
+    SessionStart
+    | WebRTCOffer
+    | Speak
+    | SpeakEnd
+    | Interrupt
+    | SessionUpdate
+    | RecordStart
+    | RecordStop
+    | SessionResume
+    | OutputStart
+    | OutputStop
 )
 ClientMessage = Annotated[AnyClientMessage, Field(discriminator="type")]
 CLIENT_MESSAGE_TYPES = (
@@ -244,6 +285,8 @@ CLIENT_MESSAGE_TYPES = (
     "record.start",
     "record.stop",
     "session.resume",
+    "output.start",
+    "output.stop",
 )
 
 
@@ -386,8 +429,32 @@ class ErrorMessage(_Message):
     in_reply_to: str | None = Field(None, description="the id of the client message this answers, if it had one")
 
 
+class OutputStarted(_Message):
+    """An ``output.start`` was accepted: the output's id and its URL with secrets redacted."""
+
+    type: Literal["output.started"] = "output.started"
+    output_id: str
+    output_type: Literal["rtmp", "whip"]
+    url: str
+
+
+class OutputStateMessage(_Message):
+    """An output changed state: ``connecting``, ``live``, ``reconnecting`` (``reason``, the
+    ``attempt``), ``failed`` (``reason``), ``stopped``."""
+
+    type: Literal["output.state"] = "output.state"
+    output_id: str
+    output_type: Literal["rtmp", "whip"]
+    state: Literal["connecting", "live", "reconnecting", "failed", "stopped"]
+    url: str
+    reason: str | None = None
+    attempt: int = 0
+
+
 ServerMessage = (
-    SessionReady
+    OutputStarted
+    | OutputStateMessage
+    | SessionReady
     | SessionResumed
     | WebRTCAnswer
     | State

@@ -106,6 +106,11 @@ class LiveSession:
         whep_bitrate_bps: video bitrate of the viewers' shared H.264 encode.
         whep_connect_timeout_s: seconds a WHEP viewer has to connect before it is dropped.
         on_event: sees every event first (metrics), on the event loop; must not block.
+        owns_runner: start and close the runner (and its recording) with this object. ``False``
+            for a session that a WebSocket connection runs: only the pump, outputs and viewers
+            are this object's; the pump is then a second reader of the playout buffer beside
+            the peer's tracks (both read the same frame at the same time, so its ``frames_sent``
+            counts both).
     """
 
     def __init__(
@@ -120,8 +125,10 @@ class LiveSession:
         whep_bitrate_bps: int = 1_000_000,
         whep_connect_timeout_s: float = 15.0,
         on_event: Callable[[LiveEvent], None] | None = None,
+        owns_runner: bool = True,
     ) -> None:
         self.runner = runner
+        self.owns_runner = owns_runner
         self._on_event = on_event
         self.max_outputs = max_outputs
         self._pc_factory = peer_connection_factory
@@ -146,8 +153,9 @@ class LiveSession:
 
     # ----------------------------------------------------------------------------- lifecycle
     def start(self) -> None:
-        """Start the segment loop and the pump (the media clock starts with it)."""
-        self.runner.start()
+        """Start the segment loop (when owned) and the pump (the media clock starts with it)."""
+        if self.owns_runner:
+            self.runner.start()
         self.fanout.start()
 
     async def close(self) -> None:
@@ -159,11 +167,12 @@ class LiveSession:
             await output.stop()
         self.outputs.clear()
         await self.relay.close()
-        if self.runner.recorder is not None:
+        if self.owns_runner and self.runner.recorder is not None:
             with contextlib.suppress(SessionInputError):
                 await self.runner.stop_recording()
         await self.fanout.close()
-        await self.runner.close()
+        if self.owns_runner:
+            await self.runner.close()
         for feed in list(self._feeds):
             feed.put(None)
 

@@ -251,3 +251,43 @@ async def test_a_headless_session_ends_at_its_max_duration(tmp_path, media_dir) 
         await app.close()
     assert reader.events[-1]["type"] == "session.ended" and app.sessions_active == 0
     assert 2.0 <= lasted_s < 6.0, lasted_s
+
+
+@pytest.mark.skipif(not rtmp_server_available(), reason="nginx with libnginx-mod-rtmp is not installed (.ci/run)")
+async def test_outputs_over_the_websocket_control_channel(server, media_dir, tmp_path, caplog) -> None:
+    from websockets.asyncio.client import connect
+
+    with NginxRtmp(tmp_path / "nginx") as nginx:
+        async with httpx.AsyncClient(base_url=server.url.rstrip("/")) as client:
+            minted = (await client.post("/v1/tokens", json={}, headers=bearer(API_KEY))).json()
+        ws_url = server.url.replace("http", "ws", 1) + f"ws?token={minted['token']}"
+        async with connect(ws_url, max_size=None) as ws:
+
+            async def reply(predicate, timeout_s: float = 30.0) -> dict:
+                async with asyncio.timeout(timeout_s):
+                    while True:
+                        message = json.loads(await ws.recv())
+                        if predicate(message):
+                            return message
+
+            await ws.send(json.dumps({"type": "output.stop", "output_id": "out1"}))
+            assert (await reply(lambda m: m["type"] == "error"))["code"] == "no_session"
+            await ws.send(json.dumps({"type": "session.start", "image": portrait_b64(media_dir)}))
+            await reply(lambda m: m["type"] == "session.ready")
+            # No WebRTC peer at all: the outputs' pump plays the session on the server's clock.
+            start = {"type": "output.start", "output": {"type": "rtmp", "url": nginx.url(STREAM_KEY), "gop_s": 1}}
+            await ws.send(json.dumps(start))
+            started = await reply(lambda m: m["type"] == "output.started")
+            live = await reply(lambda m: m["type"] == "output.state" and m["state"] == "live")
+            pulled = await asyncio.to_thread(pull, nginx.url(STREAM_KEY), 2.0)
+            await ws.send(json.dumps({"type": "output.stop", "output_id": started["output_id"]}))
+            stopped = await reply(lambda m: m["type"] == "output.state" and m["state"] == "stopped")
+            await ws.send(json.dumps({"type": "output.stop", "output_id": started["output_id"]}))
+            unknown = await reply(lambda m: m["type"] == "error")
+            await ws.send(json.dumps({"type": "output.start", "output": {"type": "rtmp", "url": "ftp://x/y/z"}}))
+            invalid = await reply(lambda m: m["type"] == "error")
+    assert started["output_type"] == "rtmp" and started["url"].endswith("/live/***")
+    assert live["output_id"] == stopped["output_id"] == started["output_id"]
+    assert pulled["codecs"] == {"video": "h264", "audio": "aac"} and len(pulled["video"]) >= 40
+    assert unknown["code"] == "unknown_output" and invalid["code"] == "invalid_field"
+    assert STREAM_KEY not in json.dumps([started, live, stopped]) + caplog.text
