@@ -4,14 +4,13 @@ Each limit is a setting of :class:`~avatar_server.settings.Limits` and the error
 names it (``"... the limit is max_messages_per_s = 20"``); the table of limits and defaults is
 in docs/PROTOCOL.md ("Limits").
 
-* :class:`AdmissionRegistry` (one per server) counts open connections and running sessions by
-  client address and by session token, and running recordings, and refuses ``/ws`` handshakes
-  over ``max_connections_per_address`` with HTTP 429 before any work is done. The client
-  address is the one :meth:`~avatar_server.auth.Authenticator.client_address` decides (the
-  TCP peer, or the forwarded client behind a trusted proxy).
+* The server-wide counts (:class:`~avatar_server.admission.AdmissionRegistry`) and the
+  handshake refusals are in :mod:`avatar_server.admission`; SDP checks in :mod:`avatar_server.sdp`.
+  The client address is the one :meth:`~avatar_server.auth.Authenticator.client_address`
+  decides (the TCP peer, or the forwarded client behind a trusted proxy).
 * :class:`ConnectionGuard` (one per WebSocket) enforces the per-connection limits: the message
   rate (a token bucket), pending utterances, sessions per token/address and the session id a
-  token binds, the SDP of an offer, the microphone track, the time to get media flowing,
+  token binds, the microphone track, the time to get media flowing,
   consecutive engine failures, and recordings (per session, server-wide, free disk space; the
   recorder itself enforces the length, size and disk floor of a running recording). It ends a connection by sending an ``error`` frame and closing
   the WebSocket with a reason that names the limit; the connection's own ``close`` (which runs
@@ -31,31 +30,23 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import http
 import logging
 import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
-from websockets.asyncio.server import ServerConnection
-from websockets.http11 import Request, Response
 
 from avatar_server import protocol
-from avatar_server.auth import SESSION_ID_RE, WEBSOCKET_PATH, Grant, new_session_id, peer_host, plain_response
+from avatar_server.admission import AdmissionRegistry, TokenBucket
+from avatar_server.auth import SESSION_ID_RE, Grant, new_session_id
+from avatar_server.errors import ClientError
 from avatar_server.settings import Limits
 from streaming import events
 from streaming.recorder import (
-    LIMIT_DISK,
-    LIMIT_DURATION,
-    LIMIT_SIZE,
     RecordingLimits,
-    RecordingResult,
-    disk_free_bytes,
 )
-from streaming.session import SessionInputError
 
 if TYPE_CHECKING:
     from avatar_server.server import ClientConnection
@@ -69,163 +60,9 @@ CLOSE_INTERNAL = 1011  # WebSocket close code: internal error
 _REMEMBERED_UTTERANCES = 1024
 
 
-class LimitError(SessionInputError):
+class LimitError(ClientError):
     """A request over a limit (or outside what the connection's token allows); ``code`` is the
     protocol error code and the message names the limit."""
-
-
-class TokenBucket:
-    """``rate_per_s`` tokens a second, at most ``burst`` banked; :meth:`take` spends one."""
-
-    def __init__(self, rate_per_s: float, burst: int, *, clock: Callable[[], float] = time.monotonic) -> None:
-        self.rate_per_s = rate_per_s
-        self.burst = burst
-        self._clock = clock
-        self._tokens = float(burst)
-        self._last_s = clock()
-
-    def _refill(self) -> None:
-        now = self._clock()
-        self._tokens = min(self.burst, self._tokens + (now - self._last_s) * self.rate_per_s)
-        self._last_s = now
-
-    def take(self) -> bool:
-        self._refill()
-        if self._tokens >= 1.0:
-            self._tokens -= 1.0
-            return True
-        return False
-
-    def spend(self) -> None:
-        """Take a token whether or not one is there (after waiting :meth:`wait_s`)."""
-        self._refill()
-        self._tokens -= 1.0
-
-    def wait_s(self) -> float:
-        """Seconds until a token is there (0: now)."""
-        self._refill()
-        return max(0.0, (1.0 - self._tokens) / self.rate_per_s)
-
-    @property
-    def full(self) -> bool:
-        self._refill()
-        return self._tokens >= self.burst
-
-
-# --------------------------------------------------------------------------------- SDP
-def check_sdp(sdp: str, limits: Limits) -> None:
-    """Refuse an offer over ``max_sdp_bytes``, not SDP, or with media sections other than one
-    video and at most one audio (``max_sdp_media_sections`` in all).
-
-    Raises:
-        LimitError: ``sdp_too_large`` or ``bad_sdp``.
-    """
-    size = len(sdp.encode("utf-8", "surrogatepass"))
-    if size > limits.max_sdp_bytes:
-        raise LimitError("sdp_too_large", f"sdp: {size} bytes; the limit is max_sdp_bytes = {limits.max_sdp_bytes}")
-    lines = [line.rstrip("\r") for line in sdp.split("\n")]
-    while lines and not lines[-1]:
-        lines.pop()
-    if not lines or lines[0] != "v=0":
-        raise LimitError("bad_sdp", "sdp: not a session description (the first line must be v=0)")
-    media: list[str] = []
-    mids: list[list[str]] = []  # the a=mid values of each media section
-    bundled: list[str] = []
-    needed = ("a=fingerprint:", "a=ice-ufrag:", "a=ice-pwd:")
-    session_has: set[str] = set()
-    sections_have: list[set[str]] = []
-    for number, line in enumerate(lines, start=1):
-        if len(line) < 2 or line[1] != "=" or not ("a" <= line[0] <= "z"):
-            raise LimitError("bad_sdp", f"sdp: line {number} is not of the form <letter>=<value>")
-        if any(ord(ch) < 32 and ch != "\t" for ch in line):
-            raise LimitError("bad_sdp", f"sdp: line {number} has control characters")
-        if line.startswith("m="):
-            media.append(line[2:].split(" ", 1)[0])
-            mids.append([])
-            sections_have.append(set())
-        elif line.startswith(needed):
-            (sections_have[-1] if sections_have else session_has).add(line.split(":", 1)[0])
-        elif line.startswith("a=mid:") and mids:
-            mids[-1].append(line[6:].strip())
-        elif line.startswith("a=group:BUNDLE"):
-            bundled += line[len("a=group:BUNDLE") :].split()
-    limit = limits.max_sdp_media_sections
-    if len(media) > limit:
-        raise LimitError(
-            "bad_sdp", f"sdp: {len(media)} media sections; the limit is max_sdp_media_sections = {limit}"
-        )
-    others = sorted({kind for kind in media if kind not in ("audio", "video")})
-    if others:
-        raise LimitError("bad_sdp", f"sdp: media {', '.join(others)[:64]!r} not allowed; only audio and video")
-    if media.count("video") != 1 or media.count("audio") > 1:
-        raise LimitError("bad_sdp", "sdp: the offer needs one video section and at most one audio section")
-    # aiortc half-applies an offer whose BUNDLE names a missing mid (and then cannot close it)
-    if any(len(section) != 1 for section in mids) or len({m[0] for m in mids}) != len(mids):
-        raise LimitError("bad_sdp", "sdp: every media section needs one a=mid, each different")
-    if not set(bundled) <= {m[0] for m in mids}:
-        raise LimitError("bad_sdp", "sdp: a=group:BUNDLE names a mid that no media section has")
-    # aiortc's DTLS transport asserts on an offer without a fingerprint (in a task of its own)
-    for have in sections_have:
-        missing = [name[2:-1] for name in needed if name[:-1] not in have | session_has]
-        if missing:
-            raise LimitError("bad_sdp", f"sdp: a media section lacks {', '.join(missing)} (not a WebRTC offer)")
-
-
-# --------------------------------------------------------------------------------- server-wide counts
-class AdmissionRegistry:
-    """Open connections and running sessions by client address and by token, and running
-    recordings (one per server).
-
-    Args:
-        limits: the limits.
-        address_of: ``(connection, request) -> client address`` (the server passes
-            :meth:`~avatar_server.auth.Authenticator.client_address`; default: the TCP peer).
-        free_bytes: ``directory -> free bytes of its volume`` (tests inject a fake disk).
-    """
-
-    def __init__(
-        self,
-        limits: Limits,
-        *,
-        address_of: Callable[[ServerConnection, Request], str] | None = None,
-        free_bytes: Callable[[Path], int] = disk_free_bytes,
-    ) -> None:
-        self.limits = limits
-        self.address_of = address_of or (lambda connection, request: peer_host(connection))
-        self.free_bytes = free_bytes
-        self.connections_by_address: collections.Counter[str] = collections.Counter()
-        self.sessions_by_address: collections.Counter[str] = collections.Counter()
-        self.sessions_by_token: collections.Counter[str] = collections.Counter()
-        self.running_session_ids: set[str] = set()
-        self.recordings_running = 0
-
-    def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
-        """HTTP 503 for a ``/ws`` handshake at ``max_connections``, 429 from an address at
-        ``max_connections_per_address``."""
-        if urlsplit(request.path).path != WEBSOCKET_PATH:
-            return None
-        total = sum(self.connections_by_address.values())
-        if total >= self.limits.max_connections:
-            return plain_response(
-                http.HTTPStatus.SERVICE_UNAVAILABLE,
-                f"server busy: {total} connections; the limit is max_connections = {self.limits.max_connections}",
-                [("Retry-After", "5")],
-            )
-        address = self.address_of(connection, request)
-        limit = self.limits.max_connections_per_address
-        if self.connections_by_address[address] >= limit:
-            return plain_response(
-                http.HTTPStatus.TOO_MANY_REQUESTS,
-                f"too many connections from {address}: the limit is max_connections_per_address = {limit}",
-                [("Retry-After", "5")],
-            )
-        return None
-
-    @staticmethod
-    def _drop(counter: collections.Counter[str], key: str) -> None:
-        counter[key] -= 1
-        if counter[key] <= 0:
-            del counter[key]
 
 
 # --------------------------------------------------------------------------------- tracks
@@ -364,7 +201,7 @@ class ConnectionGuard:
         app = conn.app
         self.limits: Limits = app.settings.limits
         self.admission: AdmissionRegistry = app.admission
-        self.grant: Grant = app.auth.grant_for(conn.ws)
+        self.grant: Grant = conn.grant
         self.address = self.grant.address
         self._bucket = TokenBucket(self.limits.max_messages_per_s, self.limits.message_burst)
         self._throttled = False
@@ -398,6 +235,17 @@ class ConnectionGuard:
                 f"server busy: the limit is max_connections = {self.limits.max_connections}",
             )
         self._spawn(self._watch(), "connection-watchdog")
+
+    @property
+    def ending(self) -> bool:
+        """The connection is being ended by a limit (its frames are ignored)."""
+        return self._ending
+
+    @property
+    def pending_utterances(self) -> frozenset[str]:
+        """The utterance ids of the session not yet spoken (they count against
+        ``max_pending_utterances``)."""
+        return frozenset(self._pending_utterances)
 
     # ----------------------------------------------------------------------------- frames
     async def allow_frame(self, raw: str | bytes) -> bool:
@@ -441,8 +289,7 @@ class ConnectionGuard:
                 raise LimitError(
                     "too_many_utterances",
                     f"utterance_id: {len(self._pending_utterances)} utterances are pending; "
-                    f"the limit is max_pending_utterances = {limit}",
-                )
+                    f"the limit is max_pending_utterances = {limit}", field="utterance_id", limit="max_pending_utterances")
 
     def accepted(self, message: Any) -> None:
         """A message was handled without error."""
@@ -463,27 +310,25 @@ class ConnectionGuard:
         requested = getattr(message, "session_id", None)
         if grant.session_id is not None:
             if requested is not None and requested != grant.session_id:
-                raise LimitError("forbidden", "session_id: this connection's token is for another session")
+                raise LimitError("forbidden", "session_id: this connection's token is for another session", field="session_id")
             session_id = grant.session_id
         elif requested is not None:
             if not SESSION_ID_RE.fullmatch(requested):
-                raise LimitError("invalid_field", f"session_id: must match {SESSION_ID_RE.pattern}")
+                raise LimitError("invalid_field", f"session_id: must match {SESSION_ID_RE.pattern}", field="session_id")
             session_id = requested
         else:
             session_id = new_session_id()
         if grant.token_id is not None and admission.sessions_by_token[grant.token_id] >= limits.max_sessions_per_token:
             raise LimitError(
                 "too_many_sessions",
-                f"this token already runs a session; the limit is max_sessions_per_token = {limits.max_sessions_per_token}",
-            )
+                f"this token already runs a session; the limit is max_sessions_per_token = {limits.max_sessions_per_token}", limit="max_sessions_per_token")
         if session_id in admission.running_session_ids:
-            raise LimitError("session_exists", f"session_id: session {session_id} is already running")
+            raise LimitError("session_exists", f"session_id: session {session_id} is already running", field="session_id")
         if admission.sessions_by_address[self.address] >= limits.max_sessions_per_address:
             raise LimitError(
                 "too_many_sessions",
                 f"{self.address} already runs {admission.sessions_by_address[self.address]} sessions; "
-                f"the limit is max_sessions_per_address = {limits.max_sessions_per_address}",
-            )
+                f"the limit is max_sessions_per_address = {limits.max_sessions_per_address}", limit="max_sessions_per_address")
         admission.running_session_ids.add(session_id)
         admission.sessions_by_address[self.address] += 1
         if grant.token_id is not None:
@@ -499,9 +344,9 @@ class ConnectionGuard:
             return
         admission = self.admission
         admission.running_session_ids.discard(session_id)
-        admission._drop(admission.sessions_by_address, self.address)
+        admission.drop(admission.sessions_by_address, self.address)
         if self.grant.token_id is not None:
-            admission._drop(admission.sessions_by_token, self.grant.token_id)
+            admission.drop(admission.sessions_by_token, self.grant.token_id)
 
     # ----------------------------------------------------------------------------- park / resume
     def detach(self) -> None:
@@ -512,7 +357,7 @@ class ConnectionGuard:
         if self._detached or self._closed:
             return
         self._detached = True
-        self.admission._drop(self.admission.connections_by_address, self.address)
+        self.admission.drop(self.admission.connections_by_address, self.address)
 
     def check_adopt(self, other: ConnectionGuard) -> None:
         """Whether ``other``'s connection (its address and token) may take over this guard's
@@ -527,14 +372,12 @@ class ConnectionGuard:
         if token is not None and token != self.grant.token_id and admission.sessions_by_token[token] >= limits.max_sessions_per_token:
             raise LimitError(
                 "too_many_sessions",
-                f"this token already runs a session; the limit is max_sessions_per_token = {limits.max_sessions_per_token}",
-            )
+                f"this token already runs a session; the limit is max_sessions_per_token = {limits.max_sessions_per_token}", limit="max_sessions_per_token")
         if other.address != self.address and admission.sessions_by_address[other.address] >= limits.max_sessions_per_address:
             raise LimitError(
                 "too_many_sessions",
                 f"{other.address} already runs {admission.sessions_by_address[other.address]} sessions; "
-                f"the limit is max_sessions_per_address = {limits.max_sessions_per_address}",
-            )
+                f"the limit is max_sessions_per_address = {limits.max_sessions_per_address}", limit="max_sessions_per_address")
 
     def adopt(self, other: ConnectionGuard) -> None:
         """Take over the WebSocket side of ``other`` (the connection that resumed this guard's
@@ -544,10 +387,10 @@ class ConnectionGuard:
         on close. Call :meth:`check_adopt` first."""
         admission = self.admission
         if self._session_id is not None:
-            admission._drop(admission.sessions_by_address, self.address)
+            admission.drop(admission.sessions_by_address, self.address)
             admission.sessions_by_address[other.address] += 1
             if self.grant.token_id is not None:
-                admission._drop(admission.sessions_by_token, self.grant.token_id)
+                admission.drop(admission.sessions_by_token, self.grant.token_id)
             if other.grant.token_id is not None:
                 admission.sessions_by_token[other.grant.token_id] += 1
         self.grant, self.address = other.grant, other.address
@@ -591,14 +434,12 @@ class ConnectionGuard:
             self._refuse_recording(
                 "too_many_recordings",
                 f"record.start: this session made {self.recordings_started} recordings; "
-                f"the limit is max_recordings_per_session = {limits.max_recordings_per_session}",
-            )
+                f"the limit is max_recordings_per_session = {limits.max_recordings_per_session}", limit="max_recordings_per_session")
         if admission.recordings_running >= limits.max_concurrent_recordings:
             self._refuse_recording(
                 "too_many_recordings",
                 f"record.start: {admission.recordings_running} recordings are running on the server; "
-                f"the limit is max_concurrent_recordings = {limits.max_concurrent_recordings}",
-            )
+                f"the limit is max_concurrent_recordings = {limits.max_concurrent_recordings}", limit="max_concurrent_recordings")
         self._recording = True
         self.recordings_started += 1
         admission.recordings_running += 1
@@ -633,8 +474,7 @@ class ConnectionGuard:
             self._refuse_recording(
                 "disk_full",
                 f"record.start: {free} bytes free on the recordings volume; "
-                f"the limit is min_recording_free_bytes = {floor}",
-            )
+                f"the limit is min_recording_free_bytes = {floor}", limit="min_recording_free_bytes")
 
     def recording_limits(self) -> RecordingLimits:
         """The bounds of one recording of this connection's session."""
@@ -646,14 +486,11 @@ class ConnectionGuard:
             free_bytes=self.admission.free_bytes,
         )
 
-    def _refuse_recording(self, code: str, message: str) -> None:
+    def _refuse_recording(self, code: str, message: str, *, limit: str | None = None) -> None:
         self._conn.app.metrics.recordings_refused.labels(code).inc()
-        raise LimitError(code, message)
+        raise LimitError(code, message, field="type", limit=limit)
 
     # ----------------------------------------------------------------------------- media
-    def check_offer(self, sdp: str) -> None:
-        check_sdp(sdp, self.limits)
-
     def wrap_track(self, track: MediaStreamTrack) -> MediaStreamTrack:
         """An outgoing session track whose crash (or its encoder's) ends the session."""
 
@@ -745,21 +582,19 @@ class ConnectionGuard:
 
     async def _end_session(self, code: str, message: str, close_code: int) -> None:
         await self._conn.end_session(code, message, close_code=close_code, error=True)
-        if self._conn.ws.close_code is None:  # the client did not take part in the close
-            self._conn.ws.transport.abort()
 
     async def _close_websocket(self, code: str, message: str, close_code: int) -> None:
-        ws = self._conn.ws
+        link = self._conn.link
         self._conn.app.metrics.client_errors.labels(code).inc()
         with contextlib.suppress(Exception):
             async with asyncio.timeout(ERROR_SEND_TIMEOUT_S):
-                await ws.send(protocol.ErrorMessage(code=code, message=message).model_dump_json())
+                await link.send(protocol.ErrorMessage(code=code, message=message).model_dump_json())
         reason = f"{code}: {message}".encode()[:120].decode("utf-8", "ignore")
         try:
             async with asyncio.timeout(self.limits.close_timeout_s):
-                await ws.close(close_code, reason)
+                await link.close(close_code, reason)
         except TimeoutError:
-            ws.transport.abort()  # a client that does not read does not answer a close either
+            link.abort()  # a client that does not read does not answer a close either
 
     async def close(self) -> None:
         """Release everything this guard holds (idempotent; called first by the connection's close)."""
@@ -769,7 +604,7 @@ class ConnectionGuard:
         self.release_session()
         self.release_recording()
         if not (self._detached or self._handed_over):
-            self.admission._drop(self.admission.connections_by_address, self.address)
+            self.admission.drop(self.admission.connections_by_address, self.address)
         tasks = list(self._tasks)
         current = asyncio.current_task()
         for task in tasks:
@@ -787,40 +622,6 @@ class ConnectionGuard:
         task = asyncio.get_running_loop().create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-
-def recording_stop_reason(result: RecordingResult, requested: str) -> str:
-    """The ``record.stopped`` reason of ``result``: ``failed``, the limit that ended it
-    (``max_duration``, ``max_size``, ``disk_full``), or ``requested`` (``stopped`` by
-    ``record.stop``, ``session_ended``)."""
-    if result.error is not None:
-        return "failed"
-    return result.limit or requested
-
-
-def recording_stop_message(result: RecordingResult, reason: str, limits: Limits) -> str:
-    """Why a recording stopped, naming the limit when one stopped it."""
-    seconds = result.duration_ms / 1000
-    if reason == LIMIT_DURATION:
-        return (
-            f"recording stopped after {seconds:g} s of media: the limit is max_recording_s = {limits.max_recording_s:g}"
-        )
-    if reason == LIMIT_SIZE:
-        return (
-            f"recording stopped after {seconds:g} s at {result.size_bytes} bytes: "
-            f"the limit is max_recording_bytes = {limits.max_recording_bytes}"
-        )
-    if reason == LIMIT_DISK:
-        free = "too few" if result.free_bytes is None else str(result.free_bytes)
-        return (
-            f"recording stopped after {seconds:g} s: {free} bytes free on the recordings volume; "
-            f"the limit is min_recording_free_bytes = {limits.min_recording_free_bytes}"
-        )
-    if reason == "failed":
-        return f"recording failed after {seconds:g} s: {result.error}"
-    if reason == "session_ended":
-        return f"recording stopped after {seconds:g} s: the session ended"
-    return f"recording stopped after {seconds:g} s by record.stop"
 
 
 async def _drain(track: MediaStreamTrack) -> None:

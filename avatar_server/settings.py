@@ -44,6 +44,16 @@ class Limits(BaseModel):
     ping_timeout_s: float = Field(20.0, gt=0, description="pong wait before a silent connection is dropped")
     handshake_timeout_s: float = Field(10.0, gt=0, description="TCP accept to a complete HTTP/WebSocket handshake")
     close_timeout_s: float = Field(10.0, gt=0, description="wait for a client's closing handshake before dropping it")
+    # Issue 18: what one connection can make the server hold (enforced by avatar_server/transport.py).
+    max_control_frames_per_s: float = Field(
+        10.0, gt=0, description="WebSocket pings (and pongs) a client may send per second; over it the connection is closed (1008)"
+    )
+    control_frame_burst: int = Field(20, ge=1, description="control frames allowed at once above max_control_frames_per_s")
+    max_output_buffer_bytes: int = Field(
+        4 * MIB,
+        ge=64 * 1024,
+        description="bytes waiting to be sent to one WebSocket client; over it the connection is dropped",
+    )
     max_connections: int = Field(256, ge=1, description="open WebSocket connections in all (keep below the fd limit)")
     max_connections_per_address: int = Field(32, ge=1, description="open WebSocket connections per client IP")
     session_start_timeout_s: float = Field(60.0, gt=0, description="connection open to session.start")
@@ -143,6 +153,19 @@ class WebRTCSettings(BaseModel):
     )
 
 
+class LiveSettings(BaseModel):
+    """Sessions on air (issue 15): headless sessions over HTTP, live outputs, WHEP viewers."""
+
+    max_outputs_per_session: int = Field(4, ge=0, description="RTMP/WHIP outputs one session may run at once")
+    max_viewers_per_session: int = Field(50, ge=0, description="WHEP viewers of one session at once")
+    max_viewers: int = Field(200, ge=0, description="WHEP viewers of all sessions at once, server-wide")
+    whep_bitrate_bps: int = Field(
+        1_000_000, ge=100_000, le=50_000_000, description="video bitrate of the one H.264 encode shared by viewers"
+    )
+    viewer_token_ttl_s: float = Field(3600.0, gt=0, description="lifetime of a viewer token")
+    output_reconnect_max_s: float = Field(10.0, gt=0, description="longest wait between reconnect attempts of an output")
+
+
 class VadSettings(BaseModel):
     """Voice activity detection on the client's microphone."""
 
@@ -212,6 +235,7 @@ class Settings(BaseSettings):
     limits: Limits = Field(default_factory=Limits)
     webrtc: WebRTCSettings = Field(default_factory=WebRTCSettings)
     vad: VadSettings = Field(default_factory=VadSettings)
+    live: LiveSettings = Field(default_factory=LiveSettings)
 
     api_key: SecretStr | None = Field(
         None, description="mints session tokens (POST /v1/tokens); required to bind a non-loopback host"

@@ -1,0 +1,598 @@
+"""One WebSocket connection and the session attached to it.
+
+:class:`ClientConnection` parses the client's frames, owns the session
+(:class:`~streaming.session.SessionRunner`) and its peer connection, and sends the server's
+frames. A session whose WebSocket drops abnormally is *parked* for
+``session_resume_grace_s`` and a new WebSocket may take it over with ``session.resume``.
+:class:`WebSocketLink` is the connection's view of its ASGI WebSocket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import enum
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from aiortc import RTCPeerConnection, RTCSessionDescription
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from avatar_server import protocol, sdp
+from avatar_server.auth import Grant
+from avatar_server.errors import ClientError
+from avatar_server.images import ImageError, decode_image
+from avatar_server.limits import ConnectionGuard
+from avatar_server.live import LiveOutputsMixin
+from avatar_server.recording import RecordingMixin
+from avatar_server.resume import ResumeMixin
+from avatar_server.transport import TRANSPORT_EXTENSION
+from avatar_server.webrtc import close_peer_connection, ice_server_dicts, make_peer_connection
+from engine.api import EngineInputError
+from streaming import events
+from streaming.playout import PLAYOUT_SAMPLE_RATE_HZ
+from streaming.session import SessionInputError, SessionRunner
+
+if TYPE_CHECKING:
+    from avatar_server.app import AvatarServer
+
+logger = logging.getLogger(__name__)
+
+# The field of codes raised by streaming and images (their exceptions carry no field).
+ERROR_FIELDS = {
+    "image_invalid": "image",
+    "image_too_large": "image",
+    "utterance_too_long": "text",
+    "utterance_ended": "utterance_id",
+    "unknown_utterance": "utterance_id",
+    "recording_active": "type",
+    "no_recording": "type",
+}
+NORMAL_CLOSE_CODES = (1000, 1001)
+
+
+class ConnectionState(enum.Enum):
+    """The lifecycle of a :class:`ClientConnection` (the allowed moves: :data:`TRANSITIONS`).
+
+    * ``CONNECTED``: a WebSocket, no session;
+    * ``STARTING``: ``session.start`` holds a slot while the image is prepared;
+    * ``ACTIVE``: the session runs with its WebSocket;
+    * ``PARKED``: the session runs without a WebSocket, waiting for ``session.resume``;
+    * ``ENDING``: the server ends the session (``end_session``), the connection closes next;
+    * ``RETIRED``: this WebSocket was handed to the session it resumed;
+    * ``CLOSED``: everything is released.
+    """
+
+    CONNECTED = "connected"
+    STARTING = "starting"
+    ACTIVE = "active"
+    PARKED = "parked"
+    ENDING = "ending"
+    RETIRED = "retired"
+    CLOSED = "closed"
+
+
+_S = ConnectionState
+TRANSITIONS: dict[ConnectionState, frozenset[ConnectionState]] = {
+    _S.CONNECTED: frozenset({_S.STARTING, _S.RETIRED, _S.ENDING, _S.CLOSED}),
+    _S.STARTING: frozenset({_S.ACTIVE, _S.CONNECTED, _S.ENDING, _S.CLOSED}),
+    _S.ACTIVE: frozenset({_S.PARKED, _S.ENDING, _S.CLOSED}),
+    _S.PARKED: frozenset({_S.ACTIVE, _S.ENDING, _S.CLOSED}),
+    _S.ENDING: frozenset({_S.CLOSED}),
+    _S.RETIRED: frozenset(),
+    _S.CLOSED: frozenset(),
+}  # a client that closes with these ends its session (no parking)
+
+
+class LinkClosed(Exception):
+    """The WebSocket is closed (by either side); nothing more can be sent or received."""
+
+
+class WebSocketLink:
+    """One accepted ASGI WebSocket as the connection uses it: receive text/bytes frames, send
+    text frames, close with a code, abort.
+
+    Attributes:
+        client_close_code: the close code the client sent (1005: none; 1006: the connection
+            dropped), ``None`` while open or when the server closed first.
+        close_code: the close code of either side once closed, else ``None``.
+    """
+
+    def __init__(self, websocket: WebSocket) -> None:
+        self.websocket = websocket
+        self._abort = websocket.scope.get("extensions", {}).get(TRANSPORT_EXTENSION, {}).get("abort")
+        self.client_close_code: int | None = None
+        self.close_code: int | None = None
+        self._send_lock = asyncio.Lock()
+
+    @property
+    def closed(self) -> bool:
+        return self.close_code is not None
+
+    async def receive(self) -> str | bytes:
+        """The next frame's payload.
+
+        Raises:
+            LinkClosed: the WebSocket closed (``client_close_code`` says how, when the client did).
+        """
+        if self.closed:
+            raise LinkClosed
+        message = await self.websocket.receive()
+        if message["type"] == "websocket.disconnect":
+            code = int(message.get("code", 1005) or 1005)
+            if self.close_code is None:
+                self.client_close_code = self.close_code = code
+            raise LinkClosed
+        text = message.get("text")
+        return text if text is not None else message.get("bytes") or b""
+
+    async def send(self, text: str) -> None:
+        """Send one text frame (waits while the client's TCP window is full).
+
+        Raises:
+            LinkClosed: the WebSocket is closed.
+        """
+        if self.closed:
+            raise LinkClosed
+        try:
+            await self.websocket.send({"type": "websocket.send", "text": text})
+        except (OSError, RuntimeError, WebSocketDisconnect):
+            raise LinkClosed from None
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        """Send a close frame (idempotent); the client's answer is awaited by the transport,
+        which drops a client that does not answer within ``close_timeout_s``."""
+        if self.closed:
+            return
+        self.close_code = code
+        with contextlib.suppress(OSError, RuntimeError, WebSocketDisconnect):
+            await self.websocket.send({"type": "websocket.close", "code": code, "reason": reason})
+
+    def abort(self) -> None:
+        """Drop the connection without a closing handshake (a client that does not read).
+        Served by another ASGI server (no abort hook): nothing more is sent on it."""
+        if self.close_code is None:
+            self.close_code = 1006
+        if self._abort is not None:
+            self._abort()
+
+
+class ClientConnection(ResumeMixin, RecordingMixin, LiveOutputsMixin):
+    """One session and the WebSocket attached to it: the session, its peer connection and its
+    outgoing frames.
+
+    A connection without a session is just its WebSocket. Once a session runs, the connection
+    outlives its WebSocket if that drops abnormally: it is *parked* (:meth:`_park`) for
+    ``session_resume_grace_s``, the session running on and its messages kept (bounded), until
+    another connection hands it its WebSocket with ``session.resume`` (:meth:`_attach`) or the
+    grace period ends it (``resume_timeout``).
+    """
+
+    def __init__(self, app: AvatarServer, link: WebSocketLink, grant: Grant) -> None:
+        self.app = app
+        self.link = link
+        self.grant = grant
+        self.session: SessionRunner | None = None
+        self.session_id: str | None = None
+        self.pc: RTCPeerConnection | None = None
+        self._outbox: asyncio.Queue[protocol.ServerMessage | None] = asyncio.Queue(
+            maxsize=app.settings.limits.max_send_queue_messages
+        )
+        self._sender: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self.state = ConnectionState.CONNECTED
+        self._holds_slot = False  # a session slot is counted in app.sessions_active
+        self.started_s = time.monotonic()  # session.ready (reset at session start)
+        self.last_control_s = time.monotonic()  # last client message (idle timeout)
+        self.recording_id: str | None = None
+        self.recordings = 0
+        self._recording_end_tasks: set[asyncio.Task[None]] = set()  # recordings ended by a limit
+        # Session resume: the current token, and what is kept while no WebSocket is attached.
+        self._resume_key: bytes | None = None
+        self.resume_token: str | None = None
+        self._missed: collections.deque[protocol.ServerMessage] = collections.deque()
+        self._missed_dropped = 0
+        self._grace_task: asyncio.Task[None] | None = None
+        self._successor: ClientConnection | None = None  # the session this WebSocket resumed
+        self._token_delivered = False  # a session.ready/resumed (with its resume token) was sent
+        self.guard = ConnectionGuard(self)
+        # the dispatch table: one handler per client message type
+        self._handlers: dict[type, Callable[[Any], Awaitable[None]]] = {
+            protocol.SessionStart: self._session_start,
+            protocol.SessionResume: self._session_resume,
+            protocol.WebRTCOffer: self._webrtc_offer,
+            protocol.Speak: self._on_speak,
+            protocol.SpeakEnd: self._on_speak_end,
+            protocol.Interrupt: self._on_interrupt,
+            protocol.SessionUpdate: self._on_session_update,
+            protocol.RecordStart: self._on_record_start,
+            protocol.RecordStop: self._on_record_stop,
+            protocol.OutputStart: self._on_output_start,  # avatar_server/live.py
+            protocol.OutputStop: self._on_output_stop,
+        }
+
+    def _move(self, to: ConnectionState) -> None:
+        """Change state along :data:`TRANSITIONS` (the parked-sessions gauge follows).
+
+        Raises:
+            RuntimeError: the move is not in the table (a bug, not a client's doing).
+        """
+        if to not in TRANSITIONS[self.state]:
+            raise RuntimeError(f"connection {self.session_id}: {self.state.value} -> {to.value} is not allowed")
+        if self.state is ConnectionState.PARKED:
+            self.app.metrics.sessions_parked.dec()
+        if to is ConnectionState.PARKED:
+            self.app.metrics.sessions_parked.inc()
+        self.state = to
+
+    @property
+    def parked(self) -> bool:
+        """The session runs without a WebSocket, waiting for ``session.resume``."""
+        return self.state is ConnectionState.PARKED
+
+    @property
+    def ending(self) -> bool:
+        """The server is ending the session, or everything is released."""
+        return self.state in (ConnectionState.ENDING, ConnectionState.RETIRED, ConnectionState.CLOSED)
+
+    async def run(self) -> ClientConnection | None:
+        """Read the attached WebSocket until it ends; then close the session, park it (an
+        abnormal close of a session that may be resumed) or hand the WebSocket on. Returns the
+        resumed session that reads this WebSocket from now on (``session.resume``), or ``None``."""
+        link = self.link
+        self._sender = asyncio.get_running_loop().create_task(self._send_loop(), name="ws-send")
+        try:
+            while True:
+                raw = await link.receive()
+                await self._on_frame(raw)
+                if self._successor is not None:
+                    break
+        except LinkClosed:
+            pass
+        finally:
+            await self._websocket_done(link)
+        return self._successor
+
+    async def _websocket_done(self, link: WebSocketLink) -> None:
+        if self._successor is not None:  # this WebSocket now drives the resumed session
+            await self._retire()
+        elif self.link is not link or self.parked:
+            pass  # another WebSocket took the session over (its resume parked it first)
+        elif self._may_park(link):
+            self._park()
+        else:
+            await self.close()
+
+    @property
+    def closed(self) -> bool:
+        """:meth:`close` ran (or the WebSocket went to a resumed session): nothing is held."""
+        return self.state in (ConnectionState.CLOSED, ConnectionState.RETIRED)
+
+    async def close(self) -> None:
+        """Close the peer connection, the session, then this connection's tasks (reverse order)."""
+        if self.closed:
+            return
+        ended_by_server = self.state is ConnectionState.ENDING
+        self._move(ConnectionState.CLOSED)
+        self.app.connections.discard(self)
+        if self._resume_key is not None:
+            self.app.resumable.pop(self._resume_key, None)
+            self._resume_key = None
+        await self.guard.close()
+        if self.pc is not None:
+            await close_peer_connection(self.pc)
+        await self._close_on_air()  # live outputs stop before their session
+        if self.session is not None:
+            if self.session.recorder is not None:
+                result = await self.session.stop_recording()
+                self._recording_stopped(result, "session_ended")
+            await self.session.close()
+            logger.info("session %s closed", self.session_id)
+            if not ended_by_server:
+                self.app.metrics.sessions_ended.labels("closed").inc()
+        if self._holds_slot:
+            self._holds_slot = False
+            self.app.sessions_active -= 1
+            self.app.metrics.sessions_active.dec()
+        current = asyncio.current_task()
+        tasks = [*self._tasks, *(t for t in (self._sender, self._grace_task) if t is not None)]
+        for task in reversed(tasks):
+            if task is current:  # e.g. the grace period or the lifetime watch ending the session
+                continue
+            task.cancel()
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
+        self._tasks.clear()
+        await self.link.close()
+
+    def send(self, message: protocol.ServerMessage) -> None:
+        """Queue a frame for the client (kept for a resume while the session is parked)."""
+        if isinstance(message, protocol.ErrorMessage):
+            self.app.metrics.client_errors.labels(message.code).inc()
+        if self.parked:
+            self._keep_missed(message)
+            return
+        try:
+            self._outbox.put_nowait(message)
+        except asyncio.QueueFull:
+            self.guard.send_queue_full()
+
+    def send_error(
+        self,
+        code: str,
+        message: str,
+        *,
+        field: str | None = None,
+        limit: str | None = None,
+        in_reply_to: str | None = None,
+    ) -> None:
+        """Send an ``error`` frame (``field``, ``limit``, ``in_reply_to`` as the frame's fields)."""
+        logger.info("client error %s (session %s)", code, self.session_id)
+        self.send(
+            protocol.ErrorMessage(code=code, message=message, field=field, limit=limit, in_reply_to=in_reply_to)
+        )
+
+    async def _send_loop(self) -> None:
+        while True:
+            message = await self._outbox.get()
+            if message is None:
+                return
+            try:
+                async with asyncio.timeout(self.app.settings.limits.send_timeout_s):
+                    await self.link.send(message.model_dump_json())
+                if isinstance(message, protocol.SessionReady):  # session.resumed too
+                    self._token_delivered = True
+            except LinkClosed:
+                return
+            except TimeoutError:
+                self.guard.send_stalled()
+                return
+
+    async def _stats_loop(self) -> None:
+        interval_s = self.app.settings.stats_interval_s
+        metrics = self.app.metrics
+        dropped = 0
+        while self.session is not None:
+            await asyncio.sleep(interval_s)
+            stats = self.session.stats()
+            metrics.sample_session(stats)
+            metrics.video_frames_dropped.inc(stats["frames_dropped"] - dropped)
+            dropped = stats["frames_dropped"]
+            self.send(protocol.Stats(state=self.session.state, **stats))
+
+    async def _lifetime_watch(self) -> None:
+        """End the session after ``session_idle_timeout_s`` without a client message or
+        microphone voice, or after ``session_max_duration_s``."""
+        settings = self.app.settings
+        idle_s, max_s = settings.session_idle_timeout_s, settings.session_max_duration_s
+        period_s = min(1.0, idle_s / 4, max_s / 4)
+        started_s = time.monotonic()
+        while self.session is not None and self.state in (ConnectionState.ACTIVE, ConnectionState.PARKED):
+            await asyncio.sleep(period_s)
+            session = self.session
+            now_s = time.monotonic()
+            if session.voice_active:
+                self.last_control_s = now_s
+            elif session.last_voice_s is not None:
+                self.last_control_s = max(self.last_control_s, session.last_voice_s)
+            if now_s - started_s >= max_s:
+                reason, message = "max_duration", f"session ended: it ran session_max_duration_s = {max_s:g}"
+            elif now_s - self.last_control_s >= idle_s:
+                reason = "idle_timeout"
+                message = f"session ended: no message and no voice for session_idle_timeout_s = {idle_s:g}"
+            else:
+                continue
+            await self.end_session(reason, message, error=True)
+            return
+
+    async def end_session(self, reason: str, message: str, *, close_code: int = 1000, error: bool = False) -> None:
+        """End this connection's session from the server side: an ``error`` frame (``error``:
+        the code is ``reason``), ``session.ended`` with ``reason``, then a WebSocket close
+        whose reason names it. The connection then closes as usual. Idempotent."""
+        if self.ending:
+            return
+        was_parked = self.parked
+        self._move(ConnectionState.ENDING)
+        logger.info("session %s ended by the server: %s", self.session_id, reason)
+        if self.session is not None:
+            self.app.metrics.sessions_ended.labels(reason).inc()
+            if self.session.recorder is not None:  # finish the file before saying goodbye
+                self._recording_stopped(await self.session.stop_recording(), "session_ended")
+        if was_parked:  # nobody to tell
+            await self.close()
+            return
+        frames = [protocol.SessionEnded(reason=reason, message=message)]
+        if error:
+            self.app.metrics.client_errors.labels(reason).inc()
+            frames.insert(0, protocol.ErrorMessage(code=reason, message=message))
+        sender = self._sender
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(2.0):
+                # After what was queued before; the send loop stops at None.
+                for frame in frames if self.session is not None else []:
+                    await self._outbox.put(frame)
+                await self._outbox.put(None)
+                if sender is not None:
+                    await asyncio.shield(sender)
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(2.0):
+                await self.link.close(close_code, f"{reason}: {message}"[:120])
+
+    # ----------------------------------------------------------------------------- frames
+    async def _on_frame(self, raw: str | bytes) -> None:
+        if not await self.guard.allow_frame(raw):
+            return
+        self.last_control_s = time.monotonic()
+        message = protocol.parse_client_message(raw, self.app.settings.limits)
+        if isinstance(message, protocol.ErrorMessage):
+            self.send(message)
+            logger.info("client error %s (session %s)", message.code, self.session_id)
+            return
+        try:
+            self.guard.admit(message)
+            await self._handlers[type(message)](message)
+            self.guard.accepted(message)
+        except (ImageError, SessionInputError) as exc:
+            code = exc.code
+            field = getattr(exc, "field", None) or ERROR_FIELDS.get(code)
+            self.send_error(code, str(exc), field=field, limit=getattr(exc, "limit", None), in_reply_to=message.id)
+        except EngineInputError as exc:
+            self.send_error("engine_input", str(exc), in_reply_to=message.id)
+        except Exception:
+            logger.exception("handling a %s message failed", message.type)
+            self.send_error(
+                "internal", f"{message.type}: the server failed to handle this message", in_reply_to=message.id
+            )
+
+    # ----------------------------------------------------------------------------- handlers
+    async def _on_speak(self, message: protocol.Speak) -> None:
+        self._require_session("speak").speak(message.utterance_id, message.text, message.language)
+
+    async def _on_speak_end(self, message: protocol.SpeakEnd) -> None:
+        self._require_session("speak.end").speak_end(message.utterance_id)
+
+    async def _on_interrupt(self, message: protocol.Interrupt) -> None:
+        self._require_session("interrupt").interrupt()
+
+    async def _on_session_update(self, message: protocol.SessionUpdate) -> None:
+        self._require_session("session.update").set_mode(mode=message.mode, barge_in=message.barge_in)
+
+    def _require_session(self, what: str) -> SessionRunner:
+        if self.session is None:
+            raise ClientError("no_session", f"type: {what} needs a session; send session.start first", field="type")
+        return self.session
+
+    async def _session_start(self, message: protocol.SessionStart) -> None:
+        app = self.app
+        if self.session is not None or self._holds_slot:
+            raise ClientError("session_exists", "type: this connection already has a session", field="type")
+        if app.draining:
+            app.metrics.sessions_refused.labels("shutting_down").inc()
+            raise ClientError("shutting_down", "the server is shutting down; try another instance")
+        if app.sessions_active >= app.settings.max_sessions:
+            app.metrics.sessions_refused.labels("capacity").inc()
+            raise ClientError(
+                "capacity", f"server at capacity: max_sessions = {app.settings.max_sessions}; try again later", limit="max_sessions")
+        if (overload := app.engine_overload()) is not None:
+            app.metrics.sessions_refused.labels("capacity").inc()
+            raise ClientError("capacity", f"server at capacity: {overload}; try again later")
+        session_id = self.guard.reserve_session(message)
+        app.sessions_active += 1
+        app.metrics.sessions_active.inc()
+        self._holds_slot = True
+        self._move(ConnectionState.STARTING)
+        try:
+            limits = app.settings.limits
+            image = await asyncio.to_thread(
+                decode_image, message.image, max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels
+            )
+            identity = await app.worker.prepare_identity(image, message.prompt)
+            if self.state is not ConnectionState.STARTING:  # closed or ended meanwhile
+                raise ClientError("no_session", "session.start: the connection closed while the session started")
+        except BaseException:
+            if self._holds_slot:
+                self._holds_slot = False
+                app.sessions_active -= 1
+                app.metrics.sessions_active.dec()
+            self.guard.release_session()
+            if self.state is ConnectionState.STARTING:
+                self._move(ConnectionState.CONNECTED)
+            raise
+        self.session_id = session_id
+        self.session = SessionRunner(
+            worker=app.worker,
+            identity=identity,
+            on_event=self._on_session_event,
+            config=dataclasses.replace(app.loop_config, mode=message.mode, barge_in=message.barge_in),
+            microphone_factory=app.microphone_factory,
+        )
+        self.session.start()
+        self._move(ConnectionState.ACTIVE)
+        self.started_s = time.monotonic()
+        app.metrics.sessions_started.inc()
+        self._rotate_resume_token()
+        logger.info("session %s started (image %dx%d)", self.session_id, image.shape[1], image.shape[0])
+        self.send(protocol.SessionReady(resume_token=self.resume_token, **self._session_fields()))
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.create_task(self._stats_loop(), name="stats"))
+        self._tasks.append(loop.create_task(self._lifetime_watch(), name="session-lifetime"))
+
+    def _session_fields(self) -> dict[str, Any]:
+        """What ``session.ready`` and ``session.resumed`` say about the running session."""
+        session, app = self.session, self.app
+        assert session is not None
+        return {
+            "session_id": self.session_id,
+            "width": session.width,
+            "height": session.height,
+            "fps": app.engine.fps,
+            "sample_rate": PLAYOUT_SAMPLE_RATE_HZ,
+            "engine": app.engine.name,
+            "notice": app.engine.notice,
+            "ice_servers": ice_server_dicts(app.settings.webrtc.ice_servers),
+            "sr": session.super_resolver is not None,
+            "mode": session.config.mode,
+            "barge_in": session.config.barge_in,
+            "resume_grace_s": app.settings.session_resume_grace_s,
+        }
+
+    async def _webrtc_offer(self, message: protocol.WebRTCOffer) -> None:
+        session = self._require_session("webrtc.offer")
+        sdp.check_offer(message.sdp, self.app.settings.limits)
+        if self.pc is not None:
+            if self.pc.connectionState not in ("failed", "closed"):
+                raise ClientError("webrtc_exists", "type: this session already has a peer connection", field="type")
+            await close_peer_connection(self.pc)
+        pc = make_peer_connection(self.app.settings.webrtc.ice_servers)
+        self.pc = pc
+        session_id = self.session_id
+
+        @pc.on("track")
+        def on_track(track) -> None:
+            if track.kind == "audio":
+                logger.info("session %s: microphone track received", session_id)
+                session.attach_microphone(self.guard.wrap_microphone(track))
+
+        @pc.on("connectionstatechange")
+        def on_state() -> None:
+            logger.info("session %s: peer connection %s", session_id, pc.connectionState)
+
+        try:
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=message.sdp, type="offer"))
+            kinds = {t.kind for t in pc.getTransceivers()}
+            if "video" not in kinds:
+                raise ValueError("the offer has no video media section")
+            video = session.video_track(on_frame=self.app.metrics.video_frames_sent.inc)
+            video.on_encode = self.app.metrics.video_encode_seconds.observe
+            pc.addTrack(self.guard.wrap_track(video))
+            if "audio" in kinds:
+                pc.addTrack(self.guard.wrap_track(session.audio_track()))
+            await pc.setLocalDescription(await pc.createAnswer())
+        except Exception as exc:
+            self.pc = None
+            await close_peer_connection(pc)
+            raise ClientError("bad_sdp", f"sdp: not a usable offer ({type(exc).__name__}: {exc})", field="sdp") from None
+        self.send(protocol.WebRTCAnswer(sdp=pc.localDescription.sdp))
+
+    # ----------------------------------------------------------------------------- events
+    def _on_session_event(self, event: events.SessionEvent) -> None:
+        self.app.metrics.observe(event)
+        self.guard.observe(event)
+        if isinstance(event, events.StateChanged):
+            self.send(protocol.State(state=event.state))
+        elif isinstance(event, events.SpeakStarted):
+            self.send(protocol.SpeakStarted(utterance_id=event.utterance_id))
+        elif isinstance(event, events.SpeakEnded):
+            self.send(protocol.SpeakEnded(utterance_id=event.utterance_id, played_ms=event.played_ms))
+        elif isinstance(event, events.Interrupted):
+            self.send(protocol.Interrupted(utterance_id=event.utterance_id, played_ms=event.played_ms))
+        elif isinstance(event, events.SessionError):
+            self.send_error(event.code, event.message)
+
+
