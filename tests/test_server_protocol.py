@@ -8,8 +8,8 @@ import json
 
 import numpy as np
 import pytest
-from pydantic import ValidationError
 from PIL import Image
+from pydantic import ValidationError
 
 from avatar_server import protocol
 from avatar_server.images import ImageError, decode_image
