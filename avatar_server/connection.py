@@ -30,6 +30,7 @@ from avatar_server.limits import ConnectionGuard
 from avatar_server.live import LiveOutputsMixin
 from avatar_server.recording import RecordingMixin
 from avatar_server.resume import ResumeMixin
+from avatar_server.tasks import cancel_and_wait
 from avatar_server.transport import TRANSPORT_EXTENSION
 from avatar_server.webrtc import close_peer_connection, ice_server_dicts, make_peer_connection
 from engine.api import EngineInputError
@@ -298,16 +299,8 @@ class ClientConnection(ResumeMixin, RecordingMixin, LiveOutputsMixin):
             self._holds_slot = False
             self.app.sessions_active -= 1
             self.app.metrics.sessions_active.dec()
-        current = asyncio.current_task()
-        tasks = [*self._tasks, *(t for t in (self._sender, self._grace_task) if t is not None)]
-        for task in reversed(tasks):
-            if task is current:  # e.g. the grace period or the lifetime watch ending the session
-                continue
-            task.cancel()
-            try:
-                await task
-            except (asyncio.CancelledError, Exception):
-                pass
+        # the calling task (the grace period or the lifetime watch ending the session) is skipped
+        await cancel_and_wait([*self._tasks, self._sender, self._grace_task], reverse=True)
         self._tasks.clear()
         await self.link.close()
 

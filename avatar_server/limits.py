@@ -43,6 +43,7 @@ from avatar_server.admission import AdmissionRegistry, TokenBucket
 from avatar_server.auth import SESSION_ID_RE, Grant, new_session_id
 from avatar_server.errors import ClientError
 from avatar_server.settings import Limits
+from avatar_server.tasks import cancel_and_wait
 from streaming import events
 from streaming.recorder import (
     RecordingLimits,
@@ -605,15 +606,7 @@ class ConnectionGuard:
         self.release_recording()
         if not (self._detached or self._handed_over):
             self.admission.drop(self.admission.connections_by_address, self.address)
-        tasks = list(self._tasks)
-        current = asyncio.current_task()
-        for task in tasks:
-            if task is not current:
-                task.cancel()
-        for task in tasks:
-            if task is not current:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+        await cancel_and_wait(list(self._tasks))
 
     def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> None:
         if self._closed:

@@ -11,7 +11,6 @@ current resume token hands a new WebSocket to it (:meth:`ResumeMixin._attach`), 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import secrets
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING
 from avatar_server import protocol
 from avatar_server.errors import ClientError
 from avatar_server.limits import LimitError
+from avatar_server.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from avatar_server.connection import ClientConnection, WebSocketLink
@@ -120,10 +120,7 @@ class ResumeMixin:
         stop its own sender and watchdog; its WebSocket count now belongs to that session."""
         self._move(_states().RETIRED)
         self.app.connections.discard(self)
-        if self._sender is not None:
-            self._sender.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._sender
+        await cancel_and_wait([self._sender])
         await self.guard.close()
 
     async def _session_resume(self, message: protocol.SessionResume) -> None:

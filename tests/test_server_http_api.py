@@ -133,3 +133,36 @@ async def test_server_side_errors_carry_field_limit_and_in_reply_to() -> None:
             error = await recv_json(ws, skip=("stats", "state", "speak.started"))
             assert error["code"] == "too_many_utterances" and error["in_reply_to"] == "a2"
             assert (error["field"], error["limit"]) == ("utterance_id", "max_pending_utterances")
+
+
+async def test_a_draining_server_refuses_handshakes_with_503_and_its_reason() -> None:
+    from websockets.exceptions import InvalidStatus
+
+    async with server() as app:
+        async with connect(f"ws://127.0.0.1:{app.port}/ws", max_size=None) as ws:
+            await ws.send(START)
+            assert (await recv_json(ws))["type"] == "session.ready"
+            drain = asyncio.create_task(app.drain(0.2))
+            await asyncio.sleep(0.05)
+            try:
+                async with connect(f"ws://127.0.0.1:{app.port}/ws"):
+                    raise AssertionError("a handshake was accepted while draining")
+            except InvalidStatus as refused:
+                response = refused.response
+                assert response.status_code == 503 and response.headers["Retry-After"] == "5"
+                assert json.loads(response.body)["code"] == "shutting_down"
+                assert b"draining" in response.body
+            await drain
+            assert (await recv_json(ws, skip=("stats", "state")))["reason"] == "shutdown"
+
+
+def test_connection_states_move_only_along_the_table() -> None:
+    from avatar_server.connection import TRANSITIONS, ConnectionState
+
+    assert set(TRANSITIONS) == set(ConnectionState)
+    assert TRANSITIONS[ConnectionState.CLOSED] == TRANSITIONS[ConnectionState.RETIRED] == frozenset()
+    assert ConnectionState.PARKED in TRANSITIONS[ConnectionState.ACTIVE]
+    assert ConnectionState.PARKED not in TRANSITIONS[ConnectionState.CONNECTED]  # no session, nothing to park
+    assert ConnectionState.ACTIVE not in TRANSITIONS[ConnectionState.ENDING]  # an ended session stays ended
+    # every state but the final ones can reach CLOSED
+    assert all(ConnectionState.CLOSED in moves for state, moves in TRANSITIONS.items() if moves)
