@@ -42,7 +42,6 @@ from avatar_server.live import LiveRegistry
 from avatar_server.metrics import Metrics
 from avatar_server.resume import token_key
 from avatar_server.settings import Settings
-from avatar_server.tasks import cancel_and_wait
 from avatar_server.tls import server_ssl_context
 from avatar_server.transport import protocol_classes
 from avatar_server.webrtc import use_host_addresses
@@ -50,6 +49,7 @@ from engine.api import SegmentEngine, SegmentKind, SegmentRequest
 from streaming.engine_client import EngineWorker
 from streaming.microphone import Microphone, load_vad_model
 from streaming.planner import LoopConfig
+from streaming.tasks import cancel_and_wait
 
 logger = logging.getLogger(__name__)
 
@@ -217,7 +217,7 @@ class AvatarServer:
             return
         self._shut_down = True
         self.draining = True
-        await cancel_and_wait([self._warmup_task])
+        await cancel_and_wait(self._warmup_task)
         for conn in self._all_sessions():
             await conn.close()
         await self.live.close()
@@ -263,7 +263,7 @@ class AvatarServer:
                     await self._serve_task
             except TimeoutError:
                 self._uvicorn.force_exit = True
-                await cancel_and_wait([self._serve_task])
+                await cancel_and_wait(self._serve_task)
             self._serve_task = None
 
     async def drain(self, timeout_s: float) -> None:

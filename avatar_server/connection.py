@@ -30,13 +30,13 @@ from avatar_server.limits import ConnectionGuard
 from avatar_server.live import LiveOutputsMixin
 from avatar_server.recording import RecordingMixin
 from avatar_server.resume import ResumeMixin
-from avatar_server.tasks import cancel_and_wait
 from avatar_server.transport import TRANSPORT_EXTENSION
 from avatar_server.webrtc import close_peer_connection, ice_server_dicts, make_peer_connection
 from engine.api import EngineInputError
 from streaming import events
 from streaming.playout import PLAYOUT_SAMPLE_RATE_HZ
 from streaming.session import SessionInputError, SessionRunner
+from streaming.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from avatar_server.app import AvatarServer
@@ -300,7 +300,7 @@ class ClientConnection(ResumeMixin, RecordingMixin, LiveOutputsMixin):
             self.app.sessions_active -= 1
             self.app.metrics.sessions_active.dec()
         # the calling task (the grace period or the lifetime watch ending the session) is skipped
-        await cancel_and_wait([*self._tasks, self._sender, self._grace_task], reverse=True)
+        await cancel_and_wait(*reversed([*self._tasks, self._sender, self._grace_task]))
         self._tasks.clear()
         await self.link.close()
 

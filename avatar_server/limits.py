@@ -43,11 +43,11 @@ from avatar_server.admission import AdmissionRegistry, TokenBucket
 from avatar_server.auth import SESSION_ID_RE, Grant, new_session_id
 from avatar_server.errors import ClientError
 from avatar_server.settings import Limits
-from avatar_server.tasks import cancel_and_wait
 from streaming import events
 from streaming.recorder import (
     RecordingLimits,
 )
+from streaming.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from avatar_server.server import ClientConnection
@@ -606,7 +606,7 @@ class ConnectionGuard:
         self.release_recording()
         if not (self._detached or self._handed_over):
             self.admission.drop(self.admission.connections_by_address, self.address)
-        await cancel_and_wait(list(self._tasks))
+        await cancel_and_wait(*self._tasks)
 
     def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> None:
         if self._closed:

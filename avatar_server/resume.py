@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from avatar_server import protocol
 from avatar_server.errors import ClientError
 from avatar_server.limits import LimitError
-from avatar_server.tasks import cancel_and_wait
+from streaming.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from avatar_server.connection import ClientConnection, WebSocketLink
@@ -120,7 +120,7 @@ class ResumeMixin:
         stop its own sender and watchdog; its WebSocket count now belongs to that session."""
         self._move(_states().RETIRED)
         self.app.connections.discard(self)
-        await cancel_and_wait([self._sender])
+        await cancel_and_wait(self._sender)
         await self.guard.close()
 
     async def _session_resume(self, message: protocol.SessionResume) -> None:

@@ -1,4 +1,4 @@
-"""cancel_and_wait: the one way streaming stops the tasks it owns."""
+"""cancel_and_wait: the one way the server stops the tasks it owns."""
 
 from __future__ import annotations
 
@@ -10,12 +10,16 @@ import pytest
 from streaming.tasks import cancel_and_wait
 
 
-async def test_tasks_are_cancelled_and_awaited_in_order_and_failures_are_logged(caplog) -> None:
+async def test_tasks_are_cancelled_in_order_awaited_together_and_failures_are_logged(caplog) -> None:
     ended: list[str] = []
+    cancelled: list[str] = []
 
     async def sleeper(name: str, cleanup_s: float) -> None:
         try:
             await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            cancelled.append(name)
+            raise
         finally:
             await asyncio.sleep(cleanup_s)  # a task that takes a while to stop is waited for
             ended.append(name)
@@ -29,7 +33,9 @@ async def test_tasks_are_cancelled_and_awaited_in_order_and_failures_are_logged(
     await asyncio.sleep(0.01)
     with caplog.at_level(logging.ERROR, logger="streaming.tasks"):
         await cancel_and_wait(first, None, broken, second)
-    assert ended == ["first", "second"] and first.cancelled() and second.cancelled()
+    # Both were cancelled in the order given; the quick one did not wait behind the slow one.
+    assert cancelled == ["first", "second"] and ended == ["second", "first"]
+    assert first.cancelled() and second.cancelled()
     assert [r.getMessage() for r in caplog.records] == ["task broken-task failed"]
 
 
@@ -54,3 +60,15 @@ async def test_cancelling_the_caller_is_not_swallowed() -> None:
     release.set()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+async def test_the_calling_task_is_skipped() -> None:
+    """A task may close the object that owns it: cancel_and_wait does not cancel its caller."""
+    other = asyncio.create_task(asyncio.sleep(60))
+
+    async def closer() -> str:
+        await cancel_and_wait(asyncio.current_task(), other)
+        return "closed"
+
+    assert await asyncio.wait_for(closer(), 5) == "closed"
+    assert other.cancelled()
