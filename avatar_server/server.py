@@ -40,6 +40,7 @@ from websockets.http11 import Request, Response
 
 from avatar_server import protocol
 from avatar_server.auth import Authenticator, startup_problem
+from avatar_server.ice import filter_offer, summarize
 from avatar_server.images import ImageError, decode_image, set_pixel_limit
 from avatar_server.limits import (
     AdmissionRegistry,
@@ -898,6 +899,7 @@ class ClientConnection:
     async def _webrtc_offer(self, message: protocol.WebRTCOffer) -> None:
         session = self._require_session("webrtc.offer")
         self.guard.check_offer(message.sdp)
+        offer_sdp = self._filter_candidates(message.sdp)
         if self.pc is not None:
             if self.pc.connectionState not in ("failed", "closed"):
                 raise SessionInputError("webrtc_exists", "type: this session already has a peer connection")
@@ -917,7 +919,7 @@ class ClientConnection:
             logger.info("session %s: peer connection %s", session_id, pc.connectionState)
 
         try:
-            await pc.setRemoteDescription(RTCSessionDescription(sdp=message.sdp, type="offer"))
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
             kinds = {t.kind for t in pc.getTransceivers()}
             if "video" not in kinds:
                 raise ValueError("the offer has no video media section")
@@ -932,6 +934,19 @@ class ClientConnection:
             await close_peer_connection(pc)
             raise SessionInputError("bad_sdp", f"sdp: not a usable offer ({type(exc).__name__}: {exc})") from None
         self.send(protocol.WebRTCAnswer(sdp=pc.localDescription.sdp))
+
+    def _filter_candidates(self, sdp: str) -> str:
+        """The offer without the remote ICE candidates the policy refuses (issue 18), counted by reason."""
+        settings = self.app.settings
+        try:
+            sdp, refusals = filter_offer(sdp, settings.webrtc.ice_policy.for_host(settings.host))
+        except ValueError as exc:
+            raise SessionInputError("bad_sdp", str(exc)) from None
+        for reason, count in summarize(refusals).items():
+            self.app.metrics.ice_candidates_refused.labels(reason=reason).inc(count)
+        if refusals:
+            logger.info("session %s: ICE candidates dropped from the offer: %s", self.session_id, summarize(refusals))
+        return sdp
 
     # ----------------------------------------------------------------------------- events
     def _on_session_event(self, event: events.SessionEvent) -> None:

@@ -15,6 +15,8 @@ from typing import Literal
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from avatar_server.ice import IceCandidatePolicy
+
 MIB = 1024 * 1024
 GIB = 1024 * MIB
 
@@ -141,6 +143,8 @@ class WebRTCSettings(BaseModel):
         default_factory=list,
         description="STUN/TURN URLs, e.g. stun:stun.example.org:3478, or {urls, username, credential} (none by default)",
     )
+    # Issue 18: which remote ICE candidates an offer may carry (avatar_server/ice.py).
+    ice_policy: IceCandidatePolicy = Field(default_factory=IceCandidatePolicy)
 
 
 class VadSettings(BaseModel):
