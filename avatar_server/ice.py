@@ -32,8 +32,19 @@ AddressClass = Literal[
 ``reserved`` is what is neither global nor any other class, e.g. 240.0.0.0/4)."""
 
 RefusalReason = Literal[
-    "loopback", "private", "public", "reserved", "link_local", "multicast", "broadcast", "unspecified",
-    "mdns", "hostname", "protocol", "too_many", "malformed",
+    "loopback",
+    "private",
+    "public",
+    "reserved",
+    "link_local",
+    "multicast",
+    "broadcast",
+    "unspecified",
+    "mdns",
+    "hostname",
+    "protocol",
+    "too_many",
+    "malformed",
 ]
 """Why a candidate was dropped: its address class (not allowed), ``mdns`` (an ``.local`` name
 with mDNS resolution off), ``hostname`` (any other name: the server would have to resolve it),
@@ -61,7 +72,10 @@ class IceCandidatePolicy(BaseModel):
         ),
     )
     max_remote_candidates: int = Field(
-        16, ge=1, le=256, description="remote ICE candidates kept per offer (distinct addresses; the rest dropped)"
+        16,
+        ge=1,
+        le=256,
+        description="remote ICE candidates kept per offer (distinct addresses; the rest dropped)",
     )
     mdns: bool = Field(
         False,
@@ -78,7 +92,9 @@ class IceCandidatePolicy(BaseModel):
             return self
         if loopback is None:
             loopback = host == "localhost" or _is_loopback_literal(host)
-        return self.model_copy(update={"allowed_address_classes": list(LOOPBACK_ALLOWED if loopback else DEFAULT_ALLOWED)})
+        return self.model_copy(
+            update={"allowed_address_classes": list(LOOPBACK_ALLOWED if loopback else DEFAULT_ALLOWED)}
+        )
 
 
 @dataclass(frozen=True)

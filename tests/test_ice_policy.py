@@ -79,7 +79,9 @@ async def offer_with(candidates: list[str], kinds: tuple[str, ...] = ("video",))
         for kind in kinds:
             pc.addTransceiver(kind, direction="recvonly")
         await pc.setLocalDescription(await pc.createOffer())
-        lines = [line for line in pc.localDescription.sdp.split("\r\n") if not line.startswith("a=candidate:")]
+        lines = [
+            line for line in pc.localDescription.sdp.split("\r\n") if not line.startswith("a=candidate:")
+        ]
     finally:
         await pc.close()
     out: list[str] = []
@@ -102,11 +104,15 @@ async def answer(offer_sdp: str):
 
 def remote_hosts(pc) -> list[str]:
     """The remote candidates aioice holds (public API: RTCIceTransport.getRemoteCandidates)."""
-    return sorted(c.ip for t in pc.getTransceivers() for c in t.receiver.transport.transport.getRemoteCandidates())
+    return sorted(
+        c.ip for t in pc.getTransceivers() for c in t.receiver.transport.transport.getRemoteCandidates()
+    )
 
 
 def mdns_socket_open() -> bool:
-    return any(c.laddr and c.laddr.port == 5353 for c in psutil.Process(os.getpid()).net_connections(kind="udp"))
+    return any(
+        c.laddr and c.laddr.port == 5353 for c in psutil.Process(os.getpid()).net_connections(kind="udp")
+    )
 
 
 @pytest.mark.parametrize(
@@ -170,14 +176,25 @@ async def test_refused_candidates_never_reach_aioice_and_get_no_stun(loopback_ic
         policy = IceCandidatePolicy().for_host("127.0.0.1")
         filtered, refusals = filter_offer(offer, policy)
         assert sorted(r.reason for r in refusals) == sorted(
-            ["link_local", "link_local", "private", "multicast", "broadcast", "unspecified", "public", "mdns",
-             "protocol"]
+            [
+                "link_local",
+                "link_local",
+                "private",
+                "multicast",
+                "broadcast",
+                "unspecified",
+                "public",
+                "mdns",
+                "protocol",
+            ]
         )
         assert "169.254.169.254" not in filtered and ".local" not in filtered
         assert sum(line.startswith("a=candidate:") for line in filtered.split("\r\n")) == 1
         # everything but the candidate lines is unchanged
         assert [ln for ln in filtered.split("\r\n")] == [
-            ln for ln in offer.split("\r\n") if not ln.startswith("a=candidate:") or f" {allowed_sink.port} " in ln
+            ln
+            for ln in offer.split("\r\n")
+            if not ln.startswith("a=candidate:") or f" {allowed_sink.port} " in ln
         ]
 
         pc = await answer(filtered)
@@ -201,13 +218,18 @@ async def test_an_offer_with_300_candidates_keeps_the_highest_priority_n(loopbac
             [candidate("127.0.0.1", sink.port, 1000 + i, foundation=str(i)) for i, sink in enumerate(sinks)]
         )
         assert len(offer.encode()) > 15_000
-        filtered, refusals = filter_offer(offer, IceCandidatePolicy(max_remote_candidates=8).for_host("127.0.0.1"))
+        filtered, refusals = filter_offer(
+            offer, IceCandidatePolicy(max_remote_candidates=8).for_host("127.0.0.1")
+        )
         assert len(refusals) == 292 and {r.reason for r in refusals} == {"too_many"}
         kept, dropped = sinks[-8:], sinks[:-8]
         pc = await answer(filtered)
         try:
-            assert sorted(c.port for t in pc.getTransceivers()
-                          for c in t.receiver.transport.transport.getRemoteCandidates()) == sorted(s.port for s in kept)
+            assert sorted(
+                c.port
+                for t in pc.getTransceivers()
+                for c in t.receiver.transport.transport.getRemoteCandidates()
+            ) == sorted(s.port for s in kept)
             for _ in range(100):
                 if all(sink.stun_packets for sink in kept):
                     break
@@ -224,11 +246,21 @@ async def test_repeats_in_bundled_sections_count_once_and_mdns_can_be_enabled() 
     bundled = await offer_with(
         [candidate("127.0.0.1", 4000, 5), candidate("abc-123.local", 4001, 4)], kinds=("audio", "video")
     )
-    _, refusals = filter_offer(bundled, IceCandidatePolicy(max_remote_candidates=1, mdns=True).for_host("::1"))
-    assert refusals == [CandidateRefusal("abc-123.local", "too_many", 0), CandidateRefusal("abc-123.local", "too_many", 1)]
-    _, refusals = filter_offer(bundled, IceCandidatePolicy(max_remote_candidates=2, mdns=True).for_host("::1"))
+    _, refusals = filter_offer(
+        bundled, IceCandidatePolicy(max_remote_candidates=1, mdns=True).for_host("::1")
+    )
+    assert refusals == [
+        CandidateRefusal("abc-123.local", "too_many", 0),
+        CandidateRefusal("abc-123.local", "too_many", 1),
+    ]
+    _, refusals = filter_offer(
+        bundled, IceCandidatePolicy(max_remote_candidates=2, mdns=True).for_host("::1")
+    )
     assert refusals == []
-    for bad in ("v=0\r\nm=video x\r\n", "v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\na=candidate:1 1 udp x 1.2.3.4 5 typ host"):
+    for bad in (
+        "v=0\r\nm=video x\r\n",
+        "v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\na=candidate:1 1 udp x 1.2.3.4 5 typ host",
+    ):
         with pytest.raises(ValueError, match="sdp: aiortc cannot parse"):
             filter_offer(bad, IceCandidatePolicy())
 
