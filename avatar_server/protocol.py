@@ -176,6 +176,11 @@ class SessionReady(_Message):
     fps: int
     sample_rate: int
     engine: str
+    notice: str | None = Field(
+        None,
+        description="a sentence to show the user about what this engine's picture is when it is not a real "
+        "person (the preview's untrained weights: noise by design; the test pattern), or null",
+    )
     ice_servers: list[dict[str, Any]] = Field(
         default_factory=list, description="STUN/TURN servers for the client's RTCPeerConnection (RTCIceServer form)"
     )

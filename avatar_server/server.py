@@ -808,6 +808,7 @@ class ClientConnection:
             "fps": app.engine.fps,
             "sample_rate": PLAYOUT_SAMPLE_RATE_HZ,
             "engine": app.engine.name,
+            "notice": app.engine.notice,
             "ice_servers": ice_server_dicts(app.settings.webrtc.ice_servers),
             "sr": session.upgrader is not None,
             "mode": session.config.mode,

@@ -164,6 +164,9 @@ class SegmentEngine(Protocol):
         sample_rate: sample rate of generated (non-lipsync) audio in Hz.
         max_segment_seconds: longest segment the engine accepts.
         name: short engine name for logs and metrics (``preview``, ``full``, ``testpattern``).
+        notice: one plain sentence for the user about what this engine shows when that is not a
+            real person (the preview's untrained weights, the test pattern), or None. Clients show
+            it (``session.ready.notice``).
     """
 
     width: int
@@ -172,6 +175,7 @@ class SegmentEngine(Protocol):
     sample_rate: int
     max_segment_seconds: float
     name: str
+    notice: str | None
 
     def prepare_identity(self, image: np.ndarray, appearance: str) -> Identity:
         """Encode a session's reference image (uint8 ``[H, W, 3]`` RGB, any size).
@@ -198,6 +202,21 @@ class SegmentEngine(Protocol):
             CancelledError: ``cancel`` was set.
         """
         ...
+
+
+PREVIEW_NOTICE = (
+    "Preview engine: its weights are untrained (seeded random numbers), so its picture and sound are "
+    "noise by design; the pipeline, timing and streaming are the real ones. To see a real face, load the "
+    "released weights on a GPU: 'avatar-server download DIR', then 'avatar-server serve --engine full "
+    "--checkpoint-dir DIR --device cuda' (README, Real weights)."
+)
+"""``notice`` of the ``preview`` preset's engine."""
+
+TESTPATTERN_NOTICE = (
+    "Test-pattern engine: synthetic colour bars and tones, no model. Start the server with "
+    "'--engine preview' (CPU) or '--engine full' (GPU, released weights) for the generator."
+)
+"""``notice`` of the test-pattern engine."""
 
 
 def segment_frame_count(seconds: float, fps: int = VIDEO_FPS) -> int:

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from engine.api import (
+    PREVIEW_NOTICE,
     VIDEO_FPS,
     CancelledError,
     Continuation,
@@ -101,6 +102,8 @@ class MagiHumanEngine:
         video_decoder: optional faster decoder with ``decode_to_uint8`` (the Turbo VAE);
             default ``video_vae``.
         name: engine name for logs and metrics.
+        notice: what the user should know about this engine's picture (``SegmentEngine.notice``);
+            :data:`engine.api.PREVIEW_NOTICE` for the preview preset, None for real weights.
     """
 
     fps = VIDEO_FPS
@@ -121,6 +124,7 @@ class MagiHumanEngine:
         video_decoder=None,
         max_segment_seconds: float = MAX_SEGMENT_SECONDS,
         name: str = "magihuman",
+        notice: str | None = None,
         sr_dit: DiTModel | None = None,
         sr_size: tuple[int, int] | None = None,
         max_text_tokens: int | None = None,
@@ -136,6 +140,7 @@ class MagiHumanEngine:
         self.max_segment_seconds = max_segment_seconds
         self.sample_rate = int(getattr(audio_vae, "output_sample_rate", 44_100))
         self.name = name
+        self.notice = notice
         self.sr_dit = sr_dit
         self.before_dit_call = None  # e.g. engine.backends.compile.mark_step for CUDA graphs
         self.max_text_tokens = max_text_tokens  # None: the reference's 640 (PIPELINE.md §5)
@@ -430,7 +435,7 @@ def build_preview_engine(*, seed: int = 0, device: str = "cpu", width: int = PRE
     engine = MagiHumanEngine(
         dit, text_encoder, WanVideoVAE.preview(seed=seed).to(device),
         OobleckAudioVAE.preview(seed=seed, encode_dtype=torch.bfloat16, model_sample_rate=PREVIEW_AUDIO_MODEL_RATE_HZ),
-        width=width, height=height, device=device, compute_dtype=compute_dtype, name="preview",
+        width=width, height=height, device=device, compute_dtype=compute_dtype, name="preview", notice=PREVIEW_NOTICE,
         sr_dit=sr_dit, sr_size=(2 * width, 2 * height) if sr else None, max_text_tokens=PREVIEW_TEXT_TOKENS,
     )
     return use_backend(engine, backend)

@@ -31,6 +31,7 @@ import soxr
 from PIL import Image
 
 from engine.api import (
+    TESTPATTERN_NOTICE,
     VIDEO_FPS,
     CancelledError,
     Continuation,
@@ -91,6 +92,7 @@ class TestPatternEngine:
 
     fps = VIDEO_FPS
     name = "testpattern"
+    notice: str | None = TESTPATTERN_NOTICE
 
     def __init__(
         self,

@@ -90,6 +90,7 @@ class MarkedEngine:
         self.sample_rate = inner.sample_rate
         self.max_segment_seconds = inner.max_segment_seconds
         self.name = inner.name
+        self.notice = inner.notice
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)

@@ -118,6 +118,10 @@ def test_browser_session(media_dir: Path, tmp_path: Path) -> None:
             assert "mic" not in last, last
             ready = page.evaluate("window.avatarEvents.find((m) => m.type === 'session.ready')")
             assert ready["barge_in"] is False, ready
+            # A new user is told what the picture is (the test pattern here; the preview's noise).
+            expect(page.locator("#notice")).to_be_visible()
+            expect(page.locator("#notice")).to_have_text(ready["notice"])
+            assert "Test-pattern engine" in ready["notice"], ready
             start_sent = page.evaluate("window.avatarSent[0]")
             assert start_sent["type"] == "session.start" and start_sent["barge_in"] is False, start_sent
             assert "mode" not in start_sent, start_sent

@@ -20,8 +20,10 @@ from safetensors.torch import load_file, save_file
 
 from engine import dit as dit_module
 from engine import parity
+from tests.conftest import needs_shared
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "upstream"
+pytestmark = needs_shared("fixtures", "upstream")
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -185,3 +185,11 @@ def test_backend_selection_keeps_segments_close(identity):
     a, b = eager.generate(request), fast.generate(request)
     assert a.frames.shape == b.frames.shape
     assert np.abs(a.frames.astype(int) - b.frames.astype(int)).mean() < 2.0
+
+
+def test_preview_engine_says_its_picture_is_noise(engine):
+    """The preview's weights are untrained: its engine carries the notice that session.ready
+    passes to clients, naming the cause and how to load the real weights."""
+    assert engine.name == "preview"
+    assert "untrained" in engine.notice and "noise by design" in engine.notice
+    assert "--engine full --checkpoint-dir" in engine.notice

@@ -15,6 +15,7 @@ from websockets.asyncio.client import connect
 
 from avatar_server.server import build_app
 from avatar_server.settings import Settings
+from engine.api import TESTPATTERN_NOTICE
 from engine.testpattern import TestPatternEngine
 
 
@@ -106,6 +107,7 @@ async def test_bad_input_gets_error_frames_and_the_connection_still_serves(app, 
         ready = await recv_json(ws)
         assert ready["type"] == "session.ready"
         assert (ready["width"], ready["height"], ready["fps"], ready["sample_rate"]) == (224, 128, 25, 48_000)
+        assert ready["notice"] == TESTPATTERN_NOTICE  # what the picture is, for the page to say
 
         await ws.send(json.dumps({"type": "speak", "utterance_id": "u1", "text": "x" * 101}))
         reply = await recv_json(ws)

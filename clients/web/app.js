@@ -30,6 +30,7 @@ const RECORD_REASONS = {
 
 const ui = {
   video: $("video"), placeholder: $("placeholder"), overlay: $("overlay"), unmute: $("unmute"),
+  notice: $("notice"),
   image: $("image"), preview: $("preview"), prompt: $("prompt"), start: $("start"), stop: $("stop"),
   speakFields: $("speak-fields"), text: $("text"), language: $("language"), interrupt: $("interrupt"),
   mic: $("mic"), log: $("log"), error: $("error"), errorText: $("error-text"),
@@ -319,6 +320,7 @@ async function onMessage(event) {
       const micText = sessionMode === "text" ? "text" : `microphone, ${message.mode}`;
       log(`session ${message.session_id}: ${message.width}×${message.height} at ${message.fps} fps (${message.engine}; ${micText}; barge-in ${message.barge_in ? "on" : "off"})`);
       setState("idle");
+      showNotice(message.notice);
       syncSessionOptions(message);
       updateControls();
       await startWebRTC(Array.isArray(message.ice_servers) ? message.ice_servers : []);
@@ -482,6 +484,14 @@ function sessionStartMessage(image) {
 
 function bargeInWanted() {
   return ui.mode.value !== "text" && ui.bargeIn.checked;
+}
+
+// What the engine's picture is when it is not a real person (session.ready.notice): the preview
+// engine's untrained weights make noise by design, and the page says so rather than leave a new
+// user looking at coloured noise.
+function showNotice(text) {
+  ui.notice.textContent = typeof text === "string" ? text : "";
+  ui.notice.hidden = !ui.notice.textContent;
 }
 
 // Options changed between Start and session.ready go out as a session.update.
