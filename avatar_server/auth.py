@@ -47,22 +47,17 @@ import hashlib
 import hmac
 import http
 import ipaddress
-import json
 import logging
 import math
 import re
 import secrets
 import time
-import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 import jwt
-from websockets.asyncio.server import ServerConnection
-from websockets.datastructures import Headers
-from websockets.http11 import Request, Response
 
 from avatar_server.settings import Settings, is_loopback_host
 
@@ -221,14 +216,15 @@ def startup_problem(settings: Settings) -> str | None:
     return None
 
 
-def peer_host(connection: ServerConnection) -> str:
-    """The TCP peer's IP address (IPv4-mapped IPv6 addresses as IPv4; ``""`` when unknown).
+def peer_host(client: Any) -> str:
+    """The TCP peer's IP address from an ASGI ``scope["client"]`` (``(host, port)``), as text:
+    IPv4-mapped IPv6 addresses as IPv4; ``""`` when unknown.
 
     This is the client only without a reverse proxy: use :meth:`Authenticator.client_address`
     wherever the client is meant."""
     try:
-        host = str(connection.remote_address[0])
-    except (TypeError, IndexError, AttributeError):
+        host = str(client[0])
+    except (TypeError, IndexError, KeyError):
         return ""
     addr = _ip(host)
     return host if addr is None else str(addr)
@@ -282,11 +278,12 @@ class ClientAddressResolver:
         addr = _ip(address) if isinstance(address, str) else address
         return addr is not None and any(addr in network for network in self.networks)
 
-    def hops(self, headers: Headers) -> list[IPAddress | None]:
+    def hops(self, headers: Any) -> list[IPAddress | None]:
         """The forwarding header's addresses, left (the original client) to right (the last
         proxy's peer), at most :attr:`MAX_HOPS` from the right; ``None`` for an entry that is
         not an address."""
-        joined = ",".join(headers.get_all(self.header))
+        get_all = getattr(headers, "getlist", None) or headers.get_all  # Starlette's or websockets' Headers
+        joined = ",".join(get_all(self.header))
         items = [item for item in joined.split(",") if item.strip()][-self.MAX_HOPS :]
         if self.header == "x-forwarded-for":
             return [_forwarded_node(item) for item in items]
@@ -300,7 +297,7 @@ class ClientAddressResolver:
             hops.append(node)
         return hops
 
-    def resolve(self, peer: str, headers: Headers | None) -> str:
+    def resolve(self, peer: str, headers: Any) -> str:
         """The client of a request that arrived from ``peer`` with ``headers``: ``peer`` unless
         it is a trusted proxy; then the right-most forwarding-header address that is not a
         trusted proxy (the left-most when all are; the last trusted hop when an entry on the way
@@ -449,7 +446,7 @@ def origin_allowed(origin: str | None, host_header: str | None, allowed: Sequenc
     return host == origin_host and (port is None or port == origin_port)
 
 
-def _bearer(headers: Headers) -> str | None:
+def _bearer(headers: Any) -> str | None:
     value = headers.get("Authorization")
     if value is None:
         return None
@@ -465,44 +462,53 @@ def _query(query: str) -> dict[str, str]:
     return {key: values[0] for key, values in parsed.items()}
 
 
-def _subprotocols(headers: Headers) -> list[str]:
-    return [item.strip() for value in headers.get_all("Sec-WebSocket-Protocol") for item in value.split(",")]
+def _subprotocols(headers: Any) -> list[str]:
+    return [item.strip() for value in headers.getlist("Sec-WebSocket-Protocol") for item in value.split(",")]
 
 
-def plain_response(status: http.HTTPStatus, text: str, extra: Iterable[tuple[str, str]] = ()) -> Response:
-    body = (text.rstrip("\n") + "\n").encode()
-    headers = Headers(
-        [
-            ("Content-Type", "text/plain; charset=utf-8"),
-            ("Content-Length", str(len(body))),
-            ("Cache-Control", "no-store"),
-            ("Connection", "close"),
-            *extra,
-        ]
-    )
-    return Response(status.value, status.phrase, headers, body)
+@dataclass(frozen=True)
+class Refusal:
+    """A decision to answer a request with an HTTP error instead of serving it.
+
+    Attributes:
+        status: the HTTP status (401, 403, 404, 405, 429, 503...).
+        code: the error code, one of the WebSocket protocol's (``docs/PROTOCOL.md``).
+        message: what is wrong, naming the field or the limit.
+        headers: extra response headers (``Retry-After``, ``WWW-Authenticate``, ``Allow``).
+    """
+
+    status: int
+    code: str
+    message: str
+    headers: tuple[tuple[str, str], ...] = ()
 
 
-def _json_response(status: http.HTTPStatus, payload: dict[str, Any]) -> Response:
-    body = json.dumps(payload).encode()
-    headers = Headers(
-        [
-            ("Content-Type", "application/json"),
-            ("Content-Length", str(len(body))),
-            ("Cache-Control", "no-store"),
-            ("Connection", "close"),
-        ]
-    )
-    return Response(status.value, status.phrase, headers, body)
+@dataclass(frozen=True)
+class RequestView:
+    """What the access rules look at in an HTTP request or a WebSocket handshake.
+
+    Attributes:
+        method: ``GET``, ``POST``... (``GET`` for a WebSocket handshake).
+        path: the decoded path, without the query.
+        query: the query parameters (first value of each; at most 16 fields).
+        headers: the request headers; ``get(name)`` gives the first, ``getlist(name)`` all.
+        peer: the TCP peer's IP address (``""`` when unknown).
+    """
+
+    method: str
+    path: str
+    query: dict[str, str]
+    headers: Any
+    peer: str
 
 
-def _unauthorized(message: str, error: str = "invalid_token") -> Response:
+def _unauthorized(message: str, error: str = "invalid_token") -> Refusal:
     challenge = f'Bearer realm="avatar-server", error="{error}"'
-    return plain_response(http.HTTPStatus.UNAUTHORIZED, message, [("WWW-Authenticate", challenge)])
+    return Refusal(http.HTTPStatus.UNAUTHORIZED, "unauthorized", message, (("WWW-Authenticate", challenge),))
 
 
-def _forbidden(message: str) -> Response:
-    return plain_response(http.HTTPStatus.FORBIDDEN, message)
+def _forbidden(message: str) -> Refusal:
+    return Refusal(http.HTTPStatus.FORBIDDEN, "forbidden", message)
 
 
 class Authenticator:
@@ -552,7 +558,6 @@ class Authenticator:
         )
         self.public_paths = frozenset(_PUBLIC_PATHS) | {f"/{name}" for name in static_files}
         self._loopback_only = not self.enabled and is_loopback_host(settings.host)
-        self._grants: weakref.WeakKeyDictionary[ServerConnection, Grant] = weakref.WeakKeyDictionary()
         if self.enabled and not is_loopback_host(settings.host) and settings.tls_cert is None:
             logger.warning(
                 "serving %s without TLS: the api key and session tokens cross the network in clear text; "
@@ -561,18 +566,11 @@ class Authenticator:
             )
 
     # ----------------------------------------------------------------------------- queries
-    def client_address(self, connection: ServerConnection, request: Request | None = None) -> str:
+    def client_address(self, request: RequestView) -> str:
         """The client's IP address: the TCP peer, or behind a trusted proxy the address its
-        forwarding header names (see :class:`ClientAddressResolver`). ``request`` defaults to
-        the connection's handshake request. The one place the client address is decided."""
-        if request is None:
-            request = getattr(connection, "request", None)
-        return self.addresses.resolve(peer_host(connection), None if request is None else request.headers)
-
-    def grant_for(self, connection: ServerConnection) -> Grant:
-        """The grant decided at this connection's handshake."""
-        grant = self._grants.get(connection)
-        return grant if grant is not None else Grant(address=self.client_address(connection))
+        forwarding header names (see :class:`ClientAddressResolver`). The one place the
+        client address is decided."""
+        return self.addresses.resolve(request.peer, request.headers)
 
     def is_api_key(self, credentials: str | None) -> bool:
         """Whether ``credentials`` is the api key (constant time)."""
@@ -580,7 +578,7 @@ class Authenticator:
             return False
         return hmac.compare_digest(_digest(credentials), self._api_key_digest)
 
-    def _throttled(self, address: str) -> Response | None:
+    def _throttled(self, address: str) -> Refusal | None:
         """HTTP 429 while ``address`` is blocked by the failure throttle."""
         wait_s = self.throttle.retry_after_s(address)
         if wait_s <= 0:
@@ -589,12 +587,13 @@ class Authenticator:
             self.metrics.auth_throttled.inc()
         auth = self.settings.auth
         retry_s = max(1, math.ceil(wait_s))
-        return plain_response(
+        return Refusal(
             http.HTTPStatus.TOO_MANY_REQUESTS,
+            "rate_limited",
             f"too many failed api-key checks from {address}: the limit is auth.max_key_failures = "
             f"{auth.max_key_failures} per auth.key_failure_window_s = {auth.key_failure_window_s:g}; "
             f"retry in {retry_s} s",
-            [("Retry-After", str(retry_s))],
+            (("Retry-After", str(retry_s)),),
         )
 
     def _key_failed(self, address: str, route: str) -> None:
@@ -612,16 +611,17 @@ class Authenticator:
                 auth.key_failure_backoff_s,
             )
 
-    def select_subprotocol(self, connection: ServerConnection, subprotocols: Sequence[str]) -> str | None:
-        """``websockets`` hook: select ``avatar.v1`` when offered (the token may ride along as
-        ``bearer.<jwt>``); never refuse a handshake here."""
-        return SUBPROTOCOL if SUBPROTOCOL in subprotocols else None
+    @staticmethod
+    def select_subprotocol(request: RequestView) -> str | None:
+        """The subprotocol to accept: ``avatar.v1`` when offered (the token may ride along as
+        ``bearer.<jwt>``); a handshake is never refused for its subprotocols."""
+        return SUBPROTOCOL if SUBPROTOCOL in _subprotocols(request.headers) else None
 
-    # ----------------------------------------------------------------------------- the hook
-    def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
-        """A response that refuses (or answers) ``request``, or ``None`` to go on."""
-        url = urlsplit(request.path)
-        path = url.path
+    # ----------------------------------------------------------------------------- the rules
+    def check(self, request: RequestView) -> Refusal | Grant | None:
+        """The access decision for ``request``: a :class:`Refusal`, the :class:`Grant` of an
+        allowed ``/ws`` handshake, or ``None`` (serve it)."""
+        path = request.path
         if self._loopback_only:
             host, _ = _hostname_port(request.headers.get("Host", ""))
             if not _is_loopback_name(host):
@@ -630,27 +630,26 @@ class Authenticator:
                     "an api key answers only localhost, 127.0.0.1 and [::1] (DNS-rebinding protection)"
                 )
         if path == WEBSOCKET_PATH:
-            return self._websocket(connection, request, _query(url.query))
+            return self._websocket(request)
         if path == TOKENS_PATH:
-            return self._tokens(connection, request, _query(url.query))
+            return self._tokens(request)
         if path in self.public_paths:
             return None
-        if path.startswith(SESSIONS_PREFIX):
-            return self._session_route(connection, request, path, _query(url.query))
-        return self._admin(connection, request)
+        if path.startswith(SESSIONS_PREFIX) and "/" in path[len(SESSIONS_PREFIX) :].strip("/"):
+            return self._session_route(request)
+        return self._admin(request)
 
-    def _websocket(self, connection: ServerConnection, request: Request, query: dict[str, str]) -> Response | None:
-        headers = request.headers
+    def _websocket(self, request: RequestView) -> Refusal | Grant:
+        headers, query = request.headers, request.query
         if not origin_allowed(headers.get("Origin"), headers.get("Host"), self.settings.allowed_origins):
             return _forbidden(
                 f"origin: {str(headers.get('Origin'))[:100]!r} is not allowed; see allowed_origins "
                 "(default: the server's own host)"
             )
-        address = self.client_address(connection, request)
+        address = self.client_address(request)
         wanted = query.get("session_id")
         if not self.enabled:
-            self._grants[connection] = Grant(address=address)
-            return None
+            return Grant(address=address)
         token = query.get("token") or _bearer(headers)
         if not token:
             for item in _subprotocols(headers):
@@ -670,19 +669,21 @@ class Authenticator:
             return _unauthorized(str(exc))
         if wanted is not None and wanted != claims["sub"]:
             return _forbidden("session_id: this token is for another session")
-        self._grants[connection] = Grant(address=address, session_id=claims["sub"], token_id=str(claims["jti"]))
-        return None
+        return Grant(address=address, session_id=claims["sub"], token_id=str(claims["jti"]))
 
-    def _tokens(self, connection: ServerConnection, request: Request, query: dict[str, str]) -> Response | None:
+    def _tokens(self, request: RequestView) -> Refusal | None:
+        """``POST /v1/tokens``: the api key; the route itself reads the JSON body and mints."""
         if request.method != "POST":
-            return plain_response(
-                http.HTTPStatus.METHOD_NOT_ALLOWED, f"{TOKENS_PATH}: use POST", [("Allow", "POST")]
+            return Refusal(
+                http.HTTPStatus.METHOD_NOT_ALLOWED, "method_not_allowed", f"{TOKENS_PATH}: use POST", (("Allow", "POST"),)
             )
         if not self.enabled:
-            return plain_response(
-                http.HTTPStatus.NOT_FOUND, f"{TOKENS_PATH}: tokens are off (no api key configured; none needed)"
+            return Refusal(
+                http.HTTPStatus.NOT_FOUND,
+                "not_found",
+                f"{TOKENS_PATH}: tokens are off (no api key configured; none needed)",
             )
-        address = self.client_address(connection, request)
+        address = self.client_address(request)
         refused = self._throttled(address)
         if refused is not None:
             return refused
@@ -691,37 +692,16 @@ class Authenticator:
             if credentials is not None:
                 self._key_failed(address, "tokens")
             return _unauthorized(f"{TOKENS_PATH}: send Authorization: Bearer <api key>")
-        ttl_s: float | None = None
-        if "ttl_s" in query:
-            try:
-                ttl_s = float(query["ttl_s"])
-            except ValueError:
-                return plain_response(http.HTTPStatus.BAD_REQUEST, "ttl_s: not a number")
-        try:
-            minted = self.issuer.mint(query.get("session_id") or None, ttl_s=ttl_s)
-        except ValueError as exc:
-            return plain_response(http.HTTPStatus.BAD_REQUEST, str(exc))
-        logger.info("token minted for session %s (expires at %d)", minted.session_id, minted.expires_at)
-        return _json_response(
-            http.HTTPStatus.OK,
-            {
-                "token": minted.token,
-                "expires_at": minted.expires_at,
-                "session_id": minted.session_id,
-                "scope": minted.scope,
-            },
-        )
+        return None
 
-    def _session_route(
-        self, connection: ServerConnection, request: Request, path: str, query: dict[str, str]
-    ) -> Response | None:
+    def _session_route(self, request: RequestView) -> Refusal | None:
         """``/v1/sessions/<id>/...``: the api key, or a token of session ``<id>``."""
         if not self.enabled:
             return None
-        credentials = query.get("token") or _bearer(request.headers)
+        credentials = request.query.get("token") or _bearer(request.headers)
         if not credentials:
             return _unauthorized("token: missing (query token= or Authorization: Bearer)", error="invalid_request")
-        address = self.client_address(connection, request)
+        address = self.client_address(request)
         refused = self._throttled(address)
         if refused is not None:
             return refused
@@ -733,13 +713,13 @@ class Authenticator:
             if not exc.expired and exc.status != http.HTTPStatus.FORBIDDEN:  # neither key nor token of ours
                 self._key_failed(address, "sessions")
             return _forbidden(str(exc)) if exc.status == http.HTTPStatus.FORBIDDEN else _unauthorized(str(exc))
-        session_id = path[len(SESSIONS_PREFIX) :].split("/", 1)[0]
+        session_id = request.path[len(SESSIONS_PREFIX) :].split("/", 1)[0]
         if claims["sub"] != session_id:
             return _forbidden("session_id: this token is for another session")
         return None
 
-    def _admin(self, connection: ServerConnection, request: Request) -> Response | None:
-        address = self.client_address(connection, request)
+    def _admin(self, request: RequestView) -> Refusal | None:
+        address = self.client_address(request)
         credentials = _bearer(request.headers)
         if credentials is not None and self.enabled:
             refused = self._throttled(address)

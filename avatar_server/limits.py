@@ -37,14 +37,11 @@ import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
-from websockets.asyncio.server import ServerConnection
-from websockets.http11 import Request, Response
 
 from avatar_server import protocol
-from avatar_server.auth import SESSION_ID_RE, WEBSOCKET_PATH, Grant, new_session_id, peer_host, plain_response
+from avatar_server.auth import SESSION_ID_RE, Grant, Refusal, new_session_id
 from avatar_server.settings import Limits
 from streaming import events
 from streaming.recorder import (
@@ -178,20 +175,11 @@ class AdmissionRegistry:
 
     Args:
         limits: the limits.
-        address_of: ``(connection, request) -> client address`` (the server passes
-            :meth:`~avatar_server.auth.Authenticator.client_address`; default: the TCP peer).
         free_bytes: ``directory -> free bytes of its volume`` (tests inject a fake disk).
     """
 
-    def __init__(
-        self,
-        limits: Limits,
-        *,
-        address_of: Callable[[ServerConnection, Request], str] | None = None,
-        free_bytes: Callable[[Path], int] = disk_free_bytes,
-    ) -> None:
+    def __init__(self, limits: Limits, *, free_bytes: Callable[[Path], int] = disk_free_bytes) -> None:
         self.limits = limits
-        self.address_of = address_of or (lambda connection, request: peer_host(connection))
         self.free_bytes = free_bytes
         self.connections_by_address: collections.Counter[str] = collections.Counter()
         self.sessions_by_address: collections.Counter[str] = collections.Counter()
@@ -199,25 +187,24 @@ class AdmissionRegistry:
         self.running_session_ids: set[str] = set()
         self.recordings_running = 0
 
-    def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
-        """HTTP 503 for a ``/ws`` handshake at ``max_connections``, 429 from an address at
-        ``max_connections_per_address``."""
-        if urlsplit(request.path).path != WEBSOCKET_PATH:
-            return None
+    def check_connection(self, address: str) -> Refusal | None:
+        """The refusal of a ``/ws`` handshake from ``address``: HTTP 503 at ``max_connections``,
+        429 at ``max_connections_per_address``; ``None``: it may open."""
         total = sum(self.connections_by_address.values())
         if total >= self.limits.max_connections:
-            return plain_response(
+            return Refusal(
                 http.HTTPStatus.SERVICE_UNAVAILABLE,
+                "too_many_connections",
                 f"server busy: {total} connections; the limit is max_connections = {self.limits.max_connections}",
-                [("Retry-After", "5")],
+                (("Retry-After", "5"),),
             )
-        address = self.address_of(connection, request)
         limit = self.limits.max_connections_per_address
         if self.connections_by_address[address] >= limit:
-            return plain_response(
+            return Refusal(
                 http.HTTPStatus.TOO_MANY_REQUESTS,
+                "too_many_connections",
                 f"too many connections from {address}: the limit is max_connections_per_address = {limit}",
-                [("Retry-After", "5")],
+                (("Retry-After", "5"),),
             )
         return None
 
@@ -364,7 +351,7 @@ class ConnectionGuard:
         app = conn.app
         self.limits: Limits = app.settings.limits
         self.admission: AdmissionRegistry = app.admission
-        self.grant: Grant = app.auth.grant_for(conn.ws)
+        self.grant: Grant = conn.grant
         self.address = self.grant.address
         self._bucket = TokenBucket(self.limits.max_messages_per_s, self.limits.message_burst)
         self._throttled = False
@@ -398,6 +385,11 @@ class ConnectionGuard:
                 f"server busy: the limit is max_connections = {self.limits.max_connections}",
             )
         self._spawn(self._watch(), "connection-watchdog")
+
+    @property
+    def ending(self) -> bool:
+        """The connection is being ended by a limit (its frames are ignored)."""
+        return self._ending
 
     # ----------------------------------------------------------------------------- frames
     async def allow_frame(self, raw: str | bytes) -> bool:
@@ -745,21 +737,19 @@ class ConnectionGuard:
 
     async def _end_session(self, code: str, message: str, close_code: int) -> None:
         await self._conn.end_session(code, message, close_code=close_code, error=True)
-        if self._conn.ws.close_code is None:  # the client did not take part in the close
-            self._conn.ws.transport.abort()
 
     async def _close_websocket(self, code: str, message: str, close_code: int) -> None:
-        ws = self._conn.ws
+        link = self._conn.link
         self._conn.app.metrics.client_errors.labels(code).inc()
         with contextlib.suppress(Exception):
             async with asyncio.timeout(ERROR_SEND_TIMEOUT_S):
-                await ws.send(protocol.ErrorMessage(code=code, message=message).model_dump_json())
+                await link.send(protocol.ErrorMessage(code=code, message=message).model_dump_json())
         reason = f"{code}: {message}".encode()[:120].decode("utf-8", "ignore")
         try:
             async with asyncio.timeout(self.limits.close_timeout_s):
-                await ws.close(close_code, reason)
+                await link.close(close_code, reason)
         except TimeoutError:
-            ws.transport.abort()  # a client that does not read does not answer a close either
+            link.abort()  # a client that does not read does not answer a close either
 
     async def close(self) -> None:
         """Release everything this guard holds (idempotent; called first by the connection's close)."""

@@ -45,14 +45,25 @@ async def server(engine: Any = None, *, warm_up: bool = False, **settings: Any) 
 
 
 async def http_request(
-    port: int, method: str, path: str, headers: dict[str, str] | None = None, *, host: str | None = None
+    port: int,
+    method: str,
+    path: str,
+    headers: dict[str, str] | None = None,
+    *,
+    host: str | None = None,
+    json_body: Any = None,
 ) -> tuple[int, dict[str, str], bytes]:
-    """One HTTP/1.1 request over a raw socket (any Host/Origin/Authorization header)."""
+    """One HTTP/1.1 request over a raw socket (any Host/Origin/Authorization header;
+    ``json_body``: sent as an ``application/json`` body)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
+        body = b"" if json_body is None else json.dumps(json_body).encode()
+        headers = {"Connection": "close", **(headers or {})}
         lines = [f"{method} {path} HTTP/1.1", f"Host: {host or f'127.0.0.1:{port}'}"]
-        lines += [f"{key}: {value}" for key, value in (headers or {}).items()]
-        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+        lines += [f"{key}: {value}" for key, value in headers.items()]
+        if json_body is not None:
+            lines += ["Content-Type: application/json", f"Content-Length: {len(body)}"]
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
         await writer.drain()
         async with asyncio.timeout(10):
             status_line = await reader.readline()

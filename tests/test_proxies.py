@@ -102,7 +102,13 @@ async def test_per_address_limits_key_on_the_forwarded_client() -> None:
                 app.port,
                 "GET",
                 "/ws",
-                {"X-Forwarded-For": "203.0.113.1", "Upgrade": "websocket", "Connection": "Upgrade"},
+                {
+                    "X-Forwarded-For": "203.0.113.1",
+                    "Upgrade": "websocket",
+                    "Connection": "Upgrade",
+                    "Sec-WebSocket-Key": "MDEyMzQ1Njc4OWFiY2RlZg==",
+                    "Sec-WebSocket-Version": "13",
+                },
             )
             assert status == 429
             assert b"too many connections from 203.0.113.1: the limit is max_connections_per_address = 2" in body

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from websockets.asyncio.client import connect
 
-from avatar_server import server as server_module
+from avatar_server import connection as connection_module
 from avatar_server.webrtc import ice_server_dicts, make_peer_connection
 from tests.security_support import API_KEY, png_b64, recv_json, server
 
@@ -88,7 +88,8 @@ async def test_https_and_wss_with_a_token(certificate) -> None:
 
         reader, writer = await asyncio.open_connection("127.0.0.1", app.port, ssl=trust, server_hostname="localhost")
         writer.write(
-            f"POST /v1/tokens HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {API_KEY}\r\n\r\n".encode()
+            f"POST /v1/tokens HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
+            f"Authorization: Bearer {API_KEY}\r\n\r\n".encode()
         )
         await writer.drain()
         async with asyncio.timeout(10):
@@ -112,7 +113,7 @@ async def test_ice_servers_reach_the_client_and_the_server_peer_connection(monke
         used.append(ice_server_dicts(ice_servers))
         return make_peer_connection([])  # host candidates only: no STUN/TURN traffic in a test
 
-    monkeypatch.setattr(server_module, "make_peer_connection", spy)
+    monkeypatch.setattr(connection_module, "make_peer_connection", spy)
     async with server(webrtc={"ice_servers": servers}) as app:
         async with connect(f"ws://127.0.0.1:{app.port}/ws", max_size=None) as ws:
             await ws.send(json.dumps({"type": "session.start", "image": png_b64()}))

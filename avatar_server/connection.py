@@ -1,0 +1,751 @@
+"""One WebSocket connection and the session attached to it.
+
+:class:`ClientConnection` parses the client's frames, owns the session
+(:class:`~streaming.session.SessionRunner`) and its peer connection, and sends the server's
+frames. A session whose WebSocket drops abnormally is *parked* for
+``session_resume_grace_s`` and a new WebSocket may take it over with ``session.resume``.
+:class:`WebSocketLink` is the connection's view of its ASGI WebSocket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import datetime
+import functools
+import hashlib
+import logging
+import secrets
+import time
+from typing import TYPE_CHECKING, Any
+
+from aiortc import RTCPeerConnection, RTCSessionDescription
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from avatar_server import protocol
+from avatar_server.auth import Grant
+from avatar_server.ice import filter_offer, summarize
+from avatar_server.images import ImageError, decode_image
+from avatar_server.limits import (
+    ConnectionGuard,
+    LimitError,
+    recording_stop_message,
+    recording_stop_reason,
+)
+from avatar_server.transport import TRANSPORT_EXTENSION
+from avatar_server.webrtc import close_peer_connection, ice_server_dicts, make_peer_connection
+from engine.api import EngineInputError
+from streaming import events
+from streaming.playout import PLAYOUT_SAMPLE_RATE_HZ
+from streaming.session import SessionInputError, SessionRunner
+
+if TYPE_CHECKING:
+    from avatar_server.app import AvatarServer
+
+logger = logging.getLogger(__name__)
+
+NORMAL_CLOSE_CODES = (1000, 1001)  # a client that closes with these ends its session (no parking)
+
+
+class LinkClosed(Exception):
+    """The WebSocket is closed (by either side); nothing more can be sent or received."""
+
+
+class WebSocketLink:
+    """One accepted ASGI WebSocket as the connection uses it: receive text/bytes frames, send
+    text frames, close with a code, abort.
+
+    Attributes:
+        client_close_code: the close code the client sent (1005: none; 1006: the connection
+            dropped), ``None`` while open or when the server closed first.
+        close_code: the close code of either side once closed, else ``None``.
+    """
+
+    def __init__(self, websocket: WebSocket) -> None:
+        self.websocket = websocket
+        self._abort = websocket.scope.get("extensions", {}).get(TRANSPORT_EXTENSION, {}).get("abort")
+        self.client_close_code: int | None = None
+        self.close_code: int | None = None
+        self._send_lock = asyncio.Lock()
+
+    @property
+    def closed(self) -> bool:
+        return self.close_code is not None
+
+    async def receive(self) -> str | bytes:
+        """The next frame's payload.
+
+        Raises:
+            LinkClosed: the WebSocket closed (``client_close_code`` says how, when the client did).
+        """
+        if self.closed:
+            raise LinkClosed
+        message = await self.websocket.receive()
+        if message["type"] == "websocket.disconnect":
+            code = int(message.get("code", 1005) or 1005)
+            if self.close_code is None:
+                self.client_close_code = self.close_code = code
+            raise LinkClosed
+        text = message.get("text")
+        return text if text is not None else message.get("bytes") or b""
+
+    async def send(self, text: str) -> None:
+        """Send one text frame (waits while the client's TCP window is full).
+
+        Raises:
+            LinkClosed: the WebSocket is closed.
+        """
+        if self.closed:
+            raise LinkClosed
+        try:
+            await self.websocket.send({"type": "websocket.send", "text": text})
+        except (OSError, RuntimeError, WebSocketDisconnect):
+            raise LinkClosed from None
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        """Send a close frame (idempotent); the client's answer is awaited by the transport,
+        which drops a client that does not answer within ``close_timeout_s``."""
+        if self.closed:
+            return
+        self.close_code = code
+        with contextlib.suppress(OSError, RuntimeError, WebSocketDisconnect):
+            await self.websocket.send({"type": "websocket.close", "code": code, "reason": reason})
+
+    def abort(self) -> None:
+        """Drop the connection without a closing handshake (a client that does not read).
+        Served by another ASGI server (no abort hook): nothing more is sent on it."""
+        if self.close_code is None:
+            self.close_code = 1006
+        if self._abort is not None:
+            self._abort()
+
+
+def token_key(token: str) -> bytes:
+    """Resume tokens are looked up by digest, never compared character by character."""
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+
+
+class ClientConnection:
+    """One session and the WebSocket attached to it: the session, its peer connection and its
+    outgoing frames.
+
+    A connection without a session is just its WebSocket. Once a session runs, the connection
+    outlives its WebSocket if that drops abnormally: it is *parked* (:meth:`_park`) for
+    ``session_resume_grace_s``, the session running on and its messages kept (bounded), until
+    another connection hands it its WebSocket with ``session.resume`` (:meth:`_attach`) or the
+    grace period ends it (``resume_timeout``).
+    """
+
+    def __init__(self, app: AvatarServer, link: WebSocketLink, grant: Grant) -> None:
+        self.app = app
+        self.link = link
+        self.grant = grant
+        self.session: SessionRunner | None = None
+        self.session_id: str | None = None
+        self.pc: RTCPeerConnection | None = None
+        self._outbox: asyncio.Queue[protocol.ServerMessage | None] = asyncio.Queue(
+            maxsize=app.settings.limits.max_send_queue_messages
+        )
+        self._sender: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._holds_slot = False
+        self._closed = False
+        self._ended = False  # end_session ran
+        self.started_s = time.monotonic()  # session.ready (reset at session start)
+        self.last_control_s = time.monotonic()  # last client message (idle timeout)
+        self.recording_id: str | None = None
+        self.recordings = 0
+        self._recording_end_tasks: set[asyncio.Task[None]] = set()  # recordings ended by a limit
+        # Session resume: the current token, and what is kept while no WebSocket is attached.
+        self._resume_key: bytes | None = None
+        self.resume_token: str | None = None
+        self.parked = False
+        self._missed: collections.deque[protocol.ServerMessage] = collections.deque()
+        self._missed_dropped = 0
+        self._grace_task: asyncio.Task[None] | None = None
+        self._successor: ClientConnection | None = None  # the session this WebSocket resumed
+        self.guard = ConnectionGuard(self)
+
+    async def run(self) -> ClientConnection | None:
+        """Read the attached WebSocket until it ends; then close the session, park it (an
+        abnormal close of a session that may be resumed) or hand the WebSocket on. Returns the
+        resumed session that reads this WebSocket from now on (``session.resume``), or ``None``."""
+        link = self.link
+        self._sender = asyncio.get_running_loop().create_task(self._send_loop(), name="ws-send")
+        try:
+            while True:
+                raw = await link.receive()
+                await self._on_frame(raw)
+                if self._successor is not None:
+                    break
+        except LinkClosed:
+            pass
+        finally:
+            await self._websocket_done(link)
+        return self._successor
+
+    async def _websocket_done(self, link: WebSocketLink) -> None:
+        if self._successor is not None:  # this WebSocket now drives the resumed session
+            await self._retire()
+        elif self.link is not link or self.parked:
+            pass  # another WebSocket took the session over (its resume parked it first)
+        elif self._may_park(link):
+            self._park()
+        else:
+            await self.close()
+
+    def _may_park(self, link: WebSocketLink) -> bool:
+        """A running session whose WebSocket closed abnormally (not 1000/1001 from the
+        client, not ended by the server) is parked while resume is on."""
+        return (
+            self.resume_token is not None
+            and self.session is not None
+            and not (self._ended or self._closed or self.guard.ending or self.app.draining)
+            and link.client_close_code not in NORMAL_CLOSE_CODES
+        )
+
+    def _park(self) -> None:
+        """Detach the session from its dropped WebSocket: frames not yet sent and those sent
+        from now on are kept (:meth:`send`), the WebSocket's count is released, and the grace
+        period starts. Synchronous, so that nothing is sent to the old WebSocket after it."""
+        self.parked = True
+        if self._sender is not None:
+            self._sender.cancel()
+            self._tasks.append(self._sender)  # awaited on close
+            self._sender = None
+        while not self._outbox.empty():
+            message = self._outbox.get_nowait()
+            if message is not None:
+                self._keep_missed(message)
+        self.guard.detach()
+        self.app.connections.discard(self)
+        self.app.metrics.sessions_parked.inc()
+        grace_s = self.app.settings.session_resume_grace_s
+        self._grace_task = asyncio.get_running_loop().create_task(self._resume_grace(grace_s), name="resume-grace")
+        logger.info(
+            "session %s parked: its WebSocket closed (code %s); waiting %g s for session.resume",
+            self.session_id,
+            self.link.client_close_code,
+            grace_s,
+        )
+
+    async def _resume_grace(self, grace_s: float) -> None:
+        await asyncio.sleep(grace_s)
+        await self.end_session(
+            "resume_timeout", f"session ended: no session.resume within session_resume_grace_s = {grace_s:g}"
+        )
+
+    def _keep_missed(self, message: protocol.ServerMessage) -> None:
+        """Keep a frame for the client that resumes; ``stats`` are not kept. Over the bound
+        (half of ``max_send_queue_messages``, so that the replay fits the send queue) the
+        oldest frame is dropped and counted."""
+        if isinstance(message, protocol.Stats):
+            return
+        if len(self._missed) >= max(1, self.app.settings.limits.max_send_queue_messages // 2):
+            self._missed.popleft()
+            self._missed_dropped += 1
+        self._missed.append(message)
+
+    def _rotate_resume_token(self) -> None:
+        """A fresh resume token (the old one stops working); none while resume is off."""
+        if self._resume_key is not None:
+            self.app.resumable.pop(self._resume_key, None)
+            self._resume_key = self.resume_token = None
+        if self.app.settings.session_resume_grace_s > 0 and not self._closed:
+            self.resume_token = secrets.token_urlsafe(32)
+            self._resume_key = token_key(self.resume_token)
+            self.app.resumable[self._resume_key] = self
+
+    async def _retire(self) -> None:
+        """This connection handed its WebSocket (and its outbox) to the session it resumed:
+        stop its own sender and watchdog; its WebSocket count now belongs to that session."""
+        self._closed = True
+        self.app.connections.discard(self)
+        if self._sender is not None:
+            self._sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._sender
+        await self.guard.close()
+
+    @property
+    def closed(self) -> bool:
+        """:meth:`close` ran: the session and its resources are released."""
+        return self._closed
+
+    async def close(self) -> None:
+        """Close the peer connection, the session, then this connection's tasks (reverse order)."""
+        if self._closed:
+            return
+        self._closed = True
+        self.app.connections.discard(self)
+        if self._resume_key is not None:
+            self.app.resumable.pop(self._resume_key, None)
+            self._resume_key = None
+        if self.parked:
+            self.parked = False
+            self.app.metrics.sessions_parked.dec()
+        await self.guard.close()
+        if self.pc is not None:
+            await close_peer_connection(self.pc)
+        if self.session is not None:
+            if self.session.recorder is not None:
+                result = await self.session.stop_recording()
+                self._recording_stopped(result, "session_ended")
+            await self.session.close()
+            logger.info("session %s closed", self.session_id)
+            if not self._ended:
+                self.app.metrics.sessions_ended.labels("closed").inc()
+        if self._holds_slot:
+            self._holds_slot = False
+            self.app.sessions_active -= 1
+            self.app.metrics.sessions_active.dec()
+        current = asyncio.current_task()
+        tasks = [*self._tasks, *(t for t in (self._sender, self._grace_task) if t is not None)]
+        for task in reversed(tasks):
+            if task is current:  # e.g. the grace period or the lifetime watch ending the session
+                continue
+            task.cancel()
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
+        self._tasks.clear()
+        await self.link.close()
+
+    def send(self, message: protocol.ServerMessage) -> None:
+        """Queue a frame for the client (kept for a resume while the session is parked)."""
+        if isinstance(message, protocol.ErrorMessage):
+            self.app.metrics.client_errors.labels(message.code).inc()
+        if self.parked:
+            self._keep_missed(message)
+            return
+        try:
+            self._outbox.put_nowait(message)
+        except asyncio.QueueFull:
+            self.guard.send_queue_full()
+
+    def send_error(self, code: str, message: str, field: str | None = None) -> None:
+        logger.info("client error %s (session %s)", code, self.session_id)
+        self.send(protocol.ErrorMessage(code=code, message=message, field=field))
+
+    async def _send_loop(self) -> None:
+        while True:
+            message = await self._outbox.get()
+            if message is None:
+                return
+            try:
+                async with asyncio.timeout(self.app.settings.limits.send_timeout_s):
+                    await self.link.send(message.model_dump_json())
+            except LinkClosed:
+                return
+            except TimeoutError:
+                self.guard.send_stalled()
+                return
+
+    async def _stats_loop(self) -> None:
+        interval_s = self.app.settings.stats_interval_s
+        metrics = self.app.metrics
+        dropped = 0
+        while self.session is not None:
+            await asyncio.sleep(interval_s)
+            stats = self.session.stats()
+            metrics.sample_session(stats)
+            metrics.video_frames_dropped.inc(stats["frames_dropped"] - dropped)
+            dropped = stats["frames_dropped"]
+            self.send(protocol.Stats(state=self.session.state, **stats))
+
+    async def _lifetime_watch(self) -> None:
+        """End the session after ``session_idle_timeout_s`` without a client message or
+        microphone voice, or after ``session_max_duration_s``."""
+        settings = self.app.settings
+        idle_s, max_s = settings.session_idle_timeout_s, settings.session_max_duration_s
+        period_s = min(1.0, idle_s / 4, max_s / 4)
+        started_s = time.monotonic()
+        while self.session is not None and not self._ended:
+            await asyncio.sleep(period_s)
+            session = self.session
+            now_s = time.monotonic()
+            if session.voice_active:
+                self.last_control_s = now_s
+            elif session.last_voice_s is not None:
+                self.last_control_s = max(self.last_control_s, session.last_voice_s)
+            if now_s - started_s >= max_s:
+                reason, message = "max_duration", f"session ended: it ran session_max_duration_s = {max_s:g}"
+            elif now_s - self.last_control_s >= idle_s:
+                reason = "idle_timeout"
+                message = f"session ended: no message and no voice for session_idle_timeout_s = {idle_s:g}"
+            else:
+                continue
+            await self.end_session(reason, message, error=True)
+            return
+
+    async def end_session(self, reason: str, message: str, *, close_code: int = 1000, error: bool = False) -> None:
+        """End this connection's session from the server side: an ``error`` frame (``error``:
+        the code is ``reason``), ``session.ended`` with ``reason``, then a WebSocket close
+        whose reason names it. The connection then closes as usual. Idempotent."""
+        if self._ended or self._closed:
+            return
+        self._ended = True
+        logger.info("session %s ended by the server: %s", self.session_id, reason)
+        if self.session is not None:
+            self.app.metrics.sessions_ended.labels(reason).inc()
+            if self.session.recorder is not None:  # finish the file before saying goodbye
+                self._recording_stopped(await self.session.stop_recording(), "session_ended")
+        if self.parked:  # nobody to tell
+            await self.close()
+            return
+        frames = [protocol.SessionEnded(reason=reason, message=message)]
+        if error:
+            self.app.metrics.client_errors.labels(reason).inc()
+            frames.insert(0, protocol.ErrorMessage(code=reason, message=message))
+        sender = self._sender
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(2.0):
+                # After what was queued before; the send loop stops at None.
+                for frame in frames if self.session is not None else []:
+                    await self._outbox.put(frame)
+                await self._outbox.put(None)
+                if sender is not None:
+                    await asyncio.shield(sender)
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(2.0):
+                await self.link.close(close_code, f"{reason}: {message}"[:120])
+
+    # ----------------------------------------------------------------------------- recording
+    async def _record_start(self, session: SessionRunner) -> None:
+        """``record.start``: checked against the recording limits (per session, server-wide,
+        free disk), then started with the length/size/disk bounds of ``settings.limits``."""
+        settings = self.app.settings
+        self.guard.reserve_recording()
+        try:
+            await self.guard.check_recording_disk(settings.recordings_dir)
+            if self.session is not session or self._closed:
+                raise SessionInputError("no_session", "type: record.start needs a session; send session.start first")
+            stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+            recording_id = f"{self.session_id}-{self.recordings + 1}"
+            path = settings.recordings_dir / f"{stamp}-{recording_id}.mp4"
+            recorder = session.start_recording(path)
+        except BaseException:
+            self.guard.release_recording(started=False)
+            raise
+        recorder.set_limits(self.guard.recording_limits(), on_end=functools.partial(self._recording_ended, recorder))
+        self.recordings += 1
+        self.recording_id = recording_id
+        self.app.metrics.recordings_active.inc()
+        logger.info("session %s: recording to %s", self.session_id, path)
+        self.send(protocol.RecordStarted(recording_id=recording_id, path=str(path)))
+
+    def _recording_ended(self, recorder) -> None:
+        """A recording ended by itself (a limit or a write error; its file is finished): stop
+        it and tell the client, unless it was stopped meanwhile."""
+        session = self.session
+        if session is None or session.recorder is not recorder:
+            return
+
+        async def finish() -> None:
+            if session.recorder is recorder:
+                self._recording_stopped(await session.stop_recording(), "stopped")
+
+        task = asyncio.get_running_loop().create_task(finish(), name="recording-end")
+        self._recording_end_tasks.add(task)
+        task.add_done_callback(self._recording_end_tasks.discard)
+
+    def _recording_stopped(self, result, requested: str) -> None:
+        """Account a finished recording and send ``record.stopped`` (its ``reason``: a limit,
+        ``failed``, or ``requested``: ``stopped`` or ``session_ended``)."""
+        self.guard.release_recording()
+        self.app.metrics.recordings_active.dec()
+        dropped = result.dropped_video_frames + result.dropped_audio_chunks
+        if dropped:
+            self.app.metrics.recording_frames_dropped.inc(dropped)
+        reason = recording_stop_reason(result, requested)
+        self.app.metrics.recordings_stopped.labels(reason).inc()
+        message = recording_stop_message(result, reason, self.app.settings.limits)
+        if reason != requested:
+            logger.info("session %s: %s", self.session_id, message)
+        if result.error is not None:
+            self.send_error("recording_failed", f"record.stop: {result.error}")
+        self.send(
+            protocol.RecordStopped(
+                recording_id=self.recording_id or "",
+                path=str(result.path),
+                duration_ms=result.duration_ms,
+                dropped_frames=result.dropped_video_frames,
+                error=result.error,
+                reason=reason,
+                message=message,
+                size_bytes=result.size_bytes,
+            )
+        )
+        self.recording_id = None
+
+    # ----------------------------------------------------------------------------- frames
+    async def _on_frame(self, raw: str | bytes) -> None:
+        if not await self.guard.allow_frame(raw):
+            return
+        self.last_control_s = time.monotonic()
+        message = protocol.parse_client_message(raw, self.app.settings.limits)
+        if isinstance(message, protocol.ErrorMessage):
+            self.send(message)
+            logger.info("client error %s (session %s)", message.code, self.session_id)
+            return
+        try:
+            self.guard.admit(message)
+            if isinstance(message, protocol.SessionStart):
+                await self._session_start(message)
+            elif isinstance(message, protocol.SessionResume):
+                await self._session_resume(message)
+            elif isinstance(message, protocol.WebRTCOffer):
+                await self._webrtc_offer(message)
+            elif isinstance(message, protocol.Speak):
+                self._require_session("speak").speak(message.utterance_id, message.text, message.language)
+            elif isinstance(message, protocol.SpeakEnd):
+                self._require_session("speak.end").speak_end(message.utterance_id)
+            elif isinstance(message, protocol.Interrupt):
+                self._require_session("interrupt").interrupt()
+            elif isinstance(message, protocol.SessionUpdate):
+                self._require_session("session.update").set_mode(mode=message.mode, barge_in=message.barge_in)
+            elif isinstance(message, protocol.RecordStart):
+                await self._record_start(self._require_session("record.start"))
+            elif isinstance(message, protocol.RecordStop):
+                session = self._require_session("record.stop")
+                self._recording_stopped(await session.stop_recording(), "stopped")
+            self.guard.accepted(message)
+        except (ImageError, SessionInputError) as exc:
+            self.send_error(exc.code, str(exc), field=_field_of(str(exc)))
+        except EngineInputError as exc:
+            self.send_error("engine_input", str(exc))
+        except Exception:
+            logger.exception("handling a %s message failed", message.type)
+            self.send_error("internal", f"{message.type}: the server failed to handle this message")
+
+    def _require_session(self, what: str) -> SessionRunner:
+        if self.session is None:
+            raise SessionInputError("no_session", f"type: {what} needs a session; send session.start first")
+        return self.session
+
+    async def _session_start(self, message: protocol.SessionStart) -> None:
+        app = self.app
+        if self.session is not None or self._holds_slot:
+            raise SessionInputError("session_exists", "type: this connection already has a session")
+        if app.draining:
+            app.metrics.sessions_refused.labels("shutting_down").inc()
+            raise SessionInputError("shutting_down", "the server is shutting down; try another instance")
+        if app.sessions_active >= app.settings.max_sessions:
+            app.metrics.sessions_refused.labels("capacity").inc()
+            raise SessionInputError(
+                "capacity", f"server at capacity: max_sessions = {app.settings.max_sessions}; try again later"
+            )
+        if (overload := app.engine_overload()) is not None:
+            app.metrics.sessions_refused.labels("capacity").inc()
+            raise SessionInputError("capacity", f"server at capacity: {overload}; try again later")
+        session_id = self.guard.reserve_session(message)
+        app.sessions_active += 1
+        app.metrics.sessions_active.inc()
+        self._holds_slot = True
+        try:
+            limits = app.settings.limits
+            image = await asyncio.to_thread(
+                decode_image, message.image, max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels
+            )
+            identity = await app.worker.prepare_identity(image, message.prompt)
+        except BaseException:
+            self._holds_slot = False
+            app.sessions_active -= 1
+            app.metrics.sessions_active.dec()
+            self.guard.release_session()
+            raise
+        self.session_id = session_id
+        self.session = SessionRunner(
+            worker=app.worker,
+            identity=identity,
+            on_event=self._on_session_event,
+            config=dataclasses.replace(app.loop_config, mode=message.mode, barge_in=message.barge_in),
+            microphone_factory=app.microphone_factory,
+        )
+        self.session.start()
+        self.started_s = time.monotonic()
+        app.metrics.sessions_started.inc()
+        self._rotate_resume_token()
+        logger.info("session %s started (image %dx%d)", self.session_id, image.shape[1], image.shape[0])
+        self.send(protocol.SessionReady(resume_token=self.resume_token, **self._session_fields()))
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.create_task(self._stats_loop(), name="stats"))
+        self._tasks.append(loop.create_task(self._lifetime_watch(), name="session-lifetime"))
+
+    def _session_fields(self) -> dict[str, Any]:
+        """What ``session.ready`` and ``session.resumed`` say about the running session."""
+        session, app = self.session, self.app
+        assert session is not None
+        return {
+            "session_id": self.session_id,
+            "width": session.width,
+            "height": session.height,
+            "fps": app.engine.fps,
+            "sample_rate": PLAYOUT_SAMPLE_RATE_HZ,
+            "engine": app.engine.name,
+            "notice": app.engine.notice,
+            "ice_servers": ice_server_dicts(app.settings.webrtc.ice_servers),
+            "sr": session.upgrader is not None,
+            "mode": session.config.mode,
+            "barge_in": session.config.barge_in,
+            "resume_grace_s": app.settings.session_resume_grace_s,
+        }
+
+    # ----------------------------------------------------------------------------- resume
+    async def _session_resume(self, message: protocol.SessionResume) -> None:
+        """``session.resume``: hand this WebSocket to the session whose resume token it names
+        (parked, or still attached to a WebSocket the server has not yet seen drop, which is
+        then dropped). This connection's read loop stops; the session's takes over.
+
+        Raises:
+            SessionInputError: ``resume_failed`` (unknown or expired token, a token of this
+                connection's grant for another session, shutting down), ``session_exists``
+                (this connection already has a session).
+            LimitError: ``too_many_sessions`` (this address or token is at its limit).
+        """
+        app = self.app
+        if self.session is not None or self._holds_slot:
+            raise SessionInputError("session_exists", "type: this connection already has a session")
+        if app.draining:
+            app.metrics.session_resumes.labels("failed").inc()
+            raise SessionInputError("resume_failed", "resume_token: the server is shutting down")
+        target = app.resume_target(message.resume_token)
+        grant = self.guard.grant
+        if (
+            target is None
+            or target is self
+            or target._ended
+            or target._closed
+            or target.session is None
+            or (grant.session_id is not None and grant.session_id != target.session_id)
+        ):
+            app.metrics.session_resumes.labels("failed").inc()
+            raise SessionInputError("resume_failed", "resume_token: unknown or expired")
+        try:
+            target.guard.check_adopt(self.guard)
+        except LimitError:
+            app.metrics.session_resumes.labels("failed").inc()
+            raise
+        # From here on nothing awaits until the session is attached (no resume or end in between).
+        if not target.parked:  # its old WebSocket is still open (the server has not seen it drop)
+            old_link = target.link
+            target._park()
+            old_link.abort()
+        if self._sender is not None:  # stops at its next await; what it has not taken stays queued
+            self._sender.cancel()
+        target._attach(self)
+        self._successor = target
+        app.metrics.session_resumes.labels("resumed").inc()
+
+    def _attach(self, other: ClientConnection) -> None:
+        """Take over ``other``'s WebSocket, its outbox and its guard's WebSocket side; answer
+        ``session.resumed`` with a new token, then replay the frames kept while parked."""
+        assert self.parked and self.session is not None
+        if self._grace_task is not None:
+            self._grace_task.cancel()
+            self._tasks.append(self._grace_task)  # awaited on close
+            self._grace_task = None
+        self.guard.adopt(other.guard)
+        self.link, self._outbox = other.link, other._outbox
+        self.parked = False
+        self.app.metrics.sessions_parked.dec()
+        self.app.connections.add(self)
+        self.last_control_s = time.monotonic()
+        self._rotate_resume_token()
+        missed, dropped = list(self._missed), self._missed_dropped
+        self._missed.clear()
+        self._missed_dropped = 0
+        logger.info(
+            "session %s resumed (%d messages replayed, %d dropped)", self.session_id, len(missed), dropped
+        )
+        assert self.resume_token is not None
+        self.send(
+            protocol.SessionResumed(
+                resume_token=self.resume_token,
+                peer_connection=None if self.pc is None else self.pc.connectionState,
+                recording_id=self.recording_id,
+                missed_messages=len(missed),
+                dropped_messages=dropped,
+                **self._session_fields(),
+            )
+        )
+        for frame in missed:
+            self.send(frame)
+
+    def _filter_candidates(self, sdp: str) -> str:
+        """The offer without the remote ICE candidates the policy refuses (issue 18), counted by reason."""
+        settings = self.app.settings
+        try:
+            sdp, refusals = filter_offer(sdp, settings.webrtc.ice_policy.for_host(settings.host))
+        except ValueError as exc:
+            raise SessionInputError("bad_sdp", str(exc)) from None
+        for reason, count in summarize(refusals).items():
+            self.app.metrics.ice_candidates_refused.labels(reason=reason).inc(count)
+        if refusals:
+            logger.info("session %s: ICE candidates dropped from the offer: %s", self.session_id, summarize(refusals))
+        return sdp
+
+    async def _webrtc_offer(self, message: protocol.WebRTCOffer) -> None:
+        session = self._require_session("webrtc.offer")
+        self.guard.check_offer(message.sdp)
+        offer_sdp = self._filter_candidates(message.sdp)
+        if self.pc is not None:
+            if self.pc.connectionState not in ("failed", "closed"):
+                raise SessionInputError("webrtc_exists", "type: this session already has a peer connection")
+            await close_peer_connection(self.pc)
+        pc = make_peer_connection(self.app.settings.webrtc.ice_servers)
+        self.pc = pc
+        session_id = self.session_id
+
+        @pc.on("track")
+        def on_track(track) -> None:
+            if track.kind == "audio":
+                logger.info("session %s: microphone track received", session_id)
+                session.attach_microphone(self.guard.wrap_microphone(track))
+
+        @pc.on("connectionstatechange")
+        def on_state() -> None:
+            logger.info("session %s: peer connection %s", session_id, pc.connectionState)
+
+        try:
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
+            kinds = {t.kind for t in pc.getTransceivers()}
+            if "video" not in kinds:
+                raise ValueError("the offer has no video media section")
+            video = session.video_track(on_frame=self.app.metrics.video_frames_sent.inc)
+            video.on_encode = self.app.metrics.video_encode_seconds.observe
+            pc.addTrack(self.guard.wrap_track(video))
+            if "audio" in kinds:
+                pc.addTrack(self.guard.wrap_track(session.audio_track()))
+            await pc.setLocalDescription(await pc.createAnswer())
+        except Exception as exc:
+            self.pc = None
+            await close_peer_connection(pc)
+            raise SessionInputError("bad_sdp", f"sdp: not a usable offer ({type(exc).__name__}: {exc})") from None
+        self.send(protocol.WebRTCAnswer(sdp=pc.localDescription.sdp))
+
+    # ----------------------------------------------------------------------------- events
+    def _on_session_event(self, event: events.SessionEvent) -> None:
+        self.app.metrics.observe(event)
+        self.guard.observe(event)
+        if isinstance(event, events.StateChanged):
+            self.send(protocol.State(state=event.state))
+        elif isinstance(event, events.SpeakStarted):
+            self.send(protocol.SpeakStarted(utterance_id=event.utterance_id))
+        elif isinstance(event, events.SpeakEnded):
+            self.send(protocol.SpeakEnded(utterance_id=event.utterance_id, played_ms=event.played_ms))
+        elif isinstance(event, events.Interrupted):
+            self.send(protocol.Interrupted(utterance_id=event.utterance_id, played_ms=event.played_ms))
+        elif isinstance(event, events.SessionError):
+            self.send_error(event.code, event.message)
+
+
+def _field_of(message: str) -> str | None:
+    """Error messages start with the field they concern (``"text: ..."``)."""
+    head, sep, _ = message.partition(":")
+    return head if sep and head.isidentifier() else None
+
+
