@@ -35,7 +35,8 @@ Health, drain, metrics
 Contract with the app factory: an ASGI app with ``/healthz`` (200 healthy), ``/readyz``
 (200 ready), ``/metrics`` (Prometheus text, ``avatar_server_sessions_active``) answering an
 in-process loopback request, ``/ws`` whose ``session.ready``/``session.resumed`` carry
-``session_id``, and ``app.state.drain``: ``async (timeout_s) -> None``.
+``session_id``, and ``app.state.avatar.drain``: ``async (timeout_s) -> None`` (what
+:func:`avatar_server.app.create_app` returns).
 """
 
 from __future__ import annotations
@@ -131,23 +132,45 @@ def control_actor() -> Any:
 
 # ------------------------------------------------------------------------------- request router
 class SessionAffinityRouter(RequestRouter):
-    """Serve request router: ``x-session-id`` requests go to the replica holding that session
-    (then anywhere, where it is answered ``resume_failed``); the rest to the least-loaded
-    replica with room (Serve probes the queue lengths of the rank and takes the lowest below
-    ``max_ongoing_requests``)."""
+    """Serve request router for sessions.
+
+    * A request with the ``x-session-id`` header goes to the replica that holds that session
+      (looked up in :class:`FleetControl`), else anywhere (where ``session.resume`` is answered
+      ``resume_failed``).
+    * Any other request goes to the replica with the most free session slots: the replicas'
+      last reports, less the requests this router sent each one since its report. A full
+      replica still accepts (``max_ongoing_requests`` has headroom) and answers ``capacity``
+      at once, so a new session is refused only when every replica is full.
+
+    Serve calls :meth:`choose_replicas` for each request; each returned rank holds one replica
+    and is taken if that replica is below ``max_ongoing_requests``.
+    """
 
     def initialize_state(self, **kwargs: Any) -> None:
         self._control: Any = None
+        self._routed: dict[str, list[float]] = {}  # replica -> wall-clock times of requests sent
 
-    async def _home_of(self, session_id: str) -> str | None:
-        try:
-            if self._control is None:
-                self._control = ray.get_actor(CONTROL_ACTOR, namespace=CONTROL_NAMESPACE)
-            return await asyncio.wait_for(self._control.home_of.remote(session_id), 2.0)
-        except Exception as exc:  # noqa: BLE001 - no control actor: route like a new session
-            logger.warning("session lookup failed (%s); routing by load", type(exc).__name__)
-            self._control = None
-            return None
+    async def _ask(self, method: str, *args: Any) -> Any:
+        for attempt in (1, 2):  # a fleet redeployed since: look the actor up again once
+            try:
+                if self._control is None:
+                    self._control = ray.get_actor(CONTROL_ACTOR, namespace=CONTROL_NAMESPACE)
+                return await asyncio.wait_for(getattr(self._control, method).remote(*args), 2.0)
+            except Exception as exc:  # noqa: BLE001 - no control actor: route by load alone
+                self._control = None
+                if attempt == 2:
+                    logger.warning(
+                        "fleet control %s failed (%s); routing by load", method, type(exc).__name__
+                    )
+        return None
+
+    def _free_slots(self, replica: RunningReplica, snapshot: dict[str, dict[str, Any]]) -> float:
+        replica_id = replica.replica_id.unique_id
+        report = snapshot.get(replica_id)
+        if report is None:
+            return -1.0  # not reported yet (starting): after every replica that did
+        sent = sum(1 for t in self._routed.get(replica_id, ()) if t > report["reported_at"])
+        return replica_free_slots(report) - sent
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
@@ -156,11 +179,21 @@ class SessionAffinityRouter(RequestRouter):
             pending_request.routing_context.should_backoff = True  # sleep between rounds when all are full
         session_id = pending_request.metadata.session_id if pending_request is not None else ""
         if session_id:
-            home = await self._home_of(session_id)
+            home = await self._ask("home_of", session_id)
             home_ranks = [r for r in candidate_replicas if r.replica_id.unique_id == home]
             if home_ranks:
                 return [home_ranks, [r for r in candidate_replicas if r not in home_ranks]]
-        return [candidate_replicas]
+        snapshot = await self._ask("snapshot") or {}
+        ordered = sorted(candidate_replicas, key=lambda r: -self._free_slots(r, snapshot))
+        return [[replica] for replica in ordered]
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: Any, result: Any) -> None:
+        now = time.time()
+        sent = self._routed.setdefault(replica_id.unique_id, [])
+        sent.append(now)
+        del sent[: max(0, len(sent) - 256)]
+        for replica in [r for r, times in self._routed.items() if times and now - times[-1] > 60]:
+            del self._routed[replica]
 
 
 # ------------------------------------------------------------------------------- replica
@@ -330,6 +363,7 @@ class AvatarReplica:
         active = sessions_active(text)
         full = active >= self.settings.max_sessions
         return {
+            "reported_at": time.time(),
             "node": self.node,
             "healthy": health == 200,
             "ready": (ready == 200 or full) and not self.draining,
@@ -340,9 +374,11 @@ class AvatarReplica:
         }
 
     async def _drain(self) -> None:
-        drain = getattr(getattr(self.inner, "state", None), "drain", None)
+        state = getattr(self.inner, "state", None)
+        server = getattr(state, "avatar", None)
+        drain = getattr(server, "drain", None) or getattr(state, "drain", None)
         if drain is None:
-            logger.warning("the app has no state.drain: its sessions end when the replica stops")
+            logger.warning("the app has no state.avatar.drain: its sessions end when the replica stops")
             return
         logger.info("fleet drain: replica %s drains its sessions", self.replica)
         await drain(self.settings.drain_timeout_s)
@@ -356,6 +392,14 @@ class _ASGI3:
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         await self.handler(scope, receive, send)
+
+
+def replica_free_slots(report: dict[str, Any]) -> int:
+    """Sessions a replica would still admit, from its report: ``max_sessions - sessions_active``
+    while its ``/readyz`` is 200 (or 503 only because it is full), else 0."""
+    if not (report["ready"] and report["healthy"]):
+        return 0
+    return max(0, report["max_sessions"] - report["sessions_active"])
 
 
 def fleet_readiness(snapshot: dict[str, dict[str, Any]]) -> dict[str, Any]:

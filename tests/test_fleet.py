@@ -1,14 +1,15 @@
-"""The fleet on Ray Serve (issue 13): a local Ray cluster, CPU replicas, WebSocket clients
-through Serve's proxy. Slow (a Ray cluster starts once for the module, each test deploys).
+"""The fleet on Ray Serve (issue 13): a local Ray cluster (started once for the module), CPU
+replicas of the server (``create_app`` around the test-pattern engine), real WebRTC clients
+(:class:`clients.python_client.AvatarClient`) signalling through Serve's proxy.
 
-The replicas run the stand-in app of ``tests/fleet_support.py`` until ``create_app`` of the
-ASGI server is merged; routing, capacity, failure, autoscaling and drain are Ray Serve's and
-:mod:`avatar_server.fleet`'s, not the stand-in's.
+Which replica holds a session is read from the fleet's control actor (the same lookup the
+router makes); each replica is a process of its own.
 """
 
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import socket
 import time
@@ -19,16 +20,24 @@ from typing import Any
 import pytest
 
 ray = pytest.importorskip("ray")
+from PIL import Image  # noqa: E402
 from ray import serve  # noqa: E402
 from websockets.asyncio.client import connect  # noqa: E402
 
 from avatar_server import fleet  # noqa: E402
 from avatar_server.settings import FleetSettings, Settings  # noqa: E402
+from clients.python_client import AvatarClient  # noqa: E402
 
-pytestmark = [pytest.mark.slow, pytest.mark.fleet, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.slow, pytest.mark.fleet, pytest.mark.timeout(400)]
 
-APP_FACTORY = "tests.fleet_support:create_app"
-ENGINE_FACTORY = "tests.fleet_support:create_engine"
+
+def png_bytes() -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (64, 48), (200, 120, 80)).save(out, format="PNG")
+    return out.getvalue()
+
+
+PNG = png_bytes()
 
 
 def free_port() -> int:
@@ -55,23 +64,31 @@ def readyz(port: int) -> dict[str, Any]:
             return json.loads(response.read())
     except urllib.error.HTTPError as exc:
         return json.loads(exc.read())
+    except (OSError, ValueError):
+        return {}
 
 
-def wait_for(predicate, timeout_s: float, period_s: float = 0.25) -> bool:
+async def wait_for(predicate, timeout_s: float, period_s: float = 0.25) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if predicate():
+        if await asyncio.to_thread(predicate):
             return True
-        time.sleep(period_s)
+        await asyncio.sleep(period_s)
     return False
+
+
+def home(session_id: str) -> str | None:
+    control = ray.get_actor(fleet.CONTROL_ACTOR, namespace=fleet.CONTROL_NAMESPACE)
+    return ray.get(control.home_of.remote(session_id))
 
 
 @pytest.fixture
 def deploy(cluster):
-    """``deploy(**settings)`` -> the proxy's port, once the fleet reports its replicas."""
+    """``await deploy(replicas, fleet_options, **settings)`` -> the proxy's port, once the fleet
+    reports ``replicas`` replicas with free slots."""
     deployed: list[Settings] = []
 
-    def run(replicas: int, fleet_options: dict[str, Any], **settings: Any) -> int:
+    async def run(replicas: int, fleet_options: dict[str, Any], **settings: Any) -> int:
         config = Settings(
             engine="testpattern",
             session_resume_grace_s=10,
@@ -80,14 +97,16 @@ def deploy(cluster):
         )
         control = fleet.control_actor()
         ray.get(control.is_draining.remote())
-        serve.run(
-            fleet.build_application(config, app_factory=APP_FACTORY, engine_factory=ENGINE_FACTORY),
-            name=config.fleet.app_name,
-            route_prefix="/",
-            blocking=False,
+        await asyncio.to_thread(
+            serve.run, fleet.build_application(config), name=config.fleet.app_name, route_prefix="/", blocking=False
         )
         deployed.append(config)
-        assert wait_for(lambda: readyz(cluster).get("replicas") == replicas, 120), readyz(cluster)
+        ok = await wait_for(
+            lambda: (view := readyz(cluster)).get("replicas") == replicas
+            and view["free_session_slots"] == replicas * config.max_sessions,
+            180,
+        )
+        assert ok, readyz(cluster)
         return cluster
 
     yield run
@@ -96,101 +115,126 @@ def deploy(cluster):
         ray.kill(ray.get_actor(fleet.CONTROL_ACTOR, namespace=fleet.CONTROL_NAMESPACE))
 
 
-class Client:
-    """One WebSocket session through the proxy; records ``stats`` arrival times."""
+async def media_client(port: int, **kwargs: Any) -> AvatarClient:
+    client = AvatarClient(f"http://127.0.0.1:{port}/", keep_audio=False, **kwargs)
+    await client.connect()
+    await client.start_session(PNG)
+    await client.start_media(timeout_s=30)
+    return client
 
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.ws = None
-        self.ready: dict[str, Any] | None = None
-        self.stats: list[tuple[float, int]] = []  # (arrival time, frames)
-        self.messages: list[dict[str, Any]] = []
-        self.reader: asyncio.Task | None = None
 
-    async def open(self, session_id_header: str | None = None) -> None:
-        headers = {fleet.SESSION_HEADER: session_id_header} if session_id_header else None
-        self.ws = await connect(f"ws://127.0.0.1:{self.port}/ws", additional_headers=headers, open_timeout=20)
+def frames_after(client: AvatarClient, since_s: float) -> list[float]:
+    return [record.arrival_s for record in client.received.video if record.arrival_s >= since_s]
 
-    async def start(self, session_id_header: str | None = None) -> dict[str, Any]:
-        await self.open(session_id_header)
-        await self.ws.send(json.dumps({"type": "session.start", "image": "x"}))
-        reply = json.loads(await asyncio.wait_for(self.ws.recv(), 20))
-        if reply["type"] == "session.ready":
-            self.ready = reply
-            self.reader = asyncio.get_running_loop().create_task(self._read(self.ws))
-        return reply
 
-    async def _read(self, ws) -> None:
-        try:
-            async for raw in ws:
-                message = json.loads(raw)
-                if message["type"] == "stats":
-                    self.stats.append((time.monotonic(), message["frames"]))
-                else:
-                    self.messages.append(message)
-        except Exception:  # noqa: BLE001 - the connection's end is judged by the test
-            pass
-
-    def drop(self) -> None:
-        """End the WebSocket without a close frame (a network failure)."""
-        self.ws.transport.abort()
-
-    async def resume(self) -> dict[str, Any]:
-        assert self.ready is not None
-        await self.open(self.ready["session_id"])
-        await self.ws.send(json.dumps({"type": "session.resume", "resume_token": self.ready["resume_token"]}))
-        reply = json.loads(await asyncio.wait_for(self.ws.recv(), 20))
-        if reply["type"] == "session.resumed":
-            self.ready = {**self.ready, **reply}
-            self.reader = asyncio.get_running_loop().create_task(self._read(self.ws))
-        return reply
-
-    async def end(self) -> None:
-        await self.ws.send(json.dumps({"type": "session.end"}))
-        await asyncio.wait_for(self.reader, 10)
-
-    def largest_gap_s(self, since: float) -> float:
-        times = [t for t, _ in self.stats if t >= since]
-        return max((b - a for a, b in zip(times, times[1:], strict=False)), default=float("inf"))
+def largest_gap_s(client: AvatarClient, since_s: float, until_s: float) -> float:
+    times = [since_s, *(t for t in frames_after(client, since_s) if t <= until_s), until_s]
+    return max(b - a for a, b in zip(times, times[1:], strict=False))
 
 
 async def test_sessions_spread_and_a_full_fleet_refuses_at_once(deploy) -> None:
-    port = deploy(3, {"min_replicas": 3, "max_replicas": 3}, max_sessions=1)
-    clients = [Client(port) for _ in range(3)]
-    for client in clients:
-        assert (await client.start())["type"] == "session.ready"
-    assert len({client.ready["pid"] for client in clients}) == 3  # one session on each replica
-    assert wait_for(lambda: readyz(port)["free_session_slots"] == 0, 10), readyz(port)
-    fourth = Client(port)
-    started = time.monotonic()
-    reply = await fourth.start()
-    assert reply["type"] == "error" and reply["code"] == "capacity"
-    assert time.monotonic() - started < 1.0
-    for client in clients:
-        await client.end()
-    assert wait_for(lambda: readyz(port)["free_session_slots"] == 3, 10), readyz(port)
+    port = await deploy(3, {"min_replicas": 3, "max_replicas": 3}, max_sessions=1)
+    clients = [await media_client(port) for _ in range(3)]
+    try:
+        homes = {home(client.session["session_id"]) for client in clients}
+        assert len(homes) == 3 and None not in homes  # one session on each replica
+        assert await wait_for(lambda: readyz(port).get("free_session_slots") == 0, 10), readyz(port)
+        fourth = AvatarClient(f"http://127.0.0.1:{port}/")
+        await fourth.connect()
+        started = time.monotonic()
+        with pytest.raises(RuntimeError, match="capacity"):
+            await fourth.start_session(PNG, timeout_s=10)
+        assert time.monotonic() - started < 1.0
+        await fourth.close()
+        assert await wait_for(lambda: all(len(client.received.video) > 10 for client in clients), 30)
+    finally:
+        for client in clients:
+            await client.close()
+    assert await wait_for(lambda: readyz(port).get("free_session_slots") == 3, 20), readyz(port)
 
 
 async def test_a_dropped_websocket_resumes_on_its_replica(deploy) -> None:
-    port = deploy(3, {"min_replicas": 3, "max_replicas": 3}, max_sessions=2)
-    first = Client(port)
-    assert (await first.start())["type"] == "session.ready"
-    # A second session on the same replica (routed by the first one's session id), so that routing
-    # by load alone would send the resume to one of the two empty replicas.
-    neighbour = Client(port)
-    assert (await neighbour.start(session_id_header=first.ready["session_id"]))["type"] == "session.ready"
-    assert neighbour.ready["pid"] == first.ready["pid"]
-    await asyncio.sleep(0.5)
-    frames_before = first.stats[-1][1]
-    first.drop()
-    await asyncio.sleep(1.0)
-    reply = await first.resume()
-    assert reply["type"] == "session.resumed", reply
-    assert reply["pid"] == first.ready["pid"] and reply["session_id"] == first.ready["session_id"]
-    resumed_at = time.monotonic()
-    await asyncio.sleep(1.0)
-    after = [frames for t, frames in first.stats if t >= resumed_at]
-    assert after and after[0] > frames_before + 5  # the same session kept counting while parked
-    assert first.largest_gap_s(resumed_at) < 0.5
-    await first.end()
-    await neighbour.end()
+    port = await deploy(3, {"min_replicas": 3, "max_replicas": 3}, max_sessions=2)
+    first = await media_client(port)
+    session_id = first.session["session_id"]
+    # A second session on the same replica (routed by the first one's session id), so that
+    # routing by load alone would send the resume to one of the two empty replicas.
+    headers = {fleet.SESSION_HEADER: session_id}
+    async with connect(f"ws://127.0.0.1:{port}/ws", additional_headers=headers, max_size=None) as neighbour:
+        import base64
+
+        await neighbour.send(json.dumps({"type": "session.start", "image": base64.b64encode(PNG).decode()}))
+        while (reply := json.loads(await neighbour.recv()))["type"] != "session.ready":
+            assert reply["type"] != "error", reply
+        assert home(reply["session_id"]) == home(session_id)
+        try:
+            await asyncio.sleep(1.0)
+            before = len(first.received.video)
+            resumed = await first.resume()  # drops the old WebSocket without a close frame
+            resumed_at = time.monotonic()
+            assert resumed["session_id"] == session_id and resumed["peer_connection"] == "connected"
+            assert home(session_id) == home(reply["session_id"])
+            await asyncio.sleep(2.0)
+            assert len(first.received.video) > before + 20  # the same peer connection keeps playing
+            assert largest_gap_s(first, resumed_at, resumed_at + 2.0) < 0.5
+        finally:
+            await first.close()
+
+
+async def test_a_dead_replica_ends_only_its_own_session(deploy) -> None:
+    port = await deploy(3, {"min_replicas": 3, "max_replicas": 3}, max_sessions=2)
+    clients = [await media_client(port, auto_resume=True) for _ in range(3)]
+    try:
+        homes = [home(client.session["session_id"]) for client in clients]
+        assert len(set(homes)) == 3, homes
+        victim, survivors = clients[0], clients[1:]
+        name = f"SERVE_REPLICA::{Settings().fleet.app_name}#{fleet.DEPLOYMENT_NAME}#{homes[0]}"
+        killed_at = time.monotonic()
+        ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+        # its client loses the WebSocket, tries to resume and is told the session is gone
+        assert await wait_for(lambda: victim.closed_reason is not None, 30), victim.closed_reason
+        errors = victim.messages("error")
+        assert errors and errors[-1]["code"] == "resume_failed", errors
+        await asyncio.sleep(max(0.0, killed_at + 5.0 - time.monotonic()))
+        for client in survivors:
+            assert largest_gap_s(client, killed_at, killed_at + 5.0) < 1.0
+            assert not client.messages("session.ended")
+        newcomer = await media_client(port)
+        assert home(newcomer.session["session_id"]) != homes[0]
+        await newcomer.close()
+        # Serve brings the replica back
+        assert await wait_for(lambda: readyz(port).get("replicas") == 3, 120), readyz(port)
+        assert homes[0] not in readyz(port)["by_replica"]
+    finally:
+        for client in clients:
+            await client.close()
+
+
+async def test_autoscaling_follows_sessions_without_cutting_one(deploy) -> None:
+    options = {
+        "min_replicas": 1, "max_replicas": 2, "target_sessions_per_replica": 1.0,
+        "upscale_delay_s": 1.0, "downscale_delay_s": 4.0,
+    }
+    port = await deploy(1, options, max_sessions=2)
+    first, second = await media_client(port), await media_client(port)
+    try:
+        assert home(first.session["session_id"]) == home(second.session["session_id"])
+        upscale_started = time.monotonic()
+        # the new replica is up and warm: its two slots are free
+        assert await wait_for(
+            lambda: (view := readyz(port)).get("replicas") == 2 and view["free_session_slots"] == 2, 120
+        ), readyz(port)
+        print(f"new replica ready {time.monotonic() - upscale_started:.1f} s after the load")
+        third = await media_client(port)
+        assert home(third.session["session_id"]) != home(first.session["session_id"])  # the emptier replica
+    finally:
+        await first.close()
+        await second.close()
+    ended_at = time.monotonic()
+    try:
+        await asyncio.sleep(12.0)  # past downscale_delay_s: one replica is stopped (or waits for the session)
+        assert not third.messages("session.ended")
+        assert largest_gap_s(third, ended_at, ended_at + 12.0) < 1.0
+    finally:
+        await third.close()
+    assert await wait_for(lambda: readyz(port).get("replicas") == 1, 120), readyz(port)
