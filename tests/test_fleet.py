@@ -62,8 +62,11 @@ def readyz(port: int) -> dict[str, Any]:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as response:
             return json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return json.loads(exc.read())
+    except urllib.error.HTTPError as exc:  # 503: not ready (JSON), or Serve's own answer before the app is up
+        try:
+            return json.loads(exc.read())
+        except ValueError:
+            return {}
     except (OSError, ValueError):
         return {}
 
