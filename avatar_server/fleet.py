@@ -270,7 +270,9 @@ class AvatarReplica:
         self.replica = serve.get_replica_context().replica_id.unique_id
         engine = await asyncio.to_thread(load_object(engine_factory), self.settings)
         self.inner: ASGIApp = load_object(app_factory)(self.settings, engine)
-        self.control = ray.get_actor(CONTROL_ACTOR, namespace=CONTROL_NAMESPACE)
+        self.control = (
+            control_actor()
+        )  # exists when started by `avatar-server fleet`; created under `serve deploy`
         self.draining = False
         self.node = ray.util.get_node_ip_address()
         self._reporter = asyncio.get_running_loop().create_task(self._report_loop(), name="fleet-report")
@@ -292,8 +294,22 @@ class AvatarReplica:
 
     # -------------------------------------------------------------------------- ASGI
     async def _asgi(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] == "http" and scope.get("path") in ("/readyz", "/metrics"):
-            await self._fleet_view(scope["path"], send)
+        if scope["type"] == "http" and scope.get("path") == "/readyz":
+            await self._fleet_view("/readyz", send)
+            return
+        if scope["type"] == "http" and scope.get("path") == "/metrics":
+            # the app decides who may read metrics (api key, loopback): only its 200 is replaced
+            held: list[dict] = []
+
+            async def hold(message: dict) -> None:
+                held.append(message)
+
+            await self.inner(scope, receive, hold)
+            if held and held[0].get("status") == 200:
+                await self._fleet_view("/metrics", send)
+            else:
+                for message in held:
+                    await send(message)
             return
         if scope["type"] == "websocket":
             await self.inner(scope, receive, self._registering_send(send))
@@ -512,6 +528,17 @@ def build_application(
     return deployment.bind(_settings_json(settings), app_factory, engine_factory)
 
 
+def app_builder(args: dict[str, Any]) -> Any:
+    """Serve application builder for a config file (``import_path: avatar_server.fleet:app_builder``,
+    see ``ops/deploy/serve_config.yaml``): settings from ``AVATAR_SERVER_*`` (the runtime
+    environment), ``args`` on top (``{"engine": "full", "fleet": {"max_replicas": 8}}``).
+    Deployment options in the config file override those computed here."""
+    base = Settings()
+    fleet_args = args.get("fleet") or {}
+    top = {key: value for key, value in args.items() if key != "fleet"}
+    return build_application(Settings(**top, fleet={**base.fleet.model_dump(), **fleet_args}))
+
+
 def _settings_json(settings: Settings) -> str:
     """The settings as JSON with secrets in clear (``model_dump_json`` masks ``SecretStr``)."""
     data = settings.model_dump(mode="json")
@@ -618,7 +645,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     if args.drain_timeout_s is not None:
         fleet["drain_timeout_s"] = args.drain_timeout_s
     base = Settings()
-    return Settings(**top, fleet=base.fleet.model_copy(update=fleet)) if fleet else Settings(**top)
+    return Settings(**top, fleet={**base.fleet.model_dump(), **fleet}) if fleet else Settings(**top)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

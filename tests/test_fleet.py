@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import re
 import socket
 import time
 import urllib.error
@@ -69,6 +70,11 @@ def readyz(port: int) -> dict[str, Any]:
             return {}
     except (OSError, ValueError):
         return {}
+
+
+def http_text(port: int, path: str) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+        return response.read().decode()
 
 
 async def wait_for(predicate, timeout_s: float, period_s: float = 0.25) -> bool:
@@ -142,6 +148,10 @@ async def test_sessions_spread_and_a_full_fleet_refuses_at_once(deploy) -> None:
         homes = {home(client.session["session_id"]) for client in clients}
         assert len(homes) == 3 and None not in homes  # one session on each replica
         assert await wait_for(lambda: readyz(port).get("free_session_slots") == 0, 10), readyz(port)
+        metrics = await asyncio.to_thread(http_text, port, "/metrics")
+        assert "avatar_fleet_replicas 3.0" in metrics and "avatar_fleet_sessions_active 1.0" not in metrics
+        labelled = re.findall(r'avatar_server_sessions_active\{replica="(\w+)"\} 1\.0', metrics)
+        assert sorted(labelled) == sorted(homes)  # each replica's own metrics, labelled by replica
         fourth = AvatarClient(f"http://127.0.0.1:{port}/")
         await fourth.connect()
         started = time.monotonic()
@@ -241,3 +251,29 @@ async def test_autoscaling_follows_sessions_without_cutting_one(deploy) -> None:
     finally:
         await third.close()
     assert await wait_for(lambda: readyz(port).get("replicas") == 1, 120), readyz(port)
+
+
+def test_the_deploy_files_match_what_the_code_computes() -> None:
+    """ops/deploy's Serve config and RayService are valid Serve configs, and their deployment
+    options are those avatar_server.fleet computes for the same settings (no cluster needed)."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    root = __import__("pathlib").Path(__file__).resolve().parents[1] / "ops" / "deploy"
+    config = yaml.safe_load((root / "serve_config.yaml").read_text())
+    service = yaml.safe_load_all((root / "rayservice.yaml").read_text())
+    embedded = yaml.safe_load(next(iter(service))["spec"]["serveConfigV2"])
+    for document in (config, embedded):
+        ServeDeploySchema.model_validate(document)
+        application = document["applications"][0]
+        settings = Settings(**application["args"], fleet=FleetSettings(max_replicas=8))
+        options = fleet.deployment_options(settings)
+        written = application["deployments"][0]
+        assert written["max_ongoing_requests"] == options["max_ongoing_requests"] == 4
+        assert written["max_queued_requests"] == options["max_queued_requests"]
+        assert written["autoscaling_config"]["target_ongoing_requests"] == options[
+            "autoscaling_config"
+        ].target_ongoing_requests
+        assert written["autoscaling_config"]["max_replicas"] == options["autoscaling_config"].max_replicas
+        assert written["graceful_shutdown_timeout_s"] == options["graceful_shutdown_timeout_s"]
+        assert written["ray_actor_options"] == options["ray_actor_options"]
