@@ -277,3 +277,21 @@ def test_the_deploy_files_match_what_the_code_computes() -> None:
         assert written["autoscaling_config"]["max_replicas"] == options["autoscaling_config"].max_replicas
         assert written["graceful_shutdown_timeout_s"] == options["graceful_shutdown_timeout_s"]
         assert written["ray_actor_options"] == options["ray_actor_options"]
+
+
+async def test_an_engine_stall_fails_the_health_check_and_serve_replaces_the_replica(deploy) -> None:
+    """Every segment takes 12 s of (simulated) generation, far over engine_stall_s: once a
+    session runs, the replica's /healthz fails, Serve's health check sees it and replaces it."""
+    options = {"min_replicas": 1, "max_replicas": 1, "health_check_period_s": 1.0, "drain_timeout_s": 5.0}
+    port = await deploy(1, options, max_sessions=1, testpattern_delay_s=12.0, engine_stall_s=1.0)
+    (stalled,) = readyz(port)["by_replica"]
+    client = AvatarClient(f"http://127.0.0.1:{port}/", keep_audio=False)
+    await client.connect()
+    await client.start_session(PNG)
+    assert home(client.session["session_id"]) == stalled
+    replaced = await wait_for(
+        lambda: (view := readyz(port)).get("replicas") == 1 and stalled not in view["by_replica"], 120
+    )
+    assert replaced, readyz(port)
+    assert await wait_for(lambda: client.closed_reason is not None, 30)  # its session went with it
+    await client.close()
