@@ -4,9 +4,11 @@
 Flags override environment variables (``AVATAR_SERVER_*``), which override the defaults;
 see :mod:`avatar_server.settings`. Logging is configured here, once.
 
-Building the parser imports nothing heavy: torch, the engine, aiortc, the streaming package,
-pydantic and the settings are imported inside the subcommand handlers, so ``--help`` and
-argument errors answer at once (``tests/test_cli_imports.py`` checks it).
+The ``serve`` flags are generated from :class:`~avatar_server.settings.Settings` (type,
+choices, default and help of each field), so each default is written once. Building the
+parser imports the settings (pydantic) and nothing heavy: torch, the engine, aiortc and the
+streaming package are imported inside the subcommand handlers, so ``--help`` and argument
+errors answer at once (``tests/test_cli_imports.py`` checks it).
 """
 
 from __future__ import annotations
@@ -28,45 +30,6 @@ if TYPE_CHECKING:
     from avatar_server.settings import Settings
 
 logger = logging.getLogger(__name__)
-
-# flag dest -> (settings group or None, field name)
-_SERVE_FLAGS: dict[str, tuple[str | None, str]] = {
-    "host": (None, "host"),
-    "port": (None, "port"),
-    "engine": (None, "engine"),
-    "checkpoint_dir": (None, "checkpoint_dir"),
-    "device": (None, "device"),
-    "seed": (None, "seed"),
-    "testpattern_delay_s": (None, "testpattern_delay_s"),
-    "segment_seconds": (None, "segment_seconds"),
-    "idle_segment_seconds": (None, "idle_segment_seconds"),
-    "playout_target_ms": (None, "playout_target_ms"),
-    "max_sessions": (None, "max_sessions"),
-    "sr": (None, "sr"),
-    "recordings_dir": (None, "recordings_dir"),
-    "session_idle_timeout_s": (None, "session_idle_timeout_s"),
-    "session_max_duration_s": (None, "session_max_duration_s"),
-    "drain_timeout_s": (None, "drain_timeout_s"),
-    "session_resume_grace_s": (None, "session_resume_grace_s"),
-    "engine_stall_s": (None, "engine_stall_s"),
-    "max_engine_utilization": (None, "max_engine_utilization"),
-    "trusted_proxies": (None, "trusted_proxies"),
-    "log_level": (None, "log_level"),
-    "log_format": (None, "log_format"),
-    "max_image_bytes": ("limits", "max_image_bytes"),
-    "max_image_pixels": ("limits", "max_image_pixels"),
-    "max_prompt_chars": ("limits", "max_prompt_chars"),
-    "max_text_chars": ("limits", "max_text_chars"),
-    "max_utterance_chars": ("limits", "max_utterance_chars"),
-    "max_message_bytes": ("limits", "max_message_bytes"),
-    "webrtc_host_addresses": ("webrtc", "host_addresses"),
-    "ice_servers": ("webrtc", "ice_servers"),
-    "api_key": (None, "api_key"),
-    "allowed_origins": (None, "allowed_origins"),
-    "tls_cert": (None, "tls_cert"),
-    "tls_key": (None, "tls_key"),
-}
-
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message (and the exception, if any)."""
@@ -113,13 +76,98 @@ def _ice_server(value: str) -> str | dict[str, Any]:
     return value
 
 
+# Settings groups whose flags get a prefix (``--auth-max-key-failures``); the limits' names are
+# unique and keep none (``--max-image-bytes``).
+_FLAG_PREFIXES = {"limits": "", "webrtc": "webrtc-", "vad": "vad-", "auth": "auth-"}
+# Repeatable list flags are named for one item.
+_FLAG_NAMES = {
+    (None, "trusted_proxies"): "--trusted-proxy",
+    (None, "allowed_origins"): "--allowed-origin",
+    ("webrtc", "host_addresses"): "--webrtc-host-address",
+    ("webrtc", "ice_servers"): "--ice-server",
+    ("limits", "microphone_sample_rates_hz"): "--microphone-sample-rate-hz",
+}
+# Extra help for flags whose setting alone does not say it.
+_FLAG_NOTES = {
+    (None, "api_key"): "prefer AVATAR_SERVER_API_KEY: flags show in the process list",
+    (None, "port"): "0 picks a free one",
+}
+
+
+def _unwrap(annotation: Any) -> tuple[Any, bool]:
+    """``(inner type, is_list)`` of a field annotation (``X | None`` and ``list[X]`` unwrapped)."""
+    import types
+    import typing
+
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        non_none = [arg for arg in args if arg is not type(None)]
+        if len(non_none) == 1:
+            return _unwrap(non_none[0])
+        return annotation, False
+    if typing.get_origin(annotation) is list:
+        inner, _ = _unwrap(args[0])
+        return inner, True
+    return annotation, False
+
+
+def _argument(group: str | None, name: str, field: Any) -> tuple[list[str], dict[str, Any]]:
+    """The ``add_argument`` flags and keyword arguments of one settings field: its type,
+    choices and default come from the field, so they are written once (in settings.py)."""
+    import typing
+
+    from pydantic import SecretStr
+
+    inner, is_list = _unwrap(field.annotation)
+    flag = _FLAG_NAMES.get((group, name)) or "--" + (_FLAG_PREFIXES.get(group or "", "") + name).replace("_", "-")
+    default = None if field.default_factory is not None else field.default
+    if field.default_factory is not None:
+        with contextlib.suppress(Exception):
+            default = field.default_factory()
+    shown = default.get_secret_value() if isinstance(default, SecretStr) else default
+    parts = [field.description or name.replace("_", " ")]
+    if (group, name) in _FLAG_NOTES:
+        parts.append(_FLAG_NOTES[(group, name)])
+    if shown not in (None, [], ""):
+        parts.append(f"default {shown}")
+    kwargs: dict[str, Any] = {"dest": f"{group}__{name}" if group else name, "default": None, "help": "; ".join(parts)}
+    if typing.get_origin(inner) is typing.Literal:
+        kwargs["choices"] = list(typing.get_args(inner))
+    elif inner is bool:
+        kwargs["action"] = argparse.BooleanOptionalAction
+    elif (group, name) == ("webrtc", "ice_servers"):
+        kwargs["type"] = _ice_server
+    elif inner in (int, float, Path):
+        kwargs["type"] = inner
+    if "choices" not in kwargs and inner is not bool:
+        kwargs["metavar"] = name.upper()
+    if is_list:
+        kwargs["action"] = "append"
+        kwargs["help"] += " (repeatable)"
+    return [flag], kwargs
+
+
+def _settings_fields() -> list[tuple[str | None, str, Any]]:
+    """``(group or None, name, field)`` of every setting that has a flag."""
+    from avatar_server.settings import Settings
+
+    fields: list[tuple[str | None, str, Any]] = []
+    for name, field in Settings.model_fields.items():
+        if name in _FLAG_PREFIXES:
+            model = field.annotation
+            fields += [(name, sub_name, sub_field) for sub_name, sub_field in model.model_fields.items()]
+        else:
+            fields.append((None, name, field))
+    return fields
+
+
 def settings_from_args(args: argparse.Namespace) -> Settings:
     """Settings with the given flags on top of environment and defaults."""
     from avatar_server.settings import Settings
 
     overrides: dict[str, Any] = {}
-    for dest, (group, name) in _SERVE_FLAGS.items():
-        value = getattr(args, dest, None)
+    for group, name, _ in _settings_fields():
+        value = getattr(args, f"{group}__{name}" if group else name, None)
         if value is None:
             continue
         if group is None:
@@ -130,84 +178,17 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="run the server", description="Run the avatar server on one port.")
-    p.add_argument("--host", help="bind address (default 127.0.0.1)")
-    p.add_argument("--port", type=int, help="port (default 8080; 0 picks a free one)")
-    p.add_argument("--engine", choices=["preview", "testpattern", "full"], help="engine preset (default preview)")
-    p.add_argument("--checkpoint-dir", type=Path, help="local checkpoint directory")
-    p.add_argument("--device", choices=["cpu", "cuda"], help="engine device (default cpu)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--testpattern-delay-s", type=float, help="simulated generation time (testpattern engine)")
-    p.add_argument("--segment-seconds", type=float, help="speech/lip-sync segment length (default 2.0)")
-    p.add_argument("--idle-segment-seconds", type=float, help="idle segment length (default 2.0)")
-    p.add_argument("--playout-target-ms", type=float, help="media queued ahead of playback (default 2000)")
-    p.add_argument("--max-sessions", type=int, help="concurrent sessions (default 2)")
-    p.add_argument(
-        "--sr",
-        action="store_const",
-        const=True,
-        help="idle super-resolution: upgrade buffered segments with the engine's SR model, send video at the SR size",
+    p = sub.add_parser(
+        "serve",
+        help="run the server",
+        description="Run the avatar server on one port. Every flag is a setting (avatar_server/settings.py); "
+        "flags override AVATAR_SERVER_* environment variables, which override the defaults.",
     )
-    p.add_argument("--recordings-dir", type=Path, help="directory of record.start MP4 files (default ./recordings)")
-    p.add_argument("--session-idle-timeout-s", type=float, help="end a session idle this long (default 300)")
-    p.add_argument("--session-max-duration-s", type=float, help="longest session (default 3600)")
-    p.add_argument(
-        "--drain-timeout-s", type=float, help="on SIGTERM: time to finish speaking before sessions end (default 10)"
-    )
-    p.add_argument(
-        "--session-resume-grace-s",
-        type=float,
-        help="keep a session whose WebSocket dropped this long for session.resume (default 30; 0: off)",
-    )
-    p.add_argument(
-        "--max-engine-utilization",
-        type=float,
-        help="refuse a session the engine could not keep in real time: measured busy fraction x (n+1)/n "
-        "above this (default 0.9; above 1: only --max-sessions)",
-    )
-    p.add_argument(
-        "--engine-stall-s", type=float, help="an engine job running longer fails /healthz (default 120)"
-    )
-    p.add_argument(
-        "--trusted-proxy",
-        dest="trusted_proxies",
-        action="append",
-        help="reverse proxy IP or CIDR whose X-Forwarded-For names the client (repeatable; default none)",
-    )
-    p.add_argument("--max-image-bytes", type=int, help="largest reference image in bytes (default 8 MiB)")
-    p.add_argument("--max-image-pixels", type=int, help="largest reference image, width x height")
-    p.add_argument("--max-prompt-chars", type=int, help="longest appearance prompt")
-    p.add_argument("--max-text-chars", type=int, help="longest speak chunk")
-    p.add_argument("--max-utterance-chars", type=int, help="longest utterance")
-    p.add_argument("--max-message-bytes", type=int, help="largest WebSocket message")
-    p.add_argument(
-        "--webrtc-host-address",
-        dest="webrtc_host_addresses",
-        action="append",
-        help="ICE host candidate address (repeatable; default 127.0.0.1 for a loopback host)",
-    )
-    p.add_argument(
-        "--ice-server",
-        dest="ice_servers",
-        action="append",
-        type=_ice_server,
-        help='STUN/TURN URL, or JSON {"urls": ..., "username": ..., "credential": ...} for TURN (repeatable)',
-    )
-    p.add_argument(
-        "--api-key",
-        help="key that mints session tokens (POST /v1/tokens); required on a non-loopback host "
-        "(prefer AVATAR_SERVER_API_KEY: flags show in the process list)",
-    )
-    p.add_argument(
-        "--allowed-origin",
-        dest="allowed_origins",
-        action="append",
-        help="browser Origin allowed on /ws (repeatable; default: the server's own host; '*': any)",
-    )
-    p.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve https:// and wss://")
-    p.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
-    p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    p.add_argument("--log-format", choices=["text", "json"])
+    titles = {None: "server", "limits": "limits", "webrtc": "WebRTC", "vad": "voice activity", "auth": "auth"}
+    groups = {key: p.add_argument_group(title) for key, title in titles.items()}
+    for group, name, field in _settings_fields():
+        flags, kwargs = _argument(group, name, field)
+        groups[group].add_argument(*flags, **kwargs)
 
 
 _CLIENT_EPILOG = """\

@@ -19,13 +19,15 @@ import hashlib
 import logging
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from aiortc import RTCPeerConnection, RTCSessionDescription
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from avatar_server import protocol
+from avatar_server import protocol, sdp
 from avatar_server.auth import Grant
+from avatar_server.errors import ClientError
 from avatar_server.ice import filter_offer, summarize
 from avatar_server.images import ImageError, decode_image
 from avatar_server.limits import (
@@ -46,6 +48,16 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# The field of codes raised by streaming and images (their exceptions carry no field).
+ERROR_FIELDS = {
+    "image_invalid": "image",
+    "image_too_large": "image",
+    "utterance_too_long": "text",
+    "utterance_ended": "utterance_id",
+    "unknown_utterance": "utterance_id",
+    "recording_active": "type",
+    "no_recording": "type",
+}
 NORMAL_CLOSE_CODES = (1000, 1001)  # a client that closes with these ends its session (no parking)
 
 
@@ -167,6 +179,18 @@ class ClientConnection:
         self._grace_task: asyncio.Task[None] | None = None
         self._successor: ClientConnection | None = None  # the session this WebSocket resumed
         self.guard = ConnectionGuard(self)
+        # the dispatch table: one handler per client message type
+        self._handlers: dict[type, Callable[[Any], Awaitable[None]]] = {
+            protocol.SessionStart: self._session_start,
+            protocol.SessionResume: self._session_resume,
+            protocol.WebRTCOffer: self._webrtc_offer,
+            protocol.Speak: self._on_speak,
+            protocol.SpeakEnd: self._on_speak_end,
+            protocol.Interrupt: self._on_interrupt,
+            protocol.SessionUpdate: self._on_session_update,
+            protocol.RecordStart: self._on_record_start,
+            protocol.RecordStop: self._on_record_stop,
+        }
 
     async def run(self) -> ClientConnection | None:
         """Read the attached WebSocket until it ends; then close the session, park it (an
@@ -326,9 +350,20 @@ class ClientConnection:
         except asyncio.QueueFull:
             self.guard.send_queue_full()
 
-    def send_error(self, code: str, message: str, field: str | None = None) -> None:
+    def send_error(
+        self,
+        code: str,
+        message: str,
+        *,
+        field: str | None = None,
+        limit: str | None = None,
+        in_reply_to: str | None = None,
+    ) -> None:
+        """Send an ``error`` frame (``field``, ``limit``, ``in_reply_to`` as the frame's fields)."""
         logger.info("client error %s (session %s)", code, self.session_id)
-        self.send(protocol.ErrorMessage(code=code, message=message, field=field))
+        self.send(
+            protocol.ErrorMessage(code=code, message=message, field=field, limit=limit, in_reply_to=in_reply_to)
+        )
 
     async def _send_loop(self) -> None:
         while True:
@@ -422,7 +457,7 @@ class ClientConnection:
         try:
             await self.guard.check_recording_disk(settings.recordings_dir)
             if self.session is not session or self._closed:
-                raise SessionInputError("no_session", "type: record.start needs a session; send session.start first")
+                raise ClientError("no_session", "type: record.start needs a session; send session.start first", field="type")
             stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
             recording_id = f"{self.session_id}-{self.recordings + 1}"
             path = settings.recordings_dir / f"{stamp}-{recording_id}.mp4"
@@ -493,54 +528,59 @@ class ClientConnection:
             return
         try:
             self.guard.admit(message)
-            if isinstance(message, protocol.SessionStart):
-                await self._session_start(message)
-            elif isinstance(message, protocol.SessionResume):
-                await self._session_resume(message)
-            elif isinstance(message, protocol.WebRTCOffer):
-                await self._webrtc_offer(message)
-            elif isinstance(message, protocol.Speak):
-                self._require_session("speak").speak(message.utterance_id, message.text, message.language)
-            elif isinstance(message, protocol.SpeakEnd):
-                self._require_session("speak.end").speak_end(message.utterance_id)
-            elif isinstance(message, protocol.Interrupt):
-                self._require_session("interrupt").interrupt()
-            elif isinstance(message, protocol.SessionUpdate):
-                self._require_session("session.update").set_mode(mode=message.mode, barge_in=message.barge_in)
-            elif isinstance(message, protocol.RecordStart):
-                await self._record_start(self._require_session("record.start"))
-            elif isinstance(message, protocol.RecordStop):
-                session = self._require_session("record.stop")
-                self._recording_stopped(await session.stop_recording(), "stopped")
+            await self._handlers[type(message)](message)
             self.guard.accepted(message)
         except (ImageError, SessionInputError) as exc:
-            self.send_error(exc.code, str(exc), field=_field_of(str(exc)))
+            code = exc.code
+            field = getattr(exc, "field", None) or ERROR_FIELDS.get(code)
+            self.send_error(code, str(exc), field=field, limit=getattr(exc, "limit", None), in_reply_to=message.id)
         except EngineInputError as exc:
-            self.send_error("engine_input", str(exc))
+            self.send_error("engine_input", str(exc), in_reply_to=message.id)
         except Exception:
             logger.exception("handling a %s message failed", message.type)
-            self.send_error("internal", f"{message.type}: the server failed to handle this message")
+            self.send_error(
+                "internal", f"{message.type}: the server failed to handle this message", in_reply_to=message.id
+            )
+
+    # ----------------------------------------------------------------------------- handlers
+    async def _on_speak(self, message: protocol.Speak) -> None:
+        self._require_session("speak").speak(message.utterance_id, message.text, message.language)
+
+    async def _on_speak_end(self, message: protocol.SpeakEnd) -> None:
+        self._require_session("speak.end").speak_end(message.utterance_id)
+
+    async def _on_interrupt(self, message: protocol.Interrupt) -> None:
+        self._require_session("interrupt").interrupt()
+
+    async def _on_session_update(self, message: protocol.SessionUpdate) -> None:
+        self._require_session("session.update").set_mode(mode=message.mode, barge_in=message.barge_in)
+
+    async def _on_record_start(self, message: protocol.RecordStart) -> None:
+        await self._record_start(self._require_session("record.start"))
+
+    async def _on_record_stop(self, message: protocol.RecordStop) -> None:
+        session = self._require_session("record.stop")
+        self._recording_stopped(await session.stop_recording(), "stopped")
 
     def _require_session(self, what: str) -> SessionRunner:
         if self.session is None:
-            raise SessionInputError("no_session", f"type: {what} needs a session; send session.start first")
+            raise ClientError("no_session", f"type: {what} needs a session; send session.start first", field="type")
         return self.session
 
     async def _session_start(self, message: protocol.SessionStart) -> None:
         app = self.app
         if self.session is not None or self._holds_slot:
-            raise SessionInputError("session_exists", "type: this connection already has a session")
+            raise ClientError("session_exists", "type: this connection already has a session", field="type")
         if app.draining:
             app.metrics.sessions_refused.labels("shutting_down").inc()
-            raise SessionInputError("shutting_down", "the server is shutting down; try another instance")
+            raise ClientError("shutting_down", "the server is shutting down; try another instance")
         if app.sessions_active >= app.settings.max_sessions:
             app.metrics.sessions_refused.labels("capacity").inc()
-            raise SessionInputError(
-                "capacity", f"server at capacity: max_sessions = {app.settings.max_sessions}; try again later"
-            )
+            raise ClientError(
+                "capacity", f"server at capacity: max_sessions = {app.settings.max_sessions}; try again later", limit="max_sessions")
         if (overload := app.engine_overload()) is not None:
             app.metrics.sessions_refused.labels("capacity").inc()
-            raise SessionInputError("capacity", f"server at capacity: {overload}; try again later")
+            raise ClientError("capacity", f"server at capacity: {overload}; try again later")
         session_id = self.guard.reserve_session(message)
         app.sessions_active += 1
         app.metrics.sessions_active.inc()
@@ -608,10 +648,10 @@ class ClientConnection:
         """
         app = self.app
         if self.session is not None or self._holds_slot:
-            raise SessionInputError("session_exists", "type: this connection already has a session")
+            raise ClientError("session_exists", "type: this connection already has a session", field="type")
         if app.draining:
             app.metrics.session_resumes.labels("failed").inc()
-            raise SessionInputError("resume_failed", "resume_token: the server is shutting down")
+            raise ClientError("resume_failed", "resume_token: the server is shutting down", field="resume_token")
         target = app.resume_target(message.resume_token)
         grant = self.guard.grant
         if (
@@ -623,7 +663,7 @@ class ClientConnection:
             or (grant.session_id is not None and grant.session_id != target.session_id)
         ):
             app.metrics.session_resumes.labels("failed").inc()
-            raise SessionInputError("resume_failed", "resume_token: unknown or expired")
+            raise ClientError("resume_failed", "resume_token: unknown or expired", field="resume_token")
         try:
             target.guard.check_adopt(self.guard)
         except LimitError:
@@ -675,26 +715,26 @@ class ClientConnection:
         for frame in missed:
             self.send(frame)
 
-    def _filter_candidates(self, sdp: str) -> str:
+    def _filter_candidates(self, offer: str) -> str:
         """The offer without the remote ICE candidates the policy refuses (issue 18), counted by reason."""
         settings = self.app.settings
         try:
-            sdp, refusals = filter_offer(sdp, settings.webrtc.ice_policy.for_host(settings.host))
+            offer, refusals = filter_offer(offer, settings.webrtc.ice_policy.for_host(settings.host))
         except ValueError as exc:
-            raise SessionInputError("bad_sdp", str(exc)) from None
+            raise ClientError("bad_sdp", str(exc), field="sdp") from None
         for reason, count in summarize(refusals).items():
             self.app.metrics.ice_candidates_refused.labels(reason=reason).inc(count)
         if refusals:
             logger.info("session %s: ICE candidates dropped from the offer: %s", self.session_id, summarize(refusals))
-        return sdp
+        return offer
 
     async def _webrtc_offer(self, message: protocol.WebRTCOffer) -> None:
         session = self._require_session("webrtc.offer")
-        self.guard.check_offer(message.sdp)
+        sdp.check_offer(message.sdp, self.app.settings.limits)
         offer_sdp = self._filter_candidates(message.sdp)
         if self.pc is not None:
             if self.pc.connectionState not in ("failed", "closed"):
-                raise SessionInputError("webrtc_exists", "type: this session already has a peer connection")
+                raise ClientError("webrtc_exists", "type: this session already has a peer connection", field="type")
             await close_peer_connection(self.pc)
         pc = make_peer_connection(self.app.settings.webrtc.ice_servers)
         self.pc = pc
@@ -724,7 +764,7 @@ class ClientConnection:
         except Exception as exc:
             self.pc = None
             await close_peer_connection(pc)
-            raise SessionInputError("bad_sdp", f"sdp: not a usable offer ({type(exc).__name__}: {exc})") from None
+            raise ClientError("bad_sdp", f"sdp: not a usable offer ({type(exc).__name__}: {exc})", field="sdp") from None
         self.send(protocol.WebRTCAnswer(sdp=pc.localDescription.sdp))
 
     # ----------------------------------------------------------------------------- events
@@ -741,11 +781,5 @@ class ClientConnection:
             self.send(protocol.Interrupted(utterance_id=event.utterance_id, played_ms=event.played_ms))
         elif isinstance(event, events.SessionError):
             self.send_error(event.code, event.message)
-
-
-def _field_of(message: str) -> str | None:
-    """Error messages start with the field they concern (``"text: ..."``)."""
-    head, sep, _ = message.partition(":")
-    return head if sep and head.isidentifier() else None
 
 

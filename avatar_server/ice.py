@@ -20,9 +20,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from aioice.mdns import is_mdns_hostname
-from aiortc.sdp import SessionDescription, candidate_from_sdp
 from pydantic import BaseModel, Field
+
+# aiortc and aioice are imported inside the functions that use them: avatar_server.settings
+# imports this module for IceCandidatePolicy, and `avatar-server --help` must stay light.
 
 AddressClass = Literal[
     "loopback", "private", "public", "reserved", "link_local", "multicast", "broadcast", "unspecified"
@@ -149,6 +150,8 @@ def filter_offer(sdp: str, policy: IceCandidatePolicy) -> tuple[str, list[Candid
     Raises:
         ValueError: aiortc's parser rejects the offer as a whole (the caller's ``bad_sdp``).
     """
+    from aiortc.sdp import SessionDescription, candidate_from_sdp
+
     allowed = set(policy.allowed_address_classes or DEFAULT_ALLOWED)
     try:
         SessionDescription.parse(sdp)  # what aiortc's setRemoteDescription would do first
@@ -202,6 +205,8 @@ def summarize(refusals: Sequence[CandidateRefusal]) -> dict[str, int]:
 
 
 def _refusal_reason(host: str, protocol: str, allowed: set[str], mdns: bool) -> RefusalReason | None:
+    from aioice.mdns import is_mdns_hostname
+
     if protocol.lower() != "udp":
         return "protocol"
     kind = address_class(host)

@@ -42,6 +42,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from avatar_server import protocol
 from avatar_server.auth import SESSION_ID_RE, Grant, Refusal, new_session_id
+from avatar_server.errors import ClientError
 from avatar_server.settings import Limits
 from streaming import events
 from streaming.recorder import (
@@ -52,7 +53,6 @@ from streaming.recorder import (
     RecordingResult,
     disk_free_bytes,
 )
-from streaming.session import SessionInputError
 
 if TYPE_CHECKING:
     from avatar_server.server import ClientConnection
@@ -66,7 +66,7 @@ CLOSE_INTERNAL = 1011  # WebSocket close code: internal error
 _REMEMBERED_UTTERANCES = 1024
 
 
-class LimitError(SessionInputError):
+class LimitError(ClientError):
     """A request over a limit (or outside what the connection's token allows); ``code`` is the
     protocol error code and the message names the limit."""
 
@@ -107,65 +107,6 @@ class TokenBucket:
     def full(self) -> bool:
         self._refill()
         return self._tokens >= self.burst
-
-
-# --------------------------------------------------------------------------------- SDP
-def check_sdp(sdp: str, limits: Limits) -> None:
-    """Refuse an offer over ``max_sdp_bytes``, not SDP, or with media sections other than one
-    video and at most one audio (``max_sdp_media_sections`` in all).
-
-    Raises:
-        LimitError: ``sdp_too_large`` or ``bad_sdp``.
-    """
-    size = len(sdp.encode("utf-8", "surrogatepass"))
-    if size > limits.max_sdp_bytes:
-        raise LimitError("sdp_too_large", f"sdp: {size} bytes; the limit is max_sdp_bytes = {limits.max_sdp_bytes}")
-    lines = [line.rstrip("\r") for line in sdp.split("\n")]
-    while lines and not lines[-1]:
-        lines.pop()
-    if not lines or lines[0] != "v=0":
-        raise LimitError("bad_sdp", "sdp: not a session description (the first line must be v=0)")
-    media: list[str] = []
-    mids: list[list[str]] = []  # the a=mid values of each media section
-    bundled: list[str] = []
-    needed = ("a=fingerprint:", "a=ice-ufrag:", "a=ice-pwd:")
-    session_has: set[str] = set()
-    sections_have: list[set[str]] = []
-    for number, line in enumerate(lines, start=1):
-        if len(line) < 2 or line[1] != "=" or not ("a" <= line[0] <= "z"):
-            raise LimitError("bad_sdp", f"sdp: line {number} is not of the form <letter>=<value>")
-        if any(ord(ch) < 32 and ch != "\t" for ch in line):
-            raise LimitError("bad_sdp", f"sdp: line {number} has control characters")
-        if line.startswith("m="):
-            media.append(line[2:].split(" ", 1)[0])
-            mids.append([])
-            sections_have.append(set())
-        elif line.startswith(needed):
-            (sections_have[-1] if sections_have else session_has).add(line.split(":", 1)[0])
-        elif line.startswith("a=mid:") and mids:
-            mids[-1].append(line[6:].strip())
-        elif line.startswith("a=group:BUNDLE"):
-            bundled += line[len("a=group:BUNDLE") :].split()
-    limit = limits.max_sdp_media_sections
-    if len(media) > limit:
-        raise LimitError(
-            "bad_sdp", f"sdp: {len(media)} media sections; the limit is max_sdp_media_sections = {limit}"
-        )
-    others = sorted({kind for kind in media if kind not in ("audio", "video")})
-    if others:
-        raise LimitError("bad_sdp", f"sdp: media {', '.join(others)[:64]!r} not allowed; only audio and video")
-    if media.count("video") != 1 or media.count("audio") > 1:
-        raise LimitError("bad_sdp", "sdp: the offer needs one video section and at most one audio section")
-    # aiortc half-applies an offer whose BUNDLE names a missing mid (and then cannot close it)
-    if any(len(section) != 1 for section in mids) or len({m[0] for m in mids}) != len(mids):
-        raise LimitError("bad_sdp", "sdp: every media section needs one a=mid, each different")
-    if not set(bundled) <= {m[0] for m in mids}:
-        raise LimitError("bad_sdp", "sdp: a=group:BUNDLE names a mid that no media section has")
-    # aiortc's DTLS transport asserts on an offer without a fingerprint (in a task of its own)
-    for have in sections_have:
-        missing = [name[2:-1] for name in needed if name[:-1] not in have | session_has]
-        if missing:
-            raise LimitError("bad_sdp", f"sdp: a media section lacks {', '.join(missing)} (not a WebRTC offer)")
 
 
 # --------------------------------------------------------------------------------- server-wide counts
@@ -433,8 +374,7 @@ class ConnectionGuard:
                 raise LimitError(
                     "too_many_utterances",
                     f"utterance_id: {len(self._pending_utterances)} utterances are pending; "
-                    f"the limit is max_pending_utterances = {limit}",
-                )
+                    f"the limit is max_pending_utterances = {limit}", field="utterance_id", limit="max_pending_utterances")
 
     def accepted(self, message: Any) -> None:
         """A message was handled without error."""
@@ -455,27 +395,25 @@ class ConnectionGuard:
         requested = getattr(message, "session_id", None)
         if grant.session_id is not None:
             if requested is not None and requested != grant.session_id:
-                raise LimitError("forbidden", "session_id: this connection's token is for another session")
+                raise LimitError("forbidden", "session_id: this connection's token is for another session", field="session_id")
             session_id = grant.session_id
         elif requested is not None:
             if not SESSION_ID_RE.fullmatch(requested):
-                raise LimitError("invalid_field", f"session_id: must match {SESSION_ID_RE.pattern}")
+                raise LimitError("invalid_field", f"session_id: must match {SESSION_ID_RE.pattern}", field="session_id")
             session_id = requested
         else:
             session_id = new_session_id()
         if grant.token_id is not None and admission.sessions_by_token[grant.token_id] >= limits.max_sessions_per_token:
             raise LimitError(
                 "too_many_sessions",
-                f"this token already runs a session; the limit is max_sessions_per_token = {limits.max_sessions_per_token}",
-            )
+                f"this token already runs a session; the limit is max_sessions_per_token = {limits.max_sessions_per_token}", limit="max_sessions_per_token")
         if session_id in admission.running_session_ids:
-            raise LimitError("session_exists", f"session_id: session {session_id} is already running")
+            raise LimitError("session_exists", f"session_id: session {session_id} is already running", field="session_id")
         if admission.sessions_by_address[self.address] >= limits.max_sessions_per_address:
             raise LimitError(
                 "too_many_sessions",
                 f"{self.address} already runs {admission.sessions_by_address[self.address]} sessions; "
-                f"the limit is max_sessions_per_address = {limits.max_sessions_per_address}",
-            )
+                f"the limit is max_sessions_per_address = {limits.max_sessions_per_address}", limit="max_sessions_per_address")
         admission.running_session_ids.add(session_id)
         admission.sessions_by_address[self.address] += 1
         if grant.token_id is not None:
@@ -519,14 +457,12 @@ class ConnectionGuard:
         if token is not None and token != self.grant.token_id and admission.sessions_by_token[token] >= limits.max_sessions_per_token:
             raise LimitError(
                 "too_many_sessions",
-                f"this token already runs a session; the limit is max_sessions_per_token = {limits.max_sessions_per_token}",
-            )
+                f"this token already runs a session; the limit is max_sessions_per_token = {limits.max_sessions_per_token}", limit="max_sessions_per_token")
         if other.address != self.address and admission.sessions_by_address[other.address] >= limits.max_sessions_per_address:
             raise LimitError(
                 "too_many_sessions",
                 f"{other.address} already runs {admission.sessions_by_address[other.address]} sessions; "
-                f"the limit is max_sessions_per_address = {limits.max_sessions_per_address}",
-            )
+                f"the limit is max_sessions_per_address = {limits.max_sessions_per_address}", limit="max_sessions_per_address")
 
     def adopt(self, other: ConnectionGuard) -> None:
         """Take over the WebSocket side of ``other`` (the connection that resumed this guard's
@@ -583,14 +519,12 @@ class ConnectionGuard:
             self._refuse_recording(
                 "too_many_recordings",
                 f"record.start: this session made {self.recordings_started} recordings; "
-                f"the limit is max_recordings_per_session = {limits.max_recordings_per_session}",
-            )
+                f"the limit is max_recordings_per_session = {limits.max_recordings_per_session}", limit="max_recordings_per_session")
         if admission.recordings_running >= limits.max_concurrent_recordings:
             self._refuse_recording(
                 "too_many_recordings",
                 f"record.start: {admission.recordings_running} recordings are running on the server; "
-                f"the limit is max_concurrent_recordings = {limits.max_concurrent_recordings}",
-            )
+                f"the limit is max_concurrent_recordings = {limits.max_concurrent_recordings}", limit="max_concurrent_recordings")
         self._recording = True
         self.recordings_started += 1
         admission.recordings_running += 1
@@ -625,8 +559,7 @@ class ConnectionGuard:
             self._refuse_recording(
                 "disk_full",
                 f"record.start: {free} bytes free on the recordings volume; "
-                f"the limit is min_recording_free_bytes = {floor}",
-            )
+                f"the limit is min_recording_free_bytes = {floor}", limit="min_recording_free_bytes")
 
     def recording_limits(self) -> RecordingLimits:
         """The bounds of one recording of this connection's session."""
@@ -638,14 +571,11 @@ class ConnectionGuard:
             free_bytes=self.admission.free_bytes,
         )
 
-    def _refuse_recording(self, code: str, message: str) -> None:
+    def _refuse_recording(self, code: str, message: str, *, limit: str | None = None) -> None:
         self._conn.app.metrics.recordings_refused.labels(code).inc()
-        raise LimitError(code, message)
+        raise LimitError(code, message, field="type", limit=limit)
 
     # ----------------------------------------------------------------------------- media
-    def check_offer(self, sdp: str) -> None:
-        check_sdp(sdp, self.limits)
-
     def wrap_track(self, track: MediaStreamTrack) -> MediaStreamTrack:
         """An outgoing session track whose crash (or its encoder's) ends the session."""
 

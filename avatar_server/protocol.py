@@ -8,8 +8,10 @@ Limits come from the server settings through the validation context.
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Annotated, Any, Literal
 
+import pydantic_core
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -27,8 +29,79 @@ UTTERANCE_ID_MAX_CHARS = 128
 RESUME_TOKEN_MAX_CHARS = 128  # the server's tokens are 43 characters (secrets.token_urlsafe(32))
 
 
+class ErrorCode(StrEnum):
+    """Every ``error`` frame code (and HTTP error code) of the protocol; docs/PROTOCOL.md
+    ("Error codes") says when each is sent."""
+
+    # the frame
+    BAD_JSON = "bad_json"
+    BAD_MESSAGE = "bad_message"
+    MISSING_TYPE = "missing_type"
+    UNKNOWN_TYPE = "unknown_type"
+    INVALID_FIELD = "invalid_field"
+    # session.start
+    IMAGE_INVALID = "image_invalid"
+    IMAGE_TOO_LARGE = "image_too_large"
+    PROMPT_TOO_LONG = "prompt_too_long"
+    SESSION_EXISTS = "session_exists"
+    CAPACITY = "capacity"
+    SHUTTING_DOWN = "shutting_down"
+    FORBIDDEN = "forbidden"
+    TOO_MANY_SESSIONS = "too_many_sessions"
+    # speech
+    TEXT_TOO_LONG = "text_too_long"
+    UTTERANCE_TOO_LONG = "utterance_too_long"
+    UTTERANCE_ENDED = "utterance_ended"
+    UNKNOWN_UTTERANCE = "unknown_utterance"
+    TOO_MANY_UTTERANCES = "too_many_utterances"
+    NO_SESSION = "no_session"
+    # recording
+    RECORDING_ACTIVE = "recording_active"
+    TOO_MANY_RECORDINGS = "too_many_recordings"
+    DISK_FULL = "disk_full"
+    NO_RECORDING = "no_recording"
+    RECORDING_FAILED = "recording_failed"
+    # WebRTC and media
+    BAD_SDP = "bad_sdp"
+    SDP_TOO_LARGE = "sdp_too_large"
+    WEBRTC_EXISTS = "webrtc_exists"
+    MEDIA_TIMEOUT = "media_timeout"
+    MEDIA_FAILED = "media_failed"
+    MICROPHONE_INVALID = "microphone_invalid"
+    MICROPHONE_TOO_FAST = "microphone_too_fast"
+    # engine and server
+    ENGINE_INPUT = "engine_input"
+    ENGINE_FAILED = "engine_failed"
+    INTERNAL = "internal"
+    # connection limits and session ends
+    RATE_LIMITED = "rate_limited"
+    TOO_MANY_CONNECTIONS = "too_many_connections"
+    SESSION_TIMEOUT = "session_timeout"
+    SLOW_CLIENT = "slow_client"
+    IDLE_TIMEOUT = "idle_timeout"
+    MAX_DURATION = "max_duration"
+    RESUME_FAILED = "resume_failed"
+    ENDED_BY_OPERATOR = "ended_by_operator"
+    # HTTP only
+    UNAUTHORIZED = "unauthorized"
+    NOT_FOUND = "not_found"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+    BAD_REQUEST = "bad_request"
+
+
+MESSAGE_ID_MAX_CHARS = 64
+
+
 class _Message(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class _ClientMessage(_Message):
+    id: str | None = Field(
+        None,
+        max_length=MESSAGE_ID_MAX_CHARS,
+        description="optional message id, echoed as in_reply_to in the error frame that answers it",
+    )
 
 
 def _limits(info: ValidationInfo) -> Limits:
@@ -37,7 +110,7 @@ def _limits(info: ValidationInfo) -> Limits:
 
 
 # ------------------------------------------------------------------------------- client -> server
-class SessionStart(_Message):
+class SessionStart(_ClientMessage):
     """Start a session: reference image (base64 PNG/JPEG/WebP, data-URL prefix allowed) + appearance."""
 
     type: Literal["session.start"]
@@ -59,7 +132,7 @@ class SessionStart(_Message):
             raise PydanticCustomError(
                 "image_too_large",
                 "image: about {size} bytes; the limit is max_image_bytes = {limit}",
-                {"size": estimate, "limit": limits.max_image_bytes},
+                {"size": estimate, "limit": limits.max_image_bytes, "setting": "max_image_bytes"},
             )
         if not value:
             raise PydanticCustomError("image_invalid", "image: empty; send a base64 PNG or JPEG", {})
@@ -73,19 +146,19 @@ class SessionStart(_Message):
             raise PydanticCustomError(
                 "prompt_too_long",
                 "prompt: {size} characters; the limit is max_prompt_chars = {limit}",
-                {"size": len(value), "limit": limit},
+                {"size": len(value), "limit": limit, "setting": "max_prompt_chars"},
             )
         return value
 
 
-class WebRTCOffer(_Message):
+class WebRTCOffer(_ClientMessage):
     """The client's SDP offer (no trickle ICE: candidates are inside the SDP)."""
 
     type: Literal["webrtc.offer"]
     sdp: str = Field(min_length=1)
 
 
-class Speak(_Message):
+class Speak(_ClientMessage):
     """A chunk of text of utterance ``utterance_id``; chunks are joined verbatim."""
 
     type: Literal["speak"]
@@ -101,25 +174,25 @@ class Speak(_Message):
             raise PydanticCustomError(
                 "text_too_long",
                 "text: {size} characters in one chunk; the limit is max_text_chars = {limit}",
-                {"size": len(value), "limit": limit},
+                {"size": len(value), "limit": limit, "setting": "max_text_chars"},
             )
         return value
 
 
-class SpeakEnd(_Message):
+class SpeakEnd(_ClientMessage):
     """No more text will come for ``utterance_id``."""
 
     type: Literal["speak.end"]
     utterance_id: str = Field(min_length=1, max_length=UTTERANCE_ID_MAX_CHARS)
 
 
-class Interrupt(_Message):
+class Interrupt(_ClientMessage):
     """Stop speaking now."""
 
     type: Literal["interrupt"]
 
 
-class SessionUpdate(_Message):
+class SessionUpdate(_ClientMessage):
     """Change session options while it runs (fields left out stay as they are)."""
 
     type: Literal["session.update"]
@@ -127,19 +200,19 @@ class SessionUpdate(_Message):
     barge_in: bool | None = None
 
 
-class RecordStart(_Message):
+class RecordStart(_ClientMessage):
     """Start recording the session server-side (MP4 of what the client sees and hears)."""
 
     type: Literal["record.start"]
 
 
-class RecordStop(_Message):
+class RecordStop(_ClientMessage):
     """Stop the recording; answered with ``record.stopped`` once the file is complete."""
 
     type: Literal["record.stop"]
 
 
-class SessionResume(_Message):
+class SessionResume(_ClientMessage):
     """Take over a session whose WebSocket dropped (see docs/PROTOCOL.md, "Resume")."""
 
     type: Literal["session.resume"]
@@ -295,12 +368,15 @@ class SessionEnded(_Message):
 
 
 class ErrorMessage(_Message):
-    """Something the client sent could not be used; the connection stays open."""
+    """Something the client sent could not be used (the connection stays open unless the
+    code ends it); ``field`` and ``limit`` name what was wrong and the setting it broke."""
 
     type: Literal["error"] = "error"
-    code: str
+    code: ErrorCode
     message: str
-    field: str | None = None
+    field: str | None = Field(None, description="the field at fault (dotted path), if one is")
+    limit: str | None = Field(None, description="the setting the message broke, e.g. max_text_chars")
+    in_reply_to: str | None = Field(None, description="the id of the client message this answers, if it had one")
 
 
 ServerMessage = (
@@ -333,11 +409,24 @@ _ERROR_CODES = {
 
 
 def parse_client_message(raw: str | bytes, limits: Limits) -> AnyClientMessage | ErrorMessage:
-    """Validate one client frame; returns the message or the :class:`ErrorMessage` to send back."""
+    """Validate one client frame; returns the message or the :class:`ErrorMessage` to send back
+    (its ``in_reply_to`` is the frame's ``id`` when the frame is an object with a string ``id``)."""
     try:
         return _CLIENT_ADAPTER.validate_json(raw, context={"limits": limits})
     except ValidationError as exc:
-        return error_from_validation(exc)
+        error = error_from_validation(exc)
+    message_id = _message_id(raw)
+    return error if message_id is None else error.model_copy(update={"in_reply_to": message_id})
+
+
+def _message_id(raw: str | bytes) -> str | None:
+    """The ``id`` of a frame that failed validation, if it is a JSON object with a short string ``id``."""
+    try:
+        value = pydantic_core.from_json(raw, cache_strings=False)
+    except ValueError:
+        return None
+    message_id = value.get("id") if isinstance(value, dict) else None
+    return message_id if isinstance(message_id, str) and len(message_id) <= MESSAGE_ID_MAX_CHARS else None
 
 
 def error_from_validation(exc: ValidationError) -> ErrorMessage:
@@ -361,4 +450,5 @@ def error_from_validation(exc: ValidationError) -> ErrorMessage:
     message = first["msg"]
     if code == "invalid_field" and field:
         message = f"{field}: {message}"
-    return ErrorMessage(code=code, message=message, field=field)
+    setting = (first.get("ctx") or {}).get("setting")
+    return ErrorMessage(code=code, message=message, field=field, limit=setting)

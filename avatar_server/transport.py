@@ -33,6 +33,18 @@ logger = logging.getLogger(__name__)
 TRANSPORT_EXTENSION = "avatar.transport"  # scope["extensions"][...] = {"abort": () -> None}
 
 
+class _WarningsOnly(logging.Filter):
+    """Drops records below WARNING: uvicorn's and websockets' INFO/DEBUG lines of a handshake
+    print the request line, whose query string carries the session token."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING
+
+
+websocket_logger = logging.getLogger(__name__ + ".websocket")
+websocket_logger.addFilter(_WarningsOnly())
+
+
 class TimedHTTPProtocol(H11Protocol):
     """uvicorn's h11 protocol with a deadline for the first request (``handshake_timeout_s``)."""
 
@@ -73,6 +85,9 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.logger = websocket_logger
+        self.conn.logger = websocket_logger
+        self.conn.debug = False  # websockets' frame-by-frame DEBUG log
         self.close_timeout = self.limits.close_timeout_s
         self._failed = False  # a protocol error closed the connection; input is discarded
 

@@ -22,7 +22,8 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from avatar_server.images import ImageError, decode_image
-from avatar_server.limits import GuardedMicrophoneTrack, LimitError, TokenBucket, check_sdp
+from avatar_server.limits import GuardedMicrophoneTrack, LimitError, TokenBucket
+from avatar_server.sdp import check_offer
 from avatar_server.settings import Limits
 from avatar_server.webrtc import make_peer_connection
 from tests.security_support import png_b64, png_bomb, recv_json, server, settle
@@ -175,15 +176,15 @@ def test_sdp_checks() -> None:
     limits = Limits(max_sdp_bytes=2048)
     head = (
         "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\na=group:BUNDLE 0 1\r\n"
-        "a=fingerprint:sha-256 00:11\r\na=ice-ufrag:abcd\r\na=ice-pwd:0123456789abcdefghijkl\r\n"
+        "a=fingerprint:sha-256 00:11\r\na=setup:actpass\r\na=ice-ufrag:abcd\r\na=ice-pwd:0123456789abcdefghijkl\r\n"
     )
     video = "m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:0\r\na=recvonly\r\n"
     audio = "m=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:1\r\n"
-    check_sdp(head + video + audio, limits)
+    check_offer(head + video + audio, limits)
     cases = [
         ("x" * 3000, "sdp_too_large", "max_sdp_bytes = 2048"),
         ("hello", "bad_sdp", "v=0"),
-        (head + "garbage line\r\n" + video, "bad_sdp", "line 9"),
+        (head + "garbage line\r\n" + video, "bad_sdp", "line 10"),
         (head + video + audio + video, "bad_sdp", "max_sdp_media_sections = 2"),
         (head + "m=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\n" + video, "bad_sdp", "only audio and video"),
         (head + audio, "bad_sdp", "one video section"),
@@ -193,10 +194,12 @@ def test_sdp_checks() -> None:
         # found by the fuzz test: aiortc cannot apply or close these (see webrtc.close_peer_connection)
         (head + video, "bad_sdp", "BUNDLE names a mid"),
         (head.replace("a=fingerprint:sha-256 00:11\r\n", "") + video + audio, "bad_sdp", "lacks fingerprint"),
+        (head.replace("a=setup:actpass\r\n", "") + video + audio, "bad_sdp", "lacks setup"),
+        (head + "m=video 9 UDP/TLS/RTP/SAVPF 96 x\r\na=mid:0\r\n", "bad_sdp", "aiortc can read"),
     ]
     for sdp, code, words in cases:
         with pytest.raises(LimitError) as info:
-            check_sdp(sdp, limits)
+            check_offer(sdp, limits)
         assert info.value.code == code and words in str(info.value), (sdp[:40], str(info.value))
 
 

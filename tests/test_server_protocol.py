@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 from PIL import Image
 
 from avatar_server import protocol
@@ -72,8 +73,24 @@ def test_good_frames_parse() -> None:
 def test_server_messages_serialise_with_their_type() -> None:
     frame = json.loads(protocol.Interrupted(utterance_id=None, played_ms=0).model_dump_json())
     assert frame == {"type": "interrupted", "utterance_id": None, "played_ms": 0}
-    error = json.loads(protocol.ErrorMessage(code="x", message="y").model_dump_json())
-    assert error["type"] == "error"
+    error = json.loads(protocol.ErrorMessage(code="internal", message="y").model_dump_json())
+    assert error == {"type": "error", "code": "internal", "message": "y", "field": None, "limit": None, "in_reply_to": None}
+    with pytest.raises(ValidationError):  # codes are one typed set
+        protocol.ErrorMessage(code="x", message="y")
+
+
+def test_an_error_names_its_field_and_limit_and_answers_the_message_id() -> None:
+    limits = Limits(max_text_chars=5)
+    error = protocol.parse_client_message(
+        json.dumps({"type": "speak", "id": "m-17", "utterance_id": "u", "text": "too long"}), limits
+    )
+    assert isinstance(error, protocol.ErrorMessage)
+    assert (error.code, error.field, error.limit, error.in_reply_to) == ("text_too_long", "text", "max_text_chars", "m-17")
+    error = protocol.parse_client_message(json.dumps({"type": "speak", "id": "m-18", "text": "hi"}), limits)
+    assert (error.code, error.field, error.limit, error.in_reply_to) == ("invalid_field", "utterance_id", None, "m-18")
+    error = protocol.parse_client_message(json.dumps({"type": "nope", "id": 5}), limits)
+    assert (error.code, error.field, error.in_reply_to) == ("unknown_type", "type", None)  # an id that is no string
+    assert protocol.parse_client_message(b"{oops", limits).in_reply_to is None
 
 
 def test_portrait_png_is_accepted_with_default_limits(media_dir) -> None:

@@ -107,3 +107,22 @@ def test_download_fails_fast_offline(monkeypatch, tmp_path, capsys) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert cli.main(["download", str(tmp_path / "stack")]) == 2
     assert "HF_HUB_OFFLINE" in capsys.readouterr().err
+
+
+def test_serve_flags_are_generated_from_every_setting() -> None:
+    """Each setting has a flag whose help shows the setting's own default (written once)."""
+    from avatar_server.settings import Limits
+
+    parser = cli.build_parser()
+    serve = next(a for a in parser._subparsers._group_actions[0].choices.values() if a.prog.endswith("serve"))
+    helps = {flag: action.help for action in serve._actions for flag in action.option_strings}
+    for name, field in Limits.model_fields.items():
+        if name == "microphone_sample_rates_hz":
+            continue
+        flag = "--" + name.replace("_", "-")
+        assert f"default {field.default}" in helps[flag], flag
+    args = parser.parse_args(
+        ["serve", "--auth-max-key-failures", "3", "--vad-threshold", "0.7", "--no-sr", "--microphone-sample-rate-hz", "16000"]
+    )
+    s = cli.settings_from_args(args)
+    assert (s.auth.max_key_failures, s.vad.threshold, s.sr, s.limits.microphone_sample_rates_hz) == (3, 0.7, False, [16000])
