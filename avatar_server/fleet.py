@@ -183,9 +183,16 @@ class SessionAffinityRouter(RequestRouter):
             home_ranks = [r for r in candidate_replicas if r.replica_id.unique_id == home]
             if home_ranks:
                 return [home_ranks, [r for r in candidate_replicas if r not in home_ranks]]
-        snapshot = await self._ask("snapshot") or {}
-        ordered = sorted(candidate_replicas, key=lambda r: -self._free_slots(r, snapshot))
-        return [[replica] for replica in ordered]
+        snapshot = await self._ask("snapshot")
+        if not snapshot:
+            return [candidate_replicas]  # no fleet view: Serve's least-loaded choice
+        scores = {r.replica_id: self._free_slots(r, snapshot) for r in candidate_replicas}
+        best = max(scores.values())
+        if best <= 0:
+            return [candidate_replicas]  # every replica is full: the least loaded answers `capacity`
+        # Only the replicas with the most free slots (Serve takes the least loaded of them that
+        # answers its queue-length probe; a slow probe means another round, not a fuller replica).
+        return [[r for r in candidate_replicas if scores[r.replica_id] == best]]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: Any, result: Any) -> None:
         now = time.time()
@@ -312,13 +319,20 @@ class AvatarReplica:
                     await send(message)
             return
         if scope["type"] == "websocket":
-            await self.inner(scope, receive, self._registering_send(send))
+            wanted = (
+                dict(scope.get("headers") or ()).get(SESSION_HEADER.encode(), b"").decode(errors="replace")
+            )
+            await self.inner(scope, receive, self._registering_send(send, wanted))
             return
         await self.inner(scope, receive, send)
 
-    def _registering_send(self, send: Callable) -> Callable:
+    def _registering_send(self, send: Callable, wanted_session: str = "") -> Callable:
         """``send`` that registers the session id of ``session.ready``/``session.resumed`` with
-        the control actor before the client can read it (and so resume through the router)."""
+        the control actor before the client can read it (and so resume through the router).
+
+        A ``resume_failed`` answer to a WebSocket that asked (``x-session-id``) for a session
+        whose replica has left the fleet says so: that replica failed or was removed, and the
+        session ended with it."""
         registered = False
 
         async def wrapped(message: dict) -> None:
@@ -330,9 +344,39 @@ class AvatarReplica:
                     if session_id:
                         await self.control.register_session.remote(session_id, self.replica)
                         registered = True
+            elif wanted_session and text and '"resume_failed"' in text:
+                message = {**message, "text": await self._explain_lost_session(text, wanted_session)}
             await send(message)
 
         return wrapped
+
+    def _replica_alive(self, replica: str) -> bool:
+        """Whether the Serve replica actor ``replica`` (a unique id of this deployment) still exists."""
+        own = serve.get_replica_context().replica_id
+        name = f"SERVE_REPLICA::{own.deployment_id.app_name}#{own.deployment_id.name}#{replica}"
+        try:
+            ray.get_actor(name, namespace="serve")
+        except ValueError:
+            return False
+        return True
+
+    async def _explain_lost_session(self, text: str, session_id: str) -> str:
+        home = await self.control.home_of.remote(session_id)
+        if home is None or home == self.replica:
+            return text
+        if await asyncio.to_thread(self._replica_alive, home):
+            return text
+        try:
+            frame = json.loads(text)
+        except ValueError:
+            return text
+        if frame.get("type") != "error" or frame.get("code") != "resume_failed":
+            return text
+        frame["message"] = (
+            f"resume_token: session {session_id} ended: its server (fleet replica {home}) failed or was "
+            "removed; start a new session"
+        )
+        return json.dumps(frame)
 
     async def _fleet_view(self, path: str, send: Callable) -> None:
         snapshot = await self.control.snapshot.remote()

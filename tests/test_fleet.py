@@ -208,6 +208,7 @@ async def test_a_dead_replica_ends_only_its_own_session(deploy) -> None:
         assert await wait_for(lambda: victim.closed_reason is not None, 30), victim.closed_reason
         errors = victim.messages("error")
         assert errors and errors[-1]["code"] == "resume_failed", errors
+        assert f"fleet replica {homes[0]}) failed or was removed" in errors[-1]["message"]
         await asyncio.sleep(max(0.0, killed_at + 5.0 - time.monotonic()))
         for client in survivors:
             assert largest_gap_s(client, killed_at, killed_at + 5.0) < 1.0
