@@ -140,13 +140,18 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     fleet_settings = settings.model_copy(
-        update={"fleet": FleetSettings(num_cpus=0.5, report_period_s=0.5, http_port=port, min_replicas=1,
-                                       max_replicas=1)}
+        update={
+            "fleet": FleetSettings(
+                num_cpus=0.5, report_period_s=0.5, http_port=port, min_replicas=1, max_replicas=1
+            )
+        }
     )
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     try:
         fleet.start(fleet_settings)
-        await asyncio.to_thread(_wait, lambda: _readyz(port).get("free_session_slots") == settings.max_sessions, 180)
+        await asyncio.to_thread(
+            _wait, lambda: _readyz(port).get("free_session_slots") == settings.max_sessions, 180
+        )
         through_fleet = await _latencies(f"http://127.0.0.1:{port}/", args.sessions)
         proxy = await _proxy_cpu_per_session(port, args.sessions, args.window_s)
         two = fleet_settings.model_copy(
@@ -156,8 +161,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         serve.run(fleet.build_application(two), name=two.fleet.app_name, route_prefix="/", blocking=False)
         await asyncio.to_thread(
             _wait,
-            lambda: (view := _readyz(port)).get("replicas") == 2
-            and view["free_session_slots"] == 2 * settings.max_sessions,
+            lambda: (
+                (view := _readyz(port)).get("replicas") == 2
+                and view["free_session_slots"] == 2 * settings.max_sessions
+            ),
             300,
         )
         new_replica_ready_s = time.monotonic() - asked

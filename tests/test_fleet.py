@@ -107,12 +107,18 @@ def deploy(cluster):
         control = fleet.control_actor()
         ray.get(control.is_draining.remote())
         await asyncio.to_thread(
-            serve.run, fleet.build_application(config), name=config.fleet.app_name, route_prefix="/", blocking=False
+            serve.run,
+            fleet.build_application(config),
+            name=config.fleet.app_name,
+            route_prefix="/",
+            blocking=False,
         )
         deployed.append(config)
         ok = await wait_for(
-            lambda: (view := readyz(cluster)).get("replicas") == replicas
-            and view["free_session_slots"] == replicas * config.max_sessions,
+            lambda: (
+                (view := readyz(cluster)).get("replicas") == replicas
+                and view["free_session_slots"] == replicas * config.max_sessions
+            ),
             180,
         )
         assert ok, readyz(cluster)
@@ -226,8 +232,11 @@ async def test_a_dead_replica_ends_only_its_own_session(deploy) -> None:
 
 async def test_autoscaling_follows_sessions_without_cutting_one(deploy) -> None:
     options = {
-        "min_replicas": 1, "max_replicas": 2, "target_sessions_per_replica": 1.0,
-        "upscale_delay_s": 1.0, "downscale_delay_s": 4.0,
+        "min_replicas": 1,
+        "max_replicas": 2,
+        "target_sessions_per_replica": 1.0,
+        "upscale_delay_s": 1.0,
+        "downscale_delay_s": 4.0,
     }
     port = await deploy(1, options, max_sessions=2)
     first, second = await media_client(port), await media_client(port)
@@ -272,9 +281,10 @@ def test_the_deploy_files_match_what_the_code_computes() -> None:
         written = application["deployments"][0]
         assert written["max_ongoing_requests"] == options["max_ongoing_requests"] == 4
         assert written["max_queued_requests"] == options["max_queued_requests"]
-        assert written["autoscaling_config"]["target_ongoing_requests"] == options[
-            "autoscaling_config"
-        ].target_ongoing_requests
+        assert (
+            written["autoscaling_config"]["target_ongoing_requests"]
+            == options["autoscaling_config"].target_ongoing_requests
+        )
         assert written["autoscaling_config"]["max_replicas"] == options["autoscaling_config"].max_replicas
         assert written["graceful_shutdown_timeout_s"] == options["graceful_shutdown_timeout_s"]
         assert written["ray_actor_options"] == options["ray_actor_options"]

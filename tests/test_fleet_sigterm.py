@@ -52,8 +52,22 @@ async def test_sigterm_drains_the_fleet() -> None:
         "AVATAR_SERVER_DRAIN_TIMEOUT_S": "5",
     }
     command = [
-        sys.executable, "-m", "avatar_server.cli", "fleet", "--num-cpus", "2", "--engine", "testpattern",
-        "--max-sessions", "1", "--min-replicas", "2", "--max-replicas", "2", "--port", str(port),
+        sys.executable,
+        "-m",
+        "avatar_server.cli",
+        "fleet",
+        "--num-cpus",
+        "2",
+        "--engine",
+        "testpattern",
+        "--max-sessions",
+        "1",
+        "--min-replicas",
+        "2",
+        "--max-replicas",
+        "2",
+        "--port",
+        str(port),
     ]
     proc = await asyncio.to_thread(subprocess.Popen, command, cwd=ROOT, env=env, start_new_session=True)
     clients: list[AvatarClient] = []
