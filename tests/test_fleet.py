@@ -102,7 +102,12 @@ def deploy(cluster):
             engine="testpattern",
             session_resume_grace_s=10,
             **settings,
-            fleet=FleetSettings(num_cpus=0.25, report_period_s=0.5, http_port=cluster, **fleet_options),
+            fleet=FleetSettings(
+                num_cpus=0.25,
+                report_period_s=0.5,
+                http_port=cluster,
+                **{"drain_timeout_s": 10.0, **fleet_options},
+            ),
         )
         control = fleet.control_actor()
         ray.get(control.is_draining.remote())
@@ -237,6 +242,7 @@ async def test_autoscaling_follows_sessions_without_cutting_one(deploy) -> None:
         "target_sessions_per_replica": 1.0,
         "upscale_delay_s": 1.0,
         "downscale_delay_s": 4.0,
+        "drain_timeout_s": 120.0,  # longer than the test watches the remaining session
     }
     port = await deploy(1, options, max_sessions=2)
     first, second = await media_client(port), await media_client(port)
