@@ -34,11 +34,12 @@ import uvicorn
 from fastapi import FastAPI
 
 from avatar_server import routes
+from avatar_server.admission import AdmissionRegistry
 from avatar_server.auth import Authenticator, startup_problem
-from avatar_server.connection import ClientConnection, token_key
+from avatar_server.connection import ClientConnection
 from avatar_server.images import set_pixel_limit
-from avatar_server.limits import AdmissionRegistry
 from avatar_server.metrics import Metrics
+from avatar_server.resume import token_key
 from avatar_server.settings import Settings
 from avatar_server.tls import server_ssl_context
 from avatar_server.transport import protocol_classes

@@ -1,8 +1,9 @@
 """Who may connect, and to what: API key, session tokens, origins, admin routes.
 
-Everything here runs in the ``process_request`` hook of the ``websockets`` server, on the
-parsed HTTP request line and headers, before a WebSocket is accepted or any session work is
-done. Three kinds of callers:
+Everything here decides on the request line and headers (:class:`RequestView`), before a
+route runs, a WebSocket is accepted or any session work is done: :meth:`Authenticator.check`
+returns a :class:`Refusal`, the :class:`Grant` of a ``/ws`` handshake, or ``None``
+(:class:`~avatar_server.routes.AccessMiddleware` applies it). Three kinds of callers:
 
 * **The operator's backend** holds the API key (``--api-key`` / ``AVATAR_SERVER_API_KEY``;
   never given to browsers). ``POST /v1/tokens`` with ``Authorization: Bearer <api key>``
@@ -15,9 +16,11 @@ done. Three kinds of callers:
   starts gets the token's session id; ``?session_id=`` or ``session.start.session_id``
   naming another one is refused.
 * **Operators** read ``/metrics`` and any other non-public route (deny by default: every path
-  that is not the page, a static file, ``/healthz``, ``/readyz``, ``/ws`` or ``/v1/tokens``)
-  with the API key, or from a loopback address (``auth.admin_from_loopback``, default on).
-  ``/v1/sessions/<id>/...`` also answers the token of session ``<id>``.
+  that is not the page, a static file, ``/healthz``, ``/readyz``, ``/ws`` or ``/v1/tokens``;
+  ``GET /v1/sessions`` and ``DELETE /v1/sessions/<id>`` included) with the API key, or from
+  a loopback address (``auth.admin_from_loopback``, default on). ``/v1/sessions/<id>/<more>``
+  also answers the token of session ``<id>``. The key is compared exactly (``Bearer <key>``)
+  and never taken from a query string.
 
 Browsers' ``Origin`` on ``/ws`` must be in ``allowed_origins`` (default: the server's own
 host). Without an API key the server is a zero-config developer server: no token is needed,
@@ -77,11 +80,12 @@ SCOPE_SESSION = "session"
 TOKEN_ISSUER = "avatar-server"
 TOKEN_AUDIENCE = "avatar-server"
 TOKEN_ALGORITHM = "HS256"
-TOKEN_LEEWAY_S = 5.0
+TOKEN_LEEWAY_S = 0.0  # a token is refused from its exp on (no undocumented grace)
 MAX_TOKEN_CHARS = 4096
 SESSION_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _SECRET_CONTEXT = b"avatar-server/session-tokens/v1"
 _PUBLIC_PATHS = ("/", "/healthz", "/readyz")
+SINGLE_HEADERS = ("Host", "Origin", "Authorization")  # a request that repeats one is refused (400)
 
 
 class TokenError(Exception):
@@ -404,15 +408,30 @@ class FailureThrottle:
             self._entries.popitem(last=False)
 
 
+MAX_PORT = 65535
+
+
 def _hostname_port(netloc: str) -> tuple[str, int | None]:
-    """``host[:port]`` (IPv6 in brackets) -> lower-case host, port or ``None``."""
+    """``host[:port]`` (IPv6 in brackets) -> lower-case host, port or ``None``.
+
+    Raises:
+        ValueError: an unclosed ``[``, or a port that is not 1-5 ASCII digits up to 65535
+            (``str.isdigit`` also takes other scripts' digits, and ``int`` of thousands of
+            digits is slow or refused).
+    """
     netloc = netloc.strip().lower()
     if netloc.startswith("["):
-        host, _, rest = netloc[1:].partition("]")
-        port = rest[1:] if rest.startswith(":") else ""
+        host, closed, rest = netloc[1:].partition("]")
+        if not closed or (rest and not rest.startswith(":")):
+            raise ValueError("host: not [ipv6] or [ipv6]:port")
+        port = rest[1:] if rest else ""
     else:
         host, _, port = netloc.partition(":")
-    return host, int(port) if port.isdigit() else None
+    if not port:
+        return host, None
+    if not (len(port) <= 5 and port.isascii() and port.isdigit()) or int(port) > MAX_PORT:
+        raise ValueError(f"port: {port[:12]!r} is not a port number (1-5 ASCII digits up to {MAX_PORT})")
+    return host, int(port)
 
 
 def _is_loopback_name(hostname: str) -> bool:
@@ -420,11 +439,14 @@ def _is_loopback_name(hostname: str) -> bool:
 
 
 def _normalize_origin(origin: str) -> str:
-    parts = urlsplit(origin.strip().lower())
-    if not parts.scheme or not parts.netloc:
-        return origin.strip().lower()
+    try:
+        parts = urlsplit(origin.strip().lower())
+        if not parts.scheme or not parts.netloc:
+            return origin.strip().lower()
+        host, port = _hostname_port(parts.netloc)
+    except ValueError:
+        return "\x00invalid"  # matches no configured origin
     default = {"http": 80, "https": 443}.get(parts.scheme)
-    host, port = _hostname_port(parts.netloc)
     shown = f"[{host}]" if ":" in host else host
     return f"{parts.scheme}://{shown}" + ("" if port in (None, default) else f":{port}")
 
@@ -437,21 +459,28 @@ def origin_allowed(origin: str | None, host_header: str | None, allowed: Sequenc
         if "*" in allowed:
             return True
         return _normalize_origin(origin) in {_normalize_origin(item) for item in allowed}
-    parts = urlsplit(origin.strip())
-    if parts.scheme.lower() not in ("http", "https") or not parts.netloc or not host_header:
-        return False  # "null" (sandboxed frames, file://) and anything odd
-    origin_host, origin_port = _hostname_port(parts.netloc)
+    try:
+        parts = urlsplit(origin.strip())
+        if parts.scheme.lower() not in ("http", "https") or not parts.netloc or not host_header:
+            return False  # "null" (sandboxed frames, file://) and anything odd
+        origin_host, origin_port = _hostname_port(parts.netloc)
+        host, port = _hostname_port(host_header)
+    except ValueError:
+        return False  # a malformed Origin or Host
     origin_port = origin_port or (443 if parts.scheme.lower() == "https" else 80)
-    host, port = _hostname_port(host_header)
     return host == origin_host and (port is None or port == origin_port)
 
 
 def _bearer(headers: Any) -> str | None:
+    """The credentials of ``Authorization: Bearer <credentials>`` (RFC 6750 section 2.1: one
+    space, no whitespace in the credentials; anything else is no bearer credential)."""
     value = headers.get("Authorization")
     if value is None:
         return None
-    scheme, _, credentials = value.strip().partition(" ")
-    return credentials.strip() if scheme.lower() == "bearer" and credentials.strip() else None
+    scheme, _, credentials = value.partition(" ")
+    if scheme.lower() != "bearer" or not credentials or any(ch.isspace() for ch in credentials):
+        return None
+    return credentials
 
 
 def _query(query: str) -> dict[str, str]:
@@ -622,8 +651,16 @@ class Authenticator:
         """The access decision for ``request``: a :class:`Refusal`, the :class:`Grant` of an
         allowed ``/ws`` handshake, or ``None`` (serve it)."""
         path = request.path
-        if self._loopback_only:
+        for name in SINGLE_HEADERS:
+            if len(request.headers.getlist(name)) > 1:
+                return Refusal(
+                    http.HTTPStatus.BAD_REQUEST, "bad_request", f"{name.lower()}: the header is repeated; send it once"
+                )
+        try:
             host, _ = _hostname_port(request.headers.get("Host", ""))
+        except ValueError as exc:
+            return Refusal(http.HTTPStatus.BAD_REQUEST, "bad_request", f"host: {exc}")
+        if self._loopback_only:
             if not _is_loopback_name(host):
                 return _forbidden(
                     f"host: {host[:64]!r} is not a loopback name; a server on a loopback address without "
@@ -698,7 +735,8 @@ class Authenticator:
         """``/v1/sessions/<id>/...``: the api key, or a token of session ``<id>``."""
         if not self.enabled:
             return None
-        credentials = request.query.get("token") or _bearer(request.headers)
+        from_query = request.query.get("token")
+        credentials = from_query or _bearer(request.headers)
         if not credentials:
             return _unauthorized("token: missing (query token= or Authorization: Bearer)", error="invalid_request")
         address = self.client_address(request)
@@ -706,6 +744,8 @@ class Authenticator:
         if refused is not None:
             return refused
         if self.is_api_key(credentials):
+            if from_query:  # proxies and access logs keep query strings
+                return _forbidden("token: the api key is never accepted in the query; send Authorization: Bearer")
             return None
         try:
             claims = self.issuer.verify(credentials)

@@ -13,11 +13,8 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
-import datetime
-import functools
-import hashlib
+import enum
 import logging
-import secrets
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -30,12 +27,9 @@ from avatar_server.auth import Grant
 from avatar_server.errors import ClientError
 from avatar_server.ice import filter_offer, summarize
 from avatar_server.images import ImageError, decode_image
-from avatar_server.limits import (
-    ConnectionGuard,
-    LimitError,
-    recording_stop_message,
-    recording_stop_reason,
-)
+from avatar_server.limits import ConnectionGuard
+from avatar_server.recording import RecordingMixin
+from avatar_server.resume import ResumeMixin
 from avatar_server.transport import TRANSPORT_EXTENSION
 from avatar_server.webrtc import close_peer_connection, ice_server_dicts, make_peer_connection
 from engine.api import EngineInputError
@@ -58,7 +52,40 @@ ERROR_FIELDS = {
     "recording_active": "type",
     "no_recording": "type",
 }
-NORMAL_CLOSE_CODES = (1000, 1001)  # a client that closes with these ends its session (no parking)
+NORMAL_CLOSE_CODES = (1000, 1001)
+
+
+class ConnectionState(enum.Enum):
+    """The lifecycle of a :class:`ClientConnection` (the allowed moves: :data:`TRANSITIONS`).
+
+    * ``CONNECTED``: a WebSocket, no session;
+    * ``STARTING``: ``session.start`` holds a slot while the image is prepared;
+    * ``ACTIVE``: the session runs with its WebSocket;
+    * ``PARKED``: the session runs without a WebSocket, waiting for ``session.resume``;
+    * ``ENDING``: the server ends the session (``end_session``), the connection closes next;
+    * ``RETIRED``: this WebSocket was handed to the session it resumed;
+    * ``CLOSED``: everything is released.
+    """
+
+    CONNECTED = "connected"
+    STARTING = "starting"
+    ACTIVE = "active"
+    PARKED = "parked"
+    ENDING = "ending"
+    RETIRED = "retired"
+    CLOSED = "closed"
+
+
+_S = ConnectionState
+TRANSITIONS: dict[ConnectionState, frozenset[ConnectionState]] = {
+    _S.CONNECTED: frozenset({_S.STARTING, _S.RETIRED, _S.ENDING, _S.CLOSED}),
+    _S.STARTING: frozenset({_S.ACTIVE, _S.CONNECTED, _S.ENDING, _S.CLOSED}),
+    _S.ACTIVE: frozenset({_S.PARKED, _S.ENDING, _S.CLOSED}),
+    _S.PARKED: frozenset({_S.ACTIVE, _S.ENDING, _S.CLOSED}),
+    _S.ENDING: frozenset({_S.CLOSED}),
+    _S.RETIRED: frozenset(),
+    _S.CLOSED: frozenset(),
+}  # a client that closes with these ends its session (no parking)
 
 
 class LinkClosed(Exception):
@@ -134,12 +161,7 @@ class WebSocketLink:
             self._abort()
 
 
-def token_key(token: str) -> bytes:
-    """Resume tokens are looked up by digest, never compared character by character."""
-    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
-
-
-class ClientConnection:
+class ClientConnection(ResumeMixin, RecordingMixin):
     """One session and the WebSocket attached to it: the session, its peer connection and its
     outgoing frames.
 
@@ -162,9 +184,8 @@ class ClientConnection:
         )
         self._sender: asyncio.Task[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._holds_slot = False
-        self._closed = False
-        self._ended = False  # end_session ran
+        self.state = ConnectionState.CONNECTED
+        self._holds_slot = False  # a session slot is counted in app.sessions_active
         self.started_s = time.monotonic()  # session.ready (reset at session start)
         self.last_control_s = time.monotonic()  # last client message (idle timeout)
         self.recording_id: str | None = None
@@ -173,11 +194,11 @@ class ClientConnection:
         # Session resume: the current token, and what is kept while no WebSocket is attached.
         self._resume_key: bytes | None = None
         self.resume_token: str | None = None
-        self.parked = False
         self._missed: collections.deque[protocol.ServerMessage] = collections.deque()
         self._missed_dropped = 0
         self._grace_task: asyncio.Task[None] | None = None
         self._successor: ClientConnection | None = None  # the session this WebSocket resumed
+        self._token_delivered = False  # a session.ready/resumed (with its resume token) was sent
         self.guard = ConnectionGuard(self)
         # the dispatch table: one handler per client message type
         self._handlers: dict[type, Callable[[Any], Awaitable[None]]] = {
@@ -191,6 +212,30 @@ class ClientConnection:
             protocol.RecordStart: self._on_record_start,
             protocol.RecordStop: self._on_record_stop,
         }
+
+    def _move(self, to: ConnectionState) -> None:
+        """Change state along :data:`TRANSITIONS` (the parked-sessions gauge follows).
+
+        Raises:
+            RuntimeError: the move is not in the table (a bug, not a client's doing).
+        """
+        if to not in TRANSITIONS[self.state]:
+            raise RuntimeError(f"connection {self.session_id}: {self.state.value} -> {to.value} is not allowed")
+        if self.state is ConnectionState.PARKED:
+            self.app.metrics.sessions_parked.dec()
+        if to is ConnectionState.PARKED:
+            self.app.metrics.sessions_parked.inc()
+        self.state = to
+
+    @property
+    def parked(self) -> bool:
+        """The session runs without a WebSocket, waiting for ``session.resume``."""
+        return self.state is ConnectionState.PARKED
+
+    @property
+    def ending(self) -> bool:
+        """The server is ending the session, or everything is released."""
+        return self.state in (ConnectionState.ENDING, ConnectionState.RETIRED, ConnectionState.CLOSED)
 
     async def run(self) -> ClientConnection | None:
         """Read the attached WebSocket until it ends; then close the session, park it (an
@@ -220,96 +265,21 @@ class ClientConnection:
         else:
             await self.close()
 
-    def _may_park(self, link: WebSocketLink) -> bool:
-        """A running session whose WebSocket closed abnormally (not 1000/1001 from the
-        client, not ended by the server) is parked while resume is on."""
-        return (
-            self.resume_token is not None
-            and self.session is not None
-            and not (self._ended or self._closed or self.guard.ending or self.app.draining)
-            and link.client_close_code not in NORMAL_CLOSE_CODES
-        )
-
-    def _park(self) -> None:
-        """Detach the session from its dropped WebSocket: frames not yet sent and those sent
-        from now on are kept (:meth:`send`), the WebSocket's count is released, and the grace
-        period starts. Synchronous, so that nothing is sent to the old WebSocket after it."""
-        self.parked = True
-        if self._sender is not None:
-            self._sender.cancel()
-            self._tasks.append(self._sender)  # awaited on close
-            self._sender = None
-        while not self._outbox.empty():
-            message = self._outbox.get_nowait()
-            if message is not None:
-                self._keep_missed(message)
-        self.guard.detach()
-        self.app.connections.discard(self)
-        self.app.metrics.sessions_parked.inc()
-        grace_s = self.app.settings.session_resume_grace_s
-        self._grace_task = asyncio.get_running_loop().create_task(self._resume_grace(grace_s), name="resume-grace")
-        logger.info(
-            "session %s parked: its WebSocket closed (code %s); waiting %g s for session.resume",
-            self.session_id,
-            self.link.client_close_code,
-            grace_s,
-        )
-
-    async def _resume_grace(self, grace_s: float) -> None:
-        await asyncio.sleep(grace_s)
-        await self.end_session(
-            "resume_timeout", f"session ended: no session.resume within session_resume_grace_s = {grace_s:g}"
-        )
-
-    def _keep_missed(self, message: protocol.ServerMessage) -> None:
-        """Keep a frame for the client that resumes; ``stats`` are not kept. Over the bound
-        (half of ``max_send_queue_messages``, so that the replay fits the send queue) the
-        oldest frame is dropped and counted."""
-        if isinstance(message, protocol.Stats):
-            return
-        if len(self._missed) >= max(1, self.app.settings.limits.max_send_queue_messages // 2):
-            self._missed.popleft()
-            self._missed_dropped += 1
-        self._missed.append(message)
-
-    def _rotate_resume_token(self) -> None:
-        """A fresh resume token (the old one stops working); none while resume is off."""
-        if self._resume_key is not None:
-            self.app.resumable.pop(self._resume_key, None)
-            self._resume_key = self.resume_token = None
-        if self.app.settings.session_resume_grace_s > 0 and not self._closed:
-            self.resume_token = secrets.token_urlsafe(32)
-            self._resume_key = token_key(self.resume_token)
-            self.app.resumable[self._resume_key] = self
-
-    async def _retire(self) -> None:
-        """This connection handed its WebSocket (and its outbox) to the session it resumed:
-        stop its own sender and watchdog; its WebSocket count now belongs to that session."""
-        self._closed = True
-        self.app.connections.discard(self)
-        if self._sender is not None:
-            self._sender.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._sender
-        await self.guard.close()
-
     @property
     def closed(self) -> bool:
-        """:meth:`close` ran: the session and its resources are released."""
-        return self._closed
+        """:meth:`close` ran (or the WebSocket went to a resumed session): nothing is held."""
+        return self.state in (ConnectionState.CLOSED, ConnectionState.RETIRED)
 
     async def close(self) -> None:
         """Close the peer connection, the session, then this connection's tasks (reverse order)."""
-        if self._closed:
+        if self.closed:
             return
-        self._closed = True
+        ended_by_server = self.state is ConnectionState.ENDING
+        self._move(ConnectionState.CLOSED)
         self.app.connections.discard(self)
         if self._resume_key is not None:
             self.app.resumable.pop(self._resume_key, None)
             self._resume_key = None
-        if self.parked:
-            self.parked = False
-            self.app.metrics.sessions_parked.dec()
         await self.guard.close()
         if self.pc is not None:
             await close_peer_connection(self.pc)
@@ -319,7 +289,7 @@ class ClientConnection:
                 self._recording_stopped(result, "session_ended")
             await self.session.close()
             logger.info("session %s closed", self.session_id)
-            if not self._ended:
+            if not ended_by_server:
                 self.app.metrics.sessions_ended.labels("closed").inc()
         if self._holds_slot:
             self._holds_slot = False
@@ -373,6 +343,8 @@ class ClientConnection:
             try:
                 async with asyncio.timeout(self.app.settings.limits.send_timeout_s):
                     await self.link.send(message.model_dump_json())
+                if isinstance(message, protocol.SessionReady):  # session.resumed too
+                    self._token_delivered = True
             except LinkClosed:
                 return
             except TimeoutError:
@@ -398,7 +370,7 @@ class ClientConnection:
         idle_s, max_s = settings.session_idle_timeout_s, settings.session_max_duration_s
         period_s = min(1.0, idle_s / 4, max_s / 4)
         started_s = time.monotonic()
-        while self.session is not None and not self._ended:
+        while self.session is not None and self.state in (ConnectionState.ACTIVE, ConnectionState.PARKED):
             await asyncio.sleep(period_s)
             session = self.session
             now_s = time.monotonic()
@@ -420,15 +392,16 @@ class ClientConnection:
         """End this connection's session from the server side: an ``error`` frame (``error``:
         the code is ``reason``), ``session.ended`` with ``reason``, then a WebSocket close
         whose reason names it. The connection then closes as usual. Idempotent."""
-        if self._ended or self._closed:
+        if self.ending:
             return
-        self._ended = True
+        was_parked = self.parked
+        self._move(ConnectionState.ENDING)
         logger.info("session %s ended by the server: %s", self.session_id, reason)
         if self.session is not None:
             self.app.metrics.sessions_ended.labels(reason).inc()
             if self.session.recorder is not None:  # finish the file before saying goodbye
                 self._recording_stopped(await self.session.stop_recording(), "session_ended")
-        if self.parked:  # nobody to tell
+        if was_parked:  # nobody to tell
             await self.close()
             return
         frames = [protocol.SessionEnded(reason=reason, message=message)]
@@ -447,74 +420,6 @@ class ClientConnection:
         with contextlib.suppress(Exception):
             async with asyncio.timeout(2.0):
                 await self.link.close(close_code, f"{reason}: {message}"[:120])
-
-    # ----------------------------------------------------------------------------- recording
-    async def _record_start(self, session: SessionRunner) -> None:
-        """``record.start``: checked against the recording limits (per session, server-wide,
-        free disk), then started with the length/size/disk bounds of ``settings.limits``."""
-        settings = self.app.settings
-        self.guard.reserve_recording()
-        try:
-            await self.guard.check_recording_disk(settings.recordings_dir)
-            if self.session is not session or self._closed:
-                raise ClientError("no_session", "type: record.start needs a session; send session.start first", field="type")
-            stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-            recording_id = f"{self.session_id}-{self.recordings + 1}"
-            path = settings.recordings_dir / f"{stamp}-{recording_id}.mp4"
-            recorder = session.start_recording(path)
-        except BaseException:
-            self.guard.release_recording(started=False)
-            raise
-        recorder.set_limits(self.guard.recording_limits(), on_end=functools.partial(self._recording_ended, recorder))
-        self.recordings += 1
-        self.recording_id = recording_id
-        self.app.metrics.recordings_active.inc()
-        logger.info("session %s: recording to %s", self.session_id, path)
-        self.send(protocol.RecordStarted(recording_id=recording_id, path=str(path)))
-
-    def _recording_ended(self, recorder) -> None:
-        """A recording ended by itself (a limit or a write error; its file is finished): stop
-        it and tell the client, unless it was stopped meanwhile."""
-        session = self.session
-        if session is None or session.recorder is not recorder:
-            return
-
-        async def finish() -> None:
-            if session.recorder is recorder:
-                self._recording_stopped(await session.stop_recording(), "stopped")
-
-        task = asyncio.get_running_loop().create_task(finish(), name="recording-end")
-        self._recording_end_tasks.add(task)
-        task.add_done_callback(self._recording_end_tasks.discard)
-
-    def _recording_stopped(self, result, requested: str) -> None:
-        """Account a finished recording and send ``record.stopped`` (its ``reason``: a limit,
-        ``failed``, or ``requested``: ``stopped`` or ``session_ended``)."""
-        self.guard.release_recording()
-        self.app.metrics.recordings_active.dec()
-        dropped = result.dropped_video_frames + result.dropped_audio_chunks
-        if dropped:
-            self.app.metrics.recording_frames_dropped.inc(dropped)
-        reason = recording_stop_reason(result, requested)
-        self.app.metrics.recordings_stopped.labels(reason).inc()
-        message = recording_stop_message(result, reason, self.app.settings.limits)
-        if reason != requested:
-            logger.info("session %s: %s", self.session_id, message)
-        if result.error is not None:
-            self.send_error("recording_failed", f"record.stop: {result.error}")
-        self.send(
-            protocol.RecordStopped(
-                recording_id=self.recording_id or "",
-                path=str(result.path),
-                duration_ms=result.duration_ms,
-                dropped_frames=result.dropped_video_frames,
-                error=result.error,
-                reason=reason,
-                message=message,
-                size_bytes=result.size_bytes,
-            )
-        )
-        self.recording_id = None
 
     # ----------------------------------------------------------------------------- frames
     async def _on_frame(self, raw: str | bytes) -> None:
@@ -555,13 +460,6 @@ class ClientConnection:
     async def _on_session_update(self, message: protocol.SessionUpdate) -> None:
         self._require_session("session.update").set_mode(mode=message.mode, barge_in=message.barge_in)
 
-    async def _on_record_start(self, message: protocol.RecordStart) -> None:
-        await self._record_start(self._require_session("record.start"))
-
-    async def _on_record_stop(self, message: protocol.RecordStop) -> None:
-        session = self._require_session("record.stop")
-        self._recording_stopped(await session.stop_recording(), "stopped")
-
     def _require_session(self, what: str) -> SessionRunner:
         if self.session is None:
             raise ClientError("no_session", f"type: {what} needs a session; send session.start first", field="type")
@@ -585,17 +483,23 @@ class ClientConnection:
         app.sessions_active += 1
         app.metrics.sessions_active.inc()
         self._holds_slot = True
+        self._move(ConnectionState.STARTING)
         try:
             limits = app.settings.limits
             image = await asyncio.to_thread(
                 decode_image, message.image, max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels
             )
             identity = await app.worker.prepare_identity(image, message.prompt)
+            if self.state is not ConnectionState.STARTING:  # closed or ended meanwhile
+                raise ClientError("no_session", "session.start: the connection closed while the session started")
         except BaseException:
-            self._holds_slot = False
-            app.sessions_active -= 1
-            app.metrics.sessions_active.dec()
+            if self._holds_slot:
+                self._holds_slot = False
+                app.sessions_active -= 1
+                app.metrics.sessions_active.dec()
             self.guard.release_session()
+            if self.state is ConnectionState.STARTING:
+                self._move(ConnectionState.CONNECTED)
             raise
         self.session_id = session_id
         self.session = SessionRunner(
@@ -606,6 +510,7 @@ class ClientConnection:
             microphone_factory=app.microphone_factory,
         )
         self.session.start()
+        self._move(ConnectionState.ACTIVE)
         self.started_s = time.monotonic()
         app.metrics.sessions_started.inc()
         self._rotate_resume_token()
@@ -633,87 +538,6 @@ class ClientConnection:
             "barge_in": session.config.barge_in,
             "resume_grace_s": app.settings.session_resume_grace_s,
         }
-
-    # ----------------------------------------------------------------------------- resume
-    async def _session_resume(self, message: protocol.SessionResume) -> None:
-        """``session.resume``: hand this WebSocket to the session whose resume token it names
-        (parked, or still attached to a WebSocket the server has not yet seen drop, which is
-        then dropped). This connection's read loop stops; the session's takes over.
-
-        Raises:
-            SessionInputError: ``resume_failed`` (unknown or expired token, a token of this
-                connection's grant for another session, shutting down), ``session_exists``
-                (this connection already has a session).
-            LimitError: ``too_many_sessions`` (this address or token is at its limit).
-        """
-        app = self.app
-        if self.session is not None or self._holds_slot:
-            raise ClientError("session_exists", "type: this connection already has a session", field="type")
-        if app.draining:
-            app.metrics.session_resumes.labels("failed").inc()
-            raise ClientError("resume_failed", "resume_token: the server is shutting down", field="resume_token")
-        target = app.resume_target(message.resume_token)
-        grant = self.guard.grant
-        if (
-            target is None
-            or target is self
-            or target._ended
-            or target._closed
-            or target.session is None
-            or (grant.session_id is not None and grant.session_id != target.session_id)
-        ):
-            app.metrics.session_resumes.labels("failed").inc()
-            raise ClientError("resume_failed", "resume_token: unknown or expired", field="resume_token")
-        try:
-            target.guard.check_adopt(self.guard)
-        except LimitError:
-            app.metrics.session_resumes.labels("failed").inc()
-            raise
-        # From here on nothing awaits until the session is attached (no resume or end in between).
-        if not target.parked:  # its old WebSocket is still open (the server has not seen it drop)
-            old_link = target.link
-            target._park()
-            old_link.abort()
-        if self._sender is not None:  # stops at its next await; what it has not taken stays queued
-            self._sender.cancel()
-        target._attach(self)
-        self._successor = target
-        app.metrics.session_resumes.labels("resumed").inc()
-
-    def _attach(self, other: ClientConnection) -> None:
-        """Take over ``other``'s WebSocket, its outbox and its guard's WebSocket side; answer
-        ``session.resumed`` with a new token, then replay the frames kept while parked."""
-        assert self.parked and self.session is not None
-        if self._grace_task is not None:
-            self._grace_task.cancel()
-            self._tasks.append(self._grace_task)  # awaited on close
-            self._grace_task = None
-        self.guard.adopt(other.guard)
-        self.link, self._outbox = other.link, other._outbox
-        self.parked = False
-        self.app.metrics.sessions_parked.dec()
-        self.app.connections.add(self)
-        self.last_control_s = time.monotonic()
-        self._rotate_resume_token()
-        missed, dropped = list(self._missed), self._missed_dropped
-        self._missed.clear()
-        self._missed_dropped = 0
-        logger.info(
-            "session %s resumed (%d messages replayed, %d dropped)", self.session_id, len(missed), dropped
-        )
-        assert self.resume_token is not None
-        self.send(
-            protocol.SessionResumed(
-                resume_token=self.resume_token,
-                peer_connection=None if self.pc is None else self.pc.connectionState,
-                recording_id=self.recording_id,
-                missed_messages=len(missed),
-                dropped_messages=dropped,
-                **self._session_fields(),
-            )
-        )
-        for frame in missed:
-            self.send(frame)
 
     def _filter_candidates(self, offer: str) -> str:
         """The offer without the remote ICE candidates the policy refuses (issue 18), counted by reason."""

@@ -4,14 +4,13 @@ Each limit is a setting of :class:`~avatar_server.settings.Limits` and the error
 names it (``"... the limit is max_messages_per_s = 20"``); the table of limits and defaults is
 in docs/PROTOCOL.md ("Limits").
 
-* :class:`AdmissionRegistry` (one per server) counts open connections and running sessions by
-  client address and by session token, and running recordings, and refuses ``/ws`` handshakes
-  over ``max_connections_per_address`` with HTTP 429 before any work is done. The client
-  address is the one :meth:`~avatar_server.auth.Authenticator.client_address` decides (the
-  TCP peer, or the forwarded client behind a trusted proxy).
+* The server-wide counts (:class:`~avatar_server.admission.AdmissionRegistry`) and the
+  handshake refusals are in :mod:`avatar_server.admission`; SDP checks in :mod:`avatar_server.sdp`.
+  The client address is the one :meth:`~avatar_server.auth.Authenticator.client_address`
+  decides (the TCP peer, or the forwarded client behind a trusted proxy).
 * :class:`ConnectionGuard` (one per WebSocket) enforces the per-connection limits: the message
   rate (a token bucket), pending utterances, sessions per token/address and the session id a
-  token binds, the SDP of an offer, the microphone track, the time to get media flowing,
+  token binds, the microphone track, the time to get media flowing,
   consecutive engine failures, and recordings (per session, server-wide, free disk space; the
   recorder itself enforces the length, size and disk floor of a running recording). It ends a connection by sending an ``error`` frame and closing
   the WebSocket with a reason that names the limit; the connection's own ``close`` (which runs
@@ -31,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import http
 import logging
 import time
 from collections.abc import Callable, Coroutine
@@ -41,17 +39,13 @@ from typing import TYPE_CHECKING, Any
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from avatar_server import protocol
-from avatar_server.auth import SESSION_ID_RE, Grant, Refusal, new_session_id
+from avatar_server.admission import AdmissionRegistry, TokenBucket
+from avatar_server.auth import SESSION_ID_RE, Grant, new_session_id
 from avatar_server.errors import ClientError
 from avatar_server.settings import Limits
 from streaming import events
 from streaming.recorder import (
-    LIMIT_DISK,
-    LIMIT_DURATION,
-    LIMIT_SIZE,
     RecordingLimits,
-    RecordingResult,
-    disk_free_bytes,
 )
 
 if TYPE_CHECKING:
@@ -69,91 +63,6 @@ _REMEMBERED_UTTERANCES = 1024
 class LimitError(ClientError):
     """A request over a limit (or outside what the connection's token allows); ``code`` is the
     protocol error code and the message names the limit."""
-
-
-class TokenBucket:
-    """``rate_per_s`` tokens a second, at most ``burst`` banked; :meth:`take` spends one."""
-
-    def __init__(self, rate_per_s: float, burst: int, *, clock: Callable[[], float] = time.monotonic) -> None:
-        self.rate_per_s = rate_per_s
-        self.burst = burst
-        self._clock = clock
-        self._tokens = float(burst)
-        self._last_s = clock()
-
-    def _refill(self) -> None:
-        now = self._clock()
-        self._tokens = min(self.burst, self._tokens + (now - self._last_s) * self.rate_per_s)
-        self._last_s = now
-
-    def take(self) -> bool:
-        self._refill()
-        if self._tokens >= 1.0:
-            self._tokens -= 1.0
-            return True
-        return False
-
-    def spend(self) -> None:
-        """Take a token whether or not one is there (after waiting :meth:`wait_s`)."""
-        self._refill()
-        self._tokens -= 1.0
-
-    def wait_s(self) -> float:
-        """Seconds until a token is there (0: now)."""
-        self._refill()
-        return max(0.0, (1.0 - self._tokens) / self.rate_per_s)
-
-    @property
-    def full(self) -> bool:
-        self._refill()
-        return self._tokens >= self.burst
-
-
-# --------------------------------------------------------------------------------- server-wide counts
-class AdmissionRegistry:
-    """Open connections and running sessions by client address and by token, and running
-    recordings (one per server).
-
-    Args:
-        limits: the limits.
-        free_bytes: ``directory -> free bytes of its volume`` (tests inject a fake disk).
-    """
-
-    def __init__(self, limits: Limits, *, free_bytes: Callable[[Path], int] = disk_free_bytes) -> None:
-        self.limits = limits
-        self.free_bytes = free_bytes
-        self.connections_by_address: collections.Counter[str] = collections.Counter()
-        self.sessions_by_address: collections.Counter[str] = collections.Counter()
-        self.sessions_by_token: collections.Counter[str] = collections.Counter()
-        self.running_session_ids: set[str] = set()
-        self.recordings_running = 0
-
-    def check_connection(self, address: str) -> Refusal | None:
-        """The refusal of a ``/ws`` handshake from ``address``: HTTP 503 at ``max_connections``,
-        429 at ``max_connections_per_address``; ``None``: it may open."""
-        total = sum(self.connections_by_address.values())
-        if total >= self.limits.max_connections:
-            return Refusal(
-                http.HTTPStatus.SERVICE_UNAVAILABLE,
-                "too_many_connections",
-                f"server busy: {total} connections; the limit is max_connections = {self.limits.max_connections}",
-                (("Retry-After", "5"),),
-            )
-        limit = self.limits.max_connections_per_address
-        if self.connections_by_address[address] >= limit:
-            return Refusal(
-                http.HTTPStatus.TOO_MANY_REQUESTS,
-                "too_many_connections",
-                f"too many connections from {address}: the limit is max_connections_per_address = {limit}",
-                (("Retry-After", "5"),),
-            )
-        return None
-
-    @staticmethod
-    def _drop(counter: collections.Counter[str], key: str) -> None:
-        counter[key] -= 1
-        if counter[key] <= 0:
-            del counter[key]
 
 
 # --------------------------------------------------------------------------------- tracks
@@ -332,6 +241,12 @@ class ConnectionGuard:
         """The connection is being ended by a limit (its frames are ignored)."""
         return self._ending
 
+    @property
+    def pending_utterances(self) -> frozenset[str]:
+        """The utterance ids of the session not yet spoken (they count against
+        ``max_pending_utterances``)."""
+        return frozenset(self._pending_utterances)
+
     # ----------------------------------------------------------------------------- frames
     async def allow_frame(self, raw: str | bytes) -> bool:
         """Pace the client to ``max_messages_per_s`` (burst ``message_burst``); ``False``: the
@@ -429,9 +344,9 @@ class ConnectionGuard:
             return
         admission = self.admission
         admission.running_session_ids.discard(session_id)
-        admission._drop(admission.sessions_by_address, self.address)
+        admission.drop(admission.sessions_by_address, self.address)
         if self.grant.token_id is not None:
-            admission._drop(admission.sessions_by_token, self.grant.token_id)
+            admission.drop(admission.sessions_by_token, self.grant.token_id)
 
     # ----------------------------------------------------------------------------- park / resume
     def detach(self) -> None:
@@ -442,7 +357,7 @@ class ConnectionGuard:
         if self._detached or self._closed:
             return
         self._detached = True
-        self.admission._drop(self.admission.connections_by_address, self.address)
+        self.admission.drop(self.admission.connections_by_address, self.address)
 
     def check_adopt(self, other: ConnectionGuard) -> None:
         """Whether ``other``'s connection (its address and token) may take over this guard's
@@ -472,10 +387,10 @@ class ConnectionGuard:
         on close. Call :meth:`check_adopt` first."""
         admission = self.admission
         if self._session_id is not None:
-            admission._drop(admission.sessions_by_address, self.address)
+            admission.drop(admission.sessions_by_address, self.address)
             admission.sessions_by_address[other.address] += 1
             if self.grant.token_id is not None:
-                admission._drop(admission.sessions_by_token, self.grant.token_id)
+                admission.drop(admission.sessions_by_token, self.grant.token_id)
             if other.grant.token_id is not None:
                 admission.sessions_by_token[other.grant.token_id] += 1
         self.grant, self.address = other.grant, other.address
@@ -689,7 +604,7 @@ class ConnectionGuard:
         self.release_session()
         self.release_recording()
         if not (self._detached or self._handed_over):
-            self.admission._drop(self.admission.connections_by_address, self.address)
+            self.admission.drop(self.admission.connections_by_address, self.address)
         tasks = list(self._tasks)
         current = asyncio.current_task()
         for task in tasks:
@@ -707,40 +622,6 @@ class ConnectionGuard:
         task = asyncio.get_running_loop().create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-
-def recording_stop_reason(result: RecordingResult, requested: str) -> str:
-    """The ``record.stopped`` reason of ``result``: ``failed``, the limit that ended it
-    (``max_duration``, ``max_size``, ``disk_full``), or ``requested`` (``stopped`` by
-    ``record.stop``, ``session_ended``)."""
-    if result.error is not None:
-        return "failed"
-    return result.limit or requested
-
-
-def recording_stop_message(result: RecordingResult, reason: str, limits: Limits) -> str:
-    """Why a recording stopped, naming the limit when one stopped it."""
-    seconds = result.duration_ms / 1000
-    if reason == LIMIT_DURATION:
-        return (
-            f"recording stopped after {seconds:g} s of media: the limit is max_recording_s = {limits.max_recording_s:g}"
-        )
-    if reason == LIMIT_SIZE:
-        return (
-            f"recording stopped after {seconds:g} s at {result.size_bytes} bytes: "
-            f"the limit is max_recording_bytes = {limits.max_recording_bytes}"
-        )
-    if reason == LIMIT_DISK:
-        free = "too few" if result.free_bytes is None else str(result.free_bytes)
-        return (
-            f"recording stopped after {seconds:g} s: {free} bytes free on the recordings volume; "
-            f"the limit is min_recording_free_bytes = {limits.min_recording_free_bytes}"
-        )
-    if reason == "failed":
-        return f"recording failed after {seconds:g} s: {result.error}"
-    if reason == "session_ended":
-        return f"recording stopped after {seconds:g} s: the session ended"
-    return f"recording stopped after {seconds:g} s by record.stop"
 
 
 async def _drain(track: MediaStreamTrack) -> None:

@@ -46,6 +46,16 @@ class Limits(BaseModel):
     ping_timeout_s: float = Field(20.0, gt=0, description="pong wait before a silent connection is dropped")
     handshake_timeout_s: float = Field(10.0, gt=0, description="TCP accept to a complete HTTP/WebSocket handshake")
     close_timeout_s: float = Field(10.0, gt=0, description="wait for a client's closing handshake before dropping it")
+    # Issue 18: what one connection can make the server hold (enforced by avatar_server/transport.py).
+    max_control_frames_per_s: float = Field(
+        10.0, gt=0, description="WebSocket pings (and pongs) a client may send per second; over it the connection is closed (1008)"
+    )
+    control_frame_burst: int = Field(20, ge=1, description="control frames allowed at once above max_control_frames_per_s")
+    max_output_buffer_bytes: int = Field(
+        4 * MIB,
+        ge=64 * 1024,
+        description="bytes waiting to be sent to one WebSocket client; over it the connection is dropped",
+    )
     max_connections: int = Field(256, ge=1, description="open WebSocket connections in all (keep below the fd limit)")
     max_connections_per_address: int = Field(32, ge=1, description="open WebSocket connections per client IP")
     session_start_timeout_s: float = Field(60.0, gt=0, description="connection open to session.start")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 import h11
@@ -41,14 +42,52 @@ class _WarningsOnly(logging.Filter):
         return record.levelno >= logging.WARNING
 
 
+class RateLimitFilter(logging.Filter):
+    """At most ``burst`` records of one message template, then one per ``interval_s``; the next
+    record that passes says how many were suppressed. Malformed requests cost a client nothing
+    to send: the log must not grow with them (each template is counted on its own)."""
+
+    def __init__(self, interval_s: float = 10.0, burst: int = 5, clock: Any = None) -> None:
+        super().__init__()
+        self.interval_s = interval_s
+        self.burst = burst
+        self._clock = clock or time.monotonic
+        self._state: dict[str, list[float]] = {}  # template -> [window start, passed, suppressed]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = str(record.msg)[:200]
+        now = self._clock()
+        state = self._state.get(key)
+        if state is None or now - state[0] >= self.interval_s:
+            suppressed = 0 if state is None else int(state[2])
+            if len(self._state) > 1000:
+                self._state.clear()
+            self._state[key] = [now, 1, 0]
+            if suppressed:
+                record.msg = f"{record.msg} [{suppressed} more like it suppressed]"
+            return True
+        if state[1] < self.burst:
+            state[1] += 1
+            return True
+        state[2] += 1
+        return False
+
+
 websocket_logger = logging.getLogger(__name__ + ".websocket")
 websocket_logger.addFilter(_WarningsOnly())
+websocket_logger.addFilter(RateLimitFilter())
+http_logger = logging.getLogger(__name__ + ".http")  # uvicorn's "Invalid HTTP request received." etc.
+http_logger.addFilter(RateLimitFilter())
 
 
 class TimedHTTPProtocol(H11Protocol):
     """uvicorn's h11 protocol with a deadline for the first request (``handshake_timeout_s``)."""
 
     limits: Limits = Limits()
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.logger = http_logger
 
     def connection_made(self, transport: Any) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -90,6 +129,103 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
         self.conn.debug = False  # websockets' frame-by-frame DEBUG log
         self.close_timeout = self.limits.close_timeout_s
         self._failed = False  # a protocol error closed the connection; input is discarded
+        self._write_blocked = False  # the transport's buffer is over its high-water mark
+        self._write_stall_timer: asyncio.TimerHandle | None = None
+        self._control_tokens = float(self.limits.control_frame_burst)
+        self._control_refilled_s = time.monotonic()
+        self._pongs: list[bytes] = []  # pongs websockets queued, not yet sent
+
+    # ------------------------------------------------------------------------- back-pressure
+    def pause_writing(self) -> None:
+        """The client does not read: stop reading it too (a client that sends pings and never
+        reads the pongs would otherwise fill the server's memory), and drop it when the
+        buffer stays full for ``send_timeout_s``."""
+        super().pause_writing()
+        self._write_blocked = True
+        if not self.read_paused and self.transport is not None:
+            self.transport.pause_reading()
+        if self._write_stall_timer is None:
+            self._write_stall_timer = self.loop.call_later(self.limits.send_timeout_s, self.abort)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._write_blocked = False
+        if self._write_stall_timer is not None:
+            self._write_stall_timer.cancel()
+            self._write_stall_timer = None
+        if not self.read_paused and self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    async def receive(self) -> Any:
+        message = await self.queue.get()
+        if self.read_paused and self.queue.empty():
+            self.read_paused = False
+            if not self._write_blocked:
+                self.transport.resume_reading()
+        return message
+
+    def _write(self, data: bytes) -> None:
+        """Write to the transport; drop the connection over ``max_output_buffer_bytes``."""
+        self.transport.write(data)
+        if self.transport.get_write_buffer_size() > self.limits.max_output_buffer_bytes:
+            self.abort()
+
+    def handle_ping(self) -> None:
+        """Answer one ping within ``max_control_frames_per_s``. websockets queues a pong for
+        every ping of a read at once; they are sent one per ping event, as the budget allows."""
+        self._pongs += self.conn.data_to_send()
+        if not self._take_control_token():
+            self._pongs.clear()
+            return
+        if self._pongs:
+            self._write(self._pongs.pop(0))
+
+    def handle_pong(self, event: Any) -> None:
+        if self._take_control_token():
+            super().handle_pong(event)
+
+    def _take_control_token(self) -> bool:
+        """A token bucket over the client's control frames; empty: the connection is closed
+        with 1008 (its message names the limit) and ``False`` is returned."""
+        limits = self.limits
+        now = time.monotonic()
+        self._control_tokens = min(
+            float(limits.control_frame_burst),
+            self._control_tokens + (now - self._control_refilled_s) * limits.max_control_frames_per_s,
+        )
+        self._control_refilled_s = now
+        if self._control_tokens >= 1.0:
+            self._control_tokens -= 1.0
+            return True
+        if not self._failed:
+            self.conn.data_to_send()  # the pongs websockets queued are not sent
+            self.conn.fail(1008, f"over max_control_frames_per_s = {limits.max_control_frames_per_s:g}")
+            self._failed = True
+            self.queue.put_nowait({"type": "websocket.disconnect", "code": 1008, "reason": "control frames"})
+            self.transport.write(b"".join(self.conn.data_to_send()))
+            self.close_sent = True
+            # An abusive client: no closing handshake, nothing more is read; what is buffered
+            # (the close frame) gets a moment to go out, then the connection is dropped.
+            self.transport.close()
+            self.loop.call_later(min(1.0, self.close_timeout), self.transport.abort)
+        return False
+
+    def keepalive_timeout(self) -> None:
+        """No pong within ``ping_timeout_s``: drop the connection at once (a half-open or
+        non-reading peer would keep ``transport.close()`` waiting on its full buffer)."""
+        self.pong_timer = None
+        self.pending_ping_payload = None
+        if self.transport is None or self.transport.is_closing():
+            return
+        self.queue.put_nowait({"type": "websocket.disconnect", "code": 1006, "reason": "keepalive ping timeout"})
+        self.close_sent = True
+        self.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._write_stall_timer is not None:
+            self._write_stall_timer.cancel()
+            self._write_stall_timer = None
+        super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         if self._failed:  # after a protocol error: discard until the client closes

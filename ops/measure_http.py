@@ -13,8 +13,8 @@ Per server:
 * **CPU per streaming session**: the server process's user+system CPU seconds per wall second
   while ``--sessions`` sessions stream media over WebRTC to clients in this process, divided by
   the number of sessions (the engine's own thread included: the same for both servers);
-* **idle WebSockets**: ``--idle`` WebSockets opened without a session, how many the server
-  holds, and its RSS growth per connection (bytes).
+* **idle WebSockets**: ``--idle`` WebSockets opened without a session, first thing after the
+  server is ready, how many the server holds, and its RSS growth per connection (bytes).
 
 Ratios are new / old (below 1: the new stack is faster or smaller).
 
@@ -165,10 +165,12 @@ async def idle_connections(ws_url: str, pid: int, count: int) -> dict[str, Any]:
 async def measure_server(repo_dir: Path, args: argparse.Namespace, image: bytes) -> dict[str, Any]:
     async with server_process(repo_dir) as (url, pid):
         ws_url = url.replace("http", "ws", 1) + "ws"
+        # idle connections first: memory that closed sessions free later would hide their cost
+        idle = await idle_connections(ws_url, pid, args.idle)
+        await accept_to_ready_ms(ws_url, 3)  # warm-up, not counted
         ready = await accept_to_ready_ms(ws_url, args.accepts)
         live = await measure(url, image, utterances=args.utterances, interrupts=0, warm_s=2.0)
         cpu = await cpu_per_session(url, pid, image, args.sessions, args.window_s)
-        idle = await idle_connections(ws_url, pid, args.idle)
     return {
         "accept_to_ready_ms": ready,
         "ttff_speak_started_ms": live["ttff_speak_started_ms"],

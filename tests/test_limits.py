@@ -21,8 +21,9 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from avatar_server.admission import TokenBucket
 from avatar_server.images import ImageError, decode_image
-from avatar_server.limits import GuardedMicrophoneTrack, LimitError, TokenBucket
+from avatar_server.limits import GuardedMicrophoneTrack, LimitError
 from avatar_server.sdp import check_offer
 from avatar_server.settings import Limits
 from avatar_server.webrtc import make_peer_connection

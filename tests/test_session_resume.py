@@ -117,7 +117,7 @@ async def test_abnormal_drop_parks_and_resume_takes_over_from_another_address() 
         assert await settle(lambda: app.sessions_parked == 1, 5)
         assert counts(app) == one_session(connections=0, parked=1)  # the slot and session counts stay
         conn = parked_connection(app)
-        assert "u1" in conn.guard._pending_utterances  # moves with the session
+        assert "u1" in conn.guard.pending_utterances  # moves with the session
         for _ in range(3):  # stats are not kept; events are
             conn.send(protocol.Stats(buffer_ms=0, underruns=0, segments=0, frames_sent=0, state="idle"))
         conn.send(protocol.State(state="speaking"))
@@ -130,7 +130,7 @@ async def test_abnormal_drop_parks_and_resume_takes_over_from_another_address() 
         assert (await recv_json(ws2, skip=("stats",))) == {"type": "state", "state": "speaking"}
         # Exactly one session, now counted for the new address; the old address holds nothing.
         assert counts(app) == one_session("127.0.0.2")
-        assert conn.guard._pending_utterances == {"u1"}
+        assert conn.guard.pending_utterances == {"u1"}
         await ws2.send(json.dumps({"type": "speak.end", "utterance_id": "u1"}))
         await ws2.send(json.dumps({"type": "interrupt"}))
         reply = await recv_json(ws2)
@@ -172,7 +172,7 @@ async def test_kept_messages_are_bounded_and_the_loss_is_reported() -> None:
         conn = parked_connection(app)
         conn._missed.clear()  # only what this test sends
         for number in range(10):
-            conn.send(protocol.ErrorMessage(code="test", message=str(number)))
+            conn.send(protocol.ErrorMessage(code="internal", message=str(number)))
         ws2, resumed = await resume(app, ready["resume_token"])
         assert resumed["missed_messages"] == 4 and resumed["dropped_messages"] == 6  # the bound: 8 // 2
         replayed = [await recv_json(ws2) for _ in range(4)]
@@ -320,7 +320,7 @@ async def test_media_and_events_survive_a_signalling_drop_over_webrtc() -> None:
         frames_at_drop = len(client.received.video)
         conn = parked_connection(app)
         assert await settle(
-            lambda: any(isinstance(m, protocol.SpeakEnded) for m in conn._missed), 20
+            lambda: any(isinstance(m, protocol.SpeakEnded) for m in conn.missed_messages), 20
         ), "the utterance did not end during the gap"
         frames_in_gap = len(client.received.video) - frames_at_drop
         resumed = await client.resume()
