@@ -543,7 +543,8 @@ class ClientConnection(ResumeMixin, RecordingMixin):
         """The offer without the remote ICE candidates the policy refuses (issue 18), counted by reason."""
         settings = self.app.settings
         try:
-            offer, refusals = filter_offer(offer, settings.webrtc.ice_policy.for_host(settings.host))
+            policy = settings.webrtc.ice_policy.for_host_addresses(settings.ice_host_addresses())
+            offer, refusals = filter_offer(offer, policy)
         except ValueError as exc:
             raise ClientError("bad_sdp", str(exc), field="sdp") from None
         for reason, count in summarize(refusals).items():

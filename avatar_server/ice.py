@@ -62,7 +62,8 @@ class IceCandidatePolicy(BaseModel):
 
     ``allowed_address_classes`` unset means: ``loopback`` only on a server bound to a loopback
     host, else ``loopback``, ``private`` and ``public`` (never link-local, multicast, broadcast,
-    unspecified or reserved addresses). Resolve it with :meth:`for_host` before filtering.
+    unspecified or reserved addresses). Resolve it with :meth:`for_host_addresses` (or
+    :meth:`for_host`) before filtering.
     """
 
     allowed_address_classes: list[AddressClass] | None = Field(
@@ -85,6 +86,16 @@ class IceCandidatePolicy(BaseModel):
             "address is not checked against allowed_address_classes); off: they are dropped"
         ),
     )
+
+    def for_host_addresses(self, addresses: Sequence[str] | None) -> IceCandidatePolicy:
+        """This policy with ``allowed_address_classes`` filled in for a server whose ICE host
+        candidates are ``addresses`` (``None``: every interface): loopback only when each of them
+        is a loopback address. What the server offers decides, not the address it binds (a fleet
+        replica binds nothing; ``webrtc.host_addresses`` may name a public address)."""
+        loopback = bool(addresses) and all(
+            address_class(address) == "loopback" for address in addresses or ()
+        )
+        return self.for_host("", loopback=loopback)
 
     def for_host(self, host: str, *, loopback: bool | None = None) -> IceCandidatePolicy:
         """This policy with ``allowed_address_classes`` filled in for a server bound to ``host``

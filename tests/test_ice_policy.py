@@ -147,6 +147,15 @@ def test_default_policy_depends_on_the_bound_host() -> None:
     assert policy.for_host("127.0.0.1").allowed_address_classes == ["loopback"]
     assert policy.for_host("localhost").allowed_address_classes == ["loopback"]
     assert policy.for_host("0.0.0.0").allowed_address_classes == ["loopback", "private", "public"]
+    # what the server offers as ICE host candidates decides (settings.ice_host_addresses())
+    assert policy.for_host_addresses(["127.0.0.1"]).allowed_address_classes == ["loopback"]
+    assert policy.for_host_addresses(["127.0.0.1", "::1"]).allowed_address_classes == ["loopback"]
+    assert policy.for_host_addresses(["203.0.113.10"]).allowed_address_classes == [
+        "loopback",
+        "private",
+        "public",
+    ]
+    assert policy.for_host_addresses(None).allowed_address_classes == ["loopback", "private", "public"]
     explicit = IceCandidatePolicy(allowed_address_classes=["public"])
     assert explicit.for_host("127.0.0.1").allowed_address_classes == ["public"]
 
