@@ -24,7 +24,10 @@ Routing (:class:`SessionAffinityRouter`, a Serve request router)
 Health, drain, metrics
     Serve's health check runs the replica's own ``/healthz`` in-process (an engine stall fails
     it; Serve replaces the replica). Scale-down and redeploys stop routing to a replica and
-    wait up to ``fleet.drain_timeout_s`` (``graceful_shutdown_timeout_s``) for its sessions.
+    wait up to ``fleet.drain_timeout_s`` (``graceful_shutdown_timeout_s``) for its sessions:
+    they play on, and shortly before that limit the replica runs the app's drain so that they
+    end cleanly rather than being cut (the routers report their replica sets to
+    :class:`FleetControl`; a replica that left them is being stopped).
     SIGTERM to ``avatar-server fleet`` sets the drain flag of :class:`FleetControl`; every
     replica then runs the app's drain (``app.state.drain(timeout_s)``: notice, finish speaking,
     ``session.ended``) before the fleet is torn down. ``/readyz`` and ``/metrics`` through the
@@ -91,11 +94,21 @@ class FleetControl:
         self.reports: dict[str, dict[str, Any]] = {}
         self.homes: OrderedDict[str, str] = OrderedDict()
         self.draining = False
+        self.routable: set[str] = set()  # replicas the routers have ever routed to
+        self.retiring: set[str] = set()  # ... and no longer do (Serve is stopping them)
 
-    def report(self, replica: str, report: dict[str, Any]) -> bool:
-        """Store ``replica``'s report (sessions, capacity, health, metrics text); returns the drain flag."""
+    def report(self, replica: str, report: dict[str, Any]) -> dict[str, bool]:
+        """Store ``replica``'s report (sessions, capacity, health, metrics text); returns
+        ``drain`` (the whole fleet stops) and ``retiring`` (Serve stopped routing to it)."""
         self.reports[replica] = {**report, "received_s": time.monotonic()}
-        return self.draining
+        return {"drain": self.draining, "retiring": replica in self.retiring}
+
+    def set_routable(self, replicas: list[str]) -> None:
+        """A router's replica set changed: a replica that was in it and is not any more is being
+        stopped by Serve (scale-down, redeploy, failed health check)."""
+        current = set(replicas)
+        self.retiring |= self.routable - current
+        self.routable |= current
 
     def forget(self, replica: str) -> None:
         self.reports.pop(replica, None)
@@ -194,6 +207,15 @@ class SessionAffinityRouter(RequestRouter):
         # answers its queue-length probe; a slow probe means another round, not a fuller replica).
         return [[r for r in candidate_replicas if scores[r.replica_id] == best]]
 
+    def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        super().update_replicas(replicas)
+        try:  # tell the fleet which replicas still get requests (fire and forget, so looked up
+            # afresh each time: a call on the handle of an actor that was replaced fails unseen)
+            control = ray.get_actor(CONTROL_ACTOR, namespace=CONTROL_NAMESPACE)
+            control.set_routable.remote(sorted(r.replica_id.unique_id for r in replicas))
+        except Exception as exc:  # noqa: BLE001 - no control actor yet: the next update tells it
+            logger.debug("fleet control unreachable (%s)", type(exc).__name__)
+
     def on_request_routed(self, pending_request: PendingRequest, replica_id: Any, result: Any) -> None:
         now = time.time()
         sent = self._routed.setdefault(replica_id.unique_id, [])
@@ -281,6 +303,7 @@ class AvatarReplica:
             control_actor()
         )  # exists when started by `avatar-server fleet`; created under `serve deploy`
         self.draining = False
+        self.retiring = False
         self.node = ray.util.get_node_ip_address()
         self._reporter = asyncio.get_running_loop().create_task(self._report_loop(), name="fleet-report")
         logger.info("fleet replica %s on %s ready to start", self.replica, self.node)
@@ -405,10 +428,13 @@ class AvatarReplica:
         while True:
             try:
                 report = await self._report()
-                drain = await self.control.report.remote(self.replica, report)
-                if drain and not self.draining:
+                flags = await self.control.report.remote(self.replica, report)
+                if flags["drain"] and not self.draining:
                     self.draining = True
                     asyncio.get_running_loop().create_task(self._drain(), name="fleet-drain")
+                elif flags["retiring"] and not self.retiring:
+                    self.retiring = True
+                    asyncio.get_running_loop().create_task(self._retire(), name="fleet-retire")
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 - a missed report only ages this replica out of the view
@@ -426,12 +452,27 @@ class AvatarReplica:
             "reported_at": time.time(),
             "node": self.node,
             "healthy": health == 200,
-            "ready": (ready == 200 or full) and not self.draining,
+            "ready": (ready == 200 or full) and not (self.draining or self.retiring),
             "reason": reason.decode(errors="replace").strip()[:200],
             "sessions_active": active,
             "max_sessions": self.settings.max_sessions,
             "metrics": text,
         }
+
+    async def _retire(self) -> None:
+        """Serve is stopping this replica and waits up to ``fleet.drain_timeout_s`` for its
+        sessions: let them play on, and shortly before that limit run the app's drain (notice,
+        finish speaking for ``drain_timeout_s``, ``session.ended`` reason ``shutdown``), so no
+        session is cut by the replica's end."""
+        fleet = self.settings.fleet
+        lead_s = self.settings.drain_timeout_s + 2 * fleet.report_period_s + 1.0
+        logger.info(
+            "fleet replica %s is being stopped; its sessions drain in %.0f s at most",
+            self.replica,
+            fleet.drain_timeout_s,
+        )
+        await asyncio.sleep(max(0.0, fleet.drain_timeout_s - lead_s))
+        await self._drain()
 
     async def _drain(self) -> None:
         state = getattr(self.inner, "state", None)

@@ -9,6 +9,7 @@ router makes); each replica is a process of its own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import re
@@ -103,10 +104,9 @@ def deploy(cluster):
             session_resume_grace_s=10,
             **settings,
             fleet=FleetSettings(
-                num_cpus=0.25,
                 report_period_s=0.5,
                 http_port=cluster,
-                **{"drain_timeout_s": 10.0, **fleet_options},
+                **{"num_cpus": 0.25, "drain_timeout_s": 10.0, **fleet_options},
             ),
         )
         control = fleet.control_actor()
@@ -130,8 +130,9 @@ def deploy(cluster):
         return cluster
 
     yield run
-    for config in deployed:
-        serve.delete(config.fleet.app_name)
+    for name in {config.fleet.app_name for config in deployed}:
+        serve.delete(name)
+    with contextlib.suppress(ValueError):
         ray.kill(ray.get_actor(fleet.CONTROL_ACTOR, namespace=fleet.CONTROL_NAMESPACE))
 
 
@@ -267,6 +268,32 @@ async def test_autoscaling_follows_sessions_without_cutting_one(deploy) -> None:
     finally:
         await third.close()
     assert await wait_for(lambda: readyz(port).get("replicas") == 1, 120), readyz(port)
+
+
+async def test_a_redeploy_drains_the_old_replica_without_cutting_its_session(deploy) -> None:
+    """A new version (another CPU reservation) replaces the replica: the old one gets no new
+    sessions, its live session plays on, and before the drain limit it ends cleanly
+    (``session.ended``, reason ``shutdown``) instead of being cut when the replica stops."""
+    options = {"min_replicas": 1, "max_replicas": 1, "drain_timeout_s": 15.0}
+    port = await deploy(1, options, max_sessions=1, drain_timeout_s=2.0)
+    client = await media_client(port)
+    old = home(client.session["session_id"])
+    redeployed_at = time.monotonic()
+    redeploy = asyncio.get_running_loop().create_task(
+        deploy(1, {**options, "num_cpus": 0.3}, max_sessions=1, drain_timeout_s=2.0)
+    )
+    try:
+        ended = await client.wait_for("session.ended", timeout_s=90)
+        ended_at = time.monotonic()
+        assert ended["reason"] == "shutdown", ended
+        assert ended_at - redeployed_at > 6.0  # it played on while its replica drained
+        assert largest_gap_s(client, redeployed_at, ended_at - 3.0) < 1.0
+        await redeploy
+        newcomer = await media_client(port)
+        assert home(newcomer.session["session_id"]) not in (None, old)
+        await newcomer.close()
+    finally:
+        await client.close()
 
 
 def test_the_deploy_files_match_what_the_code_computes() -> None:
