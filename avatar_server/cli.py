@@ -201,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_client_parser(sub)
     offline_cli.add_generate_parser(sub)
     offline_cli.add_download_parser(sub)
+    # Issue 13: `avatar-server fleet [flags]` parses its own flags in avatar_server/fleet.py (Ray is imported there only).
+    sub.add_parser("fleet", help="run a fleet of servers on Ray Serve (the fleet extra)", add_help=False)
     return parser
 
 
@@ -236,6 +238,11 @@ async def _serve(settings: Settings) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``avatar-server`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["fleet"]:  # issue 13
+        from avatar_server.fleet import main as fleet_main
+
+        return fleet_main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         from pydantic import ValidationError

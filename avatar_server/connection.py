@@ -25,6 +25,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from avatar_server import protocol, sdp
 from avatar_server.auth import Grant
 from avatar_server.errors import ClientError
+from avatar_server.ice import filter_offer, summarize
 from avatar_server.images import ImageError, decode_image
 from avatar_server.limits import ConnectionGuard
 from avatar_server.live import LiveOutputsMixin
@@ -535,9 +536,24 @@ class ClientConnection(ResumeMixin, RecordingMixin, LiveOutputsMixin):
             "resume_grace_s": app.settings.session_resume_grace_s,
         }
 
+    def _filter_candidates(self, offer: str) -> str:
+        """The offer without the remote ICE candidates the policy refuses (issue 18), counted by reason."""
+        settings = self.app.settings
+        try:
+            policy = settings.webrtc.ice_policy.for_host_addresses(settings.ice_host_addresses())
+            offer, refusals = filter_offer(offer, policy)
+        except ValueError as exc:
+            raise ClientError("bad_sdp", str(exc), field="sdp") from None
+        for reason, count in summarize(refusals).items():
+            self.app.metrics.ice_candidates_refused.labels(reason=reason).inc(count)
+        if refusals:
+            logger.info("session %s: ICE candidates dropped from the offer: %s", self.session_id, summarize(refusals))
+        return offer
+
     async def _webrtc_offer(self, message: protocol.WebRTCOffer) -> None:
         session = self._require_session("webrtc.offer")
         sdp.check_offer(message.sdp, self.app.settings.limits)
+        offer_sdp = self._filter_candidates(message.sdp)
         if self.pc is not None:
             if self.pc.connectionState not in ("failed", "closed"):
                 raise ClientError("webrtc_exists", "type: this session already has a peer connection", field="type")
@@ -557,7 +573,7 @@ class ClientConnection(ResumeMixin, RecordingMixin, LiveOutputsMixin):
             logger.info("session %s: peer connection %s", session_id, pc.connectionState)
 
         try:
-            await pc.setRemoteDescription(RTCSessionDescription(sdp=message.sdp, type="offer"))
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
             kinds = {t.kind for t in pc.getTransceivers()}
             if "video" not in kinds:
                 raise ValueError("the offer has no video media section")

@@ -82,6 +82,13 @@ class Metrics:
         self.sessions_ended = Counter(
             "avatar_server_sessions_ended", "Sessions ended, by reason", ["reason"], registry=r
         )
+        # Issue 18: remote ICE candidates dropped from offers (avatar_server/ice.py), by reason.
+        self.ice_candidates_refused = Counter(
+            "avatar_server_ice_candidates_refused",
+            "Remote ICE candidates dropped from webrtc.offer by the candidate policy, by reason",
+            ["reason"],
+            registry=r,
+        )
         self.sessions_parked = Gauge(
             "avatar_server_sessions_parked",
             "Sessions whose WebSocket dropped, waiting for session.resume (counted in sessions_active too)",

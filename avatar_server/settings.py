@@ -15,6 +15,8 @@ from typing import Literal
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from avatar_server.ice import IceCandidatePolicy
+
 MIB = 1024 * 1024
 GIB = 1024 * MIB
 
@@ -151,6 +153,44 @@ class WebRTCSettings(BaseModel):
         default_factory=list,
         description="STUN/TURN URLs, e.g. stun:stun.example.org:3478, or {urls, username, credential} (none by default)",
     )
+    # Issue 18: which remote ICE candidates an offer may carry (avatar_server/ice.py).
+    ice_policy: IceCandidatePolicy = Field(default_factory=IceCandidatePolicy)
+
+
+class FleetSettings(BaseModel):
+    """``avatar-server fleet``: many replicas of the server on Ray Serve (issue 13; avatar_server/fleet.py).
+
+    One replica = one engine + its sessions (``max_sessions`` of the top level); a WebSocket is one
+    ongoing Serve request for its whole life, so the replica's session capacity is its
+    ``max_ongoing_requests`` (plus ``request_headroom`` for HTTP requests and handshakes).
+    """
+
+    min_replicas: int = Field(1, ge=0, description="replicas kept running with no sessions")
+    max_replicas: int = Field(1, ge=1, description="most replicas (one GPU each unless the engine runs on CPU)")
+    initial_replicas: int | None = Field(None, ge=0, description="replicas at deploy; default: min_replicas")
+    target_sessions_per_replica: float | None = Field(
+        None, gt=0, description="autoscaling target of ongoing sessions per replica; default: 0.75 x max_sessions"
+    )
+    request_headroom: int = Field(
+        2, ge=1, description="ongoing requests a full replica still takes (HTTP, a refused WebSocket's capacity error)"
+    )
+    max_queued_requests: int = Field(
+        4, ge=1, description="requests waiting for a replica when every replica is at its limit; beyond: HTTP 503"
+    )
+    upscale_delay_s: float = Field(3.0, ge=0, description="load above target this long adds replicas")
+    downscale_delay_s: float = Field(30.0, ge=0, description="load below target this long removes replicas")
+    drain_timeout_s: float = Field(
+        3600.0, gt=0,
+        description="a replica being removed (scale-down, redeploy) keeps its live sessions this long at most",
+    )
+    health_check_period_s: float = Field(5.0, gt=0, description="period of Serve's call to the replica's /healthz")
+    health_check_timeout_s: float = Field(10.0, gt=0, description="a health check slower than this fails")
+    num_gpus: float | None = Field(None, ge=0, description="GPUs per replica; default: 1 on cuda, 0 on cpu")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per replica")
+    report_period_s: float = Field(1.0, gt=0, description="how often a replica reports its sessions and metrics")
+    http_host: str = Field("127.0.0.1", description="address of Serve's HTTP proxy")
+    http_port: int = Field(8000, ge=0, le=65535, description="port of Serve's HTTP proxy")
+    app_name: str = Field("avatar", description="Serve application name")
 
 
 class LiveSettings(BaseModel):
@@ -236,6 +276,7 @@ class Settings(BaseSettings):
     webrtc: WebRTCSettings = Field(default_factory=WebRTCSettings)
     vad: VadSettings = Field(default_factory=VadSettings)
     live: LiveSettings = Field(default_factory=LiveSettings)
+    fleet: FleetSettings = Field(default_factory=FleetSettings)
 
     api_key: SecretStr | None = Field(
         None, description="mints session tokens (POST /v1/tokens); required to bind a non-loopback host"

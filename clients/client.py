@@ -224,8 +224,12 @@ class AvatarClient:
     # ----------------------------------------------------------------------------- control
     async def connect(self) -> None:
         """Open the WebSocket and start reading server messages."""
-        headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
-        ws = await connect(self.url, max_size=MAX_MESSAGE_BYTES, compression=None, additional_headers=headers)
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        if self.session is not None and self.session.session_id:
+            # A fleet's request router (avatar_server/fleet.py) sends this WebSocket to the replica
+            # that holds the session (ops/deploy/README.md).
+            headers["X-Session-Id"] = self.session.session_id
+        ws = await connect(self.url, max_size=MAX_MESSAGE_BYTES, compression=None, additional_headers=headers or None)
         async with self._new_message:
             self._ws = ws
             self.closed_reason = None
