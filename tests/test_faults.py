@@ -300,7 +300,10 @@ async def test_nothing_is_left_behind_after_faults(monkeypatch) -> None:
 
         def same() -> bool:
             now = snapshot()
-            return now.tasks == before.tasks and now.threads == before.threads and now.fds == before.fds
+            # fds may only go down: one opened before this test (an earlier test's socket, a
+            # library's file) may close meanwhile in a full-suite run; what faults leave behind
+            # shows as more.
+            return now.tasks == before.tasks and now.threads == before.threads and now.fds <= before.fds
 
         settled = await settle(same, 20, 0.5)
         after = snapshot()
