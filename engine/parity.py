@@ -33,8 +33,9 @@ from safetensors.torch import load_file
 from engine.config import DiTConfig
 from engine.dit import DiTModel, FourierRope
 from engine.packing import build_coords, local_attention_ranges, pack, unpack
+from engine.runner import DiTRunner
 from engine.sampler import SamplerConfig, prepare_sr_inputs, sample
-from engine.scheduler import flow_timesteps, sr_signal_table, video_guidance_scale
+from engine.schedules import flow_timesteps, sr_signal_table, video_guidance_scale
 
 
 @dataclass
@@ -129,14 +130,37 @@ def check_dit(fixture_dir: Path) -> list[Check]:
                 checks.append(Check(f"{prefix}/rope", [("max_abs", max_abs(taps["rope"], f["rope"]), 1e-6)]))
                 checks.append(Check(f"{prefix}/adapter_out",
                                     [("rel_l2", rel_l2(taps["adapter_out"], f["adapter_out"]), 1e-5)]))
+                checks += _runner_checks(prefix, model, case, f, dtype)
             else:
-                video, audio = unpack(out, packed, config.audio_in_channels)
+                runner = DiTRunner(model, compute_dtype=dtype, coords_style=case["coords_style"],
+                                   frame_receptive_field=case["frame_receptive_field"])
+                inputs = runner.prepare(f["in_video_latent"].shape, case["A"], f["in_txt_feat"], case["L"])
+                video, audio = runner.velocity(inputs, f["in_video_latent"], f["in_audio_latent"])
                 checks.append(Check(f"{prefix}/video_out", [("rel_l2", rel_l2(video, f["video_out"]), 3e-2)]))
                 if f["audio_out"].numel():
                     checks.append(Check(f"{prefix}/audio_out", [("rel_l2", rel_l2(audio, f["audio_out"]), 3e-2)]))
                 else:
                     checks.append(exact(f"{prefix}/audio_out_shape", torch.tensor(audio.shape),
                                         torch.tensor(f["audio_out"].shape)))
+    return checks
+
+
+def _runner_checks(prefix: str, model: DiTModel, case: dict, f: dict, dtype: torch.dtype) -> list[Check]:
+    """The fp32 path through :class:`engine.runner.DiTRunner`, unpadded and with the text padded to a
+    bucket of ``L + 5`` rows (masked out of attention), against the unpacked ``dit_out_fp32path``:
+    the same fp32 tolerance as the DiT output, since the padding may change only summation order."""
+    ref_video, ref_audio = unpack(f["dit_out_fp32path"], pack(
+        f["in_video_latent"], f["in_audio_latent"], f["in_txt_feat"], num_audio=case["A"], num_text=case["L"],
+        coords_style=case["coords_style"]), model.config.audio_in_channels)
+    checks = []
+    for label, buckets in (("runner", None), ("runner_text_bucket", (case["L"] + 5,))):
+        runner = DiTRunner(model, compute_dtype=dtype, coords_style=case["coords_style"], text_buckets=buckets,
+                           frame_receptive_field=case["frame_receptive_field"])
+        inputs = runner.prepare(f["in_video_latent"].shape, case["A"], f["in_txt_feat"], case["L"])
+        video, audio = runner.velocity(inputs, f["in_video_latent"], f["in_audio_latent"])
+        got, ref = torch.cat([video.flatten(), audio.flatten()]), torch.cat([ref_video.flatten(), ref_audio.flatten()])
+        checks.append(Check(f"{prefix}/{label}_fp32path", [("rel_l2", rel_l2(got, ref), 1e-5),
+                                                           ("max_abs", max_abs(got, ref), 5e-5)]))
     return checks
 
 
