@@ -350,6 +350,7 @@ class AvatarServer:
                 identity=identity, kind=SegmentKind.IDLE, seconds=min(1.0, self.engine.max_segment_seconds)
             )
             await self.worker.generate(request, threading.Event())
+            await self._warm_shapes()
             # Import torch and silero-vad now rather than on the first microphone.
             await asyncio.to_thread(load_vad_model)
         except Exception as exc:
@@ -358,6 +359,27 @@ class AvatarServer:
             return
         self._warm = True
         logger.info("engine warmed up in %.2f s", time.perf_counter() - started)
+
+    async def _warm_shapes(self) -> None:
+        """Warm start (issue 17): engines with static shapes (text-length buckets) run every
+        (segment length x text bucket) shape the planner asks for once, so that torch.compile
+        compiles (or loads its on-disk cache, ``compile_cache_dir``) before ``/readyz`` says ready.
+        Engines without such shapes (the test pattern) have no ``warm_up``."""
+        warm_up = getattr(self.engine, "warm_up", None)
+        if warm_up is None:
+            return
+        s = self.settings
+        lengths = sorted({
+            min(seconds, self.engine.max_segment_seconds)
+            for seconds in (s.segment_seconds, s.idle_segment_seconds, s.min_segment_seconds)
+        })
+        try:
+            report = await self.worker.jobs.run(warm_up, lengths, deadline_s=time.monotonic())
+        except ValueError as exc:  # no text buckets: shapes are unbounded, nothing to warm
+            logger.info("warm start skipped: %s", exc)
+            return
+        logger.info("warm start: %d shapes (segment lengths %s s x text buckets) in %.2f s",
+                    len(report["shapes"]), lengths, report["total_s"])
 
     def engine_stall(self) -> str | None:
         """Why the engine counts as stalled, or ``None``: after warm-up, a job has run longer than

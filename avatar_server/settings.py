@@ -227,6 +227,19 @@ class Settings(BaseSettings):
     checkpoint_dir: Path | None = None
     device: Literal["cpu", "cuda"] = "cpu"
     seed: int = 0
+    backend: str = Field(
+        "eager",
+        description="DiT execution backend of the model presets: eager, fast, compile, fp8 or a '+' combination "
+        "(engine.backends)",
+    )
+    cp: int = Field(
+        1, ge=1, le=8,
+        description="context-parallel degree: each segment's DiT runs on this many ranks (GPUs; gloo processes on "
+        "CPU); must divide the model's attention heads (engine.context_parallel)",
+    )
+    compile_cache_dir: Path | None = Field(
+        None, description="keep torch.compile's caches here (a persistent volume) so a restart compiles nothing"
+    )
     testpattern_delay_s: float = Field(0.0, ge=0, description="simulated generation time of the testpattern engine")
 
     segment_seconds: float = Field(2.0, gt=0, description="length of speech and lip-sync segments")

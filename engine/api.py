@@ -126,7 +126,7 @@ class Segment:
         continuation: what the next segment continues from.
         timings_s: wall-clock seconds per stage (``text``, ``dit``, ``decode_video``,
             ``decode_audio``, ``total``, ...), for metrics.
-        request: the request that produced the segment (needed to upgrade it later).
+        request: the request that produced the segment (needed to super-resolve it later).
         super_resolved: True once the frames come from the latent SR stage (PIPELINE.md §14).
     """
 
@@ -167,6 +167,10 @@ class SegmentEngine(Protocol):
         notice: one plain sentence for the user about what this engine shows when that is not a
             real person (the preview's untrained weights, the test pattern), or None. Clients show
             it (``session.ready.notice``).
+        max_text_tokens: text tokens of a prompt the model uses at most (640 for the released
+            model, PIPELINE.md §5; 256 for ``preview``). Longer prompts are truncated by the engine,
+            never refused, so a segment's cost is bounded whatever the text (issue 18); a caller that
+            wants to refuse them compares :meth:`count_text_tokens` with this limit.
     """
 
     width: int
@@ -176,6 +180,15 @@ class SegmentEngine(Protocol):
     max_segment_seconds: float
     name: str
     notice: str | None
+    max_text_tokens: int
+
+    def count_text_tokens(self, text: str) -> int:
+        """Tokens of ``text`` with the tokenizer the engine will use (BOS included), untruncated.
+
+        Raises:
+            EngineInputError: ``text`` is not a string.
+        """
+        ...
 
     def prepare_identity(self, image: np.ndarray, appearance: str) -> Identity:
         """Encode a session's reference image (uint8 ``[H, W, 3]`` RGB, any size).
@@ -188,9 +201,10 @@ class SegmentEngine(Protocol):
     def generate(self, request: SegmentRequest, cancel: Any = None) -> Segment:
         """Generate one segment. Blocking; call from a worker thread.
 
-        Engines that can upscale also offer ``sr_width``/``sr_height`` (pixels, or None when no SR
-        model is loaded) and ``upgrade(segment, cancel) -> Segment``, which re-renders a generated
-        segment through the latent SR stage at ``sr_width x sr_height`` (same duration and audio).
+        Engines that can super-resolve also offer ``sr_width``/``sr_height`` (pixels, or None when no
+        SR model is loaded), ``can_super_resolve`` and ``super_resolve(segment, cancel) -> Segment``,
+        which re-renders a generated segment through the latent SR stage at ``sr_width x sr_height``
+        (same duration and audio).
 
         Args:
             request: the segment to generate.

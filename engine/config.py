@@ -2,7 +2,7 @@
 checkpoint's ``ModelConfig`` (DIT.md §1), and the named size presets.
 
 Sampler and pipeline knobs (steps, shift, guidance scales, fps) do not live here; see
-:mod:`engine.scheduler`, :mod:`engine.sampler` and :mod:`engine.pipeline`.
+:mod:`engine.schedules`, :mod:`engine.sampler` and :mod:`engine.pipeline`.
 """
 
 from __future__ import annotations

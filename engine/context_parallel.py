@@ -57,7 +57,6 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -723,7 +722,8 @@ def _rank_main(rank: int, cp: int, init_file: str, factories: tuple[EngineFactor
             if models[1] is not None:
                 engine.sr_dit = DistributedDiT(models[1], 1, channel)
             info = {k: getattr(engine, k, None) for k in ("name", "width", "height", "fps", "sample_rate",
-                                                          "max_segment_seconds", "sr_width", "sr_height")}
+                                                          "max_segment_seconds", "sr_width", "sr_height",
+                                                          "notice", "max_text_tokens")}
         conn.send(("ready", info))
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which raises
         conn.send(("error", type(exc).__name__, f"rank {rank}: {exc}", traceback.format_exc(), True))
@@ -746,7 +746,7 @@ def _rank_main(rank: int, cp: int, init_file: str, factories: tuple[EngineFactor
         _, method, args, collective = msg
         reply = None
         try:
-            kwargs = {"cancel": cancel} if method in ("generate", "upgrade") else {}
+            kwargs = {"cancel": cancel} if method in ("generate", "super_resolve") else {}
             reply = ("ok", _to_cpu(getattr(engine, method)(*args, **kwargs)))
         except Exception as exc:  # noqa: BLE001 - sent to the parent, which re-raises
             reply = ("error", type(exc).__name__, f"rank 0: {exc}", traceback.format_exc(), channel.broken)
@@ -826,7 +826,7 @@ class ContextParallelEngine:
     def from_preset(cls, preset: str, cp: int, *, checkpoint_dir: str | None = None, device: str = "cpu",
                     seed: int = 0, sr: bool = False, backend: str = "eager", timeout_s: float = 60.0,
                     **kwargs) -> ContextParallelEngine:
-        """The engine of :func:`engine.pipeline.build_engine` (``preview`` or ``full``) on ``cp`` ranks.
+        """The engine of :func:`engine.factory.create_engine` (``preview`` or ``full``) on ``cp`` ranks.
 
         For ``full`` the ranks other than 0 load only the DiT(s) (:func:`full_preset_dits`).
 
@@ -836,12 +836,12 @@ class ContextParallelEngine:
         import functools
 
         from engine.config import get_config
-        from engine.pipeline import build_engine
+        from engine.factory import create_engine
 
         if preset not in ("preview", "full"):
             raise ValueError(f"preset {preset!r} has no DiT to split; context parallelism needs preview or full")
         check_degree(get_config(preset), cp)
-        factory = functools.partial(build_engine, preset, checkpoint_dir=checkpoint_dir, seed=seed, sr=sr,
+        factory = functools.partial(create_engine, preset, checkpoint_dir=checkpoint_dir, seed=seed, sr=sr,
                                     backend=backend)
         if preset == "full" and checkpoint_dir:
             kwargs.setdefault("worker_factory", functools.partial(full_preset_dits, checkpoint_dir, sr=sr,
@@ -1001,66 +1001,16 @@ class ContextParallelEngine:
         """
         return self._job("generate", (request,), collective=True, cancel=cancel)
 
-    def upgrade(self, segment, cancel: threading.Event | None = None):
-        """The engine's SR ``upgrade`` with the SR DiT split over the ranks (same errors as :meth:`generate`)."""
-        return self._job("upgrade", (segment,), collective=True, cancel=cancel)
+    @property
+    def can_super_resolve(self) -> bool:
+        """Rank 0's engine has an SR DiT (``sr_width``/``sr_height`` set)."""
+        return getattr(self, "sr_width", None) is not None
 
+    def super_resolve(self, segment, cancel: threading.Event | None = None):
+        """The engine's :meth:`~engine.pipeline.MagiHumanEngine.super_resolve` with the SR DiT split
+        over the ranks (same errors as :meth:`generate`)."""
+        return self._job("super_resolve", (segment,), collective=True, cancel=cancel)
 
-# ---------------------------------------------------------------------------------------------
-# parity checks with the forward split (python -m engine.parity DIR --cp N)
-
-
-def _parity_rank(rank: int, cp: int, init_file: str, fixture_dir: str, timeout_s: float, results) -> None:
-    from engine import parity
-
-    torch.set_num_threads(1)
-    torch.set_grad_enabled(False)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=cp,
-                            timeout=dt.timedelta(seconds=timeout_s))
-    try:
-        parity.DiTModel = ContextParallelDiT  # every DiT forward of check_dit now runs on the cp ranks
-        checks = parity.check_dit(Path(fixture_dir))
-        if rank == 0:
-            results.put([(c.name, c.metrics, c.note) for c in checks])
-    finally:
-        dist.destroy_process_group()
-
-
-def run_parity(fixture_dir: Path, cp: int, families: list[str] | None = None, *, timeout_s: float = 120.0,
-               stream=None) -> int:
-    """``python -m engine.parity DIR --cp N``: the ``dit`` family with every forward split over ``cp`` local
-    gloo processes (same checks and tolerances as :func:`engine.parity.check_dit`), the other requested
-    families in this process. Prints one line per check; returns the exit code (0 all passed, 1 else).
-
-    Raises:
-        ValueError: ``cp`` does not split the fixture config's heads.
-    """
-    import json
-    import sys
-
-    from engine import parity
-
-    stream = stream or sys.stdout
-    fixture_dir = Path(fixture_dir)
-    families = families or list(parity.FAMILIES)
-    checks: list = []
-    if "dit" in families:
-        config_path = fixture_dir / "dit_tiny_config.json"
-        if config_path.exists():
-            check_degree(DiTConfig.from_dict(json.loads(config_path.read_text())["model_config"]), cp)
-        ctx = torch.multiprocessing.get_context("spawn")
-        results = ctx.SimpleQueue()
-        with tempfile.TemporaryDirectory(prefix="avatar-cp-parity-") as tmp:
-            torch.multiprocessing.start_processes(
-                _parity_rank, args=(cp, os.path.join(tmp, "store"), str(fixture_dir), timeout_s, results),
-                nprocs=cp, join=True, start_method="spawn")
-        for name, metrics, note in results.get():
-            check = parity.Check(f"{name} [cp={cp}]", metrics, note)
-            print(check.line(), file=stream, flush=True)
-            checks.append(check)
-    rest = [f for f in families if f != "dit"]
-    if rest:
-        checks += parity.run(fixture_dir, rest, stream=stream)
-    failed = [c for c in checks if not c.passed]
-    print(f"{len(checks) - len(failed)} passed, {len(failed)} failed", file=stream)
-    return 1 if failed else 0
+    def count_text_tokens(self, text: str) -> int:
+        """:meth:`engine.api.SegmentEngine.count_text_tokens` of rank 0's engine (no DiT call)."""
+        return self._job("count_text_tokens", (text,), collective=False)

@@ -78,6 +78,31 @@ class AttentionRanges:
         return mask
 
 
+def attention_masks(length: int, device: torch.device, local_ranges: AttentionRanges | None,
+                    valid_length: int | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The bool ``[L, L]`` masks (True = attend) of the global and the local-attention layers.
+
+    Global: None without padding, else queries before ``valid_length`` see only keys before it.
+    Local: the frame-local ranges (:class:`AttentionRanges`) and the padding rule together, or
+    None without ``local_ranges``.
+
+    Raises:
+        ValueError: ``valid_length`` outside ``[1, L]``.
+    """
+    pad = None
+    if valid_length is not None and valid_length != length:
+        if not 0 < valid_length <= length:
+            raise ValueError(f"valid_length {valid_length} outside [1, {length}]")
+        pad = torch.ones(length, length, dtype=torch.bool, device=device)
+        pad[:valid_length, valid_length:] = False
+    local = None
+    if local_ranges is not None:
+        local = local_ranges.mask(length, device)
+        if pad is not None:
+            local &= pad
+    return pad, local
+
+
 class RMSNorm(nn.Module):
     """RMSNorm over the last dim with gain ``1 + w`` and one weight per expert (DIT.md §4.1).
 
@@ -215,7 +240,9 @@ class Attention(nn.Module):
     def forward(self, h, spans, rope, mask, dtype, exact_attention, kernel: AttentionKernel | None = None):
         """``h`` fp32 ``[L, d]`` -> attention branch output ``[L, d]`` in ``dtype`` (bf16 values).
 
-        ``kernel`` replaces the default SDPA attention (it must implement GQA itself)."""
+        ``mask``: bool ``[L, L]`` (True = attend) or None, this layer's mask (local window and/or text
+        padding, chosen by :meth:`DiTModel.forward`). ``kernel`` replaces the default SDPA attention (it
+        must implement GQA itself)."""
         cfg = self.config
         hq, hkv, hd = cfg.num_heads_q, cfg.num_heads_kv, cfg.head_dim
         a = self.pre_norm(h, spans).to(dtype)  # §4.6.1: bf16(RMSNorm(h))
@@ -225,7 +252,7 @@ class Attention(nn.Module):
         v = qkvg[:, (hq + hkv) * hd : (hq + 2 * hkv) * hd].view(-1, hkv, hd)
         q, k = self.q_norm(q, spans), self.k_norm(k, spans)  # §4.6.4: fp32 per-head RMSNorm
         q, k = apply_rope(q, rope), apply_rope(k, rope)  # §4.6.5: fp32 rotary
-        layer_mask = mask if self.local else None
+        layer_mask = mask
         if kernel is not None:
             o = kernel(q.to(dtype), k.to(dtype), v.to(dtype), layer_mask)
         else:
@@ -343,6 +370,7 @@ class DiTModel(nn.Module):
         compute_dtype: torch.dtype = torch.bfloat16,
         exact_attention: bool | None = None,
         intermediates: dict | None = None,
+        valid_length: int | None = None,
     ) -> torch.Tensor:
         """Predict the flow velocity of every video and audio token.
 
@@ -358,6 +386,11 @@ class DiTModel(nn.Module):
                 CPU stand-in); default True on CPU, False (native bf16 kernel) on CUDA.
             intermediates: if a dict is given, it receives ``rope``, ``adapter_out``,
                 ``layer0_attn_out``, ``layer0_mlp_out`` and ``layer{i}_out`` (fp32).
+            valid_length: tokens ``valid_length .. L`` are padding (a text bucket,
+                :func:`engine.packing.packed_layout`): no token before ``valid_length`` attends to
+                them (a key-padding mask in every layer), so the rows before it equal the unpadded
+                call's within float summation order; padding rows attend to everything (finite,
+                discarded). None or ``L``: no padding, no mask in the global layers.
 
         Returns:
             fp32 ``[L, out_channels]``: video rows hold ``video_in`` values, audio rows their
@@ -370,13 +403,13 @@ class DiTModel(nn.Module):
             exact_attention = x.device.type != "cuda"
         rope = self.adapter.rope(coords)
         h = self.adapter(x, spans)
-        mask = None
-        if cfg.local_attn_layers and local_ranges is not None:
-            mask = local_ranges.mask(x.shape[0], x.device)
+        global_mask, local_mask = attention_masks(
+            x.shape[0], x.device, local_ranges if cfg.local_attn_layers else None, valid_length)
         if intermediates is not None:
             intermediates["rope"], intermediates["adapter_out"] = rope, h
         for i, layer in enumerate(self.block.layers):
             taps = {} if (intermediates is not None and i == 0) else None
+            mask = local_mask if layer.attention.local else global_mask
             h = layer(h, spans, rope, mask, compute_dtype, exact_attention, taps, self.attention_kernel)
             if intermediates is not None:
                 if taps:
@@ -412,3 +445,41 @@ def init_seeded(model: nn.Module, seed: int, std_for=default_init_std) -> None:
     for name, param in model.named_parameters():
         value = torch.randn(param.shape, generator=gen, dtype=torch.float32) * std_for(name, param.shape)
         param.copy_(value.to(param.dtype))
+
+
+@torch.no_grad()
+def init_seeded_on_device(model: nn.Module, seed: int, device: torch.device, chunk_elems: int = 1 << 26) -> None:
+    """Fill every parameter with ``randn * std`` (:func:`default_init_std`) drawn on ``device`` from one
+    ``torch.Generator(device)``, ``chunk_elems`` at a time (at most 256 MB of fp32 scratch).
+
+    Same distribution as :func:`init_seeded`, not the same values (other generator)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for name, param in model.named_parameters():
+        std = default_init_std(name, param.shape)
+        flat = param.view(-1)
+        for start in range(0, flat.numel(), chunk_elems):
+            n = min(chunk_elems, flat.numel() - start)
+            flat[start : start + n].copy_(torch.randn(n, generator=gen, device=device).mul_(std))
+
+
+def seeded_dit(config: DiTConfig, seed: int = 0, device: str | torch.device = "cpu", *,
+               draw_on_device: bool = False) -> DiTModel:
+    """The DiT with seeded, untrained weights, eval mode, no gradients, on ``device``.
+
+    ``draw_on_device=False``: built on the CPU and filled by :func:`init_seeded` (the preview models, the
+    fixtures' scheme), then moved. ``draw_on_device=True``: built on the meta device, materialised with
+    ``to_empty`` on ``device`` and filled by :func:`init_seeded_on_device` (the 15 B model on a GPU
+    without 30 GB of host memory); the rotary bands are recomputed.
+    """
+    device = torch.device(device)
+    if not draw_on_device:
+        model = DiTModel(config)
+        init_seeded(model, seed)
+        return model.eval().requires_grad_(False).to(device)
+    with torch.device("meta"):
+        model = DiTModel(config)
+    model = model.to_empty(device=device)
+    init_seeded_on_device(model, seed, device)
+    with torch.no_grad():  # to_empty left the rotary band buffer uninitialised
+        model.adapter.rope.bands.copy_(FourierRope(config.head_dim).bands.to(device))
+    return model.eval().requires_grad_(False)

@@ -17,9 +17,10 @@ from typing import Literal
 import numpy as np
 import torch
 
-from engine.api import EngineInputError
+from engine.api import VIDEO_FPS, EngineInputError
 from engine.dit import DiTModel
-from engine.packing import pack, unpack
+from engine.geometry import SegmentGeometry, check_resolution
+from engine.runner import DiTRunner
 from engine.sampler import BASE, DISTILL, SR, SamplerConfig, generator_noise, prepare_sr_inputs, sample
 
 logger = logging.getLogger(__name__)
@@ -95,10 +96,11 @@ def validate_request(request: ClipRequest, models: ClipModels) -> None:
         EngineInputError: sizes not multiples of 32, seconds out of (0, 20], SR size without an SR
             model, unknown variant.
     """
-    for name in ("width", "height", "sr_width", "sr_height"):
+    check_resolution(request.width, request.height)
+    for name in ("sr_width", "sr_height"):
         value = getattr(request, name)
-        if value is not None and (value <= 0 or value % 32):
-            raise EngineInputError(f"{name} {value} must be a positive multiple of 32")
+        if value is not None:
+            check_resolution(value, value, names=(name, name))
     if not 0 < request.seconds <= MAX_SECONDS:
         raise EngineInputError(f"seconds {request.seconds} outside (0, {MAX_SECONDS}]")
     if (request.sr_width is None) != (request.sr_height is None):
@@ -110,18 +112,13 @@ def validate_request(request: ClipRequest, models: ClipModels) -> None:
 
 
 def _stage_velocity(dit: DiTModel, contexts: dict[bool, tuple[torch.Tensor, int]], coords_style: str,
-                    compute_dtype: torch.dtype, timings: dict):
-    def velocity(video, audio, timestep, conditional):
-        start = time.perf_counter()
-        features, num_text = contexts[conditional]
-        packed = pack(video, audio, features, num_text=num_text, in_channels=dit.config.in_channels,
-                      coords_style=coords_style)
-        out = dit(packed.x, packed.coords, packed.modality, spans=packed.spans, local_ranges=packed.local_ranges,
-                  compute_dtype=compute_dtype)
-        timings["dit"] = timings.get("dit", 0.0) + time.perf_counter() - start
-        return unpack(out, packed, dit.config.audio_in_channels)
-
-    return velocity
+                    compute_dtype: torch.dtype, video: torch.Tensor, audio: torch.Tensor, timings: dict):
+    """The stage's velocity function through :class:`engine.runner.DiTRunner`: static inputs per
+    context (conditional, and unconditional for CFG), prepared once for the stage's geometry."""
+    runner = DiTRunner(dit, compute_dtype=compute_dtype, coords_style=coords_style)
+    inputs = {cond: runner.prepare(video.shape, audio.shape[1], features, num_text, device=video.device)
+              for cond, (features, num_text) in contexts.items()}
+    return runner.velocity_fn(inputs, timings, "dit")
 
 
 @torch.inference_mode()
@@ -147,7 +144,7 @@ def generate_clip(models: ClipModels, request: ClipRequest, *, negative_context=
     gen = torch.Generator(device=device).manual_seed(int(request.seed))
     timings: dict[str, float] = {}
     a2v = request.audio is not None
-    fps = 25
+    fps = VIDEO_FPS
 
     # a. audio: noise, or the posterior sample of the given audio (§4.1, §13)
     if a2v:
@@ -155,10 +152,10 @@ def generate_clip(models: ClipModels, request: ClipRequest, *, negative_context=
         audio = models.audio_vae.encode(waveform, request.audio_sample_rate, generator=gen).to(device)
     else:
         audio = torch.randn(1, round(fps * request.seconds) + 1, 64, generator=gen, device=device)
-    latent_frames = (audio.shape[1] - 1) // 4 + 1
-    h, w = request.height // 16 // 2 * 2, request.width // 16 // 2 * 2
+    geo = SegmentGeometry.for_audio_latents(audio.shape[1], request.width, request.height)
+    h, w = geo.latent_height, geo.latent_width
     # b. video noise
-    video = torch.randn(1, models.dit.config.latent_channels, latent_frames, h, w, generator=gen, device=device)
+    video = torch.randn(geo.latent_shape(models.dit.config.latent_channels), generator=gen, device=device)
     # c. text
     t0 = time.perf_counter()
     prompt_ctx = models.text_encoder.encode(request.prompt)
@@ -181,15 +178,16 @@ def generate_clip(models: ClipModels, request: ClipRequest, *, negative_context=
     bar = tqdm(total=total_steps, desc="denoising", disable=not progress, unit="step")
     config = dataclasses.replace(base_cfg, a2v=a2v, keep_audio_clean=models.keep_audio_clean)
     t0 = time.perf_counter()
-    video, audio = sample(_stage_velocity(models.dit, contexts, "v2", models.compute_dtype, timings), video, audio,
-                          config, image_latent=image_latent, noise_fn=generator_noise(gen),
+    velocity = _stage_velocity(models.dit, contexts, "v2", models.compute_dtype, video, audio, timings)
+    video, audio = sample(velocity, video, audio, config, image_latent=image_latent, noise_fn=generator_noise(gen),
                           on_step=lambda k, info: bar.update(1))
     timings["base"] = time.perf_counter() - t0
 
     # e. latent super-resolution (§14)
     if request.sr_width is not None:
         t0 = time.perf_counter()
-        h_sr, w_sr = request.sr_height // 16 // 2 * 2, request.sr_width // 16 // 2 * 2
+        sr_geo = SegmentGeometry.for_audio_latents(audio.shape[1], request.sr_width, request.sr_height)
+        h_sr, w_sr = sr_geo.latent_height, sr_geo.latent_width
         sr_image_latent = None
         if request.image is not None:
             sr_image_latent = models.video_vae.encode_image(
@@ -198,8 +196,8 @@ def generate_clip(models: ClipModels, request: ClipRequest, *, negative_context=
         sr_cfg = dataclasses.replace(SR, a2v=a2v)
         if sr_cfg.cfg_number == 2 and False not in contexts:
             raise EngineInputError("SR with CFG needs the negative prompt context")
-        video, _ = sample(_stage_velocity(models.sr_dit, contexts, "v1", models.compute_dtype, timings),
-                          sr_video, sr_audio, sr_cfg, image_latent=sr_image_latent, noise_fn=generator_noise(gen),
+        velocity = _stage_velocity(models.sr_dit, contexts, "v1", models.compute_dtype, sr_video, sr_audio, timings)
+        video, _ = sample(velocity, sr_video, sr_audio, sr_cfg, image_latent=sr_image_latent, noise_fn=generator_noise(gen),
                           on_step=lambda k, info: bar.update(1))
         timings["sr"] = time.perf_counter() - t0
     bar.close()

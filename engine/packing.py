@@ -15,9 +15,9 @@ from typing import Literal
 import torch
 
 from engine.dit import AttentionRanges, Span
+from engine.geometry import PATCH, latent_frames_for
 
 VIDEO, AUDIO, TEXT = 0, 1, 2
-PATCH = 2  # spatial patch (1 x 2 x 2), PIPELINE.md §2.1
 FRAME_RECEPTIVE_FIELD = 11  # DataProxyConfig.frame_receptive_field, PIPELINE.md §2.2
 
 CoordsStyle = Literal["v1", "v2"]
@@ -34,7 +34,8 @@ class PackedInputs:
         spans: contiguous modality runs ``(modality, start, end)`` (host-side ints).
         local_ranges: frame-local attention (query, key) ranges, ``[T + 2, 2]`` int32 each.
         latent_shape: ``(C, T, H, W)`` of the video latent (for unpacking).
-        num_video, num_audio, num_text: token counts.
+        num_video, num_audio, num_text: token counts (``num_text`` real text tokens).
+        num_padding: text padding rows after the real text (a text bucket, :func:`packed_layout`).
     """
 
     x: torch.Tensor
@@ -46,9 +47,16 @@ class PackedInputs:
     num_video: int
     num_audio: int
     num_text: int
+    num_padding: int = 0
 
     @property
     def length(self) -> int:
+        """Sequence length ``L`` including padding rows."""
+        return self.num_video + self.num_audio + self.num_text + self.num_padding
+
+    @property
+    def valid_length(self) -> int:
+        """Tokens before the padding (the DiT's ``valid_length``)."""
         return self.num_video + self.num_audio + self.num_text
 
 
@@ -119,7 +127,7 @@ def build_coords(
     audio = torch.zeros(num_audio, 9)
     audio[:, 0] = torch.arange(num_audio)
     audio[:, 3:6] = torch.tensor([num_audio, 1, 1], dtype=torch.float32)
-    audio_ref_t = (num_audio - 1) // 4 + 1 if style == "v2" else latent_frames
+    audio_ref_t = latent_frames_for(num_audio) if style == "v2" else latent_frames
     audio[:, 6:9] = torch.tensor([audio_ref_t, 1, 1], dtype=torch.float32)
 
     text = torch.zeros(num_text, 9)
@@ -128,6 +136,110 @@ def build_coords(
     text[:, 3:6] = torch.tensor([num_text, 1, 1], dtype=torch.float32)
     text[:, 6:9] = torch.tensor([1 if style == "v2" else 2, 1, 1], dtype=torch.float32)
     return torch.cat([video, audio, text], dim=0)
+
+
+def packed_layout(
+    latent_shape: tuple[int, int, int, int],
+    num_audio: int,
+    text_features: torch.Tensor,
+    *,
+    num_text: int | None = None,
+    text_rows: int | None = None,
+    in_channels: int | None = None,
+    video_channels: int | None = None,
+    audio_channels: int | None = None,
+    coords_style: CoordsStyle = "v2",
+    frame_receptive_field: int = FRAME_RECEPTIVE_FIELD,
+    device: torch.device | str | None = None,
+) -> PackedInputs:
+    """Everything of one segment's DiT calls that does not change between denoising steps
+    (PIPELINE.md §8): coordinates, modality ids, spans, local ranges, and ``x`` with the text rows
+    filled and the video/audio rows zero (:func:`write_latents` fills those at every step).
+
+    Args:
+        latent_shape: ``(C, T, H, W)`` of the video latent.
+        num_audio: audio tokens ``A``.
+        text_features: fp32 ``[1, L_rows, C_text]`` or ``[L_rows, C_text]``; the first ``num_text``
+            rows are used (the zero padding to 640 is dropped, §8.3).
+        num_text: text tokens (default: all rows).
+        text_rows: text rows in the sequence, ``>= num_text`` (default ``num_text``). Rows
+            ``num_text .. text_rows`` are padding (a text bucket): zero features, text modality,
+            neutral coordinates ``(0,0,0, 1,1,1, 1,1,1)``; the DiT must be called with
+            ``valid_length = packed.valid_length`` so that no real token attends to them.
+        in_channels: width of ``x`` (default ``max`` of the three feature widths).
+        video_channels, audio_channels: feature widths of video (``4 C``) and audio tokens (default
+            ``4 C`` and ``C_text``'s sibling: the audio latent's width must then be given by the caller
+            of :func:`write_latents`; used for the ``in_channels`` default and width checks).
+        coords_style: ``v2`` for the base/distill model, ``v1`` for the SR model.
+        frame_receptive_field: local-attention window in latent frames.
+        device: device of the tensors (default: ``text_features``'s).
+
+    Raises:
+        ValueError: a count exceeds the rows given, ``text_rows < num_text``, or a feature width exceeds
+            ``in_channels``.
+    """
+    if text_features.dim() == 2:
+        text_features = text_features[None]
+    device = text_features.device if device is None else torch.device(device)
+    num_text = text_features.shape[1] if num_text is None else num_text
+    if not 0 <= num_text <= text_features.shape[1]:
+        raise ValueError(f"num_text {num_text} outside [0, {text_features.shape[1]}] text rows")
+    text_rows = num_text if text_rows is None else text_rows
+    if text_rows < num_text:
+        raise ValueError(f"text_rows {text_rows} is below num_text {num_text}")
+    c, t, h, w = latent_shape
+    if h % PATCH or w % PATCH:
+        raise ValueError(f"video latent height {h} and width {w} must be even")
+    video_channels = c * PATCH * PATCH if video_channels is None else video_channels
+    audio_channels = 0 if audio_channels is None else audio_channels
+    widths = (video_channels, audio_channels, text_features.shape[2])
+    in_channels = max(widths) if in_channels is None else in_channels
+    if max(widths) > in_channels:
+        raise ValueError(f"feature widths {widths} exceed in_channels {in_channels}")
+    n_video = t * (h // PATCH) * (w // PATCH)
+    valid = n_video + num_audio + num_text
+    total = n_video + num_audio + text_rows
+    x = torch.zeros(total, in_channels, device=device)
+    x[n_video + num_audio : valid, : widths[2]] = text_features[0, :num_text].float().to(device)
+    modality = torch.cat([
+        torch.full((n_video,), VIDEO, dtype=torch.int64),
+        torch.full((num_audio,), AUDIO, dtype=torch.int64),
+        torch.full((text_rows,), TEXT, dtype=torch.int64),
+    ]).to(device)
+    coords = build_coords(t, h // PATCH, w // PATCH, num_audio, num_text, coords_style)
+    if text_rows > num_text:
+        pad = torch.zeros(text_rows - num_text, 9)
+        pad[:, 3:9] = 1.0  # size 1, ref 1: a finite rotary scale, whatever the style
+        coords = torch.cat([coords, pad], dim=0)
+    spans = [(m, s, e) for m, s, e in (
+        (VIDEO, 0, n_video), (AUDIO, n_video, n_video + num_audio), (TEXT, n_video + num_audio, total)
+    ) if e > s]
+    ranges = local_attention_ranges(n_video, total, t, frame_receptive_field)
+    return PackedInputs(x, coords.to(device), modality, spans, ranges, (c, t, h, w), n_video, num_audio, num_text,
+                        text_rows - num_text)
+
+
+def write_latents(packed: PackedInputs, video_latent: torch.Tensor, audio_latent: torch.Tensor) -> torch.Tensor:
+    """Write one step's video tokens (channel-major patches, §8.1) and the first ``num_audio`` audio rows
+    into ``packed.x`` in place; returns ``packed.x``.
+
+    Raises:
+        ValueError: the video latent's shape is not ``[1, *latent_shape]``, fewer than ``num_audio``
+            audio rows, or a feature width exceeds ``x``'s.
+    """
+    if tuple(video_latent.shape[1:]) != packed.latent_shape or video_latent.shape[0] != 1:
+        raise ValueError(f"video latent {tuple(video_latent.shape)} does not match the packed geometry "
+                         f"[1, {', '.join(map(str, packed.latent_shape))}]")
+    nv, na = packed.num_video, packed.num_audio
+    if not 0 <= na <= audio_latent.shape[1]:
+        raise ValueError(f"num_audio {na} outside [0, {audio_latent.shape[1]}] audio rows")
+    video_tokens = patchify_video(video_latent.float())
+    width = packed.x.shape[1]
+    if video_tokens.shape[1] > width or audio_latent.shape[2] > width:
+        raise ValueError(f"feature widths {(video_tokens.shape[1], audio_latent.shape[2])} exceed in_channels {width}")
+    packed.x[:nv, : video_tokens.shape[1]] = video_tokens
+    packed.x[nv : nv + na, : audio_latent.shape[2]] = audio_latent[0, :na].float()
+    return packed.x
 
 
 def pack(
@@ -140,8 +252,9 @@ def pack(
     in_channels: int | None = None,
     coords_style: CoordsStyle = "v2",
     frame_receptive_field: int = FRAME_RECEPTIVE_FIELD,
+    text_rows: int | None = None,
 ) -> PackedInputs:
-    """Pack one DiT call (PIPELINE.md §8).
+    """Pack one DiT call (PIPELINE.md §8): :func:`packed_layout` then :func:`write_latents`.
 
     Args:
         video_latent: fp32 ``[1, C, T, H, W]``.
@@ -152,43 +265,23 @@ def pack(
         in_channels: width of ``x`` (default ``max`` of the three feature widths).
         coords_style: ``v2`` for the base/distill model, ``v1`` for the SR model.
         frame_receptive_field: local-attention window in latent frames.
+        text_rows: pad the text to this many rows (see :func:`packed_layout`).
 
     Raises:
         ValueError: a count exceeds the rows given, or a feature width exceeds ``in_channels``.
     """
-    if text_features.dim() == 2:
-        text_features = text_features[None]
+    if video_latent.dim() != 5 or video_latent.shape[0] != 1:
+        raise ValueError(f"video latent must be [1, C, T, H, W], got {tuple(video_latent.shape)}")
     num_audio = audio_latent.shape[1] if num_audio is None else num_audio
-    num_text = text_features.shape[1] if num_text is None else num_text
     if not 0 <= num_audio <= audio_latent.shape[1]:
         raise ValueError(f"num_audio {num_audio} outside [0, {audio_latent.shape[1]}] audio rows")
-    if not 0 <= num_text <= text_features.shape[1]:
-        raise ValueError(f"num_text {num_text} outside [0, {text_features.shape[1]}] text rows")
-    video_tokens = patchify_video(video_latent.float())
-    audio_tokens = audio_latent[0, :num_audio].float()
-    text_tokens = text_features[0, :num_text].float()
-    widths = (video_tokens.shape[1], audio_tokens.shape[1], text_tokens.shape[1])
-    in_channels = max(widths) if in_channels is None else in_channels
-    if max(widths) > in_channels:
-        raise ValueError(f"feature widths {widths} exceed in_channels {in_channels}")
-    n_video = video_tokens.shape[0]
-    total = n_video + num_audio + num_text
-    x = video_tokens.new_zeros(total, in_channels)
-    x[:n_video, : widths[0]] = video_tokens
-    x[n_video : n_video + num_audio, : widths[1]] = audio_tokens
-    x[n_video + num_audio :, : widths[2]] = text_tokens
-    modality = torch.cat([
-        torch.full((n_video,), VIDEO, dtype=torch.int64),
-        torch.full((num_audio,), AUDIO, dtype=torch.int64),
-        torch.full((num_text,), TEXT, dtype=torch.int64),
-    ]).to(x.device)
-    _, c, t, h, w = video_latent.shape
-    coords = build_coords(t, h // PATCH, w // PATCH, num_audio, num_text, coords_style).to(x.device)
-    spans = [(m, s, e) for m, s, e in (
-        (VIDEO, 0, n_video), (AUDIO, n_video, n_video + num_audio), (TEXT, n_video + num_audio, total)
-    ) if e > s]
-    ranges = local_attention_ranges(n_video, total, t, frame_receptive_field)
-    return PackedInputs(x, coords, modality, spans, ranges, (c, t, h, w), n_video, num_audio, num_text)
+    packed = packed_layout(
+        tuple(video_latent.shape[1:]), num_audio, text_features, num_text=num_text, text_rows=text_rows,
+        in_channels=in_channels, audio_channels=audio_latent.shape[2], coords_style=coords_style,
+        frame_receptive_field=frame_receptive_field, device=video_latent.device,
+    )
+    write_latents(packed, video_latent, audio_latent)
+    return packed
 
 
 def unpack(out: torch.Tensor, packed: PackedInputs, audio_channels: int = 64) -> tuple[torch.Tensor, torch.Tensor]:

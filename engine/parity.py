@@ -33,8 +33,9 @@ from safetensors.torch import load_file
 from engine.config import DiTConfig
 from engine.dit import DiTModel, FourierRope
 from engine.packing import build_coords, local_attention_ranges, pack, unpack
+from engine.runner import DiTRunner
 from engine.sampler import SamplerConfig, prepare_sr_inputs, sample
-from engine.scheduler import flow_timesteps, sr_signal_table, video_guidance_scale
+from engine.schedules import flow_timesteps, sr_signal_table, video_guidance_scale
 
 
 @dataclass
@@ -76,7 +77,7 @@ def _missing(family: str, path: Path) -> list[Check]:
     return [Check(f"{family}", [], note=f"missing {path.name}")]
 
 
-def check_dit(fixture_dir: Path) -> list[Check]:
+def check_dit(fixture_dir: Path, model_cls: type[DiTModel] = DiTModel) -> list[Check]:
     """``dit_tiny_*``: packing of each case, rotary table, layer outputs and DiT output."""
     config_path = fixture_dir / "dit_tiny_config.json"
     if not config_path.exists():
@@ -93,7 +94,7 @@ def check_dit(fixture_dir: Path) -> list[Check]:
             continue
         f = load_file(path)
         config = dataclasses.replace(base, local_attn_layers=tuple(case.get("local_attn_layers") or ()))
-        model = DiTModel(config)
+        model = model_cls(config)
         model.load_state_dict(weights, strict=True)
         packed = pack(
             f["in_video_latent"], f["in_audio_latent"], f["in_txt_feat"],
@@ -129,14 +130,37 @@ def check_dit(fixture_dir: Path) -> list[Check]:
                 checks.append(Check(f"{prefix}/rope", [("max_abs", max_abs(taps["rope"], f["rope"]), 1e-6)]))
                 checks.append(Check(f"{prefix}/adapter_out",
                                     [("rel_l2", rel_l2(taps["adapter_out"], f["adapter_out"]), 1e-5)]))
+                checks += _runner_checks(prefix, model, case, f, dtype)
             else:
-                video, audio = unpack(out, packed, config.audio_in_channels)
+                runner = DiTRunner(model, compute_dtype=dtype, coords_style=case["coords_style"],
+                                   frame_receptive_field=case["frame_receptive_field"])
+                inputs = runner.prepare(f["in_video_latent"].shape, case["A"], f["in_txt_feat"], case["L"])
+                video, audio = runner.velocity(inputs, f["in_video_latent"], f["in_audio_latent"])
                 checks.append(Check(f"{prefix}/video_out", [("rel_l2", rel_l2(video, f["video_out"]), 3e-2)]))
                 if f["audio_out"].numel():
                     checks.append(Check(f"{prefix}/audio_out", [("rel_l2", rel_l2(audio, f["audio_out"]), 3e-2)]))
                 else:
                     checks.append(exact(f"{prefix}/audio_out_shape", torch.tensor(audio.shape),
                                         torch.tensor(f["audio_out"].shape)))
+    return checks
+
+
+def _runner_checks(prefix: str, model: DiTModel, case: dict, f: dict, dtype: torch.dtype) -> list[Check]:
+    """The fp32 path through :class:`engine.runner.DiTRunner`, unpadded and with the text padded to a
+    bucket of ``L + 5`` rows (masked out of attention), against the unpacked ``dit_out_fp32path``:
+    the same fp32 tolerance as the DiT output, since the padding may change only summation order."""
+    ref_video, ref_audio = unpack(f["dit_out_fp32path"], pack(
+        f["in_video_latent"], f["in_audio_latent"], f["in_txt_feat"], num_audio=case["A"], num_text=case["L"],
+        coords_style=case["coords_style"]), model.config.audio_in_channels)
+    checks = []
+    for label, buckets in (("runner", None), ("runner_text_bucket", (case["L"] + 5,))):
+        runner = DiTRunner(model, compute_dtype=dtype, coords_style=case["coords_style"], text_buckets=buckets,
+                           frame_receptive_field=case["frame_receptive_field"])
+        inputs = runner.prepare(f["in_video_latent"].shape, case["A"], f["in_txt_feat"], case["L"])
+        video, audio = runner.velocity(inputs, f["in_video_latent"], f["in_audio_latent"])
+        got, ref = torch.cat([video.flatten(), audio.flatten()]), torch.cat([ref_video.flatten(), ref_audio.flatten()])
+        checks.append(Check(f"{prefix}/{label}_fp32path", [("rel_l2", rel_l2(got, ref), 1e-5),
+                                                           ("max_abs", max_abs(got, ref), 5e-5)]))
     return checks
 
 
@@ -351,13 +375,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--family", action="append", choices=sorted(FAMILIES), help="only these families")
     parser.add_argument("--cp", type=int, default=1, metavar="N",
                         help="run the DiT cases with the forward split over N local gloo processes "
-                             "(engine.context_parallel.run_parity)")
+                             "(engine.parity.run_parity)")
     args = parser.parse_args(argv)
     if not args.fixture_dir.is_dir():
         print(f"error: fixture directory {args.fixture_dir} does not exist", file=sys.stderr)
         return 2
     if args.cp != 1:
-        from engine.context_parallel import run_parity
 
         try:
             return run_parity(args.fixture_dir, args.cp, args.family)
@@ -373,3 +396,68 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# ---------------------------------------------------------------------------------------------
+# the dit family with the forward split over context-parallel ranks (python -m engine.parity DIR --cp N)
+
+
+def _parity_rank(rank: int, cp: int, init_file: str, fixture_dir: str, timeout_s: float, results) -> None:
+    import datetime as dt
+
+    import torch.distributed as dist
+
+    from engine.context_parallel import ContextParallelDiT
+
+    torch.set_num_threads(1)
+    torch.set_grad_enabled(False)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=cp,
+                            timeout=dt.timedelta(seconds=timeout_s))
+    try:
+        # every DiT forward of check_dit runs split over the cp ranks
+        checks = check_dit(Path(fixture_dir), model_cls=ContextParallelDiT)
+        if rank == 0:
+            results.put([(c.name, c.metrics, c.note) for c in checks])
+    finally:
+        dist.destroy_process_group()
+
+
+def run_parity(fixture_dir: Path, cp: int, families: list[str] | None = None, *, timeout_s: float = 120.0,
+               stream=None) -> int:
+    """``python -m engine.parity DIR --cp N``: the ``dit`` family with every forward split over ``cp`` local
+    gloo processes (:class:`engine.context_parallel.ContextParallelDiT`; same checks and tolerances as
+    :func:`check_dit`), the other requested families in this process. Prints one line per check;
+    returns the exit code (0 all passed, 1 else).
+
+    Raises:
+        ValueError: ``cp`` does not split the fixture config's heads.
+    """
+    import os
+    import tempfile
+
+    from engine.context_parallel import check_degree
+
+    stream = stream or sys.stdout
+    fixture_dir = Path(fixture_dir)
+    families = families or list(FAMILIES)
+    checks: list = []
+    if "dit" in families:
+        config_path = fixture_dir / "dit_tiny_config.json"
+        if config_path.exists():
+            check_degree(DiTConfig.from_dict(json.loads(config_path.read_text())["model_config"]), cp)
+        ctx = torch.multiprocessing.get_context("spawn")
+        results = ctx.SimpleQueue()
+        with tempfile.TemporaryDirectory(prefix="avatar-cp-parity-") as tmp:
+            torch.multiprocessing.start_processes(
+                _parity_rank, args=(cp, os.path.join(tmp, "store"), str(fixture_dir), timeout_s, results),
+                nprocs=cp, join=True, start_method="spawn")
+        for name, metrics, note in results.get():
+            check = Check(f"{name} [cp={cp}]", metrics, note)
+            print(check.line(), file=stream, flush=True)
+            checks.append(check)
+    rest = [f for f in families if f != "dit"]
+    if rest:
+        checks += run(fixture_dir, rest, stream=stream)
+    failed = [c for c in checks if not c.passed]
+    print(f"{len(checks) - len(failed)} passed, {len(failed)} failed", file=stream)
+    return 1 if failed else 0

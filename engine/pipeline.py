@@ -20,6 +20,12 @@ Deliberate, named differences from the reference (all options, reference behavio
   instead of the reference's 5.04 s file) so consecutive segments tile one timeline.
 * frame 0 of a continuation segment is the previous segment's last frame (§7 conditioning),
   so it is dropped from the output, together with the first ``1/25`` s of audio.
+* the prompt's cost is bounded (issue 18): the text encoder sees at most
+  :data:`~engine.codecs.text_encoder.TEXT_TARGET_LENGTH` (640) token ids, the DiT at most
+  ``max_text_tokens`` text rows. Longer prompts are truncated, never refused (an idle segment must
+  still be produced); the reference encodes the whole prompt and then keeps 640 rows, so only
+  prompts over 640 tokens differ (their kept rows miss the tail's context). Callers that want to
+  refuse instead compare :meth:`MagiHumanEngine.count_text_tokens` with ``max_text_tokens``.
 """
 
 from __future__ import annotations
@@ -28,13 +34,11 @@ import dataclasses
 import logging
 import threading
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from engine.api import (
-    PREVIEW_NOTICE,
     VIDEO_FPS,
     CancelledError,
     Continuation,
@@ -45,44 +49,16 @@ from engine.api import (
     SegmentRequest,
 )
 from engine.codecs.image import frames_to_uint8
-from engine.dit import DiTModel, init_seeded
-from engine.packing import pack, unpack
+from engine.codecs.text_encoder import TEXT_TARGET_LENGTH
+from engine.dit import DiTModel
+from engine.geometry import SegmentGeometry, check_resolution
+from engine.runner import DiTRunner
 from engine.sampler import DISTILL, SamplerConfig, generator_noise, sample
 
 logger = logging.getLogger(__name__)
 
 AUDIO_LATENT_CHANNELS = 64
 MAX_SEGMENT_SECONDS = 10.0
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """Latent geometry of one segment (PIPELINE.md §3).
-
-    Attributes:
-        audio_latents: ``A`` (25 per second + 1 for generated audio).
-        latent_frames: ``T = (A - 1) // 4 + 1``.
-        frames: decoded frames ``F = 4 T - 3``.
-        latent_height, latent_width: ``h = H / 16``, ``w = W / 16``.
-    """
-
-    audio_latents: int
-    latent_frames: int
-    frames: int
-    latent_height: int
-    latent_width: int
-
-    @classmethod
-    def for_audio_latents(cls, audio_latents: int, width: int, height: int) -> Geometry:
-        latent_frames = (audio_latents - 1) // 4 + 1
-        return cls(audio_latents, latent_frames, 4 * latent_frames - 3, height // 16, width // 16)
-
-
-def check_resolution(width: int, height: int) -> None:
-    """Raise :class:`EngineInputError` unless both sides are positive multiples of 32 (PIPELINE.md §3)."""
-    for name, value in (("width", width), ("height", height)):
-        if value <= 0 or value % 32:
-            raise EngineInputError(f"{name} {value} must be a positive multiple of 32")
 
 
 class MagiHumanEngine:
@@ -104,6 +80,15 @@ class MagiHumanEngine:
         name: engine name for logs and metrics.
         notice: what the user should know about this engine's picture (``SegmentEngine.notice``);
             :data:`engine.api.PREVIEW_NOTICE` for the preview preset, None for real weights.
+        sr_dit, sr_size: the super-resolution DiT and its output size ``(width, height)`` in pixels
+            (multiples of 32), given together or not at all (:meth:`super_resolve`).
+        max_text_tokens: text tokens the DiT sees at most (None: the reference's 640, PIPELINE.md §5);
+            the attribute is always an int.
+        text_buckets: text lengths the DiT's text is padded up to (static shapes, :mod:`engine.runner`);
+            None: no padding.
+
+    Attributes:
+        runner, sr_runner: the :class:`engine.runner.DiTRunner` of the DiT and of the SR DiT (or None).
     """
 
     fps = VIDEO_FPS
@@ -128,6 +113,7 @@ class MagiHumanEngine:
         sr_dit: DiTModel | None = None,
         sr_size: tuple[int, int] | None = None,
         max_text_tokens: int | None = None,
+        text_buckets: tuple[int, ...] | None = None,
     ):
         check_resolution(width, height)
         self.dit, self.text_encoder, self.video_vae, self.audio_vae = dit, text_encoder, video_vae, audio_vae
@@ -142,14 +128,85 @@ class MagiHumanEngine:
         self.name = name
         self.notice = notice
         self.sr_dit = sr_dit
-        self.before_dit_call = None  # e.g. engine.backends.compile.mark_step for CUDA graphs
-        self.max_text_tokens = max_text_tokens  # None: the reference's 640 (PIPELINE.md §5)
+        self.max_text_tokens = TEXT_TARGET_LENGTH if max_text_tokens is None else int(max_text_tokens)
+        self.max_prompt_tokens = TEXT_TARGET_LENGTH  # token ids the text encoder sees at most
+        if not 0 < self.max_text_tokens <= TEXT_TARGET_LENGTH:
+            raise ValueError(f"max_text_tokens {max_text_tokens} outside [1, {TEXT_TARGET_LENGTH}]")
+        self.runner = DiTRunner(dit, compute_dtype=compute_dtype, coords_style="v2", text_buckets=text_buckets)
+        self.sr_runner = None if sr_dit is None else DiTRunner(
+            sr_dit, compute_dtype=compute_dtype, coords_style="v1", text_buckets=text_buckets)
         if (sr_dit is None) != (sr_size is None):
             raise ValueError("sr_dit and sr_size must be given together")
         if sr_size is not None:
             check_resolution(*sr_size)
         self.sr_width, self.sr_height = sr_size if sr_size is not None else (None, None)
         self._lock = threading.Lock()
+
+    # -- warm start -----------------------------------------------------------------------
+    def text_rows_options(self) -> tuple[int, ...]:
+        """Every text length the DiT can be called with: the runner's buckets (up to
+        :attr:`max_text_tokens`), or every length 1..max without buckets (unbounded shapes)."""
+        buckets = self.runner.text_buckets
+        if buckets:
+            return tuple(b for b in buckets if b <= self.max_text_tokens)
+        return tuple(range(1, self.max_text_tokens + 1))
+
+    @torch.inference_mode()
+    def warm_up(self, segment_seconds, *, super_resolution: bool = True) -> dict:
+        """Run the DiT once on every (segment length x text bucket) shape it can be asked for, so that
+        ``torch.compile`` compiles (or loads from its cache, :func:`engine.factory.create_engine`'s
+        ``compile_cache_dir``) and CUDA graphs are captured before the first session (issue 17).
+
+        A server calls this once after building the engine, with the segment lengths its planner can
+        ask for, and stays not-ready until it returns. Blocking; run it off the event loop. Each
+        shape gets one call (two when :attr:`DiTRunner.before_call` is set: CUDA-graph trees record
+        on the second); inputs are zeros (only the shapes matter). Lip-sync segments whose audio is
+        shorter than the requested length have fewer audio latents: those shapes are not covered.
+
+        Args:
+            segment_seconds: requested segment lengths in seconds (each ``0 < s <= max_segment_seconds``).
+            super_resolution: also warm the SR DiT's shapes when one is loaded.
+
+        Returns:
+            ``{"shapes": [{"model": "dit"|"sr_dit", "seconds", "audio_latents", "text_rows", "seq_len",
+            "first_call_s"}, ...], "total_s": float}``.
+
+        Raises:
+            EngineInputError: a length outside ``(0, max_segment_seconds]``.
+            ValueError: no text buckets (every text length would be its own shape; refuse rather than
+                run ``max_text_tokens`` shapes).
+        """
+        if not self.runner.text_buckets:
+            raise ValueError("warm_up needs text buckets (text_buckets='auto'); without them the shapes are unbounded")
+        lengths = sorted({float(s) for s in segment_seconds})
+        for seconds in lengths:
+            if not 0 < seconds <= self.max_segment_seconds:
+                raise EngineInputError(f"segment_seconds {seconds} outside (0, {self.max_segment_seconds}]")
+        jobs = [("dit", self.runner, self.width, self.height)]
+        if super_resolution and self.sr_runner is not None:
+            jobs.append(("sr_dit", self.sr_runner, self.sr_width, self.sr_height))
+        shapes, started = [], time.perf_counter()
+        with self._lock:
+            for model, runner, width, height in jobs:
+                cfg = runner.config
+                features = torch.zeros(TEXT_TARGET_LENGTH, cfg.text_in_channels, device=self.device)
+                for seconds in lengths:
+                    geo = SegmentGeometry.for_seconds(seconds, width, height, self.fps)
+                    video = torch.zeros(geo.latent_shape(cfg.latent_channels), device=self.device)
+                    audio = torch.zeros(1, geo.audio_latents, cfg.audio_in_channels, device=self.device)
+                    for rows in self.text_rows_options():
+                        inputs = runner.prepare(video.shape, geo.audio_latents, features, rows, device=self.device)
+                        t0 = time.perf_counter()
+                        for _ in range(2 if runner.before_call is not None else 1):
+                            runner.velocity(inputs, video, audio)
+                        if self.device.type == "cuda":
+                            torch.cuda.synchronize(self.device)
+                        shapes.append({"model": model, "seconds": seconds, "audio_latents": geo.audio_latents,
+                                       "text_rows": rows,
+                                       "seq_len": inputs.length, "first_call_s": time.perf_counter() - t0})
+        total = time.perf_counter() - started
+        logger.info("warmed %d DiT shapes in %.1f s", len(shapes), total)
+        return {"shapes": shapes, "total_s": total}
 
     # -- identity -------------------------------------------------------------------------
     @torch.inference_mode()
@@ -198,21 +255,25 @@ class MagiHumanEngine:
                 f"continue_from.last_frame shape {frame.shape} must be ({self.height}, {self.width}, 3)")
         return self.video_vae.encode_image(np.ascontiguousarray(frame, dtype=np.uint8)).float().to(self.device)
 
-    def _velocity_fn(self, text_features: torch.Tensor, num_text: int, timings: dict):
-        cfg = self.dit.config
+    def count_text_tokens(self, text: str) -> int:
+        """Tokens of ``text`` with the engine's own tokenizer (BOS included): what the text encoder
+        would see untruncated. Compare with :attr:`max_text_tokens` (the DiT's limit) to refuse text
+        that the engine would truncate (see the module doc).
 
-        def velocity(video, audio, timestep, conditional):
-            start = time.perf_counter()
-            if self.before_dit_call is not None:
-                self.before_dit_call()
-            packed = pack(video, audio, text_features, num_text=num_text, in_channels=cfg.in_channels)
-            out = self.dit(packed.x, packed.coords, packed.modality, spans=packed.spans,
-                           local_ranges=packed.local_ranges, compute_dtype=self.compute_dtype)
-            v_video, v_audio = unpack(out, packed, cfg.audio_in_channels)
-            timings["dit"] = timings.get("dit", 0.0) + time.perf_counter() - start
-            return v_video, v_audio
+        Raises:
+            EngineInputError: ``text`` is not a string.
+        """
+        try:
+            return self.text_encoder.count_tokens(text)
+        except ValueError as exc:
+            raise EngineInputError(f"prompt: {exc}") from exc
 
-        return velocity
+    def _encode_text(self, prompt: str) -> tuple[torch.Tensor, int]:
+        """The prompt's text context (PIPELINE.md §5): fp32 ``[640, C]`` on the engine's device and the
+        number of rows the DiT sees, ``min(n_tokens, max_text_tokens)``; the encoder sees at most
+        :attr:`max_prompt_tokens` token ids (bounded cost, module doc)."""
+        features, num_text = self.text_encoder.encode(prompt, max_input_tokens=self.max_prompt_tokens)
+        return features.to(self.device), min(num_text, self.max_text_tokens)
 
     @torch.inference_mode()
     def generate(self, request: SegmentRequest, cancel: threading.Event | None = None) -> Segment:
@@ -246,24 +307,20 @@ class MagiHumanEngine:
         else:
             num_audio = round(self.fps * request.seconds) + 1
             audio = torch.randn(1, num_audio, AUDIO_LATENT_CHANNELS, generator=gen, device=self.device)
-        geo = Geometry.for_audio_latents(audio.shape[1], self.width, self.height)
-        c = self.dit.config.latent_channels
-        video = torch.randn(1, c, geo.latent_frames, geo.latent_height, geo.latent_width,
-                            generator=gen, device=self.device)
+        geo = SegmentGeometry.for_audio_latents(audio.shape[1], self.width, self.height)
+        video = torch.randn(geo.latent_shape(self.dit.config.latent_channels), generator=gen, device=self.device)
 
         # 2. text (PIPELINE.md §5)
         t0 = time.perf_counter()
-        features, num_text = self.text_encoder.encode(request.prompt)
-        features = features.to(self.device)
-        if self.max_text_tokens is not None:
-            num_text = min(num_text, self.max_text_tokens)
+        features, num_text = self._encode_text(request.prompt)
         timings["text"] = time.perf_counter() - t0
 
         # 3. distilled loop with image conditioning (§7, §10.3)
         prev = request.continue_from
         image_latent = self._conditioning_latent(request)
         config = dataclasses.replace(self.sampler, a2v=lipsync, keep_audio_clean=self.keep_audio_clean)
-        video, audio = sample(self._velocity_fn(features, num_text, timings), video, audio, config,
+        inputs = self.runner.prepare(video.shape, audio.shape[1], features, num_text, device=self.device)
+        video, audio = sample(self.runner.velocity_fn(inputs, timings, "dit"), video, audio, config,
                               image_latent=image_latent.to(self.device), noise_fn=generator_noise(gen),
                               cancel=cancel)
         if cancel is not None and cancel.is_set():
@@ -315,8 +372,13 @@ class MagiHumanEngine:
         return frames_to_uint8(torch.cat(chunks, dim=2))
 
     # -- latent super-resolution of a buffered segment ------------------------------------
+    @property
+    def can_super_resolve(self) -> bool:
+        """An SR DiT is loaded (:meth:`super_resolve` works; ``sr_width``/``sr_height`` are set)."""
+        return self.sr_dit is not None
+
     @torch.inference_mode()
-    def upgrade(self, segment: Segment, cancel: threading.Event | None = None) -> Segment:
+    def super_resolve(self, segment: Segment, cancel: threading.Event | None = None) -> Segment:
         """Re-render ``segment`` at ``sr_width x sr_height`` through the latent SR stage
         (PIPELINE.md §14: trilinear upsample, re-noise at S[220], fixed 70 %-noise audio context,
         5 UniPC steps of the SR DiT with coords v1, image latent re-encoded at SR size).
@@ -333,11 +395,13 @@ class MagiHumanEngine:
             raise EngineInputError("no super-resolution model is loaded (sr_dit)")
         request, state = segment.request, segment.continuation
         if request is None or state.video_latent is None or state.audio_latent is None:
-            raise EngineInputError("segment has no request or latents to upgrade")
+            raise EngineInputError("segment has no request or latents to super-resolve")
         with self._lock:
-            return self._upgrade(segment, request, cancel)
+            return self._super_resolve(segment, request, cancel)
 
-    def _upgrade(self, segment: Segment, request: SegmentRequest, cancel) -> Segment:
+    upgrade = super_resolve  # deprecated name, kept until streaming calls super_resolve
+
+    def _super_resolve(self, segment: Segment, request: SegmentRequest, cancel) -> Segment:
         from engine.codecs.image import preprocess_image
         from engine.sampler import SR, prepare_sr_inputs
 
@@ -345,37 +409,26 @@ class MagiHumanEngine:
         timings: dict[str, float] = {}
         gen = torch.Generator(device=self.device).manual_seed(int(request.seed) + 1_000_003)
         state = segment.continuation
-        h_sr, w_sr = self.sr_height // 16, self.sr_width // 16
+        sr_geo = SegmentGeometry.for_audio_latents(state.audio_latent.shape[1], self.sr_width, self.sr_height)
+        h_sr, w_sr = sr_geo.latent_height, sr_geo.latent_width
         sr_video, sr_audio = prepare_sr_inputs(state.video_latent.to(self.device), state.audio_latent.to(self.device),
                                                h_sr, w_sr, generator_noise(gen))
         prev = request.continue_from
         source = prev.last_frame if prev is not None else request.identity.image
         image_latent = self.video_vae.encode_image(preprocess_image(source, self.sr_width, self.sr_height)).float()
-        features, num_text = self.text_encoder.encode(request.prompt)
-        if self.max_text_tokens is not None:
-            num_text = min(num_text, self.max_text_tokens)
-        cfg = self.sr_dit.config
-
-        def velocity(video, audio, timestep, conditional):
-            t0 = time.perf_counter()
-            packed = pack(video, audio, features.to(self.device), num_text=num_text, in_channels=cfg.in_channels,
-                          coords_style="v1")
-            out = self.sr_dit(packed.x, packed.coords, packed.modality, spans=packed.spans,
-                              local_ranges=packed.local_ranges, compute_dtype=self.compute_dtype)
-            timings["sr_dit"] = timings.get("sr_dit", 0.0) + time.perf_counter() - t0
-            return unpack(out, packed, cfg.audio_in_channels)
-
-        video, _ = sample(velocity, sr_video, sr_audio, SR, image_latent=image_latent.to(self.device),
-                          noise_fn=generator_noise(gen), cancel=cancel)
+        features, num_text = self._encode_text(request.prompt)
+        inputs = self.sr_runner.prepare(sr_video.shape, sr_audio.shape[1], features, num_text, device=self.device)
+        video, _ = sample(self.sr_runner.velocity_fn(inputs, timings, "sr_dit"), sr_video, sr_audio, SR,
+                          image_latent=image_latent.to(self.device), noise_fn=generator_noise(gen), cancel=cancel)
         if cancel is not None and cancel.is_set():
-            raise CancelledError("cancelled before decoding the upgraded segment")
+            raise CancelledError("cancelled before decoding the super-resolved segment")
         t0 = time.perf_counter()
         frames = self._decode_frames(video, cancel)
         timings["sr_decode_video"] = time.perf_counter() - t0
         if prev is not None and frames.shape[0] > 1:
             frames = frames[1:]
         if frames.shape[0] != segment.num_frames:
-            raise RuntimeError(f"upgraded segment has {frames.shape[0]} frames, expected {segment.num_frames}")
+            raise RuntimeError(f"super-resolved segment has {frames.shape[0]} frames, expected {segment.num_frames}")
         timings["sr_total"] = time.perf_counter() - start
         return dataclasses.replace(segment, frames=frames, super_resolved=True,
                                    timings_s={**segment.timings_s, **timings})
@@ -386,101 +439,3 @@ def fit_length(waveform: np.ndarray, num_samples: int) -> np.ndarray:
     if waveform.shape[0] >= num_samples:
         return np.ascontiguousarray(waveform[:num_samples])
     return np.concatenate([waveform, np.zeros(num_samples - waveform.shape[0], dtype=waveform.dtype)])
-
-
-PREVIEW_WIDTH, PREVIEW_HEIGHT = 224, 128
-PREVIEW_TEXT_TOKENS = 256
-"""The preview's byte tokenizer makes one token per UTF-8 byte (a 1,600-character enhanced prompt is
-640 tokens after the reference's cap, where T5Gemma's tokenizer gives ~400); the preview keeps the
-first 256 so that text does not dominate its sequence on a CPU. The real stack keeps 640."""
-
-PREVIEW_AUDIO_MODEL_RATE_HZ = 12_800
-"""Model rate of the preview's Oobleck VAE (hop 512, strides 2·2·4·4·8; still 25 latents/s). The
-encoder's first stage is 128 channels wide at any size (2 x latent dim), so at the released 51.2 kHz
-encoding the user's audio took about as long as the whole rest of a lip-sync segment on 2 CPU
-cores; at 12.8 kHz it is a quarter of the work. The real stack keeps 51.2 kHz (hop 2048)."""
-
-
-def build_preview_engine(*, seed: int = 0, device: str = "cpu", width: int = PREVIEW_WIDTH,
-                         height: int = PREVIEW_HEIGHT, compute_dtype: torch.dtype | None = None,
-                         sr: bool = False, backend: str = "eager") -> MagiHumanEngine:
-    """The ``preview`` preset: the same classes at a small size with seeded, untrained weights.
-
-    Its pictures and sounds are noise by design; the structure (shapes, rates, timing, the
-    whole streaming path) is the real one. ``compute_dtype`` defaults to bf16 (the reference
-    numerics, DIT.md §6; also the faster one on CPUs with bf16 dot-product units); the Oobleck
-    encoder (lip-sync) runs in bf16 too, and its VAE at :data:`PREVIEW_AUDIO_MODEL_RATE_HZ`
-    (12.8 kHz, hop 512) instead of 51.2 kHz (hop 2048): preview-only speed choices (the reference:
-    fp32 at 51.2 kHz) that keep 25 audio latents per second. ``sr=True`` adds a seeded preview SR DiT
-    that upgrades segments to twice the size (``2 width x 2 height``). ``backend`` selects the
-    DiT execution path (:func:`engine.backends.apply_backend`: eager, fast, compile, fp8, ...).
-    """
-    from engine.codecs.audio_vae import OobleckAudioVAE
-    from engine.codecs.text_encoder import T5GemmaTextEncoder
-    from engine.codecs.video_vae import WanVideoVAE
-    from engine.config import preview_config
-
-    config = preview_config()
-    text_encoder = T5GemmaTextEncoder.preview(seed=seed, hidden_size=config.text_in_channels)
-    dit = DiTModel(config)
-    init_seeded(dit, seed)
-    dit.eval().to(device)
-    if compute_dtype is None:
-        compute_dtype = torch.bfloat16
-    sr_dit = None
-    if sr:
-        sr_dit = DiTModel(config)
-        init_seeded(sr_dit, seed + 1)
-        sr_dit.eval().to(device)
-    engine = MagiHumanEngine(
-        dit, text_encoder, WanVideoVAE.preview(seed=seed).to(device),
-        OobleckAudioVAE.preview(seed=seed, encode_dtype=torch.bfloat16, model_sample_rate=PREVIEW_AUDIO_MODEL_RATE_HZ),
-        width=width, height=height, device=device, compute_dtype=compute_dtype, name="preview", notice=PREVIEW_NOTICE,
-        sr_dit=sr_dit, sr_size=(2 * width, 2 * height) if sr else None, max_text_tokens=PREVIEW_TEXT_TOKENS,
-    )
-    return use_backend(engine, backend)
-
-
-def use_backend(engine: MagiHumanEngine, backend: str) -> MagiHumanEngine:
-    """Switch the engine's DiT(s) to ``backend`` (:func:`engine.backends.apply_backend`)."""
-    if backend == "eager":
-        return engine
-    from engine.backends import apply_backend
-
-    info = None
-    for dit in (engine.dit, engine.sr_dit):
-        if dit is not None:
-            info = apply_backend(dit, backend, engine.device)
-    if info is not None and info.compile_mode == "reduce-overhead":
-        from engine.backends.compile import mark_step
-
-        engine.before_dit_call = mark_step
-    return engine
-
-
-def build_engine(preset: str, *, checkpoint_dir: str | None = None, device: str = "cpu", seed: int = 0,
-                 sr: bool = False, backend: str = "eager"):
-    """Build a :class:`engine.api.SegmentEngine` by preset name.
-
-    * ``preview``: :func:`build_preview_engine` (CPU friendly, seeded weights).
-    * ``testpattern``: :class:`engine.testpattern.TestPatternEngine` (no model; flashes and
-      clicks at known media times, for A/V sync measurements).
-    * ``full``: the released model stack loaded from ``checkpoint_dir`` (issue: checkpoint
-      loading); requires a GPU in practice.
-
-    Raises:
-        ValueError: unknown preset, or ``full`` without ``checkpoint_dir``.
-    """
-    if preset == "preview":
-        return build_preview_engine(seed=seed, device=device, sr=sr, backend=backend)
-    if preset == "testpattern":
-        from engine.testpattern import TestPatternEngine
-
-        return TestPatternEngine()
-    if preset == "full":
-        if not checkpoint_dir:
-            raise ValueError("preset 'full' needs checkpoint_dir (the released daVinci-MagiHuman stack)")
-        from engine.stack import build_full_engine
-
-        return use_backend(build_full_engine(checkpoint_dir, device=device, sr=sr), backend)
-    raise ValueError(f"unknown engine preset {preset!r}; known: preview, testpattern, full")

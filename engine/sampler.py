@@ -25,7 +25,7 @@ from typing import Literal
 import torch
 
 from engine.api import CancelledError
-from engine.scheduler import (
+from engine.schedules import (
     DEFAULT_SHIFT,
     flow_timesteps,
     sde_theta,
@@ -221,7 +221,7 @@ def prepare_sr_inputs(
         base_audio: fp32 ``[1, A, 64]`` base-stage (clean) audio latent.
         latent_height, latent_width: SR latent size ``(h_sr, w_sr)``.
         noise_fn: Gaussian draws, consumed as: video noise (if ``noise_value != 0``), then audio.
-        noise_value: index into :func:`engine.scheduler.sr_signal_table` (0 skips re-noising).
+        noise_value: index into :func:`engine.schedules.sr_signal_table` (0 skips re-noising).
         audio_noise_scale: weight of fresh noise in the fixed SR audio context.
 
     Returns:
@@ -231,7 +231,7 @@ def prepare_sr_inputs(
     Raises:
         ValueError: ``noise_value`` outside [0, 999].
     """
-    from engine.scheduler import sr_signal_table
+    from engine.schedules import sr_signal_table
 
     if not 0 <= noise_value <= 999:
         raise ValueError(f"noise_value must be in [0, 999], got {noise_value}")

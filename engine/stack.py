@@ -3,7 +3,7 @@
 * :func:`resolve_stack` checks a root before anything is loaded and names every file that will be
   read; :func:`load_stack` then loads the base DiT, the optional SR DiT, T5Gemma, the Wan2.2 VAE,
   the Oobleck VAE and the Turbo decoder into :class:`engine.offline.ClipModels` (offline clips);
-  :func:`build_full_engine` wraps the same pieces into the streaming
+  :func:`engine.factory.build_full_engine` wraps the same pieces into the streaming
   :class:`engine.pipeline.MagiHumanEngine` (``avatar-server serve --engine full``).
 * :func:`write_preview_stack` writes a root in exactly the released layout holding the preview-size
   models with seeded, untrained weights, and :func:`preview_models` builds the same models in memory.
@@ -63,7 +63,7 @@ from engine.checkpoint import (
     save_dit_checkpoint,
 )
 from engine.config import LOCAL_ATTN_LAYERS_1080P, DiTConfig, preview_config
-from engine.dit import DiTModel, init_seeded
+from engine.dit import DiTModel, seeded_dit
 from engine.offline import ClipModels
 
 logger = logging.getLogger(__name__)
@@ -73,7 +73,6 @@ __all__ = [
     "PREVIEW_TURBO_CONFIG",
     "SR_VARIANTS",
     "StackFiles",
-    "build_full_engine",
     "find_video_vae",
     "load_stack",
     "preview_dit",
@@ -358,60 +357,6 @@ def load_stack(
     )
 
 
-def build_full_engine(
-    checkpoint_dir: str | Path,
-    *,
-    device: str | torch.device = "cuda",
-    width: int = 448,
-    height: int = 256,
-    compute_dtype: torch.dtype = torch.bfloat16,
-    text_device: str | torch.device | None = None,
-    progress: bool = True,
-    sr: bool = False,
-    sr_size: tuple[int, int] = (896, 512),
-):
-    """The streaming engine on the released stack: distilled DiT, Turbo decoder, bf16 compute.
-
-    With ``sr=True`` the ``540p_sr`` DiT is loaded too, so that idle time upgrades buffered
-    segments to ``sr_size`` (896x512, the example scripts' 540p size; PIPELINE.md §14).
-
-    ``keep_audio_clean=True`` (the named streaming deviation of :mod:`engine.pipeline`: lip-sync
-    audio is not re-noised and is played as given).
-
-    Args:
-        checkpoint_dir: checkpoint root holding at least ``distill/``, ``turbo_vae/`` and the three
-            external models.
-        device: ``cuda`` in practice; ``cpu`` works (slowly).
-        width, height: output size in pixels (multiples of 32; 448x256 = the example scripts).
-        compute_dtype: DiT compute and codec weight dtype (bf16 reference numerics).
-        text_device: device of T5Gemma (default ``device``).
-        progress: loading progress bars.
-
-    Returns:
-        :class:`engine.pipeline.MagiHumanEngine` named ``full``.
-
-    Raises:
-        EngineInputError: width/height not positive multiples of 32 (checked before loading).
-        StackError: the root is incomplete (see :func:`resolve_stack`).
-    """
-    from engine.pipeline import MagiHumanEngine, check_resolution
-    from engine.sampler import DISTILL
-
-    check_resolution(width, height)
-    if sr:
-        check_resolution(*sr_size)
-    models = load_stack(
-        checkpoint_dir, variant="distill", sr="540p_sr" if sr else None, device=device, dtype=compute_dtype,
-        use_turbo=True, keep_audio_clean=True, text_device=text_device, progress=progress,
-    )
-    return MagiHumanEngine(
-        models.dit, models.text_encoder, models.video_vae, models.audio_vae,
-        width=width, height=height, device=device, compute_dtype=compute_dtype, sampler=DISTILL,
-        keep_audio_clean=True, video_decoder=models.turbo_decoder, name="full",
-        sr_dit=models.sr_dit if sr else None, sr_size=sr_size if sr else None,
-    )
-
-
 # --------------------------------------------------------------------------- preview stack
 
 
@@ -431,9 +376,7 @@ def preview_dit(variant: str = "distill", seed: int = 0) -> DiTModel:
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown DiT variant {variant!r}; known: {list(VARIANTS)}")
-    model = DiTModel(_variant_config(variant))
-    init_seeded(model, seed + _PREVIEW_SEED_OFFSETS[variant])
-    return model.eval().requires_grad_(False)
+    return seeded_dit(_variant_config(variant), seed + _PREVIEW_SEED_OFFSETS[variant])
 
 
 def preview_turbo(seed: int = 0):

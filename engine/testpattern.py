@@ -116,6 +116,19 @@ class TestPatternEngine:
         self.click_amplitude = click_amplitude
         self._frames_generated = 0
 
+    max_text_tokens = 640
+    """The released model's text limit (PIPELINE.md §5); this engine ignores the text."""
+
+    def count_text_tokens(self, text: str) -> int:
+        """UTF-8 bytes + 1, as the preview's byte tokenizer counts (no model, no tokenizer here).
+
+        Raises:
+            EngineInputError: ``text`` is not a string.
+        """
+        if not isinstance(text, str):
+            raise EngineInputError(f"prompt must be a str, got {type(text).__name__}")
+        return len(text.encode("utf-8")) + 1
+
     def prepare_identity(self, image: np.ndarray, appearance: str) -> Identity:
         if image.ndim != 3 or image.shape[2] != 3 or image.shape[0] == 0 or image.shape[1] == 0:
             raise EngineInputError(f"image: expected a non-empty [H, W, 3] array, got shape {image.shape}")

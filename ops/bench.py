@@ -27,7 +27,7 @@ Measures, for one segment geometry (default 5 s; 448x256 for ``full``, the previ
   their share of the total; ``--profile-trace-dir`` also writes Chrome traces.
 
 Full preset on a GPU: the 15.3 B model is built on the meta device, materialised with ``to_empty``
-and filled with seeded normal draws generated on the device in chunks (:func:`build_seeded_dit`), so
+and filled with seeded normal draws generated on the device in chunks (:func:`engine.dit.seeded_dit`), so
 no checkpoint and no 30 GB of host RAM are needed. Timing: CUDA events around each region after
 ``--warmup`` runs, median of the repeats.
 
@@ -54,24 +54,23 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from engine.config import DiTConfig, full_config, preview_config
-from engine.dit import DiTModel, FourierRope, default_init_std
-from engine.packing import PackedInputs, pack, unpack
-from engine.pipeline import PREVIEW_HEIGHT, PREVIEW_WIDTH, Geometry
+from engine.config import DiTConfig
+from engine.factory import preset_geometry, seeded_preset_dit
+from engine.geometry import SegmentGeometry
+from engine.runner import DiTRunner
 from engine.sampler import DISTILL, generator_noise, sample
+from ops.export_onnx import example_inputs, export_name
 
 logger = logging.getLogger(__name__)
 
 REQUIRED_KEYS = ("device", "backend", "text_tokens", "dit_8step_s", "decode_s", "segment_s", "first_frame_s",
                  "peak_mem_gb", "mfu")
 DEFAULT_BACKENDS = ("eager", "fast", "compile", "fp8")
-FULL_WIDTH, FULL_HEIGHT = 448, 256  # the 256p example size (PIPELINE.md §3)
 AUDIO_CHANNELS = 64
 
 # Dense peak FLOP/s per GPU (bf16, fp8) from NVIDIA's datasheets; H200 has H100 SXM's compute.
@@ -98,43 +97,6 @@ TURBO_PREVIEW_OVERRIDES = dict(decoder_block_out_channels=[2, 2, 4, 4], decoder_
 
 # ---------------------------------------------------------------------------------------------
 # geometry and FLOPs
-
-
-@dataclass(frozen=True)
-class SegmentGeometry:
-    """Pixel size and length of one segment and the token counts it implies (PIPELINE.md §3)."""
-
-    width: int
-    height: int
-    seconds: float
-
-    @classmethod
-    def for_preset(cls, preset: str, width: int | None, height: int | None, seconds: float) -> SegmentGeometry:
-        default = (PREVIEW_WIDTH, PREVIEW_HEIGHT) if preset == "preview" else (FULL_WIDTH, FULL_HEIGHT)
-        return cls(width or default[0], height or default[1], seconds)
-
-    @property
-    def latent(self) -> Geometry:
-        return Geometry.for_audio_latents(round(25 * self.seconds) + 1, self.width, self.height)
-
-    @property
-    def video_tokens(self) -> int:
-        g = self.latent
-        return g.latent_frames * (g.latent_height // 2) * (g.latent_width // 2)
-
-    @property
-    def audio_tokens(self) -> int:
-        return self.latent.audio_latents
-
-    def latent_shape(self, channels: int = 48) -> tuple[int, int, int, int, int]:
-        g = self.latent
-        return (1, channels, g.latent_frames, g.latent_height, g.latent_width)
-
-    def to_dict(self) -> dict:
-        g = self.latent
-        return {"width": self.width, "height": self.height, "seconds": self.seconds,
-                "latent": list(self.latent_shape()[1:]), "frames": g.frames,
-                "video_tokens": self.video_tokens, "audio_tokens": self.audio_tokens}
 
 
 def linear_flops_per_token(config: DiTConfig) -> int:
@@ -180,54 +142,6 @@ def measure_gemm_peak(device: torch.device, dtype: torch.dtype, size: int = 2048
 
 # ---------------------------------------------------------------------------------------------
 # models
-
-
-@torch.no_grad()
-def init_seeded_on_device(model: torch.nn.Module, seed: int, device: torch.device,
-                          chunk_elems: int = 1 << 26) -> None:
-    """Fill every parameter with ``randn * std`` (:func:`engine.dit.default_init_std`) drawn on ``device``
-    from one ``torch.Generator(device)``, ``chunk_elems`` at a time (at most 256 MB of fp32 scratch).
-
-    Same distribution as :func:`engine.dit.init_seeded`, not the same values (other generator)."""
-    gen = torch.Generator(device=device).manual_seed(seed)
-    for name, param in model.named_parameters():
-        std = default_init_std(name, param.shape)
-        flat = param.view(-1)
-        for start in range(0, flat.numel(), chunk_elems):
-            n = min(chunk_elems, flat.numel() - start)
-            flat[start : start + n].copy_(torch.randn(n, generator=gen, device=device).mul_(std))
-
-
-def build_seeded_dit(config: DiTConfig, device: str | torch.device, seed: int = 0) -> DiTModel:
-    """The DiT with seeded random weights built directly on ``device``: meta -> ``to_empty`` -> chunked draws."""
-    device = torch.device(device)
-    with torch.device("meta"):
-        model = DiTModel(config)
-    model = model.to_empty(device=device)
-    init_seeded_on_device(model, seed, device)
-    with torch.no_grad():  # to_empty left the rotary band buffer uninitialised
-        model.adapter.rope.bands.copy_(FourierRope(config.head_dim).bands.to(device))
-    return model.eval().requires_grad_(False)
-
-
-def build_dit(preset: str, device: str | torch.device, seed: int = 0) -> DiTModel:
-    """``full``: :func:`build_seeded_dit`; ``preview``: the preview engine's DiT (``init_seeded``)."""
-    if preset == "full":
-        return build_seeded_dit(full_config(), device, seed)
-    from engine.dit import init_seeded
-
-    model = DiTModel(preview_config())
-    init_seeded(model, seed)
-    return model.eval().requires_grad_(False).to(device)
-
-
-def example_inputs(config: DiTConfig, geo: SegmentGeometry, text_tokens: int, device, seed: int = 0) -> PackedInputs:
-    """Packed random latents and text features of the segment geometry (PIPELINE.md §8)."""
-    gen = torch.Generator().manual_seed(seed)
-    video = torch.randn(geo.latent_shape(config.latent_channels), generator=gen)
-    audio = torch.randn(1, geo.audio_tokens, config.audio_in_channels, generator=gen)
-    text = torch.randn(1, text_tokens, config.text_in_channels, generator=gen)
-    return pack(video.to(device), audio.to(device), text.to(device), in_channels=config.in_channels)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -368,7 +282,7 @@ def build_audio_vae(preset: str, device: torch.device, seed: int):
     from engine.codecs.audio_vae import OobleckAudioVAE
 
     if preset == "preview":  # as build_preview_engine builds it: 12.8 kHz model rate, bf16 encoder
-        from engine.pipeline import PREVIEW_AUDIO_MODEL_RATE_HZ
+        from engine.factory import PREVIEW_AUDIO_MODEL_RATE_HZ
 
         return OobleckAudioVAE.preview(seed=seed, encode_dtype=torch.bfloat16,
                                        model_sample_rate=PREVIEW_AUDIO_MODEL_RATE_HZ)
@@ -382,22 +296,6 @@ def build_audio_vae(preset: str, device: torch.device, seed: int):
 
 # ---------------------------------------------------------------------------------------------
 # one segment
-
-
-def make_velocity_fn(dit: DiTModel, text: torch.Tensor, num_text: int, dtype: torch.dtype,
-                     before_forward: Callable[[], None] | None = None):
-    """The pipeline's velocity function (pack -> DiT -> unpack), as in ``MagiHumanEngine``."""
-    cfg = dit.config
-
-    def velocity(video, audio, timestep, conditional):
-        packed = pack(video, audio, text, num_text=num_text, in_channels=cfg.in_channels)
-        if before_forward is not None:
-            before_forward()
-        out = dit(packed.x, packed.coords, packed.modality, spans=packed.spans,
-                  local_ranges=packed.local_ranges, compute_dtype=dtype)
-        return unpack(out, packed, cfg.audio_in_channels)
-
-    return velocity
 
 
 def run_segment(velocity, geo: SegmentGeometry, steps: int, device: torch.device, seed: int,
@@ -474,29 +372,27 @@ def bench_backend(args, ctx: dict, backend: str, text_tokens: int) -> dict:
     from engine.backends.compile import mark_step
 
     device, dit, geo = ctx["device"], ctx["dit"], ctx["geo"]
-    dtype = ctx["dtype"]
     record: dict = {"device": ctx["device_name"], "backend": backend, "text_tokens": text_tokens,
                     "seq_len": geo.video_tokens + geo.audio_tokens + text_tokens, "steps": args.steps}
     _reset_peak(device)
     options = {"attention": args.attention, "compile_mode": args.compile_mode, "compile_scope": args.compile_scope,
                "fp8_impl": args.fp8_impl}
     if backend == "tensorrt":
-        from ops.export_onnx import export_name
-
         name = export_name(args.preset, geo.width, geo.height, geo.seconds, text_tokens, args.onnx_dtype)
         options = {"onnx_path": Path(args.onnx_dir or ".") / f"{name}.onnx"}
     info = apply_backend(dit, backend, device, **options)
     record["backend_info"] = info.to_dict()
-    before = mark_step if info.compile_mode == "reduce-overhead" else None
+    runner: DiTRunner = ctx["runner"]
+    runner.before_call = mark_step if info.compile_mode == "reduce-overhead" else None
 
     packed = ctx["packed"][text_tokens]
     text = ctx["text"][text_tokens]
 
     def forward():
-        if before is not None:
-            before()
+        if runner.before_call is not None:
+            runner.before_call()
         with torch.inference_mode():
-            return dit(packed.x, packed.coords, packed.modality, spans=packed.spans, compute_dtype=dtype)
+            return runner.forward(packed)
 
     _sync(device)
     t0 = time.perf_counter()
@@ -517,7 +413,8 @@ def bench_backend(args, ctx: dict, backend: str, text_tokens: int) -> dict:
             trace = args.profile_trace_dir / f"{backend.replace('+', '_')}-{text_tokens}.trace.json"
         record["profile_forward"] = profile_top(forward, device, top_k=args.profile, trace_path=trace)
 
-    velocity = make_velocity_fn(dit, text, text_tokens, dtype, before)
+    inputs = runner.prepare(geo.latent_shape(dit.config.latent_channels), geo.audio_tokens, text, text_tokens)
+    velocity = runner.velocity_fn(inputs)
     config = dataclasses.replace(DISTILL, num_steps=args.steps)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     video0 = torch.randn(geo.latent_shape(), generator=gen, device=device)
@@ -654,7 +551,7 @@ def run(args: argparse.Namespace) -> dict:
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(args.compute_dtype)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    geo = SegmentGeometry.for_preset(args.preset, args.width, args.height, args.seconds)
+    geo = preset_geometry(args.preset, args.seconds, args.width, args.height)
     if args.compile_cache is not None:
         from engine.backends.compile import load_compile_cache
 
@@ -664,16 +561,17 @@ def run(args: argparse.Namespace) -> dict:
     ctx: dict = {"device": device, "geo": geo, "dtype": dtype, "device_name": _device_name(device), "eager_out": {}}
     t0 = time.perf_counter()
     if args.preset == "preview":
-        from engine.pipeline import build_preview_engine
+        from engine.factory import build_preview_engine
 
         engine = build_preview_engine(seed=args.seed, device=str(device), width=geo.width, height=geo.height,
                                       compute_dtype=dtype)
-        ctx["engine"], ctx["dit"] = engine, engine.dit
+        ctx["engine"], ctx["dit"], ctx["runner"] = engine, engine.dit, engine.runner
         rng = np.random.default_rng(args.seed)
         image = rng.integers(0, 256, (geo.height, geo.width, 3), dtype=np.uint8)
         ctx["identity"] = engine.prepare_identity(image, "benchmark identity")
     else:
-        ctx["dit"] = build_seeded_dit(full_config(), device, args.seed)
+        ctx["dit"] = seeded_preset_dit("full", device, args.seed)
+        ctx["runner"] = DiTRunner(ctx["dit"], compute_dtype=dtype)
     build_s = time.perf_counter() - t0
     turbo, ctx["turbo_status"] = build_turbo(args.preset, device, args.seed)
     ctx["decoders"] = [d for d in (turbo, build_wan(args.preset, device, args.seed)) if d is not None]

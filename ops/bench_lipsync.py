@@ -1,6 +1,6 @@
 """Preview lip-sync segment benchmark on CPU: where the time of one live-microphone segment goes.
 
-Builds :func:`engine.pipeline.build_preview_engine` and generates ``--repeats`` lip-sync segments
+Builds :func:`engine.factory.build_preview_engine` and generates ``--repeats`` lip-sync segments
 (``SegmentKind.LIPSYNC``) of ``--seconds`` seconds of real speech (default: the first seconds of
 ``shared/media/english.wav``, resampled to the microphone's 48 kHz as a live session sends it, with
 the prompt a live session builds for lip-sync). Prints, per stage of ``segment.timings_s``
@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> dict:
     from PIL import Image
 
     from engine.api import SegmentKind, SegmentRequest
-    from engine.pipeline import build_preview_engine
+    from engine.factory import build_preview_engine
     from streaming.text import build_prompt
 
     load_start = _load_1m()

@@ -40,12 +40,15 @@ import torch
 from torch import nn
 
 from engine.backends.attention import math_attention_kernel
+from engine.config import DiTConfig
 from engine.dit import DiTModel, Span
-from engine.packing import PackedInputs
+from engine.factory import preset_geometry, seeded_preset_dit
+from engine.geometry import SegmentGeometry
+from engine.packing import PackedInputs, pack
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ExportInfo", "FixedGeometryDiT", "export_dit_onnx", "export_name", "main", "verify_onnx"]
+__all__ = ["ExportInfo", "FixedGeometryDiT", "example_inputs", "export_dit_onnx", "export_name", "main", "verify_onnx"]
 
 OPSET = 18
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -70,6 +73,16 @@ class FixedGeometryDiT(nn.Module):
         """``x`` fp32 ``[L, in_channels]``, ``coords`` fp32 ``[L, 9]`` -> fp32 ``[L, out_channels]``."""
         return self.model(x, coords, self.modality, spans=self.spans, compute_dtype=self.compute_dtype,
                           exact_attention=True)
+
+
+def example_inputs(config: DiTConfig, geo: SegmentGeometry, text_tokens: int, device, seed: int = 0) -> PackedInputs:
+    """Packed random latents and text features of the segment geometry (PIPELINE.md §8): seeded
+    ``randn`` video ``[1, C, T, h, w]``, audio ``[1, A, 64]`` and text ``[1, text_tokens, C_text]``."""
+    gen = torch.Generator().manual_seed(seed)
+    video = torch.randn(geo.latent_shape(config.latent_channels), generator=gen)
+    audio = torch.randn(1, geo.audio_tokens, config.audio_in_channels, generator=gen)
+    text = torch.randn(1, text_tokens, config.text_in_channels, generator=gen)
+    return pack(video.to(device), audio.to(device), text.to(device), in_channels=config.in_channels)
 
 
 @contextmanager
@@ -195,13 +208,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ops.bench import SegmentGeometry, build_dit, example_inputs
-
     args = _parse(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    geo = SegmentGeometry.for_preset(args.preset, args.width, args.height, args.seconds)
+    geo = preset_geometry(args.preset, args.seconds, args.width, args.height)
     dtype = _DTYPES[args.compute_dtype]
-    model = build_dit(args.preset, args.device, args.seed)
+    model = seeded_preset_dit(args.preset, args.device, args.seed)
     packed = example_inputs(model.config, geo, args.text_tokens, args.device, seed=args.seed)
     name = export_name(args.preset, geo.width, geo.height, geo.seconds, args.text_tokens, args.compute_dtype)
     info = export_dit_onnx(model, packed, args.out / f"{name}.onnx", compute_dtype=dtype)

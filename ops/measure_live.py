@@ -127,7 +127,7 @@ def build_marked_engine(name: str, *, delay_s: float = 0.2, sr: bool = False) ->
         from engine.testpattern import TestPatternEngine
 
         return MarkedEngine(TestPatternEngine(generate_delay_s=delay_s))
-    from engine.pipeline import build_preview_engine
+    from engine.factory import build_preview_engine
 
     if name != "preview":
         raise ValueError(f"engine {name!r}: measure_live runs testpattern or preview")

@@ -289,8 +289,9 @@ class EngineWorker:
 
     @property
     def can_super_resolve(self) -> bool:
-        """The engine has a super-resolution model (``sr_width`` and its SR method set)."""
-        return getattr(self.engine, "sr_width", None) is not None and hasattr(self.engine, "upgrade")
+        """The engine has a super-resolution model (its ``can_super_resolve``; engines without SR
+        have no such attribute)."""
+        return bool(getattr(self.engine, "can_super_resolve", False))
 
     async def prepare_identity(self, image: np.ndarray, appearance: str) -> Identity:
         """Run ``engine.prepare_identity`` (uint8 ``[H, W, 3]`` image) in the worker thread, first in line."""
@@ -327,9 +328,8 @@ class EngineWorker:
         Raises:
             engine.api.CancelledError: cancelled or preempted.
         """
-        super_resolve = self.engine.upgrade  # type: ignore[attr-defined]  # the engine's SR method
         return await self.jobs.run(
-            super_resolve, segment, cancel, deadline_s=deadline_s, cancel=cancel, background=True, estimate_s=estimate_s
+            self.engine.super_resolve, segment, cancel, deadline_s=deadline_s, cancel=cancel, background=True, estimate_s=estimate_s
         )
 
     def close(self, wait_s: float = 0.0) -> None:

@@ -1,7 +1,7 @@
 """Idle super-resolution of buffered segments, and the fixed output size.
 
 With an SR model (``engine.sr_width`` set, and the engine's SR method,
-``engine.upgrade(segment, cancel)`` today) and ``sr`` on, a session's video is sent at the SR
+``engine.super_resolve(segment, cancel)``) and ``sr`` on, a session's video is sent at the SR
 size (``sr_width x sr_height``, 540p on the real model, twice the base size on the preview
 preset) from its first frame to its last:
 

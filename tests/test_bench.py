@@ -16,10 +16,9 @@ from pathlib import Path
 import torch
 
 from engine.config import full_config, preview_config
-from engine.dit import FourierRope
+from engine.dit import FourierRope, seeded_dit
 from ops.bench import (
     REQUIRED_KEYS,
-    build_seeded_dit,
     flops_per_forward,
     linear_flops_per_token,
     peak_flops_for,
@@ -44,13 +43,13 @@ def test_flop_model_matches_timing_md():
 
 def test_seeded_build_on_device_initialises_everything():
     cfg = preview_config()
-    model = build_seeded_dit(cfg, "cpu", seed=3)
+    model = seeded_dit(cfg, seed=3, device="cpu", draw_on_device=True)
     params = dict(model.named_parameters())
     assert all(torch.isfinite(p.float()).all() for p in params.values())
     w = params["block.layers.4.mlp.up_gate_proj.weight"].float()
     assert abs(w.std().item() * math.sqrt(w.shape[1]) - 1.0) < 0.05  # std 1/sqrt(fan_in)
     assert torch.equal(model.adapter.rope.bands, FourierRope(cfg.head_dim).bands)
-    again = build_seeded_dit(cfg, "cpu", seed=3)
+    again = seeded_dit(cfg, seed=3, device="cpu", draw_on_device=True)
     assert torch.equal(again.block.layers[0].attention.linear_qkv.weight, model.block.layers[0].attention.linear_qkv.weight)
 
 

@@ -194,10 +194,10 @@ def _key_mask(length: int, drop: int) -> torch.Tensor:
 
 
 def _preview_inputs(seconds: float, width: int, height: int, text_tokens: int, seed: int):
+    from engine.geometry import SegmentGeometry
     from engine.packing import pack
-    from engine.pipeline import Geometry
 
-    geo = Geometry.for_audio_latents(round(25 * seconds) + 1, width, height)
+    geo = SegmentGeometry.for_audio_latents(round(25 * seconds) + 1, width, height)
     gen = torch.Generator().manual_seed(seed)
     video = torch.randn(1, 48, geo.latent_frames, geo.latent_height, geo.latent_width, generator=gen)
     audio = torch.randn(1, geo.audio_latents, 64, generator=gen)
@@ -222,7 +222,7 @@ def _rank_cp2(rank: int, cp: int, init_file: str) -> None:
     unmasked = forward_replicated(model, packed.x, packed.coords, spans=packed.spans, compute_dtype=torch.float32)
     assert rel_l2(unmasked[: packed.length - 3], want) > 1e-3  # the mask matters
     # the preview preset at its real token counts: 5 s at 224x128 with 256 text tokens = 1278 tokens
-    from engine.pipeline import PREVIEW_HEIGHT, PREVIEW_TEXT_TOKENS, PREVIEW_WIDTH
+    from engine.factory import PREVIEW_HEIGHT, PREVIEW_TEXT_TOKENS, PREVIEW_WIDTH
 
     model = DiTModel(preview_config())
     init_seeded(model, 0)
@@ -317,7 +317,7 @@ def test_parity_cli_refuses_cp3():
 
 
 def _preview_fp32(device: str = "cpu", sr: bool = False):
-    from engine.pipeline import build_preview_engine
+    from engine.factory import build_preview_engine
 
     return build_preview_engine(seed=0, device=device, compute_dtype=torch.float32, sr=sr)
 
@@ -347,7 +347,7 @@ def test_engine_on_two_ranks_matches_one_process_and_survives_a_killed_rank():
         assert rel_l2(got.continuation.audio_latent, want.continuation.audio_latent) <= FP32_REL
         assert np.abs(got.frames.astype(int) - want.frames.astype(int)).max() <= 1
         assert got.timings_s["dit"] > 0
-        sr_want, sr_got = single.upgrade(want), engine.upgrade(got)
+        sr_want, sr_got = single.super_resolve(want), engine.super_resolve(got)
         assert sr_got.super_resolved and sr_got.frames.shape == sr_want.frames.shape == (13, 256, 448, 3)
         assert np.abs(sr_got.frames.astype(int) - sr_want.frames.astype(int)).max() <= 1
 

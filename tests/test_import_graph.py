@@ -7,8 +7,9 @@ protocol: it imports ``avatar_server.protocol`` (the wire contract), ``streaming
 measures the served code and may import any layer; no layer imports ``ops`` or ``clients``
 (the CLI dispatches to ``clients.cli`` by a lazy import of its entry point, listed below).
 
-Every import counts, at module level or inside a function: a lazy import that closes a cycle is
-still a cycle in the design. An import of ``a.b.c`` depends on the module ``a.b.c`` (or the
+Every import that runs counts, at module level or inside a function: a lazy import that closes a
+cycle is still a cycle in the design. Imports under ``if TYPE_CHECKING:`` never run (they name a
+type for annotations, e.g. the connection's reference to the server that owns it) and do not count. An import of ``a.b.c`` depends on the module ``a.b.c`` (or the
 package ``a.b`` when ``c`` is a name in it). A package's ``__init__`` importing its own
 submodules is not a cycle by itself; a submodule importing its package back while the package
 imports it is.
@@ -59,8 +60,15 @@ def import_graph() -> dict[str, set[str]]:
     modules = _modules()
     graph: dict[str, set[str]] = defaultdict(set)
     for module, path in modules.items():
-        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-            if not isinstance(node, ast.Import | ast.ImportFrom):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        type_only = {
+            id(child)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+            for child in ast.walk(node)
+        }
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Import | ast.ImportFrom) or id(node) in type_only:
                 continue
             for target in _targets(module, path, node, modules):
                 while target and target not in modules:

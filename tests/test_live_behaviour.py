@@ -233,8 +233,10 @@ async def test_conversation_mode_listens_and_switching_modes_never_stops_the_str
 
 # ------------------------------------------------------------------------------- super-resolution
 class SrEngine(TestPatternEngine):
-    """Test pattern with a stand-in SR model: ``upgrade`` doubles the size (pixel repeat) after
-    ``upgrade_delay_s`` of simulated work, cut short by its cancel event."""
+    """Test pattern with a stand-in SR model: ``super_resolve`` doubles the size (pixel repeat)
+    after ``upgrade_delay_s`` of simulated work, cut short by its cancel event."""
+
+    can_super_resolve = True
 
     def __init__(self, upgrade_delay_s: float, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -242,7 +244,7 @@ class SrEngine(TestPatternEngine):
         self.upgrade_delay_s = upgrade_delay_s
         self.upgrades = 0
 
-    def upgrade(self, segment, cancel=None):
+    def super_resolve(self, segment, cancel=None):
         if cancel is not None and cancel.wait(self.upgrade_delay_s):
             raise CancelledError("upgrade cancelled")
         self.upgrades += 1

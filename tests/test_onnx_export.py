@@ -16,14 +16,14 @@ import onnx
 import pytest
 import torch
 
-from ops.bench import SegmentGeometry, build_dit, example_inputs
-from ops.export_onnx import export_dit_onnx, export_name, verify_onnx
+from engine.factory import preset_geometry, seeded_preset_dit
+from ops.export_onnx import example_inputs, export_dit_onnx, export_name, verify_onnx
 
 
 @pytest.fixture(scope="module")
 def preview():
-    geo = SegmentGeometry.for_preset("preview", None, None, 0.6)  # 224x128, 16 audio latents, T = 4
-    model = build_dit("preview", "cpu", seed=0)
+    geo = preset_geometry("preview", 0.6)  # 224x128, 16 audio latents, T = 4
+    model = seeded_preset_dit("preview", "cpu", seed=0)
     packed = example_inputs(model.config, geo, 24, "cpu", seed=1)
     return geo, model, packed
 

@@ -1,4 +1,4 @@
-"""The preview engine end to end: segment geometry, continuation, lip-sync, cancel, SR upgrade.
+"""The preview engine end to end: segment geometry, continuation, lip-sync, cancel, super-resolution.
 
 Uses the real reference image and prompt from shared/media; the weights are seeded and
 untrained, so the checks are on structure, determinism and timing arithmetic, not on looks.
@@ -23,7 +23,7 @@ from engine.api import (
     SegmentRequest,
     segment_frame_count,
 )
-from engine.pipeline import build_preview_engine
+from engine.factory import build_preview_engine
 
 MEDIA = Path(__file__).resolve().parents[2] / "shared" / "media"
 
@@ -131,9 +131,9 @@ def test_cancel_stops_generation(engine, identity):
         engine.generate(SegmentRequest(identity=identity, seconds=1.0), cancel)
 
 
-def test_sr_upgrade_keeps_timeline_and_doubles_size(engine, identity):
+def test_super_resolve_keeps_timeline_and_doubles_size(engine, identity):
     segment = engine.generate(SegmentRequest(identity=identity, kind=SegmentKind.IDLE, prompt="idle", seconds=1.0, seed=5))
-    upgraded = engine.upgrade(segment)
+    upgraded = engine.super_resolve(segment)
     assert upgraded.super_resolved and not segment.super_resolved
     assert upgraded.frames.shape == (25, 256, 448, 3)
     assert np.array_equal(upgraded.audio, segment.audio) and upgraded.duration_s == segment.duration_s
@@ -170,7 +170,7 @@ def test_windowed_decode_matches_and_cancels_between_windows(engine, identity):
         cancel = threading.Event()
         engine.video_decoder = WindowedDecoder(engine.video_vae, on_chunk=lambda i: cancel.set() if i == 1 else None)
         with pytest.raises(CancelledError, match="after 6 frames"):
-            engine.upgrade(plain, cancel)  # the SR decode of 25 frames stops after its second window
+            engine.super_resolve(plain, cancel)  # the SR decode of 25 frames stops after its second window
         assert engine.video_decoder.chunks_yielded == 2
     finally:
         engine.video_decoder = saved

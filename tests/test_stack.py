@@ -26,9 +26,9 @@ import engine.codecs.video_vae as video_mod
 from engine import convert_wan_vae as conv
 from engine.api import SegmentKind, SegmentRequest
 from engine.codecs.turbo_vae import TurboVAED
+from engine.factory import build_full_engine
 from engine.stack import (
     PREVIEW_MARKER,
-    build_full_engine,
     load_stack,
     preview_dit,
     preview_models,
@@ -300,7 +300,8 @@ def test_pth_only_stack_names_conversion_command_then_converts(tmp_path, stack, 
 def test_build_full_engine_on_preview_stack(stack, media_dir):
     from PIL import Image
 
-    from engine.pipeline import MagiHumanEngine, build_engine
+    from engine.factory import create_engine
+    from engine.pipeline import MagiHumanEngine
 
     engine = build_full_engine(stack, device="cpu", width=224, height=128, compute_dtype=torch.float32)
     assert isinstance(engine, MagiHumanEngine) and engine.name == "full"
@@ -310,7 +311,7 @@ def test_build_full_engine_on_preview_stack(stack, media_dir):
     segment = engine.generate(SegmentRequest(identity=identity, kind=SegmentKind.SPEAK, prompt="hello", seconds=1.0))
     assert segment.frames.shape == (25, 128, 224, 3) and segment.audio.shape == (44_100,)
 
-    via_preset = build_engine("full", checkpoint_dir=str(stack), device="cpu")  # bf16 compute, 448x256
+    via_preset = create_engine("full", checkpoint_dir=str(stack), device="cpu")  # bf16 compute, 448x256
     assert via_preset.name == "full" and via_preset.compute_dtype == torch.bfloat16
     assert (via_preset.width, via_preset.height) == (448, 256)
 

@@ -37,11 +37,12 @@ the whole segment is decoded; ``ops/bench.py`` measures that as ``first_frame_s`
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from engine.backends.base import BACKEND_NAMES, BackendInfo, BackendUnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -52,46 +53,6 @@ __all__ = [
     "apply_backend",
     "reset_backend",
 ]
-
-BACKEND_NAMES = ("eager", "fast", "compile", "fp8", "tensorrt")
-
-
-class BackendUnavailableError(RuntimeError):
-    """A backend cannot run here (missing package or device); the message says what to install or use."""
-
-
-@dataclass
-class BackendInfo:
-    """What :func:`apply_backend` set up.
-
-    Attributes:
-        name: the requested backend name (``eager``, ``fast``, ``fp8+compile``, ...).
-        device: the device it was set up for.
-        attention: attention kernel in use (``default`` = :func:`engine.dit.attention`, ``sdpa``,
-            ``flash_attn_2``, ``flash_attn_3``, ``tensorrt``).
-        compile_mode: ``torch.compile`` mode, or None.
-        compile_scope: ``layer`` or ``model`` when compiled.
-        fp8: FP8 GEMM implementation (``scaled_mm`` / ``emulate``), or None.
-        fp8_fast_accum: ``use_fast_accum`` of the FP8 GEMM.
-        modules_changed: number of modules compiled or swapped.
-        engine_path: TensorRT plan in use, or None.
-        notes: human-readable remarks (fallbacks taken, things not measured).
-    """
-
-    name: str
-    device: str
-    attention: str = "default"
-    compile_mode: str | None = None
-    compile_scope: str | None = None
-    fp8: str | None = None
-    fp8_fast_accum: bool = False
-    modules_changed: int = 0
-    engine_path: str | None = None
-    notes: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 def reset_backend(model: nn.Module) -> None:
     """Return ``model`` to the eager reference path (undo every backend)."""
@@ -221,10 +182,13 @@ def _apply_tensorrt(model, device, info, onnx_path, engine_path, rebuild) -> Non
     runner = TensorRTDiT(engine_path, device)
 
     def forward(x, coords, modality, *, spans=None, local_ranges=None, compute_dtype=None,
-                exact_attention=None, intermediates=None):
-        """TensorRT replacement of ``DiTModel.forward`` (fixed geometry; spans are baked into the engine)."""
+                exact_attention=None, intermediates=None, valid_length=None):
+        """TensorRT replacement of ``DiTModel.forward`` (fixed geometry; spans are baked into the engine,
+        no text padding: export the unpadded length)."""
         if intermediates is not None:
             raise NotImplementedError("the TensorRT backend does not expose intermediates")
+        if valid_length is not None and valid_length != x.shape[0]:
+            raise NotImplementedError("the TensorRT backend has no key-padding mask; run it without text buckets")
         return runner(x, coords)
 
     model.forward = forward

@@ -32,6 +32,7 @@ Compile time is paid on the first call per geometry; the benchmark reports it se
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -45,6 +46,7 @@ __all__ = [
     "load_compile_cache",
     "mark_step",
     "save_compile_cache",
+    "set_compile_cache_dir",
     "uncompile",
 ]
 
@@ -106,6 +108,22 @@ def uncompile(model: nn.Module) -> None:
     for module in model.modules():
         if getattr(module, "_compiled_call_impl", None) is not None:
             module._compiled_call_impl = None
+
+
+def set_compile_cache_dir(path: str | Path) -> Path:
+    """Keep Inductor's on-disk caches (FX graphs, AOTAutograd, autotuning, Triton kernels) in ``path``
+    so that a restarted server skips code generation and autotuning (see the module doc).
+
+    Inductor reads its cache root from the ``TORCHINDUCTOR_CACHE_DIR`` environment variable each time
+    it needs it (``torch._inductor.runtime.cache_dir_utils.cache_dir``); this function is the one place
+    the engine sets it, from the caller's setting. Call it before the first compile. Returns the
+    absolute directory (created).
+    """
+    path = Path(path).expanduser().resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+    logger.info("torch.compile caches in %s", path)
+    return path
 
 
 def save_compile_cache(path: str | Path) -> bool:

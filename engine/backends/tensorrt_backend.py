@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from engine.backends.base import BackendUnavailableError
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["INSTALL_HINT", "TensorRTDiT", "build_engine", "require_tensorrt"]
@@ -41,8 +43,6 @@ def require_tensorrt():
         BackendUnavailableError: ``tensorrt`` is not importable (the message names the package and
             how to install it).
     """
-    from engine.backends import BackendUnavailableError
-
     try:
         import tensorrt
     except (ImportError, OSError) as exc:  # OSError: libnvinfer missing or built for another CUDA

@@ -95,7 +95,7 @@ class T5GemmaTextEncoder:
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.cache_size = cache_size
-        self._cache: OrderedDict[str, tuple[torch.Tensor, int]] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, int | None], tuple[torch.Tensor, int]] = OrderedDict()
 
     @classmethod
     def preview(cls, seed: int = 0, hidden_size: int = 128) -> T5GemmaTextEncoder:
@@ -163,15 +163,36 @@ class T5GemmaTextEncoder:
         """Device of the encoder weights."""
         return next(self.model.parameters()).device
 
+    def tokenize(self, prompt: str) -> list[int]:
+        """Token ids of ``prompt`` with the tokenizer :meth:`encode` uses (default special tokens).
+
+        Raises:
+            ValueError: ``prompt`` is not a string.
+        """
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt must be a str, got {type(prompt).__name__}")
+        return list(self.tokenizer(prompt))
+
+    def count_tokens(self, prompt: str) -> int:
+        """Number of tokens of ``prompt`` (BOS included), as :meth:`encode` would see them untruncated.
+
+        Raises:
+            ValueError: ``prompt`` is not a string.
+        """
+        return len(self.tokenize(prompt))
+
     @torch.no_grad()
-    def encode(self, prompt: str) -> tuple[torch.Tensor, int]:
+    def encode(self, prompt: str, max_input_tokens: int | None = None) -> tuple[torch.Tensor, int]:
         """Encode one prompt (PIPELINE.md §5).
 
-        The encoder always sees the whole prompt (no truncation, attention mask all ones); its
-        ``last_hidden_state`` is cast to fp16, zero-padded or trimmed to 640 rows, and cast to fp32.
+        By default the encoder sees the whole prompt (no truncation, attention mask all ones), as the
+        reference does; its ``last_hidden_state`` is cast to fp16, zero-padded or trimmed to 640 rows,
+        and cast to fp32. ``max_input_tokens`` bounds the cost: only the first that many token ids
+        are encoded (the kept rows then miss the cut tail's context; bidirectional attention).
 
         Args:
             prompt: text (never logged).
+            max_input_tokens: encode at most this many leading token ids (None: all).
 
         Returns:
             ``(features, n_kept)``: ``float32 [640, hidden_size]`` on the encoder's device, and
@@ -179,15 +200,20 @@ class T5GemmaTextEncoder:
             fresh copy (safe to modify).
 
         Raises:
-            ValueError: ``prompt`` is not a string, or it tokenizes to nothing.
+            ValueError: ``prompt`` is not a string, it tokenizes to nothing, or ``max_input_tokens < 1``.
         """
+        if max_input_tokens is not None and max_input_tokens < 1:
+            raise ValueError(f"max_input_tokens must be >= 1, got {max_input_tokens}")
         if not isinstance(prompt, str):
             raise ValueError(f"prompt must be a str, got {type(prompt).__name__}")
-        hit = self._cache.get(prompt)
+        key = (prompt, max_input_tokens)
+        hit = self._cache.get(key)
         if hit is not None:
-            self._cache.move_to_end(prompt)
+            self._cache.move_to_end(key)
             return hit[0].clone(), hit[1]
-        ids = self.tokenizer(prompt)
+        ids = self.tokenize(prompt)
+        if max_input_tokens is not None:
+            ids = ids[:max_input_tokens]
         if len(ids) == 0:
             raise ValueError("prompt tokenized to 0 tokens; at least 1 is required")
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
@@ -199,7 +225,7 @@ class T5GemmaTextEncoder:
         out[:n_kept] = hidden[:n_kept].to(torch.float16)
         out = out.float()
         if self.cache_size > 0:
-            self._cache[prompt] = (out, n_kept)
+            self._cache[key] = (out, n_kept)
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
         return out.clone(), n_kept

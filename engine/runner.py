@@ -1,0 +1,176 @@
+"""The one denoising path of the DiT: static inputs once per segment, the velocity once per step.
+
+:class:`DiTRunner` wraps one :class:`engine.dit.DiTModel`. For each segment, :meth:`DiTRunner.prepare`
+builds everything that stays fixed over the denoising loop (PIPELINE.md §8): rotary coordinates,
+modality ids and spans, frame-local attention ranges, the packed text rows, and the ``x`` buffer
+the video and audio tokens are written into at every step (:func:`engine.packing.packed_layout`).
+:meth:`DiTRunner.velocity` then does pack -> DiT -> unpack for one step, and
+:meth:`DiTRunner.velocity_fn` gives the sampler's :data:`engine.sampler.VelocityFn`.
+
+The live engine (generation and super-resolution), offline clips, the parity checks and
+``ops/bench`` all call this class, so the benchmark measures the code that serves.
+
+Static shapes (issue 17): with ``text_buckets`` the text is padded up to the smallest bucket that
+holds it, and the DiT masks the padding out of attention (``valid_length``), so the output for a
+bucketed prompt equals the unpadded one within float summation order and the number of distinct
+sequence lengths reaching the DiT is bounded by (segment lengths x buckets): that bounds
+``torch.compile`` recompiles, CUDA-graph captures and oneDNN's primitive cache.
+
+Backends: :func:`engine.backends.apply_backend` changes how the DiT's layers run (attention kernel,
+FP8 GEMMs, compiled layers); what the runner calls per step is :attr:`DiTRunner.forward`
+``(packed) -> out``, which a backend that replaces the whole forward (TensorRT) swaps, and
+:attr:`DiTRunner.before_call` (e.g. :func:`engine.backends.compile.mark_step` for CUDA graphs) runs
+before every DiT call.
+
+Not done yet: the whole 8-step loop as one CUDA graph (issue 17). What it needs, in order: (1) the
+sampler's per-step host work off the loop: ``flow_timesteps`` and the sigmas as device tensors
+computed once, the ``timesteps.tolist()`` iteration and ``cancel.is_set()`` checks moved outside the
+captured region (cancel then acts per segment, not per step); (2) the noise of every step drawn
+up front into static buffers (``generator_noise`` draws on the host-side generator state inside the
+loop; a CUDA generator registered with the graph via ``graph.register_generator_state`` or
+pre-drawn ``[steps, ...]`` buffers keeps the reference's draw order, PIPELINE.md §4.3); (3)
+``write_latents``/``unpack`` are already copies into/out of the static ``PackedInputs.x`` of
+:meth:`DiTRunner.prepare`, and ``attention_masks`` is shape-static per bucket, so the DiT call
+itself captures as is; (4) capture with ``torch.cuda.graph`` per (segment length x bucket), keyed
+like :meth:`engine.pipeline.MagiHumanEngine.warm_up`'s shapes, and replay after copying the initial
+noise and image latent into the graph's inputs. It is not written because none of it can be
+exercised without a GPU here.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from engine.dit import DiTModel
+from engine.packing import (
+    FRAME_RECEPTIVE_FIELD,
+    CoordsStyle,
+    PackedInputs,
+    packed_layout,
+    unpack,
+    write_latents,
+)
+from engine.sampler import VelocityFn
+
+
+def bucket_for(num_text: int, buckets: Sequence[int] | None) -> int:
+    """Text rows for ``num_text`` tokens: the smallest bucket ``>= num_text``; ``num_text`` itself
+    without buckets or above the largest one (the engine caps its text at its largest bucket, so that
+    happens only to direct callers such as the benchmark's longer texts)."""
+    for bucket in sorted(buckets or ()):
+        if bucket >= num_text:
+            return bucket
+    return num_text
+
+
+def text_buckets_up_to(limit: int, candidates: Sequence[int] = (64, 128, 256, 384, 512, 640)) -> tuple[int, ...]:
+    """The default buckets below ``limit`` plus ``limit`` itself (so every allowed length has one).
+
+    Example: ``limit`` 640 -> (64, 128, 256, 384, 512, 640); 256 -> (64, 128, 256).
+    """
+    return tuple(sorted({b for b in candidates if b < limit} | {limit}))
+
+
+class DiTRunner:
+    """Pack -> DiT -> unpack for one DiT, with per-segment static inputs.
+
+    Args:
+        dit: the DiT (any backend applied), eval mode.
+        compute_dtype: block compute dtype (``torch.bfloat16`` reference, ``torch.float32`` fp32 path).
+        coords_style: ``v2`` (base/distill) or ``v1`` (SR), PIPELINE.md §8.4.
+        text_buckets: text lengths the text is padded up to (None: no padding, every length its own
+            shape).
+        frame_receptive_field: local-attention window in latent frames (PIPELINE.md §8.5).
+
+    Attributes:
+        forward: ``(packed: PackedInputs) -> fp32 [L, out_channels]``, the DiT call of one step.
+        before_call: called before every DiT call, or None.
+        shapes: every ``(L, valid_length)`` that reached the DiT (a set; bounded by the buckets).
+    """
+
+    def __init__(self, dit: DiTModel, *, compute_dtype: torch.dtype = torch.bfloat16,
+                 coords_style: CoordsStyle = "v2", text_buckets: Sequence[int] | None = None,
+                 frame_receptive_field: int = FRAME_RECEPTIVE_FIELD):
+        self.dit = dit
+        self.compute_dtype = compute_dtype
+        self.coords_style: CoordsStyle = coords_style
+        self.text_buckets = tuple(sorted(text_buckets)) if text_buckets else None
+        self.frame_receptive_field = frame_receptive_field
+        self.forward: Callable[[PackedInputs], torch.Tensor] = self.dit_forward
+        self.before_call: Callable[[], None] | None = None
+        self.shapes: set[tuple[int, int]] = set()
+
+    @property
+    def config(self):
+        """The DiT's :class:`engine.config.DiTConfig`."""
+        return self.dit.config
+
+    def text_rows(self, num_text: int) -> int:
+        """Rows the text takes in the sequence (:func:`bucket_for` of the runner's buckets)."""
+        return bucket_for(num_text, self.text_buckets)
+
+    def prepare(self, latent_shape: Sequence[int], num_audio: int, text_features: torch.Tensor,
+                num_text: int, *, device: torch.device | str | None = None) -> PackedInputs:
+        """Static inputs of one segment (see :func:`engine.packing.packed_layout`).
+
+        Args:
+            latent_shape: video latent ``(1, C, T, h, w)`` or ``(C, T, h, w)``.
+            num_audio: audio tokens ``A``.
+            text_features: fp32 ``[640, C_text]`` (or ``[1, 640, C_text]``) text context.
+            num_text: text tokens that carry the prompt (``<= 640``).
+            device: device of the inputs (default the DiT's).
+
+        Raises:
+            ValueError: ``num_text`` above the rows given.
+        """
+        shape = tuple(latent_shape)[-4:]
+        if device is None:
+            device = next(self.dit.parameters()).device
+        cfg = self.dit.config
+        return packed_layout(
+            shape, num_audio, text_features, num_text=num_text, text_rows=self.text_rows(num_text),
+            in_channels=cfg.in_channels, audio_channels=cfg.audio_in_channels, coords_style=self.coords_style,
+            frame_receptive_field=self.frame_receptive_field, device=device,
+        )
+
+    def dit_forward(self, packed: PackedInputs) -> torch.Tensor:
+        """The eager DiT call on ``packed`` (padding masked through ``valid_length``)."""
+        kwargs = {}
+        if packed.num_padding:
+            kwargs["valid_length"] = packed.valid_length
+        return self.dit(packed.x, packed.coords, packed.modality, spans=packed.spans,
+                        local_ranges=packed.local_ranges, compute_dtype=self.compute_dtype, **kwargs)
+
+    def velocity(self, packed: PackedInputs, video: torch.Tensor, audio: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step: ``video`` fp32 ``[1, C, T, h, w]`` and ``audio`` fp32 ``[1, A, 64]`` -> their velocities
+        (same shapes), PIPELINE.md §8-§9. Writes into ``packed.x``."""
+        write_latents(packed, video, audio)
+        if self.before_call is not None:
+            self.before_call()
+        self.shapes.add((packed.length, packed.valid_length))
+        out = self.forward(packed)
+        return unpack(out, packed, self.dit.config.audio_in_channels)
+
+    def velocity_fn(self, contexts: PackedInputs | dict[bool, PackedInputs], timings: dict | None = None,
+                    key: str = "dit") -> VelocityFn:
+        """The sampler's velocity function over prepared inputs.
+
+        Args:
+            contexts: one :class:`PackedInputs` (every call), or ``{True: conditional, False:
+                unconditional}`` for CFG (PIPELINE.md §11).
+            timings: if given, ``timings[key]`` accumulates the wall seconds of every call.
+            key: timing key.
+        """
+        def velocity(video, audio, timestep, conditional):
+            start = time.perf_counter()
+            packed = contexts if isinstance(contexts, PackedInputs) else contexts[conditional]
+            result = self.velocity(packed, video, audio)
+            if timings is not None:
+                timings[key] = timings.get(key, 0.0) + time.perf_counter() - start
+            return result
+
+        return velocity
