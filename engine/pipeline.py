@@ -399,7 +399,6 @@ class MagiHumanEngine:
         with self._lock:
             return self._super_resolve(segment, request, cancel)
 
-    upgrade = super_resolve  # deprecated name, kept until streaming calls super_resolve
 
     def _super_resolve(self, segment: Segment, request: SegmentRequest, cancel) -> Segment:
         from engine.codecs.image import preprocess_image
