@@ -16,7 +16,7 @@ import dataclasses
 import enum
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from aiortc import RTCPeerConnection, RTCSessionDescription
@@ -27,7 +27,16 @@ from avatar_server.auth import Grant
 from avatar_server.errors import ClientError
 from avatar_server.ice import filter_offer, summarize
 from avatar_server.images import ImageError, decode_image
-from avatar_server.limits import ConnectionGuard
+from avatar_server.limits import (
+    CLOSE_INTERNAL,
+    ERROR_SEND_TIMEOUT_S,
+    WATCH_PERIOD_S,
+    ConnectionLimits,
+    EndConnection,
+    GuardedMicrophoneTrack,
+    GuardedTrack,
+    drain_track,
+)
 from avatar_server.live import LiveOutputsMixin
 from avatar_server.recording import RecordingMixin
 from avatar_server.resume import ResumeMixin
@@ -201,7 +210,9 @@ class ClientConnection(ResumeMixin, RecordingMixin, LiveOutputsMixin):
         self._grace_task: asyncio.Task[None] | None = None
         self._successor: ClientConnection | None = None  # the session this WebSocket resumed
         self._token_delivered = False  # a session.ready/resumed (with its resume token) was sent
-        self.guard = ConnectionGuard(self)
+        # The per-connection limits: checks that return decisions, acted on by end().
+        self.limits = ConnectionLimits(app.settings.limits, app.admission, grant)
+        self._limit_tasks: set[asyncio.Task[Any]] = set()  # end() and the limits' watchdog
         # the dispatch table: one handler per client message type
         self._handlers: dict[type, Callable[[Any], Awaitable[None]]] = {
             protocol.SessionStart: self._session_start,
@@ -216,6 +227,9 @@ class ClientConnection(ResumeMixin, RecordingMixin, LiveOutputsMixin):
             protocol.OutputStart: self._on_output_start,  # avatar_server/live.py
             protocol.OutputStop: self._on_output_stop,
         }
+        if (decision := self.limits.check_open()) is not None:
+            self.end(decision)
+        self._spawn(self._watch(), "connection-watchdog")
 
     def _move(self, to: ConnectionState) -> None:
         """Change state along :data:`TRANSITIONS` (the parked-sessions gauge follows).
@@ -230,6 +244,11 @@ class ClientConnection(ResumeMixin, RecordingMixin, LiveOutputsMixin):
         if to is ConnectionState.PARKED:
             self.app.metrics.sessions_parked.inc()
         self.state = to
+
+    @property
+    def address(self) -> str:
+        """The client address this connection (and its session's counts) are kept for."""
+        return self.limits.address
 
     @property
     def parked(self) -> bool:
@@ -284,7 +303,7 @@ class ClientConnection(ResumeMixin, RecordingMixin, LiveOutputsMixin):
         if self._resume_key is not None:
             self.app.resumable.pop(self._resume_key, None)
             self._resume_key = None
-        await self.guard.close()
+        await self._release_limits()
         if self.pc is not None:
             await close_peer_connection(self.pc)
         await self._close_on_air()  # live outputs stop before their session
@@ -315,7 +334,7 @@ class ClientConnection(ResumeMixin, RecordingMixin, LiveOutputsMixin):
         try:
             self._outbox.put_nowait(message)
         except asyncio.QueueFull:
-            self.guard.send_queue_full()
+            self.end(self.limits.send_queue_full())
 
     def send_error(
         self,
@@ -345,7 +364,7 @@ class ClientConnection(ResumeMixin, RecordingMixin, LiveOutputsMixin):
             except LinkClosed:
                 return
             except TimeoutError:
-                self.guard.send_stalled()
+                self.end(self.limits.send_stalled())
                 return
 
     async def _stats_loop(self) -> None:
@@ -393,6 +412,12 @@ class ClientConnection(ResumeMixin, RecordingMixin, LiveOutputsMixin):
             return
         was_parked = self.parked
         self._move(ConnectionState.ENDING)
+        await self._finish_session(reason, message, close_code=close_code, error=error, was_parked=was_parked)
+
+    async def _finish_session(
+        self, reason: str, message: str, *, close_code: int, error: bool, was_parked: bool
+    ) -> None:
+        """The rest of :meth:`end_session`, once the state is ``ENDING``."""
         logger.info("session %s ended by the server: %s", self.session_id, reason)
         if self.session is not None:
             self.app.metrics.sessions_ended.labels(reason).inc()
@@ -420,7 +445,15 @@ class ClientConnection(ResumeMixin, RecordingMixin, LiveOutputsMixin):
 
     # ----------------------------------------------------------------------------- frames
     async def _on_frame(self, raw: str | bytes) -> None:
-        if not await self.guard.allow_frame(raw):
+        if self.ending:
+            return
+        wait_s, notice = self.limits.pace()
+        if wait_s > 0:  # over the message rate: read more slowly (TCP pushes back)
+            if notice is not None:
+                self.send_error(notice.code, str(notice))
+            await asyncio.sleep(wait_s)
+        self.limits.spend()
+        if self.ending:
             return
         self.last_control_s = time.monotonic()
         message = protocol.parse_client_message(raw, self.app.settings.limits)
@@ -429,9 +462,8 @@ class ClientConnection(ResumeMixin, RecordingMixin, LiveOutputsMixin):
             logger.info("client error %s (session %s)", message.code, self.session_id)
             return
         try:
-            self.guard.admit(message)
+            self.limits.check_message(message, None if self.session is None else self.session.utterances)
             await self._handlers[type(message)](message)
-            self.guard.accepted(message)
         except (ImageError, SessionInputError) as exc:
             code = exc.code
             field = getattr(exc, "field", None) or ERROR_FIELDS.get(code)
@@ -476,7 +508,7 @@ class ClientConnection(ResumeMixin, RecordingMixin, LiveOutputsMixin):
         if (overload := app.engine_overload()) is not None:
             app.metrics.sessions_refused.labels("capacity").inc()
             raise ClientError("capacity", f"server at capacity: {overload}; try again later")
-        session_id = self.guard.reserve_session(message)
+        session_id = self.limits.reserve_session(message)
         app.sessions_active += 1
         app.metrics.sessions_active.inc()
         self._holds_slot = True
@@ -494,7 +526,7 @@ class ClientConnection(ResumeMixin, RecordingMixin, LiveOutputsMixin):
                 self._holds_slot = False
                 app.sessions_active -= 1
                 app.metrics.sessions_active.dec()
-            self.guard.release_session()
+            self.limits.release_session()
             if self.state is ConnectionState.STARTING:
                 self._move(ConnectionState.CONNECTED)
             raise
@@ -566,7 +598,7 @@ class ClientConnection(ResumeMixin, RecordingMixin, LiveOutputsMixin):
         def on_track(track) -> None:
             if track.kind == "audio":
                 logger.info("session %s: microphone track received", session_id)
-                session.attach_microphone(self.guard.wrap_microphone(track))
+                session.attach_microphone(self._wrap_microphone(track))
 
         @pc.on("connectionstatechange")
         def on_state() -> None:
@@ -579,9 +611,9 @@ class ClientConnection(ResumeMixin, RecordingMixin, LiveOutputsMixin):
                 raise ValueError("the offer has no video media section")
             video = session.video_track(on_frame=self.app.metrics.video_frames_sent.inc)
             video.on_encode = self.app.metrics.video_encode_seconds.observe
-            pc.addTrack(self.guard.wrap_track(video))
+            pc.addTrack(self._wrap_track(video))
             if "audio" in kinds:
-                pc.addTrack(self.guard.wrap_track(session.audio_track()))
+                pc.addTrack(self._wrap_track(session.audio_track()))
             await pc.setLocalDescription(await pc.createAnswer())
         except Exception as exc:
             self.pc = None
@@ -592,7 +624,8 @@ class ClientConnection(ResumeMixin, RecordingMixin, LiveOutputsMixin):
     # ----------------------------------------------------------------------------- events
     def _on_session_event(self, event: events.SessionEvent) -> None:
         self.app.metrics.observe(event)
-        self.guard.observe(event)
+        if (decision := self.limits.observe(event)) is not None:
+            self.end(decision)
         if isinstance(event, events.StateChanged):
             self.send(protocol.State(state=event.state))
         elif isinstance(event, events.SpeakStarted):
@@ -604,4 +637,93 @@ class ClientConnection(ResumeMixin, RecordingMixin, LiveOutputsMixin):
         elif isinstance(event, events.SessionError):
             self.send_error(event.code, event.message)
 
+    # ----------------------------------------------------------------------------- limits
+    def end(self, decision: EndConnection) -> None:
+        """Act on a limit's decision to end the connection: an ``error`` frame whose message
+        names the limit (and, when a session runs, ``session.ended`` with the code as its
+        reason), then a WebSocket close with the same reason. Further frames are ignored.
+        Idempotent. A client that does not read (``slow_client``) is not waited for: its
+        connection is dropped."""
+        if self.ending:
+            return
+        code = decision.code
+        logger.info("connection from %s ended: %s (session %s)", self.address, code, self.session_id)
+        was_parked = self.parked
+        session = self.session
+        self._move(ConnectionState.ENDING)
+        if session is not None and code != "slow_client":
+            end = self._finish_session(
+                code, decision.message, close_code=decision.close_code, error=True, was_parked=was_parked
+            )
+            self._spawn(end, "session-end")
+        else:
+            if session is not None:  # counted as the client's close, as before the state machine
+                self.app.metrics.sessions_ended.labels("closed").inc()
+            self._spawn(self._close_websocket(decision), "connection-end")
 
+    async def _close_websocket(self, decision: EndConnection) -> None:
+        link = self.link
+        code, message = decision.code, decision.message
+        self.app.metrics.client_errors.labels(code).inc()
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(ERROR_SEND_TIMEOUT_S):
+                await link.send(protocol.ErrorMessage(code=code, message=message).model_dump_json())
+        reason = f"{code}: {message}".encode()[:120].decode("utf-8", "ignore")
+        try:
+            async with asyncio.timeout(self.app.settings.limits.close_timeout_s):
+                await link.close(decision.close_code, reason)
+        except TimeoutError:
+            link.abort()  # a client that does not read does not answer a close either
+
+    async def _watch(self) -> None:
+        """Every ``WATCH_PERIOD_S`` while attached (not parked: the grace period applies then),
+        act on the limits' start and media timeouts."""
+        while True:
+            await asyncio.sleep(WATCH_PERIOD_S)
+            if self.ending or self.parked:
+                continue
+            pc_state = None if self.pc is None else self.pc.connectionState
+            decision = self.limits.check_progress(
+                session_running=self.session is not None, pc_state=pc_state, now_s=time.monotonic()
+            )
+            if decision is not None:
+                self.end(decision)
+
+    def _wrap_track(self, track: Any) -> GuardedTrack:
+        """An outgoing session track whose crash (or its encoder's) ends the session (``media_failed``)."""
+
+        def expected_stop() -> bool:
+            pc = self.pc
+            return self.ending or pc is None or pc.connectionState != "connected"
+
+        def on_failure(what: str) -> None:
+            self.end(EndConnection("media_failed", f"webrtc: {what}; the session ends", close_code=CLOSE_INTERNAL))
+
+        return GuardedTrack(track, on_failure=on_failure, expected_stop=expected_stop)
+
+    def _wrap_microphone(self, track: Any) -> GuardedMicrophoneTrack:
+        """The client's microphone track behind the microphone limits."""
+        guarded: GuardedMicrophoneTrack
+
+        def report(code: str, message: str) -> None:
+            self.send_error(code, message)
+            if code == "microphone_invalid":
+                # Nobody reads the remote track any more: drain it so that aiortc's receive
+                # queue (unbounded) does not grow until the peer connection closes.
+                self._spawn(drain_track(guarded.source), "microphone-drain")
+
+        guarded = GuardedMicrophoneTrack(track, self.app.settings.limits, report)
+        return guarded
+
+    async def _release_limits(self) -> None:
+        """Give up the limits' counts and stop their tasks (on close, and on retiring)."""
+        self.limits.release()
+        await cancel_and_wait(*self._limit_tasks)
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> None:
+        if self.closed:
+            coro.close()
+            return
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._limit_tasks.add(task)
+        task.add_done_callback(self._limit_tasks.discard)

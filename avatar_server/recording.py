@@ -8,9 +8,11 @@ import asyncio
 import datetime
 import functools
 import logging
+from typing import NoReturn
 
 from avatar_server import protocol
 from avatar_server.errors import ClientError
+from avatar_server.limits import LimitError
 from avatar_server.settings import Limits
 from streaming.recorder import LIMIT_DISK, LIMIT_DURATION, LIMIT_SIZE, RecordingResult
 from streaming.session import SessionRunner
@@ -59,9 +61,15 @@ class RecordingMixin:
         """``record.start``: checked against the recording limits (per session, server-wide,
         free disk), then started with the length/size/disk bounds of ``settings.limits``."""
         settings = self.app.settings
-        self.guard.reserve_recording()
         try:
-            await self.guard.check_recording_disk(settings.recordings_dir)
+            self.limits.reserve_recording()
+        except LimitError as exc:
+            self._recording_refused(exc)
+        try:
+            try:
+                await self.limits.check_recording_disk(settings.recordings_dir)
+            except LimitError as exc:
+                self._recording_refused(exc)
             if self.session is not session or self.ending:
                 raise ClientError("no_session", "type: record.start needs a session; send session.start first", field="type")
             stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -69,14 +77,20 @@ class RecordingMixin:
             path = settings.recordings_dir / f"{stamp}-{recording_id}.mp4"
             recorder = session.start_recording(path)
         except BaseException:
-            self.guard.release_recording(started=False)
+            self.limits.release_recording(started=False)
             raise
-        recorder.set_limits(self.guard.recording_limits(), on_end=functools.partial(self._recording_ended, recorder))
+        recorder.set_limits(self.limits.recording_limits(), on_end=functools.partial(self._recording_ended, recorder))
         self.recordings += 1
         self.recording_id = recording_id
         self.app.metrics.recordings_active.inc()
         logger.info("session %s: recording to %s", self.session_id, path)
         self.send(protocol.RecordStarted(recording_id=recording_id, path=str(path)))
+
+    def _recording_refused(self, exc: LimitError) -> NoReturn:
+        """Count a refused ``record.start`` (by its limit) and raise the refusal."""
+        if exc.code != "recording_active":
+            self.app.metrics.recordings_refused.labels(exc.code).inc()
+        raise exc
 
     def _recording_ended(self, recorder) -> None:
         """A recording ended by itself (a limit or a write error; its file is finished): stop
@@ -96,7 +110,7 @@ class RecordingMixin:
     def _recording_stopped(self, result, requested: str) -> None:
         """Account a finished recording and send ``record.stopped`` (its ``reason``: a limit,
         ``failed``, or ``requested``: ``stopped`` or ``session_ended``)."""
-        self.guard.release_recording()
+        self.limits.release_recording()
         self.app.metrics.recordings_active.dec()
         dropped = result.dropped_video_frames + result.dropped_audio_chunks
         if dropped:

@@ -44,7 +44,7 @@ def token_key(token: str) -> bytes:
 
 class ResumeMixin:
     """Park, resume and replay for :class:`~avatar_server.connection.ClientConnection` (its
-    attributes: ``app``, ``link``, ``state``, ``session``, ``guard``, the outbox and tasks)."""
+    attributes: ``app``, ``link``, ``state``, ``session``, ``limits``, the outbox and tasks)."""
 
     @property
     def missed_messages(self) -> tuple[protocol.ServerMessage, ...]:
@@ -60,7 +60,7 @@ class ResumeMixin:
             and self._token_delivered  # a client that never got its token cannot resume
             and self.session is not None
             and self.state is _states().ACTIVE
-            and not (self.guard.ending or self.app.draining)
+            and not self.app.draining
             and link.client_close_code not in NORMAL_CLOSE_CODES
         )
 
@@ -77,7 +77,7 @@ class ResumeMixin:
             message = self._outbox.get_nowait()
             if message is not None:
                 self._keep_missed(message)
-        self.guard.detach()
+        self.limits.detach()
         self.app.connections.discard(self)
         grace_s = self.app.settings.session_resume_grace_s
         self._grace_task = asyncio.get_running_loop().create_task(self._resume_grace(grace_s), name="resume-grace")
@@ -121,7 +121,7 @@ class ResumeMixin:
         self._move(_states().RETIRED)
         self.app.connections.discard(self)
         await cancel_and_wait(self._sender)
-        await self.guard.close()
+        await self._release_limits()
 
     async def _session_resume(self, message: protocol.SessionResume) -> None:
         """``session.resume``: hand this WebSocket to the session whose resume token it names
@@ -141,7 +141,7 @@ class ResumeMixin:
             app.metrics.session_resumes.labels("failed").inc()
             raise ClientError("resume_failed", "resume_token: the server is shutting down", field="resume_token")
         target = app.resume_target(message.resume_token)
-        grant = self.guard.grant
+        grant = self.grant
         if (
             target is None
             or target is self
@@ -152,7 +152,7 @@ class ResumeMixin:
             app.metrics.session_resumes.labels("failed").inc()
             raise ClientError("resume_failed", "resume_token: unknown or expired", field="resume_token")
         try:
-            target.guard.check_adopt(self.guard)
+            target.limits.check_adopt(self.limits)
         except LimitError:
             app.metrics.session_resumes.labels("failed").inc()
             raise
@@ -168,14 +168,15 @@ class ResumeMixin:
         app.metrics.session_resumes.labels("resumed").inc()
 
     def _attach(self, other: ClientConnection) -> None:
-        """Take over ``other``'s WebSocket, its outbox and its guard's WebSocket side; answer
+        """Take over ``other``'s WebSocket, its outbox and its limits' WebSocket side; answer
         ``session.resumed`` with a new token, then replay the frames kept while parked."""
         assert self.parked and self.session is not None
         if self._grace_task is not None:
             self._grace_task.cancel()
             self._tasks.append(self._grace_task)  # awaited on close
             self._grace_task = None
-        self.guard.adopt(other.guard)
+        self.limits.adopt(other.limits)
+        self.grant = other.grant
         self.link, self._outbox = other.link, other._outbox
         self._move(_states().ACTIVE)
         self.app.connections.add(self)

@@ -117,7 +117,7 @@ async def test_abnormal_drop_parks_and_resume_takes_over_from_another_address() 
         assert await settle(lambda: app.sessions_parked == 1, 5)
         assert counts(app) == one_session(connections=0, parked=1)  # the slot and session counts stay
         conn = parked_connection(app)
-        assert "u1" in conn.guard.pending_utterances  # moves with the session
+        assert conn.session.utterances.is_open("u1")  # moves with the session
         for _ in range(3):  # stats are not kept; events are
             conn.send(protocol.Stats(buffer_ms=0, underruns=0, segments=0, frames_sent=0, state="idle"))
         conn.send(protocol.State(state="speaking"))
@@ -130,7 +130,7 @@ async def test_abnormal_drop_parks_and_resume_takes_over_from_another_address() 
         assert (await recv_json(ws2, skip=("stats",))) == {"type": "state", "state": "speaking"}
         # Exactly one session, now counted for the new address; the old address holds nothing.
         assert counts(app) == one_session("127.0.0.2")
-        assert conn.guard.pending_utterances == {"u1"}
+        assert [u.utterance_id for u in conn.session.utterances] == ["u1"]
         await ws2.send(json.dumps({"type": "speak.end", "utterance_id": "u1"}))
         await ws2.send(json.dumps({"type": "interrupt"}))
         reply = await recv_json(ws2)
@@ -294,7 +294,7 @@ async def test_with_an_api_key_only_the_sessions_token_may_resume() -> None:
         assert resumed["type"] == "session.resumed" and resumed["session_id"] == "alice"
         assert counts(app) == one_session(tokens=1)
         (conn,) = app.connections
-        assert dict(app.admission.sessions_by_token) == {conn.guard.grant.token_id: 1}  # the new token's
+        assert dict(app.admission.sessions_by_token) == {conn.grant.token_id: 1}  # the new token's
         await ws2.close()
         assert await settle(lambda: counts(app) == NOTHING, 5), counts(app)
 
