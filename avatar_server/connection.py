@@ -38,7 +38,7 @@ from avatar_server.limits import (
     drain_track,
 )
 from avatar_server.live import LiveOutputsMixin
-from avatar_server.recording import RecordingMixin
+from avatar_server.recording import SessionRecording
 from avatar_server.resume import ResumeMixin
 from avatar_server.transport import TRANSPORT_EXTENSION
 from avatar_server.webrtc import close_peer_connection, ice_server_dicts, make_peer_connection
@@ -172,7 +172,7 @@ class WebSocketLink:
             self._abort()
 
 
-class ClientConnection(ResumeMixin, RecordingMixin, LiveOutputsMixin):
+class ClientConnection(ResumeMixin, LiveOutputsMixin):
     """One session and the WebSocket attached to it: the session, its peer connection and its
     outgoing frames.
 
@@ -199,9 +199,6 @@ class ClientConnection(ResumeMixin, RecordingMixin, LiveOutputsMixin):
         self._holds_slot = False  # a session slot is counted in app.sessions_active
         self.started_s = time.monotonic()  # session.ready (reset at session start)
         self.last_control_s = time.monotonic()  # last client message (idle timeout)
-        self.recording_id: str | None = None
-        self.recordings = 0
-        self._recording_end_tasks: set[asyncio.Task[None]] = set()  # recordings ended by a limit
         # Session resume: the current token, and what is kept while no WebSocket is attached.
         self._resume_key: bytes | None = None
         self.resume_token: str | None = None
@@ -213,6 +210,9 @@ class ClientConnection(ResumeMixin, RecordingMixin, LiveOutputsMixin):
         # The per-connection limits: checks that return decisions, acted on by end().
         self.limits = ConnectionLimits(app.settings.limits, app.admission, grant)
         self._limit_tasks: set[asyncio.Task[Any]] = set()  # end() and the limits' watchdog
+        self.recording = SessionRecording(
+            settings=app.settings, metrics=app.metrics, limits=self.limits, send=self.send, send_error=self.send_error
+        )
         # the dispatch table: one handler per client message type
         self._handlers: dict[type, Callable[[Any], Awaitable[None]]] = {
             protocol.SessionStart: self._session_start,
@@ -308,9 +308,7 @@ class ClientConnection(ResumeMixin, RecordingMixin, LiveOutputsMixin):
             await close_peer_connection(self.pc)
         await self._close_on_air()  # live outputs stop before their session
         if self.session is not None:
-            if self.session.recorder is not None:
-                result = await self.session.stop_recording()
-                self._recording_stopped(result, "session_ended")
+            await self.recording.finish(self.session)
             await self.session.close()
             logger.info("session %s closed", self.session_id)
             if not ended_by_server:
@@ -421,8 +419,7 @@ class ClientConnection(ResumeMixin, RecordingMixin, LiveOutputsMixin):
         logger.info("session %s ended by the server: %s", self.session_id, reason)
         if self.session is not None:
             self.app.metrics.sessions_ended.labels(reason).inc()
-            if self.session.recorder is not None:  # finish the file before saying goodbye
-                self._recording_stopped(await self.session.stop_recording(), "session_ended")
+            await self.recording.finish(self.session)  # finish the file before saying goodbye
         if was_parked:  # nobody to tell
             await self.close()
             return
@@ -488,6 +485,16 @@ class ClientConnection(ResumeMixin, RecordingMixin, LiveOutputsMixin):
 
     async def _on_session_update(self, message: protocol.SessionUpdate) -> None:
         self._require_session("session.update").set_mode(mode=message.mode, barge_in=message.barge_in)
+
+    async def _on_record_start(self, message: protocol.RecordStart) -> None:
+        session = self._require_session("record.start")
+        assert self.session_id is not None
+        await self.recording.start(
+            session, self.session_id, still_current=lambda: self.session is session and not self.ending
+        )
+
+    async def _on_record_stop(self, message: protocol.RecordStop) -> None:
+        await self.recording.stop(self._require_session("record.stop"))
 
     def _require_session(self, what: str) -> SessionRunner:
         if self.session is None:

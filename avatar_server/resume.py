@@ -193,7 +193,7 @@ class ResumeMixin:
             protocol.SessionResumed(
                 resume_token=self.resume_token,
                 peer_connection=None if self.pc is None else self.pc.connectionState,
-                recording_id=self.recording_id,
+                recording_id=self.recording.recording_id,
                 missed_messages=len(missed),
                 dropped_messages=dropped,
                 **self._session_fields(),
