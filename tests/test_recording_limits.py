@@ -134,7 +134,7 @@ async def test_max_duration_without_audio_waits_one_second_then_pads_silence(tmp
         tmp_path / "v.mp4", buffer, limits=RecordingLimits(max_seconds=1.0), on_end=ended, writer_factory=factory
     )
     pull(buffer, 50, audio=False)  # positions 0..49: the cut (25) plus 25 frames of grace not yet passed
-    assert await settle(lambda: recorder._queue.empty() and writers and writers[0].frames == 25, 10)
+    assert await settle(lambda: recorder.queued_items == 0 and writers and writers[0].frames == 25, 10)
     await asyncio.sleep(0.05)
     assert ended.calls == 0
     pull(buffer, 1, audio=False)  # position 50: one second past the cut
