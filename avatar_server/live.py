@@ -44,6 +44,7 @@ from pydantic import BaseModel, Field, field_validator
 from avatar_server import protocol
 from avatar_server.auth import SCOPE_VIEWER, SESSION_ID_RE, new_session_id
 from avatar_server.images import ImageError, decode_image
+from avatar_server.recording import recording_name
 from avatar_server.webrtc import make_peer_connection
 from engine.api import EngineInputError
 from streaming import events
@@ -293,7 +294,7 @@ class LiveRegistry:
         )
         headless.recordings += 1
         logger.info("session %s: recording to %s", headless.session_id, path)
-        return str(path)
+        return recording_name(path, settings.recordings_dir)
 
     async def _end_after(self, session_id: str, seconds: float) -> None:
         """A headless session ends after ``session_max_duration_s`` like any other (a backend
@@ -416,7 +417,7 @@ def build_router(server: AvatarServer) -> APIRouter:
         except SessionInputError as exc:
             return _input_error(exc)
         return {
-            "path": str(result.path),
+            "path": recording_name(result.path, registry.server.settings.recordings_dir),
             "duration_ms": result.duration_ms,
             "size_bytes": result.size_bytes,
             "error": result.error,

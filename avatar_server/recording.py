@@ -9,6 +9,7 @@ import datetime
 import functools
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from avatar_server import protocol
@@ -56,6 +57,16 @@ def recording_stop_message(result: RecordingResult, reason: str, limits: Limits)
     if reason == "session_ended":
         return f"recording stopped after {seconds:g} s: the session ended"
     return f"recording stopped after {seconds:g} s by record.stop"
+
+
+def recording_name(path: Path, recordings_dir: Path) -> str:
+    """What the wire says of a recording's file: its path relative to ``recordings_dir``
+    (POSIX separators), never the server's own directories (issue 18). A file outside
+    ``recordings_dir`` (none is written there) is named by its file name alone."""
+    try:
+        return Path(path).relative_to(recordings_dir).as_posix()
+    except ValueError:
+        return Path(path).name
 
 
 class SessionRecording:
@@ -120,7 +131,7 @@ class SessionRecording:
         self.recording_id = recording_id
         self._metrics.recordings_active.inc()
         logger.info("session %s: recording to %s", session_id, path)
-        self._send(protocol.RecordStarted(recording_id=recording_id, path=str(path)))
+        self._send(protocol.RecordStarted(recording_id=recording_id, path=recording_name(path, settings.recordings_dir)))
 
     def _refused(self, exc: LimitError) -> NoReturn:
         """Count a refused ``record.start`` (by its limit) and raise the refusal."""
@@ -174,7 +185,7 @@ class SessionRecording:
         self._send(
             protocol.RecordStopped(
                 recording_id=self.recording_id or "",
-                path=str(result.path),
+                path=recording_name(result.path, self._settings.recordings_dir),
                 duration_ms=result.duration_ms,
                 dropped_frames=result.dropped_video_frames,
                 error=result.error,

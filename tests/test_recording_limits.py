@@ -275,7 +275,7 @@ async def test_record_limits_over_the_control_channel(tmp_path) -> None:
             assert session.recorder is None
             assert metric(app, "avatar_server_recordings_stopped_total", '{reason="max_duration"}') == 1
             assert metric(app, "avatar_server_recordings_active") == 0
-            with av.open(started["path"]) as container:
+            with av.open(tmp_path / "rec" / started["path"]) as container:  # a name under recordings_dir
                 assert sum(1 for _ in container.decode(video=0)) == 10
             # a second recording, stopped by the client
             await ws.send(json.dumps({"type": "record.start"}))
@@ -334,7 +334,7 @@ async def test_concurrent_recordings_and_the_free_disk_floor(tmp_path) -> None:
             assert stopped["message"].endswith(
                 "100 bytes free on the recordings volume; the limit is min_recording_free_bytes = 5000"
             )
-            with av.open(stopped["path"]) as container:
+            with av.open(tmp_path / "rec" / stopped["path"]) as container:
                 assert sum(1 for _ in container.decode(video=0)) == 26
             assert app.admission.recordings_running == 0
 
