@@ -10,7 +10,6 @@ frames. A session whose WebSocket drops abnormally is *parked* for
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import dataclasses
 import enum
@@ -35,11 +34,12 @@ from avatar_server.limits import (
     EndConnection,
     GuardedMicrophoneTrack,
     GuardedTrack,
+    LimitError,
     drain_track,
 )
 from avatar_server.live import LiveOutputsMixin
 from avatar_server.recording import SessionRecording
-from avatar_server.resume import ResumeMixin
+from avatar_server.resume import Parking, may_park
 from avatar_server.transport import TRANSPORT_EXTENSION
 from avatar_server.webrtc import close_peer_connection, ice_server_dicts, make_peer_connection
 from engine.api import EngineInputError
@@ -63,7 +63,6 @@ ERROR_FIELDS = {
     "recording_active": "type",
     "no_recording": "type",
 }
-NORMAL_CLOSE_CODES = (1000, 1001)
 
 
 class ConnectionState(enum.Enum):
@@ -172,7 +171,7 @@ class WebSocketLink:
             self._abort()
 
 
-class ClientConnection(ResumeMixin, LiveOutputsMixin):
+class ClientConnection(LiveOutputsMixin):
     """One session and the WebSocket attached to it: the session, its peer connection and its
     outgoing frames.
 
@@ -200,13 +199,12 @@ class ClientConnection(ResumeMixin, LiveOutputsMixin):
         self.started_s = time.monotonic()  # session.ready (reset at session start)
         self.last_control_s = time.monotonic()  # last client message (idle timeout)
         # Session resume: the current token, and what is kept while no WebSocket is attached.
-        self._resume_key: bytes | None = None
-        self.resume_token: str | None = None
-        self._missed: collections.deque[protocol.ServerMessage] = collections.deque()
-        self._missed_dropped = 0
-        self._grace_task: asyncio.Task[None] | None = None
+        self.resume = Parking(
+            app.resumable,
+            grace_s=app.settings.session_resume_grace_s,
+            max_kept=app.settings.limits.max_send_queue_messages // 2,  # the replay fits the send queue
+        )
         self._successor: ClientConnection | None = None  # the session this WebSocket resumed
-        self._token_delivered = False  # a session.ready/resumed (with its resume token) was sent
         # The per-connection limits: checks that return decisions, acted on by end().
         self.limits = ConnectionLimits(app.settings.limits, app.admission, grant)
         self._limit_tasks: set[asyncio.Task[Any]] = set()  # end() and the limits' watchdog
@@ -249,6 +247,16 @@ class ClientConnection(ResumeMixin, LiveOutputsMixin):
     def address(self) -> str:
         """The client address this connection (and its session's counts) are kept for."""
         return self.limits.address
+
+    @property
+    def resume_token(self) -> str | None:
+        """The session's current resume token (``None``: resume is off, or no session)."""
+        return self.resume.token
+
+    @property
+    def missed_messages(self) -> tuple[protocol.ServerMessage, ...]:
+        """The frames kept for the client that resumes (oldest first)."""
+        return self.resume.missed_messages
 
     @property
     def parked(self) -> bool:
@@ -300,9 +308,7 @@ class ClientConnection(ResumeMixin, LiveOutputsMixin):
         ended_by_server = self.state is ConnectionState.ENDING
         self._move(ConnectionState.CLOSED)
         self.app.connections.discard(self)
-        if self._resume_key is not None:
-            self.app.resumable.pop(self._resume_key, None)
-            self._resume_key = None
+        self.resume.forget_token()
         await self._release_limits()
         if self.pc is not None:
             await close_peer_connection(self.pc)
@@ -318,7 +324,7 @@ class ClientConnection(ResumeMixin, LiveOutputsMixin):
             self.app.sessions_active -= 1
             self.app.metrics.sessions_active.dec()
         # the calling task (the grace period or the lifetime watch ending the session) is skipped
-        await cancel_and_wait(*reversed([*self._tasks, self._sender, self._grace_task]))
+        await cancel_and_wait(*reversed([*self._tasks, self._sender, self.resume.grace_task]))
         self._tasks.clear()
         await self.link.close()
 
@@ -327,7 +333,7 @@ class ClientConnection(ResumeMixin, LiveOutputsMixin):
         if isinstance(message, protocol.ErrorMessage):
             self.app.metrics.client_errors.labels(message.code).inc()
         if self.parked:
-            self._keep_missed(message)
+            self.resume.keep(message)
             return
         try:
             self._outbox.put_nowait(message)
@@ -358,7 +364,7 @@ class ClientConnection(ResumeMixin, LiveOutputsMixin):
                 async with asyncio.timeout(self.app.settings.limits.send_timeout_s):
                     await self.link.send(message.model_dump_json())
                 if isinstance(message, protocol.SessionReady):  # session.resumed too
-                    self._token_delivered = True
+                    self.resume.token_delivered = True
             except LinkClosed:
                 return
             except TimeoutError:
@@ -439,6 +445,129 @@ class ClientConnection(ResumeMixin, LiveOutputsMixin):
         with contextlib.suppress(Exception):
             async with asyncio.timeout(2.0):
                 await self.link.close(close_code, f"{reason}: {message}"[:120])
+
+    # ----------------------------------------------------------------------------- resume
+    def _may_park(self, link: WebSocketLink) -> bool:
+        """Whether the dropped ``link`` parks the session (:func:`~avatar_server.resume.may_park`)."""
+        return self.resume_token is not None and may_park(
+            token_delivered=self.resume.token_delivered,
+            session_running=self.session is not None,
+            active=self.state is ConnectionState.ACTIVE,
+            draining=self.app.draining,
+            client_close_code=link.client_close_code,
+        )
+
+    def _park(self) -> None:
+        """Detach the session from its dropped WebSocket: frames not yet sent and those sent
+        from now on are kept (:meth:`send`), the WebSocket's count is released, and the grace
+        period starts. Synchronous, so that nothing is sent to the old WebSocket after it."""
+        self._move(ConnectionState.PARKED)
+        if self._sender is not None:
+            self._sender.cancel()
+            self._tasks.append(self._sender)  # awaited on close
+            self._sender = None
+        while not self._outbox.empty():
+            message = self._outbox.get_nowait()
+            if message is not None:
+                self.resume.keep(message)
+        self.limits.detach()
+        self.app.connections.discard(self)
+        grace_s = self.resume.grace_s
+        self.resume.start_grace(self._resume_grace)
+        logger.info(
+            "session %s parked: its WebSocket closed (code %s); waiting %g s for session.resume",
+            self.session_id,
+            self.link.client_close_code,
+            grace_s,
+        )
+
+    async def _resume_grace(self, grace_s: float) -> None:
+        await self.end_session(
+            "resume_timeout", f"session ended: no session.resume within session_resume_grace_s = {grace_s:g}"
+        )
+
+    async def _retire(self) -> None:
+        """This connection handed its WebSocket (and its outbox) to the session it resumed:
+        stop its own sender and watchdog; its WebSocket count now belongs to that session."""
+        self._move(ConnectionState.RETIRED)
+        self.app.connections.discard(self)
+        await cancel_and_wait(self._sender)
+        await self._release_limits()
+
+    async def _session_resume(self, message: protocol.SessionResume) -> None:
+        """``session.resume``: hand this WebSocket to the session whose resume token it names
+        (parked, or still attached to a WebSocket the server has not yet seen drop, which is
+        then dropped). This connection's read loop stops; the session's takes over.
+
+        Raises:
+            SessionInputError: ``resume_failed`` (unknown or expired token, a token of this
+                connection's grant for another session, shutting down), ``session_exists``
+                (this connection already has a session).
+            LimitError: ``too_many_sessions`` (this address or token is at its limit).
+        """
+        app = self.app
+        if self.session is not None or self._holds_slot:
+            raise ClientError("session_exists", "type: this connection already has a session", field="type")
+        if app.draining:
+            app.metrics.session_resumes.labels("failed").inc()
+            raise ClientError("resume_failed", "resume_token: the server is shutting down", field="resume_token")
+        target = app.resume_target(message.resume_token)
+        grant = self.grant
+        if (
+            target is None
+            or target is self
+            or target.ending
+            or target.session is None
+            or (grant.session_id is not None and grant.session_id != target.session_id)
+        ):
+            app.metrics.session_resumes.labels("failed").inc()
+            raise ClientError("resume_failed", "resume_token: unknown or expired", field="resume_token")
+        try:
+            target.limits.check_adopt(self.limits)
+        except LimitError:
+            app.metrics.session_resumes.labels("failed").inc()
+            raise
+        # From here on nothing awaits until the session is attached (no resume or end in between).
+        if not target.parked:  # its old WebSocket is still open (the server has not seen it drop)
+            old_link = target.link
+            target._park()
+            old_link.abort()
+        if self._sender is not None:  # stops at its next await; what it has not taken stays queued
+            self._sender.cancel()
+        target._attach(self)
+        self._successor = target
+        app.metrics.session_resumes.labels("resumed").inc()
+
+    def _attach(self, other: ClientConnection) -> None:
+        """Take over ``other``'s WebSocket, its outbox and its limits' WebSocket side; answer
+        ``session.resumed`` with a new token, then replay the frames kept while parked."""
+        assert self.parked and self.session is not None
+        if (grace := self.resume.stop_grace()) is not None:
+            self._tasks.append(grace)  # awaited on close
+        self.limits.adopt(other.limits)
+        self.grant = other.grant
+        self.link, self._outbox = other.link, other._outbox
+        self._move(ConnectionState.ACTIVE)
+        self.app.connections.add(self)
+        self.last_control_s = time.monotonic()
+        self.resume.rotate_token(self, enabled=not self.closed)
+        missed, dropped = self.resume.take_missed()
+        logger.info(
+            "session %s resumed (%d messages replayed, %d dropped)", self.session_id, len(missed), dropped
+        )
+        assert self.resume_token is not None
+        self.send(
+            protocol.SessionResumed(
+                resume_token=self.resume_token,
+                peer_connection=None if self.pc is None else self.pc.connectionState,
+                recording_id=self.recording.recording_id,
+                missed_messages=len(missed),
+                dropped_messages=dropped,
+                **self._session_fields(),
+            )
+        )
+        for frame in missed:
+            self.send(frame)
 
     # ----------------------------------------------------------------------------- frames
     async def _on_frame(self, raw: str | bytes) -> None:
@@ -549,7 +678,7 @@ class ClientConnection(ResumeMixin, LiveOutputsMixin):
         self._move(ConnectionState.ACTIVE)
         self.started_s = time.monotonic()
         app.metrics.sessions_started.inc()
-        self._rotate_resume_token()
+        self.resume.rotate_token(self, enabled=not self.closed)
         logger.info("session %s started (image %dx%d)", self.session_id, image.shape[1], image.shape[0])
         self.send(protocol.SessionReady(resume_token=self.resume_token, **self._session_fields()))
         loop = asyncio.get_running_loop()
