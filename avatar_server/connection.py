@@ -37,7 +37,7 @@ from avatar_server.limits import (
     LimitError,
     drain_track,
 )
-from avatar_server.live import LiveOutputsMixin
+from avatar_server.live import SessionOutputs
 from avatar_server.recording import SessionRecording
 from avatar_server.resume import Parking, may_park
 from avatar_server.transport import TRANSPORT_EXTENSION
@@ -171,7 +171,7 @@ class WebSocketLink:
             self._abort()
 
 
-class ClientConnection(LiveOutputsMixin):
+class ClientConnection:
     """One session and the WebSocket attached to it: the session, its peer connection and its
     outgoing frames.
 
@@ -180,6 +180,14 @@ class ClientConnection(LiveOutputsMixin):
     ``session_resume_grace_s``, the session running on and its messages kept (bounded), until
     another connection hands it its WebSocket with ``session.resume`` (:meth:`_attach`) or the
     grace period ends it (``resume_timeout``).
+
+    Composed of one object per job, none of which calls back into the connection but through
+    the callbacks it is given: :attr:`limits` (:class:`~avatar_server.limits.ConnectionLimits`:
+    checks that return decisions, acted on by :meth:`end`), :attr:`resume`
+    (:class:`~avatar_server.resume.Parking`), :attr:`recording`
+    (:class:`~avatar_server.recording.SessionRecording`) and :attr:`outputs`
+    (:class:`~avatar_server.live.SessionOutputs`). Its lifecycle is :attr:`state`
+    (:class:`ConnectionState`, moved along :data:`TRANSITIONS` only).
     """
 
     def __init__(self, app: AvatarServer, link: WebSocketLink, grant: Grant) -> None:
@@ -208,6 +216,7 @@ class ClientConnection(LiveOutputsMixin):
         # The per-connection limits: checks that return decisions, acted on by end().
         self.limits = ConnectionLimits(app.settings.limits, app.admission, grant)
         self._limit_tasks: set[asyncio.Task[Any]] = set()  # end() and the limits' watchdog
+        self.outputs = SessionOutputs(app, self.send)  # output.start / output.stop (live.py)
         self.recording = SessionRecording(
             settings=app.settings, metrics=app.metrics, limits=self.limits, send=self.send, send_error=self.send_error
         )
@@ -222,7 +231,7 @@ class ClientConnection(LiveOutputsMixin):
             protocol.SessionUpdate: self._on_session_update,
             protocol.RecordStart: self._on_record_start,
             protocol.RecordStop: self._on_record_stop,
-            protocol.OutputStart: self._on_output_start,  # avatar_server/live.py
+            protocol.OutputStart: self._on_output_start,
             protocol.OutputStop: self._on_output_stop,
         }
         if (decision := self.limits.check_open()) is not None:
@@ -312,7 +321,7 @@ class ClientConnection(LiveOutputsMixin):
         await self._release_limits()
         if self.pc is not None:
             await close_peer_connection(self.pc)
-        await self._close_on_air()  # live outputs stop before their session
+        await self.outputs.close()  # live outputs stop before their session
         if self.session is not None:
             await self.recording.finish(self.session)
             await self.session.close()
@@ -624,6 +633,13 @@ class ClientConnection(LiveOutputsMixin):
 
     async def _on_record_stop(self, message: protocol.RecordStop) -> None:
         await self.recording.stop(self._require_session("record.stop"))
+
+    async def _on_output_start(self, message: protocol.OutputStart) -> None:
+        await self.outputs.start(self._require_session("output.start"), message)
+
+    async def _on_output_stop(self, message: protocol.OutputStop) -> None:
+        self._require_session("output.stop")
+        await self.outputs.stop(message)
 
     def _require_session(self, what: str) -> SessionRunner:
         if self.session is None:
