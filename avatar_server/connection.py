@@ -10,13 +10,12 @@ frames. A session whose WebSocket drops abnormally is *parked* for
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import dataclasses
 import enum
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from aiortc import RTCPeerConnection, RTCSessionDescription
@@ -27,10 +26,20 @@ from avatar_server.auth import Grant
 from avatar_server.errors import ClientError
 from avatar_server.ice import filter_offer, summarize
 from avatar_server.images import ImageError, decode_image
-from avatar_server.limits import ConnectionGuard
-from avatar_server.live import LiveOutputsMixin
-from avatar_server.recording import RecordingMixin
-from avatar_server.resume import ResumeMixin
+from avatar_server.limits import (
+    CLOSE_INTERNAL,
+    ERROR_SEND_TIMEOUT_S,
+    WATCH_PERIOD_S,
+    ConnectionLimits,
+    EndConnection,
+    GuardedMicrophoneTrack,
+    GuardedTrack,
+    LimitError,
+    drain_track,
+)
+from avatar_server.live import SessionOutputs
+from avatar_server.recording import SessionRecording
+from avatar_server.resume import Parking, may_park
 from avatar_server.transport import TRANSPORT_EXTENSION
 from avatar_server.webrtc import close_peer_connection, ice_server_dicts, make_peer_connection
 from engine.api import EngineInputError
@@ -54,7 +63,6 @@ ERROR_FIELDS = {
     "recording_active": "type",
     "no_recording": "type",
 }
-NORMAL_CLOSE_CODES = (1000, 1001)
 
 
 class ConnectionState(enum.Enum):
@@ -163,7 +171,7 @@ class WebSocketLink:
             self._abort()
 
 
-class ClientConnection(ResumeMixin, RecordingMixin, LiveOutputsMixin):
+class ClientConnection:
     """One session and the WebSocket attached to it: the session, its peer connection and its
     outgoing frames.
 
@@ -172,6 +180,14 @@ class ClientConnection(ResumeMixin, RecordingMixin, LiveOutputsMixin):
     ``session_resume_grace_s``, the session running on and its messages kept (bounded), until
     another connection hands it its WebSocket with ``session.resume`` (:meth:`_attach`) or the
     grace period ends it (``resume_timeout``).
+
+    Composed of one object per job, none of which calls back into the connection but through
+    the callbacks it is given: :attr:`limits` (:class:`~avatar_server.limits.ConnectionLimits`:
+    checks that return decisions, acted on by :meth:`end`), :attr:`resume`
+    (:class:`~avatar_server.resume.Parking`), :attr:`recording`
+    (:class:`~avatar_server.recording.SessionRecording`) and :attr:`outputs`
+    (:class:`~avatar_server.live.SessionOutputs`). Its lifecycle is :attr:`state`
+    (:class:`ConnectionState`, moved along :data:`TRANSITIONS` only).
     """
 
     def __init__(self, app: AvatarServer, link: WebSocketLink, grant: Grant) -> None:
@@ -190,18 +206,20 @@ class ClientConnection(ResumeMixin, RecordingMixin, LiveOutputsMixin):
         self._holds_slot = False  # a session slot is counted in app.sessions_active
         self.started_s = time.monotonic()  # session.ready (reset at session start)
         self.last_control_s = time.monotonic()  # last client message (idle timeout)
-        self.recording_id: str | None = None
-        self.recordings = 0
-        self._recording_end_tasks: set[asyncio.Task[None]] = set()  # recordings ended by a limit
         # Session resume: the current token, and what is kept while no WebSocket is attached.
-        self._resume_key: bytes | None = None
-        self.resume_token: str | None = None
-        self._missed: collections.deque[protocol.ServerMessage] = collections.deque()
-        self._missed_dropped = 0
-        self._grace_task: asyncio.Task[None] | None = None
+        self.resume = Parking(
+            app.resumable,
+            grace_s=app.settings.session_resume_grace_s,
+            max_kept=app.settings.limits.max_send_queue_messages // 2,  # the replay fits the send queue
+        )
         self._successor: ClientConnection | None = None  # the session this WebSocket resumed
-        self._token_delivered = False  # a session.ready/resumed (with its resume token) was sent
-        self.guard = ConnectionGuard(self)
+        # The per-connection limits: checks that return decisions, acted on by end().
+        self.limits = ConnectionLimits(app.settings.limits, app.admission, grant)
+        self._limit_tasks: set[asyncio.Task[Any]] = set()  # end() and the limits' watchdog
+        self.outputs = SessionOutputs(app, self.send)  # output.start / output.stop (live.py)
+        self.recording = SessionRecording(
+            settings=app.settings, metrics=app.metrics, limits=self.limits, send=self.send, send_error=self.send_error
+        )
         # the dispatch table: one handler per client message type
         self._handlers: dict[type, Callable[[Any], Awaitable[None]]] = {
             protocol.SessionStart: self._session_start,
@@ -213,9 +231,12 @@ class ClientConnection(ResumeMixin, RecordingMixin, LiveOutputsMixin):
             protocol.SessionUpdate: self._on_session_update,
             protocol.RecordStart: self._on_record_start,
             protocol.RecordStop: self._on_record_stop,
-            protocol.OutputStart: self._on_output_start,  # avatar_server/live.py
+            protocol.OutputStart: self._on_output_start,
             protocol.OutputStop: self._on_output_stop,
         }
+        if (decision := self.limits.check_open()) is not None:
+            self.end(decision)
+        self._spawn(self._watch(), "connection-watchdog")
 
     def _move(self, to: ConnectionState) -> None:
         """Change state along :data:`TRANSITIONS` (the parked-sessions gauge follows).
@@ -230,6 +251,21 @@ class ClientConnection(ResumeMixin, RecordingMixin, LiveOutputsMixin):
         if to is ConnectionState.PARKED:
             self.app.metrics.sessions_parked.inc()
         self.state = to
+
+    @property
+    def address(self) -> str:
+        """The client address this connection (and its session's counts) are kept for."""
+        return self.limits.address
+
+    @property
+    def resume_token(self) -> str | None:
+        """The session's current resume token (``None``: resume is off, or no session)."""
+        return self.resume.token
+
+    @property
+    def missed_messages(self) -> tuple[protocol.ServerMessage, ...]:
+        """The frames kept for the client that resumes (oldest first)."""
+        return self.resume.missed_messages
 
     @property
     def parked(self) -> bool:
@@ -281,17 +317,13 @@ class ClientConnection(ResumeMixin, RecordingMixin, LiveOutputsMixin):
         ended_by_server = self.state is ConnectionState.ENDING
         self._move(ConnectionState.CLOSED)
         self.app.connections.discard(self)
-        if self._resume_key is not None:
-            self.app.resumable.pop(self._resume_key, None)
-            self._resume_key = None
-        await self.guard.close()
+        self.resume.forget_token()
+        await self._release_limits()
         if self.pc is not None:
             await close_peer_connection(self.pc)
-        await self._close_on_air()  # live outputs stop before their session
+        await self.outputs.close()  # live outputs stop before their session
         if self.session is not None:
-            if self.session.recorder is not None:
-                result = await self.session.stop_recording()
-                self._recording_stopped(result, "session_ended")
+            await self.recording.finish(self.session)
             await self.session.close()
             logger.info("session %s closed", self.session_id)
             if not ended_by_server:
@@ -301,7 +333,7 @@ class ClientConnection(ResumeMixin, RecordingMixin, LiveOutputsMixin):
             self.app.sessions_active -= 1
             self.app.metrics.sessions_active.dec()
         # the calling task (the grace period or the lifetime watch ending the session) is skipped
-        await cancel_and_wait(*reversed([*self._tasks, self._sender, self._grace_task]))
+        await cancel_and_wait(*reversed([*self._tasks, self._sender, self.resume.grace_task]))
         self._tasks.clear()
         await self.link.close()
 
@@ -310,12 +342,12 @@ class ClientConnection(ResumeMixin, RecordingMixin, LiveOutputsMixin):
         if isinstance(message, protocol.ErrorMessage):
             self.app.metrics.client_errors.labels(message.code).inc()
         if self.parked:
-            self._keep_missed(message)
+            self.resume.keep(message)
             return
         try:
             self._outbox.put_nowait(message)
         except asyncio.QueueFull:
-            self.guard.send_queue_full()
+            self.end(self.limits.send_queue_full())
 
     def send_error(
         self,
@@ -341,11 +373,11 @@ class ClientConnection(ResumeMixin, RecordingMixin, LiveOutputsMixin):
                 async with asyncio.timeout(self.app.settings.limits.send_timeout_s):
                     await self.link.send(message.model_dump_json())
                 if isinstance(message, protocol.SessionReady):  # session.resumed too
-                    self._token_delivered = True
+                    self.resume.token_delivered = True
             except LinkClosed:
                 return
             except TimeoutError:
-                self.guard.send_stalled()
+                self.end(self.limits.send_stalled())
                 return
 
     async def _stats_loop(self) -> None:
@@ -393,11 +425,16 @@ class ClientConnection(ResumeMixin, RecordingMixin, LiveOutputsMixin):
             return
         was_parked = self.parked
         self._move(ConnectionState.ENDING)
+        await self._finish_session(reason, message, close_code=close_code, error=error, was_parked=was_parked)
+
+    async def _finish_session(
+        self, reason: str, message: str, *, close_code: int, error: bool, was_parked: bool
+    ) -> None:
+        """The rest of :meth:`end_session`, once the state is ``ENDING``."""
         logger.info("session %s ended by the server: %s", self.session_id, reason)
         if self.session is not None:
             self.app.metrics.sessions_ended.labels(reason).inc()
-            if self.session.recorder is not None:  # finish the file before saying goodbye
-                self._recording_stopped(await self.session.stop_recording(), "session_ended")
+            await self.recording.finish(self.session)  # finish the file before saying goodbye
         if was_parked:  # nobody to tell
             await self.close()
             return
@@ -418,9 +455,140 @@ class ClientConnection(ResumeMixin, RecordingMixin, LiveOutputsMixin):
             async with asyncio.timeout(2.0):
                 await self.link.close(close_code, f"{reason}: {message}"[:120])
 
+    # ----------------------------------------------------------------------------- resume
+    def _may_park(self, link: WebSocketLink) -> bool:
+        """Whether the dropped ``link`` parks the session (:func:`~avatar_server.resume.may_park`)."""
+        return self.resume_token is not None and may_park(
+            token_delivered=self.resume.token_delivered,
+            session_running=self.session is not None,
+            active=self.state is ConnectionState.ACTIVE,
+            draining=self.app.draining,
+            client_close_code=link.client_close_code,
+        )
+
+    def _park(self) -> None:
+        """Detach the session from its dropped WebSocket: frames not yet sent and those sent
+        from now on are kept (:meth:`send`), the WebSocket's count is released, and the grace
+        period starts. Synchronous, so that nothing is sent to the old WebSocket after it."""
+        self._move(ConnectionState.PARKED)
+        if self._sender is not None:
+            self._sender.cancel()
+            self._tasks.append(self._sender)  # awaited on close
+            self._sender = None
+        while not self._outbox.empty():
+            message = self._outbox.get_nowait()
+            if message is not None:
+                self.resume.keep(message)
+        self.limits.detach()
+        self.app.connections.discard(self)
+        grace_s = self.resume.grace_s
+        self.resume.start_grace(self._resume_grace)
+        logger.info(
+            "session %s parked: its WebSocket closed (code %s); waiting %g s for session.resume",
+            self.session_id,
+            self.link.client_close_code,
+            grace_s,
+        )
+
+    async def _resume_grace(self, grace_s: float) -> None:
+        await self.end_session(
+            "resume_timeout", f"session ended: no session.resume within session_resume_grace_s = {grace_s:g}"
+        )
+
+    async def _retire(self) -> None:
+        """This connection handed its WebSocket (and its outbox) to the session it resumed:
+        stop its own sender and watchdog; its WebSocket count now belongs to that session."""
+        self._move(ConnectionState.RETIRED)
+        self.app.connections.discard(self)
+        await cancel_and_wait(self._sender)
+        await self._release_limits()
+
+    async def _session_resume(self, message: protocol.SessionResume) -> None:
+        """``session.resume``: hand this WebSocket to the session whose resume token it names
+        (parked, or still attached to a WebSocket the server has not yet seen drop, which is
+        then dropped). This connection's read loop stops; the session's takes over.
+
+        Raises:
+            SessionInputError: ``resume_failed`` (unknown or expired token, a token of this
+                connection's grant for another session, shutting down), ``session_exists``
+                (this connection already has a session).
+            LimitError: ``too_many_sessions`` (this address or token is at its limit).
+        """
+        app = self.app
+        if self.session is not None or self._holds_slot:
+            raise ClientError("session_exists", "type: this connection already has a session", field="type")
+        if app.draining:
+            app.metrics.session_resumes.labels("failed").inc()
+            raise ClientError("resume_failed", "resume_token: the server is shutting down", field="resume_token")
+        target = app.resume_target(message.resume_token)
+        grant = self.grant
+        if (
+            target is None
+            or target is self
+            or target.ending
+            or target.session is None
+            or (grant.session_id is not None and grant.session_id != target.session_id)
+        ):
+            app.metrics.session_resumes.labels("failed").inc()
+            raise ClientError("resume_failed", "resume_token: unknown or expired", field="resume_token")
+        try:
+            target.limits.check_adopt(self.limits)
+        except LimitError:
+            app.metrics.session_resumes.labels("failed").inc()
+            raise
+        # From here on nothing awaits until the session is attached (no resume or end in between).
+        if not target.parked:  # its old WebSocket is still open (the server has not seen it drop)
+            old_link = target.link
+            target._park()
+            old_link.abort()
+        if self._sender is not None:  # stops at its next await; what it has not taken stays queued
+            self._sender.cancel()
+        target._attach(self)
+        self._successor = target
+        app.metrics.session_resumes.labels("resumed").inc()
+
+    def _attach(self, other: ClientConnection) -> None:
+        """Take over ``other``'s WebSocket, its outbox and its limits' WebSocket side; answer
+        ``session.resumed`` with a new token, then replay the frames kept while parked."""
+        assert self.parked and self.session is not None
+        if (grace := self.resume.stop_grace()) is not None:
+            self._tasks.append(grace)  # awaited on close
+        self.limits.adopt(other.limits)
+        self.grant = other.grant
+        self.link, self._outbox = other.link, other._outbox
+        self._move(ConnectionState.ACTIVE)
+        self.app.connections.add(self)
+        self.last_control_s = time.monotonic()
+        self.resume.rotate_token(self, enabled=not self.closed)
+        missed, dropped = self.resume.take_missed()
+        logger.info(
+            "session %s resumed (%d messages replayed, %d dropped)", self.session_id, len(missed), dropped
+        )
+        assert self.resume_token is not None
+        self.send(
+            protocol.SessionResumed(
+                resume_token=self.resume_token,
+                peer_connection=None if self.pc is None else self.pc.connectionState,
+                recording_id=self.recording.recording_id,
+                missed_messages=len(missed),
+                dropped_messages=dropped,
+                **self._session_fields(),
+            )
+        )
+        for frame in missed:
+            self.send(frame)
+
     # ----------------------------------------------------------------------------- frames
     async def _on_frame(self, raw: str | bytes) -> None:
-        if not await self.guard.allow_frame(raw):
+        if self.ending:
+            return
+        wait_s, notice = self.limits.pace()
+        if wait_s > 0:  # over the message rate: read more slowly (TCP pushes back)
+            if notice is not None:
+                self.send_error(notice.code, str(notice))
+            await asyncio.sleep(wait_s)
+        self.limits.spend()
+        if self.ending:
             return
         self.last_control_s = time.monotonic()
         message = protocol.parse_client_message(raw, self.app.settings.limits)
@@ -429,9 +597,8 @@ class ClientConnection(ResumeMixin, RecordingMixin, LiveOutputsMixin):
             logger.info("client error %s (session %s)", message.code, self.session_id)
             return
         try:
-            self.guard.admit(message)
+            self.limits.check_message(message, None if self.session is None else self.session.utterances)
             await self._handlers[type(message)](message)
-            self.guard.accepted(message)
         except (ImageError, SessionInputError) as exc:
             code = exc.code
             field = getattr(exc, "field", None) or ERROR_FIELDS.get(code)
@@ -457,6 +624,23 @@ class ClientConnection(ResumeMixin, RecordingMixin, LiveOutputsMixin):
     async def _on_session_update(self, message: protocol.SessionUpdate) -> None:
         self._require_session("session.update").set_mode(mode=message.mode, barge_in=message.barge_in)
 
+    async def _on_record_start(self, message: protocol.RecordStart) -> None:
+        session = self._require_session("record.start")
+        assert self.session_id is not None
+        await self.recording.start(
+            session, self.session_id, still_current=lambda: self.session is session and not self.ending
+        )
+
+    async def _on_record_stop(self, message: protocol.RecordStop) -> None:
+        await self.recording.stop(self._require_session("record.stop"))
+
+    async def _on_output_start(self, message: protocol.OutputStart) -> None:
+        await self.outputs.start(self._require_session("output.start"), message)
+
+    async def _on_output_stop(self, message: protocol.OutputStop) -> None:
+        self._require_session("output.stop")
+        await self.outputs.stop(message)
+
     def _require_session(self, what: str) -> SessionRunner:
         if self.session is None:
             raise ClientError("no_session", f"type: {what} needs a session; send session.start first", field="type")
@@ -476,7 +660,7 @@ class ClientConnection(ResumeMixin, RecordingMixin, LiveOutputsMixin):
         if (overload := app.engine_overload()) is not None:
             app.metrics.sessions_refused.labels("capacity").inc()
             raise ClientError("capacity", f"server at capacity: {overload}; try again later")
-        session_id = self.guard.reserve_session(message)
+        session_id = self.limits.reserve_session(message)
         app.sessions_active += 1
         app.metrics.sessions_active.inc()
         self._holds_slot = True
@@ -494,7 +678,7 @@ class ClientConnection(ResumeMixin, RecordingMixin, LiveOutputsMixin):
                 self._holds_slot = False
                 app.sessions_active -= 1
                 app.metrics.sessions_active.dec()
-            self.guard.release_session()
+            self.limits.release_session()
             if self.state is ConnectionState.STARTING:
                 self._move(ConnectionState.CONNECTED)
             raise
@@ -510,7 +694,7 @@ class ClientConnection(ResumeMixin, RecordingMixin, LiveOutputsMixin):
         self._move(ConnectionState.ACTIVE)
         self.started_s = time.monotonic()
         app.metrics.sessions_started.inc()
-        self._rotate_resume_token()
+        self.resume.rotate_token(self, enabled=not self.closed)
         logger.info("session %s started (image %dx%d)", self.session_id, image.shape[1], image.shape[0])
         self.send(protocol.SessionReady(resume_token=self.resume_token, **self._session_fields()))
         loop = asyncio.get_running_loop()
@@ -566,7 +750,7 @@ class ClientConnection(ResumeMixin, RecordingMixin, LiveOutputsMixin):
         def on_track(track) -> None:
             if track.kind == "audio":
                 logger.info("session %s: microphone track received", session_id)
-                session.attach_microphone(self.guard.wrap_microphone(track))
+                session.attach_microphone(self._wrap_microphone(track))
 
         @pc.on("connectionstatechange")
         def on_state() -> None:
@@ -579,9 +763,9 @@ class ClientConnection(ResumeMixin, RecordingMixin, LiveOutputsMixin):
                 raise ValueError("the offer has no video media section")
             video = session.video_track(on_frame=self.app.metrics.video_frames_sent.inc)
             video.on_encode = self.app.metrics.video_encode_seconds.observe
-            pc.addTrack(self.guard.wrap_track(video))
+            pc.addTrack(self._wrap_track(video))
             if "audio" in kinds:
-                pc.addTrack(self.guard.wrap_track(session.audio_track()))
+                pc.addTrack(self._wrap_track(session.audio_track()))
             await pc.setLocalDescription(await pc.createAnswer())
         except Exception as exc:
             self.pc = None
@@ -592,7 +776,8 @@ class ClientConnection(ResumeMixin, RecordingMixin, LiveOutputsMixin):
     # ----------------------------------------------------------------------------- events
     def _on_session_event(self, event: events.SessionEvent) -> None:
         self.app.metrics.observe(event)
-        self.guard.observe(event)
+        if (decision := self.limits.observe(event)) is not None:
+            self.end(decision)
         if isinstance(event, events.StateChanged):
             self.send(protocol.State(state=event.state))
         elif isinstance(event, events.SpeakStarted):
@@ -604,4 +789,93 @@ class ClientConnection(ResumeMixin, RecordingMixin, LiveOutputsMixin):
         elif isinstance(event, events.SessionError):
             self.send_error(event.code, event.message)
 
+    # ----------------------------------------------------------------------------- limits
+    def end(self, decision: EndConnection) -> None:
+        """Act on a limit's decision to end the connection: an ``error`` frame whose message
+        names the limit (and, when a session runs, ``session.ended`` with the code as its
+        reason), then a WebSocket close with the same reason. Further frames are ignored.
+        Idempotent. A client that does not read (``slow_client``) is not waited for: its
+        connection is dropped."""
+        if self.ending:
+            return
+        code = decision.code
+        logger.info("connection from %s ended: %s (session %s)", self.address, code, self.session_id)
+        was_parked = self.parked
+        session = self.session
+        self._move(ConnectionState.ENDING)
+        if session is not None and code != "slow_client":
+            end = self._finish_session(
+                code, decision.message, close_code=decision.close_code, error=True, was_parked=was_parked
+            )
+            self._spawn(end, "session-end")
+        else:
+            if session is not None:  # counted as the client's close, as before the state machine
+                self.app.metrics.sessions_ended.labels("closed").inc()
+            self._spawn(self._close_websocket(decision), "connection-end")
 
+    async def _close_websocket(self, decision: EndConnection) -> None:
+        link = self.link
+        code, message = decision.code, decision.message
+        self.app.metrics.client_errors.labels(code).inc()
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(ERROR_SEND_TIMEOUT_S):
+                await link.send(protocol.ErrorMessage(code=code, message=message).model_dump_json())
+        reason = f"{code}: {message}".encode()[:120].decode("utf-8", "ignore")
+        try:
+            async with asyncio.timeout(self.app.settings.limits.close_timeout_s):
+                await link.close(decision.close_code, reason)
+        except TimeoutError:
+            link.abort()  # a client that does not read does not answer a close either
+
+    async def _watch(self) -> None:
+        """Every ``WATCH_PERIOD_S`` while attached (not parked: the grace period applies then),
+        act on the limits' start and media timeouts."""
+        while True:
+            await asyncio.sleep(WATCH_PERIOD_S)
+            if self.ending or self.parked:
+                continue
+            pc_state = None if self.pc is None else self.pc.connectionState
+            decision = self.limits.check_progress(
+                session_running=self.session is not None, pc_state=pc_state, now_s=time.monotonic()
+            )
+            if decision is not None:
+                self.end(decision)
+
+    def _wrap_track(self, track: Any) -> GuardedTrack:
+        """An outgoing session track whose crash (or its encoder's) ends the session (``media_failed``)."""
+
+        def expected_stop() -> bool:
+            pc = self.pc
+            return self.ending or pc is None or pc.connectionState != "connected"
+
+        def on_failure(what: str) -> None:
+            self.end(EndConnection("media_failed", f"webrtc: {what}; the session ends", close_code=CLOSE_INTERNAL))
+
+        return GuardedTrack(track, on_failure=on_failure, expected_stop=expected_stop)
+
+    def _wrap_microphone(self, track: Any) -> GuardedMicrophoneTrack:
+        """The client's microphone track behind the microphone limits."""
+        guarded: GuardedMicrophoneTrack
+
+        def report(code: str, message: str) -> None:
+            self.send_error(code, message)
+            if code == "microphone_invalid":
+                # Nobody reads the remote track any more: drain it so that aiortc's receive
+                # queue (unbounded) does not grow until the peer connection closes.
+                self._spawn(drain_track(guarded.source), "microphone-drain")
+
+        guarded = GuardedMicrophoneTrack(track, self.app.settings.limits, report)
+        return guarded
+
+    async def _release_limits(self) -> None:
+        """Give up the limits' counts and stop their tasks (on close, and on retiring)."""
+        self.limits.release()
+        await cancel_and_wait(*self._limit_tasks)
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> None:
+        if self.closed:
+            coro.close()
+            return
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._limit_tasks.add(task)
+        task.add_done_callback(self._limit_tasks.discard)

@@ -8,17 +8,18 @@ in docs/PROTOCOL.md ("Limits").
   handshake refusals are in :mod:`avatar_server.admission`; SDP checks in :mod:`avatar_server.sdp`.
   The client address is the one :meth:`~avatar_server.auth.Authenticator.client_address`
   decides (the TCP peer, or the forwarded client behind a trusted proxy).
-* :class:`ConnectionGuard` (one per WebSocket) enforces the per-connection limits: the message
-  rate (a token bucket), pending utterances, sessions per token/address and the session id a
-  token binds, the microphone track, the time to get media flowing,
-  consecutive engine failures, and recordings (per session, server-wide, free disk space; the
-  recorder itself enforces the length, size and disk floor of a running recording). It ends a connection by sending an ``error`` frame and closing
-  the WebSocket with a reason that names the limit; the connection's own ``close`` (which runs
-  when the WebSocket ends) then releases the session, its peer connection, tracks and tasks.
-  The guard goes with the session: when a session is parked (its WebSocket dropped) the guard
-  gives up the WebSocket's count (:meth:`~ConnectionGuard.detach`) and keeps the session's;
-  when another connection resumes it, the guard takes over that connection's WebSocket side
-  and moves the session's counts to its address and token (:meth:`~ConnectionGuard.adopt`).
+* :class:`ConnectionLimits` (one per WebSocket, owned by the connection) holds the
+  per-connection limits: the message rate (a token bucket), pending utterances (asked of the
+  session's :class:`~streaming.utterances.UtteranceQueue`), sessions per token/address and the
+  session id a token binds, the time to get media flowing, consecutive engine failures, and
+  recordings (per session, server-wide, free disk space; the recorder itself enforces the
+  length, size and disk floor of a running recording). Its checks return decisions (an
+  :class:`EndConnection`, or a :class:`LimitError` raised for a refused message); it never
+  calls the connection, which acts on them: it sends an ``error`` frame and closes the
+  WebSocket with a reason that names the limit. The counts go with the session: when a
+  session is parked (its WebSocket dropped) the WebSocket's count is released
+  (:meth:`~ConnectionLimits.detach`) and the session's kept; when another connection resumes
+  it, that connection's WebSocket side and counts move over (:meth:`~ConnectionLimits.adopt`).
 * :class:`GuardedMicrophoneTrack` checks each incoming microphone frame (sample rate, channels,
   frame length) and drops audio that arrives faster than real time;
   :class:`GuardedTrack` turns a crash of an outgoing track or its encoder into a clean end of
@@ -28,13 +29,13 @@ in docs/PROTOCOL.md ("Limits").
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
+import dataclasses
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
@@ -47,10 +48,7 @@ from streaming import events
 from streaming.recorder import (
     RecordingLimits,
 )
-from streaming.tasks import cancel_and_wait
-
-if TYPE_CHECKING:
-    from avatar_server.server import ClientConnection
+from streaming.utterances import UtteranceQueue
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +56,6 @@ WATCH_PERIOD_S = 0.25
 ERROR_SEND_TIMEOUT_S = 1.0
 CLOSE_POLICY = 1008  # WebSocket close code: policy violation
 CLOSE_INTERNAL = 1011  # WebSocket close code: internal error
-_REMEMBERED_UTTERANCES = 1024
 
 
 class LimitError(ClientError):
@@ -188,114 +185,114 @@ class GuardedMicrophoneTrack(MediaStreamTrack):
 
 
 # --------------------------------------------------------------------------------- per connection
-class ConnectionGuard:
-    """The limits of one :class:`~avatar_server.server.ClientConnection` (see the module docstring).
+@dataclasses.dataclass(frozen=True)
+class EndConnection:
+    """A decision of :class:`ConnectionLimits`: end the connection with an ``error`` frame
+    ``code``/``message`` (naming the limit) and the WebSocket close code ``close_code``."""
 
-    The connection calls :meth:`allow_frame` for every frame, :meth:`admit` / :meth:`accepted`
-    around every message it handles, :meth:`reserve_session` when a session starts,
-    :meth:`check_offer` for an offer, :meth:`observe` for every session event, and
-    :meth:`close` first thing when it closes.
+    code: str
+    message: str
+    close_code: int = CLOSE_POLICY
+
+
+class ConnectionLimits:
+    """The per-connection limits of one WebSocket and the session it drives (see the module
+    docstring): checks that return a decision (:class:`EndConnection`, ``None``) or raise a
+    :class:`LimitError` for a refused message, and the counts this connection holds in the
+    server-wide :class:`~avatar_server.admission.AdmissionRegistry`. It never acts on the
+    connection: the connection acts on what it returns.
+
+    Counts held: one in ``connections_by_address`` (from construction until
+    :meth:`release_connection`, :meth:`detach` or handing it over with :meth:`adopt`), the
+    reserved session's (:meth:`reserve_session`) and a running recording's
+    (:meth:`reserve_recording`).
     """
 
-    def __init__(self, conn: ClientConnection) -> None:
-        self._conn = conn
-        app = conn.app
-        self.limits: Limits = app.settings.limits
-        self.admission: AdmissionRegistry = app.admission
-        self.grant: Grant = conn.grant
-        self.address = self.grant.address
-        self._bucket = TokenBucket(self.limits.max_messages_per_s, self.limits.message_burst)
+    def __init__(self, limits: Limits, admission: AdmissionRegistry, grant: Grant) -> None:
+        self.limits = limits
+        self.admission = admission
+        self.grant = grant
+        self._bucket = TokenBucket(limits.max_messages_per_s, limits.message_burst)
         self._throttled = False
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._ending = False
-        self._closed = False
-        self._detached = False  # the session is parked: no WebSocket is counted for it
-        self._handed_over = False  # another guard took over this one's WebSocket (a resume)
+        self._counts_connection = True  # holds one count in connections_by_address
         self._session_id: str | None = None  # set while a session is reserved
-        self._pending_utterances: set[str] = set()
-        self._closed_utterances: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._engine_failures = 0
         self._media_phase: str | None = None
         self._media_deadline_s = 0.0
         self._recording = False  # a recording is reserved (running or starting)
         self.recordings_started = 0
-        self.ended_with: str | None = None  # the error code that ended the connection
-
         self._opened_s = time.monotonic()
-        self.admission.connections_by_address[self.address] += 1
-        limit = self.limits.max_connections_per_address
-        total = sum(self.admission.connections_by_address.values())
-        if self.admission.connections_by_address[self.address] > limit:  # a burst got past the handshake check
-            self.end(
+        admission.connections_by_address[self.address] += 1
+
+    @property
+    def address(self) -> str:
+        """The client address the counts are kept for (the grant's)."""
+        return self.grant.address
+
+    def check_open(self) -> EndConnection | None:
+        """A connection over ``max_connections_per_address`` or ``max_connections`` (a burst
+        that got past the handshake check) is ended: ``too_many_connections``."""
+        admission, limits = self.admission, self.limits
+        limit = limits.max_connections_per_address
+        total = sum(admission.connections_by_address.values())
+        if admission.connections_by_address[self.address] > limit:
+            return EndConnection(
                 "too_many_connections",
                 f"too many connections from {self.address}: the limit is max_connections_per_address = {limit}",
             )
-        elif total > self.limits.max_connections:
-            self.end(
-                "too_many_connections",
-                f"server busy: the limit is max_connections = {self.limits.max_connections}",
+        if total > limits.max_connections:
+            return EndConnection(
+                "too_many_connections", f"server busy: the limit is max_connections = {limits.max_connections}"
             )
-        self._spawn(self._watch(), "connection-watchdog")
-
-    @property
-    def ending(self) -> bool:
-        """The connection is being ended by a limit (its frames are ignored)."""
-        return self._ending
-
-    @property
-    def pending_utterances(self) -> frozenset[str]:
-        """The utterance ids of the session not yet spoken (they count against
-        ``max_pending_utterances``)."""
-        return frozenset(self._pending_utterances)
+        return None
 
     # ----------------------------------------------------------------------------- frames
-    async def allow_frame(self, raw: str | bytes) -> bool:
-        """Pace the client to ``max_messages_per_s`` (burst ``message_burst``); ``False``: the
-        connection is ending, drop the frame.
+    def pace(self) -> tuple[float, LimitError | None]:
+        """How long to wait before reading the next frame (s) to keep the client to
+        ``max_messages_per_s`` (burst ``message_burst``), and the ``rate_limited`` notice to
+        send once per episode. Call :meth:`spend` once the wait is over.
 
         Over the rate, frames are not dropped but read more slowly: the connection's reader
-        waits for the bucket, so TCP pushes back on the client. The client is told once per
-        episode (``rate_limited``); nothing it sent is lost.
+        waits, so TCP pushes back on the client; nothing it sent is lost.
         """
-        if self._ending:
-            return False
         if self._bucket.full:
             self._throttled = False
         wait_s = self._bucket.wait_s()
-        if wait_s > 0:
-            if not self._throttled:
-                self._throttled = True
-                limits = self.limits
-                self._conn.send_error(
-                    "rate_limited",
-                    f"more than max_messages_per_s = {limits.max_messages_per_s:g} "
-                    f"(burst message_burst = {limits.message_burst}): messages are read more slowly",
-                )
-            await asyncio.sleep(wait_s)
-        self._bucket.spend()
-        return not self._ending
+        notice = None
+        if wait_s > 0 and not self._throttled:
+            self._throttled = True
+            limits = self.limits
+            notice = LimitError(
+                "rate_limited",
+                f"more than max_messages_per_s = {limits.max_messages_per_s:g} "
+                f"(burst message_burst = {limits.message_burst}): messages are read more slowly",
+            )
+        return wait_s, notice
 
-    def admit(self, message: Any) -> None:
-        """Check a parsed message against the per-connection limits before it is handled.
+    def spend(self) -> None:
+        """One frame was read."""
+        self._bucket.spend()
+
+    def check_message(self, message: Any, utterances: UtteranceQueue | None) -> None:
+        """Check a parsed message against the per-connection limits before it is handled;
+        ``utterances``: the session's queue (``None`` before a session exists).
 
         Raises:
-            LimitError: ``too_many_utterances``.
+            LimitError: ``too_many_utterances`` (a ``speak`` opening an utterance while
+                ``max_pending_utterances`` are open).
         """
-        if isinstance(message, protocol.Speak):
-            utterance_id = message.utterance_id
-            if utterance_id in self._pending_utterances or utterance_id in self._closed_utterances:
+        if isinstance(message, protocol.Speak) and utterances is not None:
+            if utterances.is_known(message.utterance_id):
                 return
             limit = self.limits.max_pending_utterances
-            if self._conn.session is not None and len(self._pending_utterances) >= limit:
+            if utterances.open_count >= limit:
                 raise LimitError(
                     "too_many_utterances",
-                    f"utterance_id: {len(self._pending_utterances)} utterances are pending; "
-                    f"the limit is max_pending_utterances = {limit}", field="utterance_id", limit="max_pending_utterances")
-
-    def accepted(self, message: Any) -> None:
-        """A message was handled without error."""
-        if isinstance(message, protocol.Speak) and message.utterance_id not in self._closed_utterances:
-            self._pending_utterances.add(message.utterance_id)
+                    f"utterance_id: {utterances.open_count} utterances are pending; "
+                    f"the limit is max_pending_utterances = {limit}",
+                    field="utterance_id",
+                    limit="max_pending_utterances",
+                )
 
     # ----------------------------------------------------------------------------- sessions
     def reserve_session(self, message: Any) -> str:
@@ -352,16 +349,12 @@ class ConnectionGuard:
     # ----------------------------------------------------------------------------- park / resume
     def detach(self) -> None:
         """The session is parked: its WebSocket is gone, so release that connection's count in
-        ``connections_by_address``; the session's counts (address, token, session id), pending
-        utterances, engine failures and recording stay. The media timeouts pause until
-        :meth:`adopt`. Idempotent."""
-        if self._detached or self._closed:
-            return
-        self._detached = True
-        self.admission.drop(self.admission.connections_by_address, self.address)
+        ``connections_by_address``; the session's counts (address, token, session id), engine
+        failures and recording stay. Idempotent."""
+        self.release_connection()
 
-    def check_adopt(self, other: ConnectionGuard) -> None:
-        """Whether ``other``'s connection (its address and token) may take over this guard's
+    def check_adopt(self, other: ConnectionLimits) -> None:
+        """Whether ``other``'s connection (its address and token) may take over this one's
         session: it must not push its address or token over ``max_sessions_per_address`` /
         ``max_sessions_per_token``.
 
@@ -380,10 +373,10 @@ class ConnectionGuard:
                 f"{other.address} already runs {admission.sessions_by_address[other.address]} sessions; "
                 f"the limit is max_sessions_per_address = {limits.max_sessions_per_address}", limit="max_sessions_per_address")
 
-    def adopt(self, other: ConnectionGuard) -> None:
-        """Take over the WebSocket side of ``other`` (the connection that resumed this guard's
+    def adopt(self, other: ConnectionLimits) -> None:
+        """Take over the WebSocket side of ``other`` (the connection that resumed this one's
         parked session): its grant, address, message-rate bucket and its count in
-        ``connections_by_address``; the session's counts move from this guard's address and
+        ``connections_by_address``; the session's counts move from this one's address and
         token to ``other``'s (so each is counted once). ``other`` then releases nothing of it
         on close. Call :meth:`check_adopt` first."""
         admission = self.admission
@@ -394,31 +387,10 @@ class ConnectionGuard:
                 admission.drop(admission.sessions_by_token, self.grant.token_id)
             if other.grant.token_id is not None:
                 admission.sessions_by_token[other.grant.token_id] += 1
-        self.grant, self.address = other.grant, other.address
+        self.grant = other.grant
         self._bucket, self._throttled = other._bucket, other._throttled
-        self._detached = False
+        self._counts_connection, other._counts_connection = other._counts_connection, False
         self._media_phase = None  # the resumed client gets fresh offer / ICE timeouts
-        other._handed_over = True
-
-    def observe(self, event: events.SessionEvent) -> None:
-        """Account a session event: engine failures in a row end the session; utterances end."""
-        if isinstance(event, events.SessionError) and event.code == "engine_failed":
-            self._engine_failures += 1
-            limit = self.limits.max_engine_failures
-            if self._engine_failures >= limit:
-                self.end(
-                    "engine_failed",
-                    f"session ended: {self._engine_failures} segments failed in a row; "
-                    f"the limit is max_engine_failures = {limit}",
-                    close_code=CLOSE_INTERNAL,
-                )
-        elif isinstance(event, events.SegmentGenerated):
-            self._engine_failures = 0
-        elif isinstance(event, events.SpeakEnded | events.Interrupted) and event.utterance_id is not None:
-            self._pending_utterances.discard(event.utterance_id)
-            self._closed_utterances[event.utterance_id] = None
-            while len(self._closed_utterances) > _REMEMBERED_UTTERANCES:
-                self._closed_utterances.popitem(last=False)
 
     # ----------------------------------------------------------------------------- recording
     def reserve_recording(self) -> None:
@@ -488,136 +460,81 @@ class ConnectionGuard:
         )
 
     def _refuse_recording(self, code: str, message: str, *, limit: str | None = None) -> None:
-        self._conn.app.metrics.recordings_refused.labels(code).inc()
         raise LimitError(code, message, field="type", limit=limit)
 
     # ----------------------------------------------------------------------------- media
-    def wrap_track(self, track: MediaStreamTrack) -> MediaStreamTrack:
-        """An outgoing session track whose crash (or its encoder's) ends the session."""
+    def check_progress(self, *, session_running: bool, pc_state: str | None, now_s: float) -> EndConnection | None:
+        """Called every ``WATCH_PERIOD_S`` while the connection is attached (not parked, not
+        ending): a connection that starts no session within ``session_start_timeout_s``
+        (``session_timeout``), a session whose peer connection is not offered within
+        ``offer_timeout_s`` or not connected within ``ice_timeout_s`` (``media_timeout``).
+        ``pc_state``: the peer connection's ``connectionState``, ``None`` without one."""
+        limits = self.limits
+        if not session_running:
+            limit_s = limits.session_start_timeout_s
+            if self._session_id is None and now_s - self._opened_s > limit_s:
+                return EndConnection("session_timeout", f"no session.start within session_start_timeout_s = {limit_s:g}")
+            return None
+        if pc_state == "connected":
+            self._media_phase = "connected"
+            return None
+        phase = "ice" if pc_state in ("new", "connecting") else "offer"
+        if phase != self._media_phase:
+            self._media_phase = phase
+            self._media_deadline_s = now_s + (limits.ice_timeout_s if phase == "ice" else limits.offer_timeout_s)
+            return None
+        if now_s < self._media_deadline_s:
+            return None
+        if phase == "ice":
+            message = f"webrtc: not connected within ice_timeout_s = {limits.ice_timeout_s:g} of the answer; the session ends"
+        else:
+            message = f"webrtc: no peer connection within offer_timeout_s = {limits.offer_timeout_s:g}; the session ends"
+        return EndConnection("media_timeout", message)
 
-        def expected_stop() -> bool:
-            pc = self._conn.pc
-            return self._ending or self._closed or pc is None or pc.connectionState != "connected"
-
-        def on_failure(what: str) -> None:
-            self.end("media_failed", f"webrtc: {what}; the session ends", close_code=CLOSE_INTERNAL)
-
-        return GuardedTrack(track, on_failure=on_failure, expected_stop=expected_stop)
-
-    def wrap_microphone(self, track: MediaStreamTrack) -> MediaStreamTrack:
-        """The client's microphone track behind the microphone limits."""
-        guarded: GuardedMicrophoneTrack
-
-        def report(code: str, message: str) -> None:
-            self._conn.send_error(code, message)
-            if code == "microphone_invalid":
-                # Nobody reads the remote track any more: drain it so that aiortc's receive
-                # queue (unbounded) does not grow until the peer connection closes.
-                self._spawn(_drain(guarded.source), "microphone-drain")
-
-        guarded = GuardedMicrophoneTrack(track, self.limits, report)
-        return guarded
-
-    async def _watch(self) -> None:
-        """End a connection that starts no session in time, and a session that gets no
-        connected peer connection in time (see the limits)."""
-        while True:
-            await asyncio.sleep(WATCH_PERIOD_S)
-            conn = self._conn
-            if self._ending or self._detached:  # parked: the grace period applies, not these
-                continue
-            if conn.session is None:
-                limit_s = self.limits.session_start_timeout_s
-                if self._session_id is None and time.monotonic() - self._opened_s > limit_s:
-                    self.end("session_timeout", f"no session.start within session_start_timeout_s = {limit_s:g}")
-                continue
-            pc = conn.pc
-            state = None if pc is None else pc.connectionState
-            if state == "connected":
-                self._media_phase = "connected"
-                continue
-            phase = "ice" if state in ("new", "connecting") else "offer"
-            now_s = time.monotonic()
-            if phase != self._media_phase:
-                self._media_phase = phase
-                limit_s = self.limits.ice_timeout_s if phase == "ice" else self.limits.offer_timeout_s
-                self._media_deadline_s = now_s + limit_s
-            elif now_s >= self._media_deadline_s:
-                if phase == "ice":
-                    message = (
-                        f"webrtc: not connected within ice_timeout_s = {self.limits.ice_timeout_s:g} "
-                        "of the answer; the session ends"
-                    )
-                else:
-                    message = (
-                        f"webrtc: no peer connection within offer_timeout_s = {self.limits.offer_timeout_s:g}; "
-                        "the session ends"
-                    )
-                self.end("media_timeout", message)
+    def observe(self, event: events.SessionEvent) -> EndConnection | None:
+        """Account a session event: ``max_engine_failures`` failed segments in a row end the
+        session (``engine_failed``)."""
+        if isinstance(event, events.SessionError) and event.code == "engine_failed":
+            self._engine_failures += 1
+            limit = self.limits.max_engine_failures
+            if self._engine_failures >= limit:
+                return EndConnection(
+                    "engine_failed",
+                    f"session ended: {self._engine_failures} segments failed in a row; "
+                    f"the limit is max_engine_failures = {limit}",
+                    close_code=CLOSE_INTERNAL,
+                )
+        elif isinstance(event, events.SegmentGenerated):
+            self._engine_failures = 0
+        return None
 
     # ----------------------------------------------------------------------------- send side
-    def send_queue_full(self) -> None:
+    def send_queue_full(self) -> EndConnection:
+        """The decision for a client whose send queue is full (``slow_client``)."""
         limit = self.limits.max_send_queue_messages
-        self.end("slow_client", f"the client does not read: max_send_queue_messages = {limit} are waiting")
+        return EndConnection("slow_client", f"the client does not read: max_send_queue_messages = {limit} are waiting")
 
-    def send_stalled(self) -> None:
+    def send_stalled(self) -> EndConnection:
+        """The decision for a client that did not take one frame within ``send_timeout_s``."""
         limit_s = self.limits.send_timeout_s
-        self.end("slow_client", f"the client does not read: one message waited send_timeout_s = {limit_s:g}")
+        return EndConnection("slow_client", f"the client does not read: one message waited send_timeout_s = {limit_s:g}")
 
-    # ----------------------------------------------------------------------------- ending
-    def end(self, code: str, message: str, *, close_code: int = CLOSE_POLICY) -> None:
-        """End the connection: an ``error`` frame whose message names the limit (and, when a
-        session runs, ``session.ended`` with ``code`` as its reason), then a WebSocket close
-        with the same reason. Further frames are ignored. Idempotent. A client that does not
-        read (``slow_client``) is not waited for: its connection is dropped."""
-        if self._ending or self._closed:
-            return
-        self._ending = True
-        self.ended_with = code
-        conn = self._conn
-        logger.info("connection from %s ended: %s (session %s)", self.address, code, conn.session_id)
-        if conn.session is not None and code != "slow_client":
-            self._spawn(self._end_session(code, message, close_code), "session-end")
-        else:
-            self._spawn(self._close_websocket(code, message, close_code), "connection-end")
+    # ----------------------------------------------------------------------------- release
+    def release_connection(self) -> None:
+        """Give up this connection's count in ``connections_by_address`` (idempotent)."""
+        if self._counts_connection:
+            self._counts_connection = False
+            self.admission.drop(self.admission.connections_by_address, self.address)
 
-    async def _end_session(self, code: str, message: str, close_code: int) -> None:
-        await self._conn.end_session(code, message, close_code=close_code, error=True)
-
-    async def _close_websocket(self, code: str, message: str, close_code: int) -> None:
-        link = self._conn.link
-        self._conn.app.metrics.client_errors.labels(code).inc()
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(ERROR_SEND_TIMEOUT_S):
-                await link.send(protocol.ErrorMessage(code=code, message=message).model_dump_json())
-        reason = f"{code}: {message}".encode()[:120].decode("utf-8", "ignore")
-        try:
-            async with asyncio.timeout(self.limits.close_timeout_s):
-                await link.close(close_code, reason)
-        except TimeoutError:
-            link.abort()  # a client that does not read does not answer a close either
-
-    async def close(self) -> None:
-        """Release everything this guard holds (idempotent; called first by the connection's close)."""
-        if self._closed:
-            return
-        self._closed = True
+    def release(self) -> None:
+        """Give up every count held (idempotent): the connection's, the session's, the recording's."""
         self.release_session()
         self.release_recording()
-        if not (self._detached or self._handed_over):
-            self.admission.drop(self.admission.connections_by_address, self.address)
-        await cancel_and_wait(*self._tasks)
-
-    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> None:
-        if self._closed:
-            coro.close()
-            return
-        task = asyncio.get_running_loop().create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self.release_connection()
 
 
-async def _drain(track: MediaStreamTrack) -> None:
+async def drain_track(track: MediaStreamTrack) -> None:
+    """Read and drop every frame of ``track`` until it ends (a remote track nobody reads)."""
     with contextlib.suppress(MediaStreamError):
         while True:
             await track.recv()

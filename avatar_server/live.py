@@ -34,6 +34,7 @@ import datetime
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request
@@ -44,6 +45,7 @@ from pydantic import BaseModel, Field, field_validator
 from avatar_server import protocol
 from avatar_server.auth import SCOPE_VIEWER, SESSION_ID_RE, new_session_id
 from avatar_server.images import ImageError, decode_image
+from avatar_server.recording import recording_name
 from avatar_server.webrtc import make_peer_connection
 from engine.api import EngineInputError
 from streaming import events
@@ -238,7 +240,7 @@ class LiveRegistry:
                 peer_connection_factory=lambda: make_peer_connection(ice),
                 backoff=Backoff(max_s=live_settings.output_reconnect_max_s),
                 whep_bitrate_bps=live_settings.whep_bitrate_bps,
-                on_event=self._observe,
+                on_event=self.observe,
             )
             holder.append(live)
         except BaseException:
@@ -264,7 +266,7 @@ class LiveRegistry:
                     image.shape[0], len(body.outputs))
         return headless
 
-    def _observe(self, event: LiveEvent) -> None:
+    def observe(self, event: LiveEvent) -> None:
         """Metrics of every event of a headless session."""
         if isinstance(event, OutputState):
             if event.state == "reconnecting":
@@ -293,7 +295,7 @@ class LiveRegistry:
         )
         headless.recordings += 1
         logger.info("session %s: recording to %s", headless.session_id, path)
-        return str(path)
+        return recording_name(path, settings.recordings_dir)
 
     async def _end_after(self, session_id: str, seconds: float) -> None:
         """A headless session ends after ``session_max_duration_s`` like any other (a backend
@@ -416,7 +418,7 @@ def build_router(server: AvatarServer) -> APIRouter:
         except SessionInputError as exc:
             return _input_error(exc)
         return {
-            "path": str(result.path),
+            "path": recording_name(result.path, registry.server.settings.recordings_dir),
             "duration_ms": result.duration_ms,
             "size_bytes": result.size_bytes,
             "error": result.error,
@@ -550,18 +552,31 @@ async def end_headless(server: AvatarServer, session_id: str) -> bool:
     return registry is not None and await registry.end(session_id)
 
 
-class LiveOutputsMixin:
-    """``output.start`` / ``output.stop`` on the WebSocket control channel (a mixin of
-    :class:`~avatar_server.connection.ClientConnection`): the connection's session gets a
-    :class:`~streaming.live.LiveSession` that does not own it (``owns_runner=False``) on its
-    first output; ``output.state`` events go to the client; everything ends with the session.
-    The session stays with this object across a resume, and so do its outputs."""
+class SessionOutputs:
+    """``output.start`` / ``output.stop`` on the WebSocket control channel for one
+    connection's session (composed by :class:`~avatar_server.connection.ClientConnection`):
+    the session gets a :class:`~streaming.live.LiveSession` that does not own it
+    (``owns_runner=False``) on its first output; ``output.state`` events go to the client
+    through ``send``; everything ends with the session (:meth:`close`). It stays with the
+    session across a resume, and so do its outputs.
 
-    _on_air: LiveSession | None = None
+    Args:
+        server: the server (its live settings, ICE servers and live registry).
+        send: queues a frame for the client (the connection's ``send``).
+    """
 
-    async def _on_output_start(self, message: protocol.OutputStart) -> None:
-        session = self._require_session("output.start")  # type: ignore[attr-defined]
-        app = self.app  # type: ignore[attr-defined]
+    def __init__(self, server: AvatarServer, send: Callable[[protocol.ServerMessage], None]) -> None:
+        self._server = server
+        self._send = send
+        self._on_air: LiveSession | None = None
+
+    async def start(self, session: SessionRunner, message: protocol.OutputStart) -> None:
+        """``output.start``: add an output (starting the on-air session on the first).
+
+        Raises:
+            SessionInputError: the output is refused (its spec, ``max_outputs_per_session``).
+        """
+        app = self._server
         if self._on_air is None:
             live_settings = app.settings.live
             ice = app.settings.webrtc.ice_servers
@@ -573,25 +588,29 @@ class LiveOutputsMixin:
                 viewer_budget=app.live.viewer_budget,
                 peer_connection_factory=lambda: make_peer_connection(ice),
                 backoff=Backoff(max_s=live_settings.output_reconnect_max_s),
-                on_event=self._on_air_event,
+                on_event=self._on_event,
             )
             self._on_air.start()
         output_id = self._on_air.add_output(output_spec(message.output))
         output = self._on_air.outputs[output_id]
-        self.send(protocol.OutputStarted(output_id=output_id, output_type=output.type, url=output.url))  # type: ignore[attr-defined]
+        self._send(protocol.OutputStarted(output_id=output_id, output_type=output.type, url=output.url))
 
-    async def _on_output_stop(self, message: protocol.OutputStop) -> None:
-        self._require_session("output.stop")  # type: ignore[attr-defined]
+    async def stop(self, message: protocol.OutputStop) -> None:
+        """``output.stop``.
+
+        Raises:
+            SessionInputError: ``unknown_output``.
+        """
         if self._on_air is None:
             raise SessionInputError("unknown_output", f"output_id: no output {message.output_id[:64]!r}")
         await self._on_air.remove_output(message.output_id)
 
-    def _on_air_event(self, event: LiveEvent) -> None:
-        self.app.live._observe(event)  # type: ignore[attr-defined]
+    def _on_event(self, event: LiveEvent) -> None:
+        self._server.live.observe(event)
         if isinstance(event, OutputState):
-            self.send(output_state_message(event))  # type: ignore[attr-defined]
+            self._send(output_state_message(event))
 
-    async def _close_on_air(self) -> None:
+    async def close(self) -> None:
         """Stop the outputs (before the session closes)."""
         on_air, self._on_air = self._on_air, None
         if on_air is not None:

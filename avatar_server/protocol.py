@@ -387,7 +387,7 @@ class Stats(_Message):
 class RecordStarted(_Message):
     type: Literal["record.started"] = "record.started"
     recording_id: str
-    path: str
+    path: str = Field(description="the MP4 file's name relative to the server's recordings_dir (never a server path)")
 
 
 class RecordStopped(_Message):
@@ -395,7 +395,7 @@ class RecordStopped(_Message):
 
     type: Literal["record.stopped"] = "record.stopped"
     recording_id: str
-    path: str
+    path: str = Field(description="the MP4 file's name relative to the server's recordings_dir (never a server path)")
     duration_ms: int
     dropped_frames: int = 0
     error: str | None = None

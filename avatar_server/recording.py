@@ -1,6 +1,6 @@
 """Server-side recording of a session: ``record.start`` / ``record.stop`` and why a recording
-stopped (the part of :class:`~avatar_server.connection.ClientConnection` that
-:class:`RecordingMixin` holds; the recorder itself is :mod:`streaming.recorder`)."""
+stopped (:class:`SessionRecording`, composed by :class:`~avatar_server.connection.ClientConnection`;
+the recorder itself is :mod:`streaming.recorder`)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,19 @@ import asyncio
 import datetime
 import functools
 import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from avatar_server import protocol
 from avatar_server.errors import ClientError
-from avatar_server.settings import Limits
+from avatar_server.limits import ConnectionLimits, LimitError
+from avatar_server.settings import Limits, Settings
 from streaming.recorder import LIMIT_DISK, LIMIT_DURATION, LIMIT_SIZE, RecordingResult
 from streaming.session import SessionRunner
+
+if TYPE_CHECKING:
+    from avatar_server.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
@@ -52,66 +59,133 @@ def recording_stop_message(result: RecordingResult, reason: str, limits: Limits)
     return f"recording stopped after {seconds:g} s by record.stop"
 
 
-class RecordingMixin:
-    """``record.start`` / ``record.stop`` for :class:`~avatar_server.connection.ClientConnection`."""
+def recording_name(path: Path, recordings_dir: Path) -> str:
+    """What the wire says of a recording's file: its path relative to ``recordings_dir``
+    (POSIX separators), never the server's own directories (issue 18). A file outside
+    ``recordings_dir`` (none is written there) is named by its file name alone."""
+    try:
+        return Path(path).relative_to(recordings_dir).as_posix()
+    except ValueError:
+        return Path(path).name
 
-    async def _record_start(self, session: SessionRunner) -> None:
+
+class SessionRecording:
+    """``record.start`` / ``record.stop`` of one connection's session: the recording running
+    (:attr:`recording_id`), how many were made, and the ``record.*`` frames.
+
+    Composed by :class:`~avatar_server.connection.ClientConnection`, which hands it the
+    session each time; it reaches nothing of the connection but ``send`` / ``send_error``
+    (the connection's outgoing frames) and the connection's :class:`ConnectionLimits`
+    (the recording counts).
+    """
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        metrics: Metrics,
+        limits: ConnectionLimits,
+        send: Callable[[protocol.ServerMessage], None],
+        send_error: Callable[[str, str], None],
+    ) -> None:
+        self._settings = settings
+        self._metrics = metrics
+        self._limits = limits
+        self._send = send
+        self._send_error = send_error
+        self.recording_id: str | None = None  # the recording running, if any
+        self.count = 0  # recordings started by this session
+        self._end_tasks: set[asyncio.Task[None]] = set()  # recordings ended by a limit
+
+    async def start(self, session: SessionRunner, session_id: str, still_current: Callable[[], bool]) -> None:
         """``record.start``: checked against the recording limits (per session, server-wide,
-        free disk), then started with the length/size/disk bounds of ``settings.limits``."""
-        settings = self.app.settings
-        self.guard.reserve_recording()
+        free disk), then started with the length/size/disk bounds of ``settings.limits``;
+        ``still_current()``: the session still runs after the disk check's await.
+
+        Raises:
+            LimitError: ``recording_active``, ``too_many_recordings``, ``disk_full``.
+            ClientError: ``no_session`` (the session ended meanwhile).
+        """
+        settings = self._settings
         try:
-            await self.guard.check_recording_disk(settings.recordings_dir)
-            if self.session is not session or self.ending:
+            self._limits.reserve_recording()
+        except LimitError as exc:
+            self._refused(exc)
+        try:
+            try:
+                await self._limits.check_recording_disk(settings.recordings_dir)
+            except LimitError as exc:
+                self._refused(exc)
+            if not still_current():
                 raise ClientError("no_session", "type: record.start needs a session; send session.start first", field="type")
             stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-            recording_id = f"{self.session_id}-{self.recordings + 1}"
+            recording_id = f"{session_id}-{self.count + 1}"
             path = settings.recordings_dir / f"{stamp}-{recording_id}.mp4"
             recorder = session.start_recording(path)
         except BaseException:
-            self.guard.release_recording(started=False)
+            self._limits.release_recording(started=False)
             raise
-        recorder.set_limits(self.guard.recording_limits(), on_end=functools.partial(self._recording_ended, recorder))
-        self.recordings += 1
+        on_end = functools.partial(self._ended_by_itself, session, recorder)
+        recorder.set_limits(self._limits.recording_limits(), on_end=on_end)
+        self.count += 1
         self.recording_id = recording_id
-        self.app.metrics.recordings_active.inc()
-        logger.info("session %s: recording to %s", self.session_id, path)
-        self.send(protocol.RecordStarted(recording_id=recording_id, path=str(path)))
+        self._metrics.recordings_active.inc()
+        logger.info("session %s: recording to %s", session_id, path)
+        self._send(protocol.RecordStarted(recording_id=recording_id, path=recording_name(path, settings.recordings_dir)))
 
-    def _recording_ended(self, recorder) -> None:
+    def _refused(self, exc: LimitError) -> NoReturn:
+        """Count a refused ``record.start`` (by its limit) and raise the refusal."""
+        if exc.code != "recording_active":
+            self._metrics.recordings_refused.labels(exc.code).inc()
+        raise exc
+
+    def _ended_by_itself(self, session: SessionRunner, recorder: Any) -> None:
         """A recording ended by itself (a limit or a write error; its file is finished): stop
         it and tell the client, unless it was stopped meanwhile."""
-        session = self.session
-        if session is None or session.recorder is not recorder:
+        if session.recorder is not recorder:
             return
 
         async def finish() -> None:
             if session.recorder is recorder:
-                self._recording_stopped(await session.stop_recording(), "stopped")
+                self.stopped(await session.stop_recording(), "stopped")
 
         task = asyncio.get_running_loop().create_task(finish(), name="recording-end")
-        self._recording_end_tasks.add(task)
-        task.add_done_callback(self._recording_end_tasks.discard)
+        self._end_tasks.add(task)
+        task.add_done_callback(self._end_tasks.discard)
 
-    def _recording_stopped(self, result, requested: str) -> None:
+    async def stop(self, session: SessionRunner) -> None:
+        """``record.stop``: stop ``session``'s recording and report it (``stopped``).
+
+        Raises:
+            SessionInputError: ``no_recording`` (none runs).
+        """
+        self.stopped(await session.stop_recording(), "stopped")
+
+    async def finish(self, session: SessionRunner) -> None:
+        """The session ends: stop its recording, if one runs, and report it (``session_ended``)."""
+        if session.recorder is not None:
+            self.stopped(await session.stop_recording(), "session_ended")
+
+    def stopped(self, result: RecordingResult, requested: str) -> None:
         """Account a finished recording and send ``record.stopped`` (its ``reason``: a limit,
         ``failed``, or ``requested``: ``stopped`` or ``session_ended``)."""
-        self.guard.release_recording()
-        self.app.metrics.recordings_active.dec()
+        metrics = self._metrics
+        self._limits.release_recording()
+        metrics.recordings_active.dec()
         dropped = result.dropped_video_frames + result.dropped_audio_chunks
         if dropped:
-            self.app.metrics.recording_frames_dropped.inc(dropped)
+            metrics.recording_frames_dropped.inc(dropped)
         reason = recording_stop_reason(result, requested)
-        self.app.metrics.recordings_stopped.labels(reason).inc()
-        message = recording_stop_message(result, reason, self.app.settings.limits)
+        metrics.recordings_stopped.labels(reason).inc()
+        message = recording_stop_message(result, reason, self._settings.limits)
         if reason != requested:
-            logger.info("session %s: %s", self.session_id, message)
+            logger.info("recording %s: %s", self.recording_id, message)
         if result.error is not None:
-            self.send_error("recording_failed", f"record.stop: {result.error}")
-        self.send(
+            self._send_error("recording_failed", f"record.stop: {result.error}")
+        self._send(
             protocol.RecordStopped(
                 recording_id=self.recording_id or "",
-                path=str(result.path),
+                path=recording_name(result.path, self._settings.recordings_dir),
                 duration_ms=result.duration_ms,
                 dropped_frames=result.dropped_video_frames,
                 error=result.error,
@@ -121,10 +195,3 @@ class RecordingMixin:
             )
         )
         self.recording_id = None
-
-    async def _on_record_start(self, message: protocol.RecordStart) -> None:
-        await self._record_start(self._require_session("record.start"))
-
-    async def _on_record_stop(self, message: protocol.RecordStop) -> None:
-        session = self._require_session("record.stop")
-        self._recording_stopped(await session.stop_recording(), "stopped")

@@ -1,40 +1,41 @@
-"""Session resume: park / attach / replay of a session across WebSockets (docs/PROTOCOL.md,
-"Resume"), the part of :class:`~avatar_server.connection.ClientConnection` that
-:class:`ResumeMixin` holds.
+"""Session resume: the resume side of a session across WebSockets (docs/PROTOCOL.md,
+"Resume"): :class:`Parking` holds a session's resume token, the frames kept while it is
+parked and its grace period; :func:`may_park` says when a dropped WebSocket parks it.
 
 A session whose WebSocket drops abnormally is *parked* for ``session_resume_grace_s``: its
 frames are kept (bounded), its WebSocket's count is released. ``session.resume`` with its
-current resume token hands a new WebSocket to it (:meth:`ResumeMixin._attach`), answered with
-``session.resumed`` and the kept frames; the grace period's end ends it (``resume_timeout``).
-"""
+current resume token hands a new WebSocket to it (``ClientConnection._attach``), answered with
+``session.resumed`` and the kept frames; the grace period's end ends it (``resume_timeout``)."""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import logging
 import secrets
-import time
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from avatar_server import protocol
-from avatar_server.errors import ClientError
-from avatar_server.limits import LimitError
-from streaming.tasks import cancel_and_wait
-
-if TYPE_CHECKING:
-    from avatar_server.connection import ClientConnection, WebSocketLink
 
 logger = logging.getLogger(__name__)
 
 NORMAL_CLOSE_CODES = (1000, 1001)  # a client that closes with these ends its session (no parking)
 
 
-def _states():
-    """:class:`~avatar_server.connection.ConnectionState` (imported late: connection imports this module)."""
-    from avatar_server.connection import ConnectionState
-
-    return ConnectionState
+def may_park(*, token_delivered: bool, session_running: bool, active: bool, draining: bool, client_close_code: int | None) -> bool:
+    """A running session whose WebSocket closed abnormally (not 1000/1001 from the client,
+    not ended by the server: ``active``) is parked while resume is on and the server is not
+    draining, once its resume token was sent (a client that resets before ``session.ready``
+    reached it cannot resume)."""
+    return (
+        token_delivered
+        and session_running
+        and active
+        and not draining
+        and client_close_code not in NORMAL_CLOSE_CODES
+    )
 
 
 def token_key(token: str) -> bytes:
@@ -42,161 +43,84 @@ def token_key(token: str) -> bytes:
     return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
 
 
-class ResumeMixin:
-    """Park, resume and replay for :class:`~avatar_server.connection.ClientConnection` (its
-    attributes: ``app``, ``link``, ``state``, ``session``, ``guard``, the outbox and tasks)."""
+class Parking:
+    """The resume side of one session: its current resume token (registered, by digest, in
+    the server's table of resumable sessions), the frames kept for the client while the
+    session is parked, and the grace period's task. Composed by
+    :class:`~avatar_server.connection.ClientConnection`, which parks and attaches the session.
+
+    Args:
+        registry: the server's ``sha256(resume token) -> connection`` table (shared).
+        grace_s: ``session_resume_grace_s`` (0: resume is off, no token is issued).
+        max_kept: the most frames kept while parked (older ones are dropped and counted).
+    """
+
+    def __init__(self, registry: dict[bytes, Any], *, grace_s: float, max_kept: int) -> None:
+        self._registry = registry
+        self.grace_s = grace_s
+        self._max_kept = max(1, max_kept)
+        self.token: str | None = None  # the current resume token
+        self._key: bytes | None = None
+        self._missed: collections.deque[protocol.ServerMessage] = collections.deque()
+        self._dropped = 0
+        self.token_delivered = False  # a session.ready/resumed (with its resume token) was sent
+        self._grace_task: asyncio.Task[None] | None = None
 
     @property
     def missed_messages(self) -> tuple[protocol.ServerMessage, ...]:
         """The frames kept for the client that resumes (oldest first)."""
         return tuple(self._missed)
 
-    def _may_park(self, link: WebSocketLink) -> bool:
-        """A running session whose WebSocket closed abnormally (not 1000/1001 from the
-        client, not ended by the server) is parked while resume is on, once its resume token
-        was sent (a client that resets before ``session.ready`` reached it holds no slot)."""
-        return (
-            self.resume_token is not None
-            and self._token_delivered  # a client that never got its token cannot resume
-            and self.session is not None
-            and self.state is _states().ACTIVE
-            and not (self.guard.ending or self.app.draining)
-            and link.client_close_code not in NORMAL_CLOSE_CODES
-        )
+    def rotate_token(self, owner: Any, *, enabled: bool) -> None:
+        """A fresh resume token for ``owner`` (the old one stops working); none while resume
+        is off or ``enabled`` is false (the connection is closed)."""
+        self.forget_token()
+        if self.grace_s > 0 and enabled:
+            self.token = secrets.token_urlsafe(32)
+            self._key = token_key(self.token)
+            self._registry[self._key] = owner
 
-    def _park(self) -> None:
-        """Detach the session from its dropped WebSocket: frames not yet sent and those sent
-        from now on are kept (:meth:`send`), the WebSocket's count is released, and the grace
-        period starts. Synchronous, so that nothing is sent to the old WebSocket after it."""
-        self._move(_states().PARKED)
-        if self._sender is not None:
-            self._sender.cancel()
-            self._tasks.append(self._sender)  # awaited on close
-            self._sender = None
-        while not self._outbox.empty():
-            message = self._outbox.get_nowait()
-            if message is not None:
-                self._keep_missed(message)
-        self.guard.detach()
-        self.app.connections.discard(self)
-        grace_s = self.app.settings.session_resume_grace_s
-        self._grace_task = asyncio.get_running_loop().create_task(self._resume_grace(grace_s), name="resume-grace")
-        logger.info(
-            "session %s parked: its WebSocket closed (code %s); waiting %g s for session.resume",
-            self.session_id,
-            self.link.client_close_code,
-            grace_s,
-        )
+    def forget_token(self) -> None:
+        """The current token stops working (idempotent)."""
+        if self._key is not None:
+            self._registry.pop(self._key, None)
+        self._key = self.token = None
 
-    async def _resume_grace(self, grace_s: float) -> None:
-        await asyncio.sleep(grace_s)
-        await self.end_session(
-            "resume_timeout", f"session ended: no session.resume within session_resume_grace_s = {grace_s:g}"
-        )
-
-    def _keep_missed(self, message: protocol.ServerMessage) -> None:
-        """Keep a frame for the client that resumes; ``stats`` are not kept. Over the bound
+    def keep(self, message: protocol.ServerMessage) -> None:
+        """Keep a frame for the client that resumes; ``stats`` are not kept. Over ``max_kept``
         (half of ``max_send_queue_messages``, so that the replay fits the send queue) the
         oldest frame is dropped and counted."""
         if isinstance(message, protocol.Stats):
             return
-        if len(self._missed) >= max(1, self.app.settings.limits.max_send_queue_messages // 2):
+        if len(self._missed) >= self._max_kept:
             self._missed.popleft()
-            self._missed_dropped += 1
+            self._dropped += 1
         self._missed.append(message)
 
-    def _rotate_resume_token(self) -> None:
-        """A fresh resume token (the old one stops working); none while resume is off."""
-        if self._resume_key is not None:
-            self.app.resumable.pop(self._resume_key, None)
-            self._resume_key = self.resume_token = None
-        if self.app.settings.session_resume_grace_s > 0 and not self.closed:
-            self.resume_token = secrets.token_urlsafe(32)
-            self._resume_key = token_key(self.resume_token)
-            self.app.resumable[self._resume_key] = self
-
-    async def _retire(self) -> None:
-        """This connection handed its WebSocket (and its outbox) to the session it resumed:
-        stop its own sender and watchdog; its WebSocket count now belongs to that session."""
-        self._move(_states().RETIRED)
-        self.app.connections.discard(self)
-        await cancel_and_wait(self._sender)
-        await self.guard.close()
-
-    async def _session_resume(self, message: protocol.SessionResume) -> None:
-        """``session.resume``: hand this WebSocket to the session whose resume token it names
-        (parked, or still attached to a WebSocket the server has not yet seen drop, which is
-        then dropped). This connection's read loop stops; the session's takes over.
-
-        Raises:
-            SessionInputError: ``resume_failed`` (unknown or expired token, a token of this
-                connection's grant for another session, shutting down), ``session_exists``
-                (this connection already has a session).
-            LimitError: ``too_many_sessions`` (this address or token is at its limit).
-        """
-        app = self.app
-        if self.session is not None or self._holds_slot:
-            raise ClientError("session_exists", "type: this connection already has a session", field="type")
-        if app.draining:
-            app.metrics.session_resumes.labels("failed").inc()
-            raise ClientError("resume_failed", "resume_token: the server is shutting down", field="resume_token")
-        target = app.resume_target(message.resume_token)
-        grant = self.guard.grant
-        if (
-            target is None
-            or target is self
-            or target.ending
-            or target.session is None
-            or (grant.session_id is not None and grant.session_id != target.session_id)
-        ):
-            app.metrics.session_resumes.labels("failed").inc()
-            raise ClientError("resume_failed", "resume_token: unknown or expired", field="resume_token")
-        try:
-            target.guard.check_adopt(self.guard)
-        except LimitError:
-            app.metrics.session_resumes.labels("failed").inc()
-            raise
-        # From here on nothing awaits until the session is attached (no resume or end in between).
-        if not target.parked:  # its old WebSocket is still open (the server has not seen it drop)
-            old_link = target.link
-            target._park()
-            old_link.abort()
-        if self._sender is not None:  # stops at its next await; what it has not taken stays queued
-            self._sender.cancel()
-        target._attach(self)
-        self._successor = target
-        app.metrics.session_resumes.labels("resumed").inc()
-
-    def _attach(self, other: ClientConnection) -> None:
-        """Take over ``other``'s WebSocket, its outbox and its guard's WebSocket side; answer
-        ``session.resumed`` with a new token, then replay the frames kept while parked."""
-        assert self.parked and self.session is not None
-        if self._grace_task is not None:
-            self._grace_task.cancel()
-            self._tasks.append(self._grace_task)  # awaited on close
-            self._grace_task = None
-        self.guard.adopt(other.guard)
-        self.link, self._outbox = other.link, other._outbox
-        self._move(_states().ACTIVE)
-        self.app.connections.add(self)
-        self.last_control_s = time.monotonic()
-        self._rotate_resume_token()
-        missed, dropped = list(self._missed), self._missed_dropped
+    def take_missed(self) -> tuple[list[protocol.ServerMessage], int]:
+        """The kept frames (oldest first) and how many were dropped; both reset."""
+        missed, dropped = list(self._missed), self._dropped
         self._missed.clear()
-        self._missed_dropped = 0
-        logger.info(
-            "session %s resumed (%d messages replayed, %d dropped)", self.session_id, len(missed), dropped
-        )
-        assert self.resume_token is not None
-        self.send(
-            protocol.SessionResumed(
-                resume_token=self.resume_token,
-                peer_connection=None if self.pc is None else self.pc.connectionState,
-                recording_id=self.recording_id,
-                missed_messages=len(missed),
-                dropped_messages=dropped,
-                **self._session_fields(),
-            )
-        )
-        for frame in missed:
-            self.send(frame)
+        self._dropped = 0
+        return missed, dropped
+
+    def start_grace(self, on_expiry: Callable[[float], Awaitable[None]]) -> None:
+        """Start the grace period: ``on_expiry(grace_s)`` runs once it passes."""
+
+        async def grace() -> None:
+            await asyncio.sleep(self.grace_s)
+            await on_expiry(self.grace_s)
+
+        self._grace_task = asyncio.get_running_loop().create_task(grace(), name="resume-grace")
+
+    @property
+    def grace_task(self) -> asyncio.Task[None] | None:
+        """The running grace period's task, if any."""
+        return self._grace_task
+
+    def stop_grace(self) -> asyncio.Task[None] | None:
+        """Cancel the grace period; returns its task (to await on close) or ``None``."""
+        task, self._grace_task = self._grace_task, None
+        if task is not None:
+            task.cancel()
+        return task

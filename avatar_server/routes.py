@@ -318,5 +318,5 @@ def session_info(conn: ClientConnection) -> SessionInfo | None:
         parked=conn.parked,
         peer_connection=None if conn.pc is None else conn.pc.connectionState,
         recording=session.recorder is not None,
-        client_address=conn.guard.address,
+        client_address=conn.address,
     )

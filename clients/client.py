@@ -410,6 +410,12 @@ class AvatarClient:
         return [m for _, m in self.received.messages if type(m) is wanted]
 
     @property
+    def websocket(self) -> ClientConnection | None:
+        """The current signalling WebSocket (``websockets``' client connection; ``None`` before
+        :meth:`connect`): read its ``close_code``, or abort its transport to simulate a drop."""
+        return self._ws
+
+    @property
     def state(self) -> str | None:
         """The avatar's state from the last ``state`` message (``None`` before the first)."""
         states = self.messages(protocol.State)

@@ -161,6 +161,12 @@ class Microphone:
         self.probabilities: list[float] = []  # recent window scores (last 10 s), for diagnostics
 
     # ----------------------------------------------------------------------------- wiring
+
+    @property
+    def history_s(self) -> float:
+        """Seconds of microphone audio kept (at ``MIC_SAMPLE_RATE_HZ``; older audio is overwritten)."""
+        return self._ring.capacity / MIC_SAMPLE_RATE_HZ
+
     def attach(self, track: MediaStreamTrack) -> None:
         """Start consuming ``track`` in a task owned by this object."""
         if self._task is not None:

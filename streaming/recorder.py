@@ -177,6 +177,11 @@ class SessionRecorder:
     def active(self) -> bool:
         return not self._stopped
 
+    @property
+    def queued_items(self) -> int:
+        """Video frames and audio chunks handed over and not yet taken by the writer thread."""
+        return self._queue.qsize()
+
     def set_limits(self, limits: RecordingLimits, *, on_end: Callable[[], None] | None = None) -> None:
         """Bound this recording and name who is told when it ends by itself.
 

@@ -200,7 +200,7 @@ def test_mode_barge_in_and_server_recording(media_dir: Path, tmp_path: Path) -> 
         finally:
             browser.close()
 
-    path = Path(stopped["path"])
+    path = recordings / stopped["path"]  # the name under the server's recordings_dir
     assert path.parent == recordings and path.is_file(), stopped
     with av.open(str(path)) as container:
         file_s = container.duration / av.time_base

@@ -383,7 +383,7 @@ async def test_microphone_format_rate_and_buffer_limits() -> None:
 
     async with server(limits={"max_microphone_buffer_s": 7}) as app:
         mic = app.microphone_factory(on_change=None)
-        assert mic._ring.capacity == 7 * 48_000
+        assert mic.history_s == 7.0
         await mic.close()
 
 

@@ -134,7 +134,7 @@ async def test_headless_session_over_http_speaks_records_and_ends(server, media_
     assert stats["frames_pumped"] > 0 and stats["recording"] is True
     # The MP4 has the speech: SPEAK frames for (nearly) all of what speak.ended says was played.
     assert result["error"] is None and result["duration_ms"] > ended["played_ms"]
-    with av.open(result["path"]) as container:
+    with av.open(str(server.settings.recordings_dir / result["path"])) as container:  # a name under recordings_dir
         assert {s.codec_context.name for s in container.streams} == {"h264", "aac"}
         shades = [f.to_ndarray(format="rgb24")[60:100, 150:200].reshape(-1, 3).mean(axis=0)
                   for f in container.decode(video=0)]

@@ -113,7 +113,7 @@ async def test_per_address_limits_key_on_the_forwarded_client() -> None:
             assert status == 429
             assert b"too many connections from 203.0.113.1: the limit is max_connections_per_address = 2" in body
             assert dict(app.admission.connections_by_address) == {"203.0.113.1": 2}
-            assert sorted(conn.guard.address for conn in app.connections) == ["203.0.113.1", "203.0.113.1"]
+            assert sorted(conn.address for conn in app.connections) == ["203.0.113.1", "203.0.113.1"]
             assert await ws_status(app.port, "203.0.113.2") == 101
             # sessions per address: the second session of 203.0.113.1 is refused
             await first.send(START)

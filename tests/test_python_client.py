@@ -101,7 +101,7 @@ def check_server_recording(lines: list[dict], recordings: Path, client_mp4: Path
     assert stopped[0]["error"] is None and stopped[0]["dropped_frames"] == 0
     assert stopped[0].get("reason", "stopped") == "stopped", stopped  # a newer field: record.stop
 
-    path = Path(stopped[0]["path"])
+    path = recordings / stopped[0]["path"]  # the name under the server's recordings_dir
     assert path.parent == recordings and path.is_file()
     server_s, server_frames = mp4_duration_s(path)
     client_s, _ = mp4_duration_s(client_mp4)
@@ -192,7 +192,7 @@ async def test_audio_file_is_a_live_microphone_for_lipsync(media_dir, late_speec
     assert "listening" in states and "speaking" in states[states.index("listening") :], states
 
     # Lip-sync plays the user's own audio: the server's recording carries the speech.
-    recorded = load_audio(summary["server_recording"]["path"], SAMPLE_RATE_HZ)
+    recorded = load_audio(recordings / summary["server_recording"]["path"], SAMPLE_RATE_HZ)
     sent_env = rms_envelope(load_audio(late_speech, SAMPLE_RATE_HZ))
     onset = int(np.flatnonzero(sent_env > 0.1 * sent_env.max())[0])
     reference = sent_env[onset : onset + 300]  # 3 s of speech, 10 ms steps

@@ -155,7 +155,9 @@ async def test_record_start_and_stop_over_the_control_channel(tmp_path, media_di
             await ws.send(json.dumps({"type": "record.start"}))
             started = await reply(("record.started",))
             assert started["recording_id"].startswith(ready["session_id"])
-            assert started["path"].startswith(str(tmp_path / "recordings")) and started["path"].endswith(".mp4")
+            # the file's name under recordings_dir: no directory of the server on the wire (issue 18)
+            assert "/" not in started["path"] and str(tmp_path) not in started["path"]
+            assert started["path"].endswith(".mp4")  # opened below, under recordings_dir
             # no WebRTC here: pull frames as the tracks would
             session = next(iter(app.connections)).session
             await play(session, 30)
@@ -167,5 +169,45 @@ async def test_record_start_and_stop_over_the_control_channel(tmp_path, media_di
             assert stats["recording"] is False
     finally:
         await app.close()
-    with av.open(started["path"]) as container:
+    with av.open(str(tmp_path / "recordings" / started["path"])) as container:
         assert sum(1 for _ in container.decode(video=0)) == 30
+
+
+async def test_no_server_directory_reaches_the_client_in_any_recording_frame(tmp_path, media_dir) -> None:
+    """Issue 18: ``record.started`` / ``record.stopped`` name the file relative to the server's
+    ``recordings_dir``; no frame of a recording session carries an absolute path or a directory
+    of the server (the old ``path`` was the absolute file path)."""
+    from avatar_server.server import build_app
+    from avatar_server.settings import Settings
+    from engine.testpattern import TestPatternEngine
+
+    recordings = tmp_path / "server-side" / "recordings"
+    app = build_app(Settings(engine="testpattern", port=0, recordings_dir=recordings), TestPatternEngine())
+    await app.start(warm_up=False)
+    frames: list[str] = []
+    try:
+        async with connect(f"ws://127.0.0.1:{app.port}/ws", max_size=None) as ws:
+
+            async def reply(wanted: str) -> dict:
+                async with asyncio.timeout(10):
+                    while True:
+                        frames.append(await ws.recv())
+                        message = json.loads(frames[-1])
+                        if message["type"] == wanted:
+                            return message
+
+            await ws.send(json.dumps({"type": "session.start", "image": portrait_b64(media_dir)}))
+            await reply("session.ready")
+            await ws.send(json.dumps({"type": "record.start"}))
+            started = await reply("record.started")
+            await play(next(iter(app.connections)).session, 10)
+            await ws.send(json.dumps({"type": "record.stop"}))
+            stopped = await reply("record.stopped")
+            await ws.send(json.dumps({"type": "interrupt"}))  # one more round trip: frames after the stop
+            await reply("stats")
+    finally:
+        await app.close()
+    assert started["path"] == stopped["path"] and started["path"].endswith(".mp4")
+    assert started["path"] == next(recordings.iterdir()).name  # the file's name under recordings_dir
+    for frame in frames:
+        assert str(tmp_path) not in frame and str(recordings) not in frame and "server-side" not in frame, frame

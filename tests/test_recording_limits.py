@@ -134,7 +134,7 @@ async def test_max_duration_without_audio_waits_one_second_then_pads_silence(tmp
         tmp_path / "v.mp4", buffer, limits=RecordingLimits(max_seconds=1.0), on_end=ended, writer_factory=factory
     )
     pull(buffer, 50, audio=False)  # positions 0..49: the cut (25) plus 25 frames of grace not yet passed
-    assert await settle(lambda: recorder._queue.empty() and writers and writers[0].frames == 25, 10)
+    assert await settle(lambda: recorder.queued_items == 0 and writers and writers[0].frames == 25, 10)
     await asyncio.sleep(0.05)
     assert ended.calls == 0
     pull(buffer, 1, audio=False)  # position 50: one second past the cut
@@ -275,7 +275,7 @@ async def test_record_limits_over_the_control_channel(tmp_path) -> None:
             assert session.recorder is None
             assert metric(app, "avatar_server_recordings_stopped_total", '{reason="max_duration"}') == 1
             assert metric(app, "avatar_server_recordings_active") == 0
-            with av.open(started["path"]) as container:
+            with av.open(tmp_path / "rec" / started["path"]) as container:  # a name under recordings_dir
                 assert sum(1 for _ in container.decode(video=0)) == 10
             # a second recording, stopped by the client
             await ws.send(json.dumps({"type": "record.start"}))
@@ -334,7 +334,7 @@ async def test_concurrent_recordings_and_the_free_disk_floor(tmp_path) -> None:
             assert stopped["message"].endswith(
                 "100 bytes free on the recordings volume; the limit is min_recording_free_bytes = 5000"
             )
-            with av.open(stopped["path"]) as container:
+            with av.open(tmp_path / "rec" / stopped["path"]) as container:
                 assert sum(1 for _ in container.decode(video=0)) == 26
             assert app.admission.recordings_running == 0
 

@@ -117,7 +117,7 @@ async def test_abnormal_drop_parks_and_resume_takes_over_from_another_address() 
         assert await settle(lambda: app.sessions_parked == 1, 5)
         assert counts(app) == one_session(connections=0, parked=1)  # the slot and session counts stay
         conn = parked_connection(app)
-        assert "u1" in conn.guard.pending_utterances  # moves with the session
+        assert conn.session.utterances.is_open("u1")  # moves with the session
         for _ in range(3):  # stats are not kept; events are
             conn.send(protocol.Stats(buffer_ms=0, underruns=0, segments=0, frames_sent=0, state="idle"))
         conn.send(protocol.State(state="speaking"))
@@ -130,7 +130,7 @@ async def test_abnormal_drop_parks_and_resume_takes_over_from_another_address() 
         assert (await recv_json(ws2, skip=("stats",))) == {"type": "state", "state": "speaking"}
         # Exactly one session, now counted for the new address; the old address holds nothing.
         assert counts(app) == one_session("127.0.0.2")
-        assert conn.guard.pending_utterances == {"u1"}
+        assert [u.utterance_id for u in conn.session.utterances] == ["u1"]
         await ws2.send(json.dumps({"type": "speak.end", "utterance_id": "u1"}))
         await ws2.send(json.dumps({"type": "interrupt"}))
         reply = await recv_json(ws2)
@@ -170,11 +170,12 @@ async def test_kept_messages_are_bounded_and_the_loss_is_reported() -> None:
         drop(ws)
         assert await settle(lambda: app.sessions_parked == 1, 5)
         conn = parked_connection(app)
-        conn._missed.clear()  # only what this test sends
+        kept_before = len(conn.missed_messages)  # what the session queued before this test's frames
         for number in range(10):
             conn.send(protocol.ErrorMessage(code="internal", message=str(number)))
+        assert [m.message for m in conn.missed_messages] == ["6", "7", "8", "9"]  # the bound: 8 // 2
         ws2, resumed = await resume(app, ready["resume_token"])
-        assert resumed["missed_messages"] == 4 and resumed["dropped_messages"] == 6  # the bound: 8 // 2
+        assert resumed["missed_messages"] == 4 and resumed["dropped_messages"] == 6 + kept_before
         replayed = [await recv_json(ws2) for _ in range(4)]
         assert [m["message"] for m in replayed] == ["6", "7", "8", "9"]  # the newest, in order
         await ws2.close()
@@ -294,7 +295,7 @@ async def test_with_an_api_key_only_the_sessions_token_may_resume() -> None:
         assert resumed["type"] == "session.resumed" and resumed["session_id"] == "alice"
         assert counts(app) == one_session(tokens=1)
         (conn,) = app.connections
-        assert dict(app.admission.sessions_by_token) == {conn.guard.grant.token_id: 1}  # the new token's
+        assert dict(app.admission.sessions_by_token) == {conn.grant.token_id: 1}  # the new token's
         await ws2.close()
         assert await settle(lambda: counts(app) == NOTHING, 5), counts(app)
 
@@ -315,7 +316,7 @@ async def test_media_and_events_survive_a_signalling_drop_over_webrtc() -> None:
         pc = client.pc
         await client.speak("u1", split_chunks("One short sentence for the gap.", 2))
         await client.wait_for("speak.started", timeout_s=20)
-        drop(client._ws)
+        drop(client.websocket)
         assert await settle(lambda: app.sessions_parked == 1, 5)
         frames_at_drop = len(client.received.video)
         conn = parked_connection(app)
@@ -351,7 +352,7 @@ async def test_python_client_resumes_by_itself() -> None:
         client = AvatarClient(f"http://127.0.0.1:{app.port}/", auto_resume=True)
         await client.connect()
         ready = await client.start_session(base64.b64decode(png_b64()))
-        drop(client._ws)
+        drop(client.websocket)
         resumed = await client.wait_for("session.resumed", timeout_s=10)
         assert resumed.session_id == ready.session_id
         assert await settle(lambda: client.resumes == 1, 5)
