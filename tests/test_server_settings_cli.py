@@ -112,3 +112,16 @@ def test_serve_flags_are_generated_from_every_setting() -> None:
     )
     s = cli.settings_from_args(args)
     assert (s.auth.max_key_failures, s.vad.threshold, s.sr, s.limits.microphone_sample_rates_hz) == (3, 0.7, False, [16000])
+
+
+def test_serve_cp_goes_through_the_context_parallel_engine() -> None:
+    """``serve --cp N`` (Settings.cp) builds the engine on N context-parallel ranks; presets and
+    degrees that cannot be split are refused with the reason before any rank process starts."""
+    from avatar_server.server import EngineUnavailableError, create_engine
+
+    with pytest.raises(EngineUnavailableError, match="context parallelism needs preview or full"):
+        create_engine(Settings(engine="testpattern", cp=2))
+    with pytest.raises(EngineUnavailableError, match=r"cp 3 neither divides the 2 key/value heads.*\[1, 2, 6\]"):
+        create_engine(Settings(engine="preview", cp=3))  # preview: 6 query / 2 key-value heads
+    with pytest.raises(ValueError, match="cp"):
+        Settings(cp=9)
