@@ -464,6 +464,24 @@ def forward_replicated(
     return _all_gather_rows(out, plan.length, group, stats)
 
 
+def padding_key_mask(length: int, valid_length: int | None, key_mask: torch.Tensor | None,
+                     device: torch.device) -> torch.Tensor | None:
+    """``key_mask`` (bool ``[L]``) with the padding of a text bucket removed as keys: tokens
+    ``valid_length .. L`` (:meth:`DiTModel.forward`'s ``valid_length``) are no attention key. For
+    the tokens before ``valid_length`` this is exactly the one-process mask (they never see padding);
+    padding rows differ but are dropped by ``unpack``.
+
+    Raises:
+        ValueError: ``valid_length`` outside ``[1, L]``.
+    """
+    if valid_length is None or valid_length == length:
+        return key_mask
+    if not 0 < valid_length <= length:
+        raise ValueError(f"valid_length {valid_length} outside [1, {length}]")
+    valid = torch.arange(length, device=device) < valid_length
+    return valid if key_mask is None else (key_mask.to(device) & valid)
+
+
 class ContextParallelDiT(DiTModel):
     """A :class:`DiTModel` whose ``forward`` is split over the ranks of ``group`` (default: the default
     process group). Every rank calls it with the same full inputs and gets the full output, so it is a
@@ -473,9 +491,10 @@ class ContextParallelDiT(DiTModel):
     group = None
 
     def forward(self, x, coords, modality, *, spans=None, local_ranges=None, compute_dtype=torch.bfloat16,
-                exact_attention=None, intermediates=None, key_mask=None):
+                exact_attention=None, intermediates=None, key_mask=None, valid_length=None):
         from engine.dit import modality_spans
 
+        key_mask = padding_key_mask(x.shape[0], valid_length, key_mask, x.device)
         if spans is None:
             spans = modality_spans(modality)
         return forward_replicated(self, x, coords, spans=spans, local_ranges=local_ranges,
@@ -634,12 +653,14 @@ class DistributedDiT:
         return getattr(self.model, name)
 
     def __call__(self, x, coords, modality, *, spans=None, local_ranges=None, compute_dtype=torch.bfloat16,
-                 exact_attention=None, intermediates=None, key_mask=None) -> torch.Tensor:
+                 exact_attention=None, intermediates=None, key_mask=None, valid_length=None) -> torch.Tensor:
         """``x`` fp32 ``[L, in]``, ``coords`` ``[L, 9]``, ``modality`` ``[L]`` -> fp32 ``[L, out]`` (as
         :meth:`DiTModel.forward`; ``intermediates`` are not supported). ``key_mask``: optional bool ``[L]``,
-        False for tokens that are no attention key."""
+        False for tokens that are no attention key; ``valid_length``: text padding from this index on
+        (:func:`padding_key_mask`)."""
         from engine.dit import modality_spans
 
+        key_mask = padding_key_mask(x.shape[0], valid_length, key_mask, x.device)
         if intermediates is not None:
             raise ValueError("intermediates are not collected by a context-parallel forward here")
         if spans is None:

@@ -394,9 +394,6 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
 
 # ---------------------------------------------------------------------------------------------
 # the dit family with the forward split over context-parallel ranks (python -m engine.parity DIR --cp N)
@@ -461,3 +458,7 @@ def run_parity(fixture_dir: Path, cp: int, families: list[str] | None = None, *,
     failed = [c for c in checks if not c.passed]
     print(f"{len(checks) - len(failed)} passed, {len(failed)} failed", file=stream)
     return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
