@@ -35,7 +35,6 @@ from avatar_server.limits import (
     GuardedMicrophoneTrack,
     GuardedTrack,
     LimitError,
-    check_prompt_tokens,
     drain_track,
 )
 from avatar_server.live import SessionOutputs
@@ -671,7 +670,6 @@ class ClientConnection:
             image = await asyncio.to_thread(
                 decode_image, message.image, max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels
             )
-            await check_prompt_tokens(app.worker, message.prompt)
             identity = await app.worker.prepare_identity(image, message.prompt)
             if self.state is not ConnectionState.STARTING:  # closed or ended meanwhile
                 raise ClientError("no_session", "session.start: the connection closed while the session started")

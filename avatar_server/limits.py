@@ -45,7 +45,6 @@ from avatar_server.auth import SESSION_ID_RE, Grant, new_session_id
 from avatar_server.errors import ClientError
 from avatar_server.settings import Limits
 from streaming import events
-from streaming.engine_client import EngineWorker
 from streaming.recorder import (
     RecordingLimits,
 )
@@ -62,26 +61,6 @@ CLOSE_INTERNAL = 1011  # WebSocket close code: internal error
 class LimitError(ClientError):
     """A request over a limit (or outside what the connection's token allows); ``code`` is the
     protocol error code and the message names the limit."""
-
-
-async def check_prompt_tokens(worker: EngineWorker, prompt: str) -> None:
-    """Refuse an appearance prompt longer than the model reads, counted in the engine's own
-    tokens (issue 18: characters undercount, a 4-byte emoji is 4 tokens of the preview's byte
-    tokenizer). The engine truncates whatever reaches it to ``max_text_tokens`` (its cost per
-    segment is bounded anyway); this tells the client instead of silently dropping the tail.
-
-    Raises:
-        LimitError: ``prompt_too_long``, naming the count, ``max_text_tokens`` and the field.
-    """
-    limit = worker.engine.max_text_tokens
-    tokens = await worker.count_text_tokens(prompt)
-    if tokens > limit:
-        raise LimitError(
-            "prompt_too_long",
-            f"prompt: {tokens} text tokens with the engine's tokenizer, over max_text_tokens = {limit} "
-            f"(engine {worker.engine.name})",
-            field="prompt", limit="max_text_tokens",
-        )
 
 
 # --------------------------------------------------------------------------------- tracks

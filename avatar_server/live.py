@@ -45,7 +45,6 @@ from pydantic import BaseModel, Field, field_validator
 from avatar_server import protocol
 from avatar_server.auth import SCOPE_VIEWER, SESSION_ID_RE, new_session_id
 from avatar_server.images import ImageError, decode_image
-from avatar_server.limits import check_prompt_tokens
 from avatar_server.recording import recording_name
 from avatar_server.webrtc import make_peer_connection
 from engine.api import EngineInputError
@@ -220,7 +219,6 @@ class LiveRegistry:
             image = await asyncio.to_thread(
                 decode_image, body.image, max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels
             )
-            await check_prompt_tokens(server.worker, body.prompt)
             identity = await server.worker.prepare_identity(image, body.prompt)
             live_settings = settings.live
             holder: list[LiveSession] = []

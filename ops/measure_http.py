@@ -67,12 +67,12 @@ def _png_b64() -> str:
 
 
 @contextlib.asynccontextmanager
-async def server_process(repo_dir: Path, *, timeout_s: float = 300.0):
+async def server_process(repo_dir: Path, *, engine: str = "testpattern", timeout_s: float = 300.0):
     """The server of the checkout at ``repo_dir`` in a child process (``ops.measure_live
-    --serve testpattern``); yields ``(url, pid)``."""
+    --serve ENGINE``); yields ``(url, pid)``."""
     env = {**os.environ, **SERVER_ENV, "PYTHONPATH": str(repo_dir)}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "ops.measure_live", "--serve", "testpattern", "--delay-s", "0.2",
+        sys.executable, "-m", "ops.measure_live", "--serve", engine, "--delay-s", "0.2",
         stdout=asyncio.subprocess.PIPE,
         cwd=str(repo_dir),
         env=env,

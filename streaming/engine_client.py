@@ -293,11 +293,6 @@ class EngineWorker:
         have no such attribute)."""
         return bool(getattr(self.engine, "can_super_resolve", False))
 
-    async def count_text_tokens(self, text: str) -> int:
-        """``engine.count_text_tokens(text)`` (the engine's own tokenizer, untruncated) in the
-        worker thread, first in line; compare with ``engine.max_text_tokens``."""
-        return await self.jobs.run(self.engine.count_text_tokens, text, deadline_s=time.monotonic())
-
     async def prepare_identity(self, image: np.ndarray, appearance: str) -> Identity:
         """Run ``engine.prepare_identity`` (uint8 ``[H, W, 3]`` image) in the worker thread, first in line."""
         return await self.jobs.run(self.engine.prepare_identity, image, appearance, deadline_s=time.monotonic())
