@@ -67,6 +67,39 @@ def _png_b64() -> str:
 
 
 @contextlib.asynccontextmanager
+class PeakRss:
+    """The peak resident memory of process ``pid`` (bytes) while the ``async with`` block runs,
+    sampled every ``period_s`` seconds."""
+
+    def __init__(self, pid: int, period_s: float = 0.1) -> None:
+        self.process, self.period_s = psutil.Process(pid), period_s
+        self.peak_bytes = self.process.memory_info().rss
+        self._task: asyncio.Task | None = None
+
+    async def _sample(self) -> None:
+        while True:
+            self.peak_bytes = max(self.peak_bytes, self.process.memory_info().rss)
+            await asyncio.sleep(self.period_s)
+
+    async def __aenter__(self) -> PeakRss:
+        self._task = asyncio.create_task(self._sample())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+
+def write_result(result: dict, out: Path | None) -> None:
+    """Print ``result`` as JSON and write it to ``out`` when given."""
+    text = json.dumps(result, indent=2)
+    if out is not None:
+        out.write_text(text + "\n")
+    print(text)
+
+
 async def server_process(repo_dir: Path, *, engine: str = "testpattern", timeout_s: float = 300.0):
     """The server of the checkout at ``repo_dir`` in a child process (``ops.measure_live
     --serve ENGINE``); yields ``(url, pid)``."""

@@ -15,9 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import contextlib
 import datetime as dt
-import json
 import os
 import socket
 import sys
@@ -28,7 +26,7 @@ from urllib.parse import urlsplit
 
 import psutil
 
-from ops.measure_http import REPO_DIR, server_process
+from ops.measure_http import REPO_DIR, PeakRss, server_process, write_result
 from ops.measure_live import DEFAULT_IMAGE
 
 
@@ -85,20 +83,10 @@ async def run_one(repo_dir: Path, image: bytes, flood_s: float) -> dict[str, Any
             await asyncio.sleep(5.0)
             underruns_before = client.messages("stats")[-1].underruns
             rss_before = proc.memory_info().rss
-            peak = rss_before
-
-            async def sample() -> None:
-                nonlocal peak
-                while True:
-                    peak = max(peak, proc.memory_info().rss)
-                    await asyncio.sleep(0.1)
-
-            sampler = asyncio.create_task(sample())
-            flood = await _flooder(url, flood_s)
-            await asyncio.sleep(3.0)
-            sampler.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sampler
+            async with PeakRss(pid) as rss:
+                flood = await _flooder(url, flood_s)
+                await asyncio.sleep(3.0)
+            peak = rss.peak_bytes
             underruns_after = client.messages("stats")[-1].underruns
             rss_after = proc.memory_info().rss
         finally:
@@ -135,11 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flood-s", type=float, default=20.0)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
-    result = asyncio.run(_main(args, Path(args.image).read_bytes()))
-    text = json.dumps(result, indent=2)
-    if args.out is not None:
-        args.out.write_text(text + "\n")
-    print(text)
+    write_result(asyncio.run(_main(args, Path(args.image).read_bytes())), args.out)
     return 0
 
 

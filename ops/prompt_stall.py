@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import datetime as dt
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,7 +24,7 @@ from typing import Any
 import psutil
 
 from ops.bench_prompt import HOSTILE
-from ops.measure_http import REPO_DIR, server_process
+from ops.measure_http import REPO_DIR, PeakRss, server_process, write_result
 from ops.measure_live import DEFAULT_IMAGE
 
 
@@ -43,25 +41,16 @@ async def run_one(repo_dir: Path, image: bytes, window_s: float) -> dict[str, An
             await victim.start_media(timeout_s=120)
             await asyncio.sleep(8.0)  # past the first segments
             underruns_before = victim.messages("stats")[-1].underruns
-            rss_before = peak = proc.memory_info().rss
-
-            async def sample() -> None:
-                nonlocal peak
-                while True:
-                    peak = max(peak, proc.memory_info().rss)
-                    await asyncio.sleep(0.1)
-
-            sampler = asyncio.create_task(sample())
-            try:
-                await attacker.start_session(image, HOSTILE, timeout_s=120)
-                attacker_got = "session.ready"
-                await attacker.speak("u1", ["Hello there."])
-            except Exception as exc:  # a refusal (RefusedError carries the code) or a timeout
-                attacker_got = getattr(exc, "code", None) or f"{type(exc).__name__}: {exc}"
-            await asyncio.sleep(window_s)
-            sampler.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sampler
+            rss_before = proc.memory_info().rss
+            async with PeakRss(pid) as rss:
+                try:
+                    await attacker.start_session(image, HOSTILE, timeout_s=120)
+                    attacker_got = "session.ready"
+                    await attacker.speak("u1", ["Hello there."])
+                except Exception as exc:  # a refusal (RefusedError carries the code) or a timeout
+                    attacker_got = getattr(exc, "code", None) or f"{type(exc).__name__}: {exc}"
+                await asyncio.sleep(window_s)
+            peak = rss.peak_bytes
             underruns_after = victim.messages("stats")[-1].underruns
             rss_after = proc.memory_info().rss
         finally:
@@ -93,11 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window-s", type=float, default=40.0)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
-    result = asyncio.run(_main(args, Path(args.image).read_bytes()))
-    text = json.dumps(result, indent=2)
-    if args.out is not None:
-        args.out.write_text(text + "\n")
-    print(text)
+    write_result(asyncio.run(_main(args, Path(args.image).read_bytes())), args.out)
     return 0
 
 
