@@ -66,7 +66,6 @@ def _png_b64() -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-@contextlib.asynccontextmanager
 class PeakRss:
     """The peak resident memory of process ``pid`` (bytes) while the ``async with`` block runs,
     sampled every ``period_s`` seconds."""
@@ -100,6 +99,7 @@ def write_result(result: dict, out: Path | None) -> None:
     print(text)
 
 
+@contextlib.asynccontextmanager
 async def server_process(repo_dir: Path, *, engine: str = "testpattern", timeout_s: float = 300.0):
     """The server of the checkout at ``repo_dir`` in a child process (``ops.measure_live
     --serve ENGINE``); yields ``(url, pid)``."""
