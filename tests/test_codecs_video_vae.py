@@ -100,12 +100,14 @@ def test_bf16_precision_rule(portrait):
     assert vae16.dtype == torch.bfloat16
     std16 = torch.tensor(WAN22_LATENT_STD).bfloat16()
     expected_inv = (1.0 / std16).view(1, 48, 1, 1, 1)
-    assert torch.equal(vae16._inv_std, expected_inv)
     # bf16(1/bf16(std)) is not the fp32 reciprocal: the rounding is visible.
-    assert not torch.equal(vae16._inv_std.float(), 1.0 / STD)
-    mu = torch.randn(1, 48, 1, 2, 2).bfloat16()
+    assert not torch.equal(expected_inv.float(), 1.0 / STD)
+    mu = torch.randn(1, 48, 1, 2, 2, generator=torch.Generator().manual_seed(0)).bfloat16()
     expected = ((mu - torch.tensor(WAN22_LATENT_MEAN).bfloat16().view(1, 48, 1, 1, 1)) * expected_inv).float()
     assert torch.equal(vae16.normalize(mu), expected)
+    # ... and normalize uses the bf16 constants, not the fp32 ones (the two results differ).
+    with_fp32_constants = ((mu.float() - MEAN) / STD).bfloat16().float()
+    assert not torch.equal(vae16.normalize(mu), with_fp32_constants)
     lat = vae16.encode_image(portrait)
     assert lat.dtype == torch.float32 and lat.shape == (1, 48, 1, 8, 14)
 

@@ -95,18 +95,28 @@ def test_download_fails_fast_offline(monkeypatch, tmp_path, capsys) -> None:
     assert "HF_HUB_OFFLINE" in capsys.readouterr().err
 
 
-def test_serve_flags_are_generated_from_every_setting() -> None:
+def test_serve_flags_are_generated_from_every_setting(monkeypatch, capsys) -> None:
     """Each setting has a flag whose help shows the setting's own default (written once)."""
     from avatar_server.settings import Limits
 
-    parser = cli.build_parser()
-    serve = next(a for a in parser._subparsers._group_actions[0].choices.values() if a.prog.endswith("serve"))
-    helps = {flag: action.help for action in serve._actions for flag in action.option_strings}
+    monkeypatch.setenv("COLUMNS", "10000")  # argparse wraps at the terminal width: one line per flag
+    with pytest.raises(SystemExit) as exit_info:
+        cli.build_parser().parse_args(["serve", "--help"])
+    assert exit_info.value.code == 0
+    helps, flag = {}, None
+    for line in capsys.readouterr().out.splitlines():  # "  --flag METAVAR  help", help maybe on the next line
+        words = line.split()
+        if words and words[0].startswith("-"):
+            flag = words[0].rstrip(",")
+            helps[flag] = line
+        elif flag is not None and line.startswith("    "):
+            helps[flag] += " " + line.strip()
     for name, field in Limits.model_fields.items():
         if name == "microphone_sample_rates_hz":
             continue
         flag = "--" + name.replace("_", "-")
         assert f"default {field.default}" in helps[flag], flag
+    parser = cli.build_parser()
     args = parser.parse_args(
         ["serve", "--auth-max-key-failures", "3", "--vad-threshold", "0.7", "--no-sr", "--microphone-sample-rate-hz", "16000"]
     )

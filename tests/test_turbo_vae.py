@@ -29,6 +29,7 @@ from engine.codecs.turbo_vae import (
     rel_l2,
     unpatchify,
 )
+from engine.codecs.video_vae import WAN22_LATENT_MEAN, WAN22_LATENT_STD
 from tests.conftest import SHARED_DIR
 
 FIXTURES = SHARED_DIR / "fixtures" / "upstream"
@@ -99,7 +100,17 @@ def test_bf16_default_kernels_within_readme_tolerance(tiny, sliding):
     bf16 = TurboVAED.from_config(TINY_CONFIG)
     bf16.load_state_dict(tiny.state_dict())
     bf16.to(torch.bfloat16)
-    assert bf16._mean.dtype == torch.float32  # constants stay fp32
+    # The normalisation constants stay fp32 after .to(bf16) (CODECS.md §2.4 step 2): denormalize is
+    # bf16(fp32(z) / fp32(1 / std) + fp32(mean)); bf16 constants would round differently.
+    z = sliding["latent"]
+    shape = (1, -1, 1, 1, 1)
+    mean32 = torch.tensor(WAN22_LATENT_MEAN, dtype=torch.float32).view(shape)
+    inv_std32 = (1.0 / torch.tensor(WAN22_LATENT_STD, dtype=torch.float32)).view(shape)
+    expected = (z.bfloat16().float() / inv_std32 + mean32).bfloat16()
+    assert bf16.denormalize(z).dtype == torch.bfloat16
+    assert torch.equal(bf16.denormalize(z), expected)
+    with_bf16_constants = (z.bfloat16() / inv_std32.bfloat16() + mean32.bfloat16()).bfloat16()
+    assert not torch.equal(with_bf16_constants, expected)  # the check can tell the two apart
     out = bf16.decode(sliding["latent"])
     assert out.dtype == torch.float32
     assert rel_l2(out, sliding["decoded_bf16"]) <= 1e-1
