@@ -332,10 +332,11 @@ async def test_the_browser_page_resumes_on_its_replica(deploy, media_dir: Path) 
             await browser.close()
 
 
-def test_the_router_reads_the_session_of_a_proxy_request() -> None:
+async def test_the_router_reads_the_session_of_a_proxy_request() -> None:
     """What the router sees of a request from Serve's HTTP proxy (Ray's format, checked here so
     that a Ray upgrade that changes it fails this test rather than the browser's resume): the
-    pickled ``StreamingHTTPRequest`` whose scope names the session in the header or the query."""
+    pickled ``StreamingHTTPRequest`` whose scope names the session in the header or the query.
+    (Async: a ``PendingRequest`` makes its future on the running loop.)"""
 
     def proxied(query: bytes, headers: list[tuple[bytes, bytes]], session_id: str = "") -> PendingRequest:
         scope = {"type": "websocket", "path": "/ws", "query_string": query, "headers": headers}
