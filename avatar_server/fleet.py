@@ -14,10 +14,21 @@ Shape of the fleet
 Routing (:class:`SessionAffinityRouter`, a Serve request router)
     A new WebSocket goes to the replica with the fewest ongoing requests that has room (so
     sessions spread, and a full fleet answers ``capacity`` from the least loaded replica at
-    once). A WebSocket that carries the ``x-session-id`` header (Serve's session header; the
-    Python client sends it on ``session.resume``) goes to the replica that holds that session:
-    replicas register each session id they announce (``session.ready``/``session.resumed``)
-    with the :class:`FleetControl` actor before the client sees it, and the router asks it.
+    once). A WebSocket that names a session goes to the replica that holds it: replicas
+    register each session id they announce (``session.ready``/``session.resumed``) with the
+    :class:`FleetControl` actor before the client sees it, and the router asks it. A request
+    names its session (:func:`request_session_id`) by
+
+    * the ``x-session-id`` header: Serve's session header (``RAY_SERVE_SESSION_ID_HEADER_KEY``),
+      which the proxy puts in the request's metadata; the Python client sends it; or
+    * the query parameter ``?session_id=`` (``/ws?session_id=<id>``), which browsers can send
+      (a browser cannot set headers on a WebSocket); the page sends it on ``session.resume``.
+      The proxy hands the request to the router as its ASGI scope (the pickled
+      ``StreamingHTTPRequest`` of Serve's HTTP proxy, Ray 2.60), whose ``query_string`` the
+      router reads. The plain server reads the same parameter as "the session this token is
+      for" (docs/PROTOCOL.md, Authentication) and otherwise ignores it, so one page serves both.
+
+    No proxy or ingress rule of our own is involved: Serve's proxy calls this router.
     Media does not pass the proxy: the peer connection runs between the client and the
     replica's node (its ICE candidates), see ``ops/deploy/README.md``.
 
@@ -51,6 +62,7 @@ import importlib
 import json
 import logging
 import os
+import pickle
 import signal
 import sys
 import time
@@ -58,6 +70,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs
 
 import ray
 from prometheus_client import CollectorRegistry, generate_latest
@@ -77,6 +90,8 @@ DEPLOYMENT_NAME = "AvatarServer"
 DEFAULT_APP_FACTORY = "avatar_server.app:create_app"
 DEFAULT_ENGINE_FACTORY = "avatar_server.server:create_engine"
 SESSION_HEADER = "x-session-id"  # Serve's default RAY_SERVE_SESSION_ID_HEADER_KEY
+SESSION_QUERY = "session_id"  # /ws?session_id=<id>: the session header of browsers
+MAX_SESSION_ID_CHARS = 64  # session ids are 1-64 of A-Z a-z 0-9 _ - (docs/PROTOCOL.md)
 REPORT_STALE_S = 5.0  # a replica whose last report is older is not counted
 MAX_SESSION_HOMES = 100_000  # session id -> replica entries kept (oldest forgotten first)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -143,12 +158,69 @@ def control_actor() -> Any:
     ).remote()
 
 
+# ------------------------------------------------------------------------------- session of a request
+def scope_session_id(scope: dict[str, Any]) -> str:
+    """The session an HTTP or WebSocket request names, from its ASGI ``scope``: the
+    :data:`SESSION_HEADER` header, else the first :data:`SESSION_QUERY` query parameter.
+
+    Returns ``""`` when it names none, or an id over :data:`MAX_SESSION_ID_CHARS` characters
+    (no session has one) or a query of more than 16 fields (as the app's own parsing)."""
+    wanted = ""
+    header = SESSION_HEADER.encode()
+    for name, value in scope.get("headers") or ():
+        if name.lower() == header:
+            wanted = value.decode("latin-1")
+            break
+    if not wanted:
+        query_string = scope.get("query_string") or b""
+        try:
+            query = parse_qs(query_string.decode("latin-1"), max_num_fields=16)
+        except ValueError:
+            query = {}
+        wanted = (query.get(SESSION_QUERY) or [""])[0]
+    return wanted if len(wanted) <= MAX_SESSION_ID_CHARS else ""
+
+
+def request_scope(pending_request: PendingRequest) -> dict[str, Any] | None:
+    """The ASGI scope of a request that Serve's HTTP proxy routes, or ``None`` for any other.
+
+    The proxy's handle call has one argument: a ``StreamingHTTPRequest`` (Serve's
+    ``ray.serve._private.common``) pickled to bytes, whose ``asgi_scope`` is the request's
+    scope (``type`` ``http``/``websocket``, ``path``, ``query_string``, ``headers``). Only
+    requests whose metadata says the proxy made them (``is_http_request``) are unpickled: the
+    bytes were written by the proxy in this process. A format that is not this one gives
+    ``None`` (routing falls back to the session header and load), never an error."""
+    if not pending_request.metadata.is_http_request or len(pending_request.args) != 1:
+        return None
+    request = pending_request.args[0]
+    if isinstance(request, bytes):
+        try:
+            request = pickle.loads(request)  # the proxy's own pickle (see above)
+        except Exception:  # noqa: BLE001 - another Serve's format: no scope
+            return None
+    scope = getattr(request, "asgi_scope", None)
+    return scope if isinstance(scope, dict) else None
+
+
+def request_session_id(pending_request: PendingRequest | None) -> str:
+    """The session a routed request names (``""``: none): Serve's session id of the request
+    (the ``x-session-id`` header, or a handle's ``session_id`` option), else the
+    ``?session_id=`` of an HTTP/WebSocket request from the proxy (:func:`scope_session_id`)."""
+    if pending_request is None:
+        return ""
+    if pending_request.metadata.session_id:
+        return pending_request.metadata.session_id
+    scope = request_scope(pending_request)
+    return scope_session_id(scope) if scope is not None else ""
+
+
 # ------------------------------------------------------------------------------- request router
 class SessionAffinityRouter(RequestRouter):
     """Serve request router for sessions.
 
-    * A request with the ``x-session-id`` header goes to the replica that holds that session
-      (looked up in :class:`FleetControl`), else anywhere (where ``session.resume`` is answered
+    * A request that names a session (the ``x-session-id`` header or ``?session_id=``, see
+      :func:`request_session_id`) goes to the replica that holds that session (looked up in
+      :class:`FleetControl`), else as any other (where ``session.resume`` is answered
       ``resume_failed``).
     * Any other request goes to the replica with the most free session slots: the replicas'
       last reports, less the requests this router sent each one since its report. A full
@@ -190,7 +262,7 @@ class SessionAffinityRouter(RequestRouter):
     ) -> list[list[RunningReplica]]:
         if pending_request is not None:
             pending_request.routing_context.should_backoff = True  # sleep between rounds when all are full
-        session_id = pending_request.metadata.session_id if pending_request is not None else ""
+        session_id = request_session_id(pending_request)
         if session_id:
             home = await self._ask("home_of", session_id)
             home_ranks = [r for r in candidate_replicas if r.replica_id.unique_id == home]
@@ -342,10 +414,7 @@ class AvatarReplica:
                     await send(message)
             return
         if scope["type"] == "websocket":
-            wanted = (
-                dict(scope.get("headers") or ()).get(SESSION_HEADER.encode(), b"").decode(errors="replace")
-            )
-            await self.inner(scope, receive, self._registering_send(send, wanted))
+            await self.inner(scope, receive, self._registering_send(send, scope_session_id(scope)))
             return
         await self.inner(scope, receive, send)
 
@@ -353,7 +422,7 @@ class AvatarReplica:
         """``send`` that registers the session id of ``session.ready``/``session.resumed`` with
         the control actor before the client can read it (and so resume through the router).
 
-        A ``resume_failed`` answer to a WebSocket that asked (``x-session-id``) for a session
+        A ``resume_failed`` answer to a WebSocket that named (:func:`scope_session_id`) a session
         whose replica has left the fleet says so: that replica failed or was removed, and the
         session ended with it."""
         registered = False

@@ -1,6 +1,7 @@
 """The fleet on Ray Serve (issue 13): a local Ray cluster (started once for the module), CPU
 replicas of the server (``create_app`` around the test-pattern engine), real WebRTC clients
-(:class:`clients.client.AvatarClient`) signalling through Serve's proxy.
+(:class:`clients.client.AvatarClient`, and the browser page in headless Chromium) signalling
+through Serve's proxy.
 
 Which replica holds a session is read from the fleet's control actor (the same lookup the
 router makes); each replica is a process of its own.
@@ -12,23 +13,29 @@ import asyncio
 import contextlib
 import io
 import json
+import pickle
 import re
 import socket
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 ray = pytest.importorskip("ray")
 from PIL import Image  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 from ray import serve  # noqa: E402
+from ray.serve._private.common import RequestMetadata, RequestProtocol, StreamingHTTPRequest  # noqa: E402
+from ray.serve.request_router import PendingRequest  # noqa: E402
 from websockets.asyncio.client import connect  # noqa: E402
 
 from avatar_server import fleet  # noqa: E402
 from avatar_server.settings import FleetSettings, Settings  # noqa: E402
 from clients.client import AvatarClient  # noqa: E402
+from tests.browser_support import CHROMIUM, CHROMIUM_ARGS, STATS_JS, require_browser  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.fleet, pytest.mark.timeout(400)]
 
@@ -204,6 +211,155 @@ async def test_a_dropped_websocket_resumes_on_its_replica(deploy) -> None:
             assert largest_gap_s(first, resumed_at, resumed_at + 2.0) < 0.5
         finally:
             await first.close()
+
+
+async def start_neighbour(port: int, session_id: str) -> tuple[Any, str]:
+    """A second session (a bare WebSocket) sent by ``session_id``'s header to that session's
+    replica: the open WebSocket and the new session's id."""
+    import base64
+
+    ws = await connect(
+        f"ws://127.0.0.1:{port}/ws", additional_headers={fleet.SESSION_HEADER: session_id}, max_size=None
+    )
+    await ws.send(json.dumps({"type": "session.start", "image": base64.b64encode(PNG).decode()}))
+    while (reply := json.loads(await ws.recv()))["type"] != "session.ready":
+        assert reply["type"] != "error", reply
+    return ws, reply["session_id"]
+
+
+def resumes_by_replica(port: int) -> dict[tuple[str, str], float]:
+    """``avatar_server_session_resumes_total`` of the fleet's /metrics: (replica, result) -> count."""
+    counts = {}
+    for family in text_string_to_metric_families(http_text(port, "/metrics")):
+        if family.name == "avatar_server_session_resumes":
+            for sample in family.samples:
+                if sample.name.endswith("_total") and sample.value > 0:
+                    counts[(sample.labels["replica"], sample.labels["result"])] = sample.value
+    return counts
+
+
+EVENTS_OF_TYPE_JS = "(type) => window.avatarEvents.filter((m) => m.type === type)"
+
+
+async def wait_page(page: Any, condition_js: str, what: str, timeout_s: float) -> None:
+    """Wait for ``condition_js`` in the page; on timeout fail with what the page received."""
+    from playwright.async_api import TimeoutError as PlaywrightTimeoutError
+
+    try:
+        await page.wait_for_function(condition_js, timeout=timeout_s * 1000)
+    except PlaywrightTimeoutError:
+        events = await page.evaluate("window.avatarEvents.filter((m) => m.type !== 'stats')")
+        pytest.fail(f"no {what} within {timeout_s} s; server messages: {events}", pytrace=False)
+
+
+async def test_the_browser_page_resumes_on_its_replica(deploy, media_dir: Path) -> None:
+    """The page of clients/web, served through Serve's proxy by a fleet of two replicas, drops
+    its WebSocket (``dropConnection()``: close code 4000, abnormal to the server). Its session
+    and a neighbour fill one replica, so routing by load alone would send the resume to the
+    empty one (``resume_failed``); the page names its session in ``/ws?session_id=`` (a browser
+    cannot set ``X-Session-Id``) and the request router sends it home: ``session.resumed``, the
+    same peer connection keeps decoding frames, and the resume is counted by that replica."""
+    require_browser()
+    from playwright.async_api import async_playwright
+
+    port = await deploy(2, {"min_replicas": 2, "max_replicas": 2}, max_sessions=2)
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = await browser.new_page(viewport={"width": 1280, "height": 800})
+            sockets: list[str] = []
+            page.on("websocket", lambda ws: sockets.append(ws.url))
+            await page.goto(f"http://127.0.0.1:{port}/")
+            await page.set_input_files("#image", str(media_dir / "portrait.png"))
+            await page.click("#start")
+            await wait_page(
+                page,
+                "() => window.avatar.pc && window.avatar.pc.connectionState === 'connected'",
+                "WebRTC",
+                60,
+            )
+            await wait_page(
+                page, "() => window.avatar.figures.framesDecoded > 25", "decoded video frames", 30
+            )
+            session_id = (await page.evaluate(EVENTS_OF_TYPE_JS, "session.ready"))[0]["session_id"]
+            origin = home(session_id)
+            neighbour, neighbour_id = await start_neighbour(port, session_id)
+            try:
+                assert home(neighbour_id) == origin
+                assert await wait_for(
+                    lambda: (
+                        (view := readyz(port)).get("by_replica", {}).get(origin, {}).get("free_session_slots")
+                        == 0
+                        and view["free_session_slots"] == 2
+                    ),
+                    10,
+                ), readyz(port)  # the router's load view: the page's replica full, the other empty
+                await page.evaluate("window.__pcBeforeDrop = window.avatar.pc")
+                before = (await page.evaluate(STATS_JS))["video"]["framesDecoded"]
+
+                await page.evaluate("window.avatar.dropConnection()")
+                await wait_page(
+                    page,
+                    "() => window.avatarEvents.some((m) => m.type === 'session.resumed' || m.type === 'error')",
+                    "answer to session.resume",
+                    30,
+                )
+                assert not await page.evaluate(EVENTS_OF_TYPE_JS, "error")
+                resumed = (await page.evaluate(EVENTS_OF_TYPE_JS, "session.resumed"))[0]
+                assert resumed["session_id"] == session_id and resumed["peer_connection"] == "connected", (
+                    resumed
+                )
+                assert sockets == [
+                    f"ws://127.0.0.1:{port}/ws",
+                    f"ws://127.0.0.1:{port}/ws?session_id={session_id}",
+                ]
+                assert home(session_id) == origin
+                assert await page.evaluate("window.avatar.pc === window.__pcBeforeDrop")
+                await wait_page(
+                    page,
+                    f"async () => (await ({STATS_JS})()).video.framesDecoded > {before + 50}",
+                    "video frames after the resume",
+                    20,
+                )
+                # the replica label: the one resume was made, and counted, by the session's replica
+                assert await wait_for(lambda: resumes_by_replica(port) == {(origin, "resumed"): 1.0}, 10), (
+                    resumes_by_replica(port),
+                    origin,
+                )
+            finally:
+                await neighbour.close()
+        finally:
+            await browser.close()
+
+
+async def test_the_router_reads_the_session_of_a_proxy_request() -> None:
+    """What the router sees of a request from Serve's HTTP proxy (Ray's format, checked here so
+    that a Ray upgrade that changes it fails this test rather than the browser's resume): the
+    pickled ``StreamingHTTPRequest`` whose scope names the session in the header or the query.
+    (Async: a ``PendingRequest`` makes its future on the running loop.)"""
+
+    def proxied(query: bytes, headers: list[tuple[bytes, bytes]], session_id: str = "") -> PendingRequest:
+        scope = {"type": "websocket", "path": "/ws", "query_string": query, "headers": headers}
+        request = StreamingHTTPRequest(scope, proxy_actor_name="SERVE_PROXY_ACTOR-test")
+        metadata = RequestMetadata(
+            request_id="r",
+            internal_request_id="i",
+            session_id=session_id,
+            _request_protocol=RequestProtocol.HTTP,
+        )
+        return PendingRequest(args=[pickle.dumps(request)], kwargs={}, metadata=metadata)
+
+    host = [(b"host", b"127.0.0.1")]
+    assert fleet.request_session_id(proxied(b"token=t.u.v&session_id=s-1", host)) == "s-1"
+    assert fleet.request_session_id(proxied(b"session_id=s-1", [*host, (b"x-session-id", b"s-2")])) == "s-2"
+    assert fleet.request_session_id(proxied(b"", host, session_id="s-3")) == "s-3"  # Serve's own header parse
+    assert fleet.request_session_id(proxied(b"", host)) == ""
+    assert fleet.request_session_id(proxied(b"session_id=" + b"a" * 65, host)) == ""  # longer than any id
+    assert fleet.request_session_id(proxied(b"&".join([b"a=1"] * 17) + b"&session_id=s", host)) == ""
+    not_from_proxy = proxied(b"session_id=s-1", host)
+    not_from_proxy.metadata = RequestMetadata(request_id="r", internal_request_id="i")  # a handle call
+    assert fleet.request_session_id(not_from_proxy) == ""
+    assert fleet.request_session_id(None) == ""
 
 
 async def test_a_dead_replica_ends_only_its_own_session(deploy) -> None:

@@ -8,7 +8,9 @@
 // offer is sent once gathering completes. Server recording: record.start / record.stop.
 // Resume: when the WebSocket drops (any close but 1000/1001) the page reconnects within the
 // session's resume_grace_s and sends session.resume with the last resume_token, keeping its
-// peer connection (a new offer only if that one failed or closed).
+// peer connection (a new offer only if that one failed or closed). The resume WebSocket is
+// /ws?session_id=<id>: a fleet's request router sends it to the replica that holds the session
+// (a browser cannot set the X-Session-Id header on a WebSocket); a single server ignores it.
 //
 // For tests and debugging the page exposes `window.avatarEvents` (every server message, in
 // order of arrival), `window.avatarSent` (every message sent, with session.start's image
@@ -62,6 +64,7 @@ let recordPending = false;   // record.start / record.stop sent, no answer yet
 let recordStopAsked = false; // this page sent record.stop for the running recording
 let previous = {};  // last inbound-rtp report per kind, for rates
 let resumeToken = null;      // secret of session.ready / the last session.resumed
+let resumeSessionId = null;  // session_id of session.ready / session.resumed: routes the resume
 let resumeGraceMs = 0;       // how long the server keeps a session whose WebSocket dropped
 let resumeDeadline = 0;      // performance.now() after which a resume is pointless
 let resuming = false;        // reconnecting: session.resume not yet answered
@@ -418,11 +421,16 @@ async function start(event) {
 }
 
 // Open the WebSocket and send `first` (session.start or session.resume) once it is open.
-function connectSocket(first) {
+// `sessionId` (on resume) names the session in the query, so that a fleet routes the
+// WebSocket to the replica that holds it (ops/deploy/README.md).
+function connectSocket(first, sessionId = null) {
   const scheme = location.protocol === "https:" ? "wss" : "ws";
+  const params = new URLSearchParams();
   // A session token given to the page (`/?token=...`) is passed on to /ws.
   const token = new URLSearchParams(location.search).get("token");
-  const query = token ? `?token=${encodeURIComponent(token)}` : "";
+  if (token) params.set("token", token);
+  if (sessionId) params.set("session_id", sessionId);
+  const query = params.toString() ? `?${params}` : "";
   const socket = new WebSocket(`${scheme}://${location.host}/ws${query}`);
   ws = socket;
   socket.onopen = () => send(first);
@@ -458,6 +466,7 @@ function connectSocket(first) {
 
 function rememberResume(message) {
   resumeToken = message.resume_token || null;
+  resumeSessionId = message.session_id || null;
   resumeGraceMs = (message.resume_grace_s || 0) * 1000;
 }
 
@@ -472,7 +481,7 @@ function resumeLater() {
       stop();
       return;
     }
-    connectSocket({ type: "session.resume", resume_token: resumeToken });
+    connectSocket({ type: "session.resume", resume_token: resumeToken }, resumeSessionId);
   }, delay);
 }
 
@@ -607,6 +616,7 @@ function stop() {
   sessionReady = false;
   resuming = false;
   resumeToken = null;
+  resumeSessionId = null;
   setState(events.some((m) => m.type === "session.ended") ? "ended" : "disconnected");
   updateControls();
 }
