@@ -809,8 +809,8 @@ class ClientConnection:
             )
             self._spawn(end, "session-end")
         else:
-            if session is not None:  # counted as the client's close, as before the state machine
-                self.app.metrics.sessions_ended.labels("closed").inc()
+            if session is not None:  # ended by the limit (close() then does not count it again)
+                self.app.metrics.sessions_ended.labels(code).inc()
             self._spawn(self._close_websocket(decision), "connection-end")
 
     async def _close_websocket(self, decision: EndConnection) -> None:

@@ -315,11 +315,15 @@ async def test_a_silent_connection_is_dropped_by_keepalive_and_a_stuck_handshake
         writer.close()
 
 
-async def test_a_client_that_does_not_read_is_cut_off() -> None:
+@pytest.mark.parametrize("with_session", [False, True])
+async def test_a_client_that_does_not_read_is_cut_off(with_session) -> None:
     limits = {"max_messages_per_s": 100_000, "message_burst": 100_000, "max_send_queue_messages": 8, "send_timeout_s": 1.0,
               "close_timeout_s": 1.0}
     async with server(limits=limits) as app:
         reader, writer = await raw_websocket(app.port, rcvbuf=4096)
+        if with_session:
+            writer.write(client_frame(start().encode()))
+            assert await settle(lambda: app.sessions_active == 1, 10)
         bad = client_frame(b'{"type": "' + b"y" * 60 + b'"}')  # each answered by a ~200-byte error
         started = time.monotonic()
         with contextlib.suppress(ConnectionError):
@@ -331,6 +335,10 @@ async def test_a_client_that_does_not_read_is_cut_off() -> None:
         assert await settle(lambda: no_connections_left(app), 10), app.connections
         conn_errors = app.metrics.render().decode()
         assert 'avatar_server_client_errors_total{code="slow_client"} 1.0' in conn_errors
+        # the session is counted as ended by the limit, not as a close by the client
+        ended = 'avatar_server_sessions_ended_total{reason="slow_client"} 1.0'
+        assert (ended in conn_errors) is with_session
+        assert 'avatar_server_sessions_ended_total{reason="closed"}' not in conn_errors
         writer.close()
 
 
