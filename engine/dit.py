@@ -357,7 +357,6 @@ class DiTModel(nn.Module):
         self.final_norm_audio = RMSNorm(d, 1, config.norm_eps)
         self.final_linear_video = nn.Linear(d, config.video_in_channels, bias=False, dtype=torch.float32)
         self.final_linear_audio = nn.Linear(d, config.audio_in_channels, bias=False, dtype=torch.float32)
-        self.attention_kernel: AttentionKernel | None = None  # set by engine.backends; None = SDPA
 
     def forward(
         self,
@@ -371,6 +370,7 @@ class DiTModel(nn.Module):
         exact_attention: bool | None = None,
         intermediates: dict | None = None,
         valid_length: int | None = None,
+        attention_kernel: AttentionKernel | None = None,
     ) -> torch.Tensor:
         """Predict the flow velocity of every video and audio token.
 
@@ -391,6 +391,10 @@ class DiTModel(nn.Module):
                 them (a key-padding mask in every layer), so the rows before it equal the unpadded
                 call's within float summation order; padding rows attend to everything (finite,
                 discarded). None or ``L``: no padding, no mask in the global layers.
+            attention_kernel: the attention of every layer for this call (:data:`AttentionKernel`:
+                FlashAttention, SDPA, ... from :mod:`engine.backends.attention`, chosen by the runner's
+                backend, :func:`engine.backends.apply_backend`); None: :func:`attention` (SDPA, upcast
+                per ``exact_attention``).
 
         Returns:
             fp32 ``[L, out_channels]``: video rows hold ``video_in`` values, audio rows their
@@ -410,7 +414,7 @@ class DiTModel(nn.Module):
         for i, layer in enumerate(self.block.layers):
             taps = {} if (intermediates is not None and i == 0) else None
             mask = local_mask if layer.attention.local else global_mask
-            h = layer(h, spans, rope, mask, compute_dtype, exact_attention, taps, self.attention_kernel)
+            h = layer(h, spans, rope, mask, compute_dtype, exact_attention, taps, attention_kernel)
             if intermediates is not None:
                 if taps:
                     intermediates["layer0_attn_out"] = taps["attn_out"]
