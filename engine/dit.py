@@ -200,7 +200,8 @@ def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
 
 AttentionKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 """``(q [L, Hq, D], k [L, Hkv, D], v [L, Hkv, D], mask [L, L] bool | None) -> [L, Hq, D]``, the
-contract of an attention backend (FlashAttention 3/2, SDPA) plugged into :class:`DiTModel`."""
+contract of an attention backend (FlashAttention 3/2, SDPA) passed to :meth:`DiTModel.forward`
+(``attention_kernel=``) by the runner's step."""
 
 
 def attention(

@@ -7,7 +7,8 @@ the video and audio tokens are written into at every step (:func:`engine.packing
 :meth:`DiTRunner.velocity` then does pack -> DiT -> unpack for one step, and
 :meth:`DiTRunner.velocity_fn` gives the sampler's :data:`engine.sampler.VelocityFn`.
 
-The live engine (generation and super-resolution), offline clips, the parity checks and
+The live engine (generation and super-resolution), offline clips, the parity checks, context
+parallel (rank 0's steps split over the ranks, :func:`engine.context_parallel.distributed_step`) and
 ``ops/bench`` all call this class, so the benchmark measures the code that serves.
 
 Static shapes (issue 17): with ``text_buckets`` the text is padded up to the smallest bucket that
@@ -106,6 +107,7 @@ class DiTStep:
         self.model, self.compute_dtype, self.attention_kernel = model, compute_dtype, attention_kernel
 
     def __call__(self, packed: PackedInputs) -> torch.Tensor:
+        """fp32 ``[L, out_channels]`` for ``packed`` (``packed.x`` fp32 ``[L, in_channels]``)."""
         kwargs = {}
         if packed.num_padding:
             kwargs["valid_length"] = packed.valid_length
@@ -119,7 +121,7 @@ class DiTRunner:
     """Pack -> DiT -> unpack for one DiT, with per-segment static inputs.
 
     Args:
-        dit: the DiT (any backend applied), eval mode.
+        dit: the DiT, eval mode (a backend is applied to the runner, :func:`engine.backends.apply_backend`).
         compute_dtype: block compute dtype (``torch.bfloat16`` reference, ``torch.float32`` fp32 path).
         coords_style: ``v2`` (base/distill) or ``v1`` (SR), PIPELINE.md §8.4.
         text_buckets: text lengths the text is padded up to (None: no padding, every length its own
