@@ -32,7 +32,10 @@ Two ways to run it:
 * :class:`DistributedDiT` on rank 0 + :func:`serve_forwards` on the other ranks: rank 0 runs the
   whole engine (sampler, codecs) and, at each DiT call, sends each rank its token shard; the outputs
   are gathered on rank 0. :class:`ContextParallelEngine` runs a :class:`engine.api.SegmentEngine` this
-  way on ``cp`` worker processes (``serve --cp N``).
+  way on ``cp`` worker processes (``serve --cp N``): rank 0's runner steps call a
+  :class:`DistributedDiT` (:func:`distributed_step`), with the module and attention kernel the runner's
+  backend chose (:func:`engine.backends.apply_backend`); each other rank runs its own runners'
+  module and kernel on its shard.
 
 Deviation from the issue text (named): the sampling loop runs on rank 0 only, and the other ranks
 mirror its DiT calls. The per-step cost is one scatter of the packed inputs and one gather of the
@@ -64,6 +67,7 @@ import torch.distributed as dist
 
 from engine.config import DiTConfig
 from engine.dit import AttentionKernel, AttentionRanges, DiTModel, Span, attention
+from engine.runner import DiTRunner, DiTStep
 
 logger = logging.getLogger(__name__)
 
@@ -364,6 +368,7 @@ def forward_shard(
     stats: CommStats | None = None,
     intermediates: dict | None = None,
     key_mask: torch.Tensor | None = None,
+    attention_kernel: AttentionKernel | None = None,
 ) -> torch.Tensor:
     """This rank's part of a context-parallel DiT forward; every rank of ``group`` must call it.
 
@@ -380,6 +385,8 @@ def forward_shard(
         stats: optional :class:`CommStats`.
         intermediates: optional dict receiving the local rows of :meth:`DiTModel.forward`'s taps.
         key_mask: optional bool ``[L]`` (global), False for tokens that are no attention key.
+        attention_kernel: the kernel attending over the gathered sequence for this rank's heads (the
+            runner backend's choice, :data:`engine.dit.AttentionKernel`); None: :func:`engine.dit.attention`.
 
     Returns:
         fp32 ``[Lp/cp, out_channels]``: the output rows of this rank's tokens (padding rows included).
@@ -399,7 +406,7 @@ def forward_shard(
         raise ValueError(f"key_mask shape {tuple(key_mask.shape)} must be ({plan.length},)")
     if exact_attention is None:
         exact_attention = x_local.device.type != "cuda"
-    original = base = model.attention_kernel
+    base = attention_kernel
     if base is None:
         def base(q, k, v, mask, _exact=exact_attention):
             return attention(q, k, v, mask, _exact)
@@ -410,13 +417,10 @@ def forward_shard(
     modality = modality_of(local_spans, plan.local_length, x_local.device)
     if key_mask is not None:
         key_mask = key_mask.to(device=x_local.device, dtype=torch.bool)
-    model.attention_kernel = UlyssesAttention(layout, plan, base, group, stats, key_mask)
-    try:
-        return DiTModel.forward(model, x_local, coords_local, modality, spans=local_spans, local_ranges=ranges,
-                                compute_dtype=compute_dtype, exact_attention=exact_attention,
-                                intermediates=intermediates)
-    finally:
-        model.attention_kernel = original
+    ulysses = UlyssesAttention(layout, plan, base, group, stats, key_mask)
+    return DiTModel.forward(model, x_local, coords_local, modality, spans=local_spans, local_ranges=ranges,
+                            compute_dtype=compute_dtype, exact_attention=exact_attention,
+                            intermediates=intermediates, attention_kernel=ulysses)
 
 
 def _all_gather_rows(local: torch.Tensor, length: int, group=None, stats: CommStats | None = None) -> torch.Tensor:
@@ -441,13 +445,15 @@ def forward_replicated(
     stats: CommStats | None = None,
     intermediates: dict | None = None,
     key_mask: torch.Tensor | None = None,
+    attention_kernel: AttentionKernel | None = None,
 ) -> torch.Tensor:
     """Context-parallel forward when every rank holds the same full inputs: ``x`` fp32 ``[L, in]``,
     ``coords`` fp32 ``[L, 9]`` -> fp32 ``[L, out_channels]`` on every rank (all-gathered).
 
     ``intermediates`` (if given) receives the full-length taps of :meth:`DiTModel.forward`
     (``rope``, ``adapter_out``, ``layer{i}_out``, ...), all-gathered too. ``key_mask``: optional bool
-    ``[L]``, False for tokens that are no attention key (:class:`UlyssesAttention`).
+    ``[L]``, False for tokens that are no attention key (:class:`UlyssesAttention`);
+    ``attention_kernel``: as :func:`forward_shard`.
     """
     cp = dist.get_world_size(group)
     rank = dist.get_rank(group)
@@ -457,7 +463,8 @@ def forward_replicated(
     taps: dict | None = {} if intermediates is not None else None
     out = forward_shard(model, xp[start:end], cp_coords[start:end], plan=plan, spans=spans,
                         local_ranges=local_ranges, compute_dtype=compute_dtype, exact_attention=exact_attention,
-                        group=group, stats=stats, intermediates=taps, key_mask=key_mask)
+                        group=group, stats=stats, intermediates=taps, key_mask=key_mask,
+                        attention_kernel=attention_kernel)
     if intermediates is not None:
         for key, value in taps.items():
             intermediates[key] = _all_gather_rows(value, plan.length, group)
@@ -491,7 +498,8 @@ class ContextParallelDiT(DiTModel):
     group = None
 
     def forward(self, x, coords, modality, *, spans=None, local_ranges=None, compute_dtype=torch.bfloat16,
-                exact_attention=None, intermediates=None, key_mask=None, valid_length=None):
+                exact_attention=None, intermediates=None, key_mask=None, valid_length=None,
+                attention_kernel=None):
         from engine.dit import modality_spans
 
         key_mask = padding_key_mask(x.shape[0], valid_length, key_mask, x.device)
@@ -499,7 +507,7 @@ class ContextParallelDiT(DiTModel):
             spans = modality_spans(modality)
         return forward_replicated(self, x, coords, spans=spans, local_ranges=local_ranges,
                                   compute_dtype=compute_dtype, exact_attention=exact_attention, group=self.group,
-                                  intermediates=intermediates, key_mask=key_mask)
+                                  intermediates=intermediates, key_mask=key_mask, attention_kernel=attention_kernel)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -524,11 +532,11 @@ class _Channel:
             raise ContextParallelError("the context-parallel group failed earlier; the ranks must be restarted")
 
     def forward(self, model: DiTModel, index: int, x, coords, spans, local_ranges, compute_dtype, exact,
-                key_mask=None) -> torch.Tensor:
+                key_mask=None, attention_kernel=None) -> torch.Tensor:
         self._check()
         try:
             return _drive_forward(model, index, x, coords, spans, local_ranges, compute_dtype, exact, key_mask,
-                                  self.device, self.group, self.stats)
+                                  self.device, self.group, self.stats, attention_kernel)
         except (ValueError, TypeError):
             raise
         except Exception as exc:
@@ -550,7 +558,7 @@ class _Channel:
 
 
 def _drive_forward(model, index, x, coords, spans, local_ranges, compute_dtype, exact, key_mask, device, group,
-                   stats):
+                   stats, attention_kernel=None):
     cp = dist.get_world_size(group)
     plan = ShardPlan(x.shape[0], cp)
     check_degree(model.config, cp)
@@ -575,10 +583,11 @@ def _drive_forward(model, index, x, coords, spans, local_ranges, compute_dtype, 
     xp, cp_coords = pad_inputs(x.float(), coords.float(), plan)
     rows = torch.cat([xp, cp_coords], dim=1).to(device)
     return _shard_and_run(model, list(rows.chunk(cp)), plan, spans, ranges, compute_dtype, exact, key_mask, device,
-                          group, stats)
+                          group, stats, attention_kernel)
 
 
-def _shard_and_run(model, chunks, plan, spans, ranges, compute_dtype, exact, key_mask, device, group, stats):
+def _shard_and_run(model, chunks, plan, spans, ranges, compute_dtype, exact, key_mask, device, group, stats,
+                   attention_kernel=None):
     """Scatter ``[x | coords]`` rows from rank 0, run the shard, gather outputs on rank 0."""
     rank, cp = dist.get_rank(group), dist.get_world_size(group)
     local = torch.empty(plan.local_length, model.config.in_channels + 9, dtype=torch.float32, device=device)
@@ -587,24 +596,28 @@ def _shard_and_run(model, chunks, plan, spans, ranges, compute_dtype, exact, key
         dist.scatter(local, [c.contiguous() for c in chunks] if rank == 0 else None, src=0, group=group)
     out = forward_shard(model, local[:, :-9], local[:, -9:], plan=plan, spans=spans, local_ranges=ranges,
                         compute_dtype=compute_dtype, exact_attention=exact, group=group, stats=stats,
-                        key_mask=key_mask)
+                        key_mask=key_mask, attention_kernel=attention_kernel)
     parts = [torch.empty_like(out) for _ in range(cp)] if rank == 0 else None
     with _Timed(stats, "gather_out", out.numel() * out.element_size() if rank else 0, device):
         dist.gather(out.contiguous(), parts, dst=0, group=group)
     return torch.cat(parts)[: plan.length] if rank == 0 else out
 
 
-def serve_forwards(models: list[DiTModel | None], *, device, group=None, stats: CommStats | None = None) -> int:
+def serve_forwards(models: list[DiTModel | DiTRunner | None], *, device, group=None,
+                   stats: CommStats | None = None) -> int:
     """A non-zero rank's side of a job: run every forward rank 0 starts until it ends the job.
 
-    ``models[i]`` is the model of index ``i`` (0 the base DiT, 1 the SR DiT). The input width of each
-    call is read from the header, so every model must accept it. Returns the number of forwards run.
+    ``models[i]`` is the model of index ``i`` (0 the base DiT, 1 the SR DiT): a DiT (default attention)
+    or a :class:`engine.runner.DiTRunner`, whose backend's module and attention kernel run the shard
+    (:func:`step_parts`). The input width of each call is read from the header, so every model must
+    accept it. Returns the number of forwards run.
 
     Raises:
         RuntimeError / DistBackendError: a collective failed or timed out (rank 0 died or hung).
         ContextParallelError: rank 0 asked for a model this rank does not have.
     """
     device = torch.device(device)
+    parts = [None if m is None else step_parts(m) for m in models]
     count = 0
     while True:
         header = torch.empty(_HEADER, dtype=torch.int64, device=device)
@@ -624,14 +637,14 @@ def serve_forwards(models: list[DiTModel | None], *, device, group=None, stats: 
         if n_ranges:
             table = torch.tensor(values[3 * n_spans:], dtype=torch.int32).view(n_ranges, 4)
             ranges = AttentionRanges(table[:, :2].contiguous(), table[:, 2:].contiguous())
-        model = models[index] if index < len(models) else None
+        model, kernel = parts[index] if index < len(parts) and parts[index] is not None else (None, None)
         if model is None:
             raise ContextParallelError(f"rank 0 asked for model {index}, which this rank did not build")
         plan = ShardPlan(length, dist.get_world_size(group))
         if in_width != model.config.in_channels:
             raise ContextParallelError(f"input width {in_width} differs from model {index}'s {model.config.in_channels}")
         _shard_and_run(model, None, plan, spans, ranges, _DTYPES[dtype_code], None if exact < 0 else bool(exact),
-                       key_mask, device, group, stats)
+                       key_mask, device, group, stats, kernel)
         count += 1
 
 
@@ -653,11 +666,13 @@ class DistributedDiT:
         return getattr(self.model, name)
 
     def __call__(self, x, coords, modality, *, spans=None, local_ranges=None, compute_dtype=torch.bfloat16,
-                 exact_attention=None, intermediates=None, key_mask=None, valid_length=None) -> torch.Tensor:
+                 exact_attention=None, intermediates=None, key_mask=None, valid_length=None,
+                 attention_kernel=None) -> torch.Tensor:
         """``x`` fp32 ``[L, in]``, ``coords`` ``[L, 9]``, ``modality`` ``[L]`` -> fp32 ``[L, out]`` (as
         :meth:`DiTModel.forward`; ``intermediates`` are not supported). ``key_mask``: optional bool ``[L]``,
         False for tokens that are no attention key; ``valid_length``: text padding from this index on
-        (:func:`padding_key_mask`)."""
+        (:func:`padding_key_mask`); ``attention_kernel``: rank 0's kernel (the other ranks use their
+        own runners' kernels, :func:`serve_forwards`)."""
         from engine.dit import modality_spans
 
         key_mask = padding_key_mask(x.shape[0], valid_length, key_mask, x.device)
@@ -666,7 +681,32 @@ class DistributedDiT:
         if spans is None:
             spans = modality_spans(modality)
         return self.channel.forward(self.model, self.index, x, coords, [tuple(int(v) for v in s) for s in spans],
-                                    local_ranges, compute_dtype, exact_attention, key_mask)
+                                    local_ranges, compute_dtype, exact_attention, key_mask, attention_kernel)
+
+
+def step_parts(model: DiTModel | DiTRunner) -> tuple[DiTModel, AttentionKernel | None]:
+    """What a rank runs for ``model``: ``(module, attention kernel)``; for a runner, the module and kernel
+    of its step (:class:`engine.runner.DiTStep`: the DiT or its backend's shadow of it).
+
+    Raises:
+        ValueError: the runner's step does not call a DiT module (``tensorrt``, ``compile`` with scope
+            ``model``): such a step cannot be split over ranks.
+    """
+    if not isinstance(model, DiTRunner):
+        return model, None
+    step = model.forward
+    if not isinstance(step, DiTStep):
+        raise ValueError(f"context parallel needs a runner step that calls the DiT (backends eager, fast, fp8, "
+                         f"compile with scope 'layer'); backend {model.backend.name!r} "
+                         f"(compile scope {model.backend.compile_scope!r}) replaces the whole call")
+    return step.model, step.attention_kernel
+
+
+def distributed_step(runner: DiTRunner, index: int, channel: _Channel) -> DiTStep:
+    """Rank 0's step for ``runner``: its backend's module behind a :class:`DistributedDiT` (model
+    ``index``), with the same compute dtype and attention kernel. Raises as :func:`step_parts`."""
+    model, kernel = step_parts(runner)
+    return DiTStep(DistributedDiT(model, index, channel), runner.compute_dtype, kernel)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -691,9 +731,9 @@ def _to_cpu(obj):
     return obj
 
 
-def full_preset_dits(checkpoint_dir: str, *, sr: bool = False, backend: str = "eager", device: str = "cpu"):
-    """What a non-zero rank of the ``full`` preset needs: the distilled DiT (and the ``540p_sr`` DiT with
-    ``sr``) of the checkpoint root, without the text encoder and the VAEs (T5Gemma alone is ~18 GB).
+def full_preset_dits(checkpoint_dir: str, *, sr: bool = False, device: str = "cpu"):
+    """The distilled DiT (and the ``540p_sr`` DiT with ``sr``) of the checkpoint root, without the text
+    encoder and the VAEs (T5Gemma alone is ~18 GB), eval mode.
 
     Returns:
         an object with ``dit`` and ``sr_dit`` (:class:`DiTModel` or None) on ``device``.
@@ -709,13 +749,27 @@ def full_preset_dits(checkpoint_dir: str, *, sr: bool = False, backend: str = "e
     files = resolve_stack(checkpoint_dir, variant="distill", sr="540p_sr" if sr else None, use_turbo=True)
     dit = load_dit(files.dits["distill"], variant="distill", device=device, progress=False)
     sr_dit = load_dit(files.dits["540p_sr"], variant="540p_sr", device=device, progress=False) if sr else None
-    if backend != "eager":
-        from engine.backends import apply_backend
-
-        for model in (dit, sr_dit):
-            if model is not None:
-                apply_backend(model, backend, torch.device(device))
     return SimpleNamespace(dit=dit.eval(), sr_dit=sr_dit.eval() if sr_dit is not None else None)
+
+
+def full_preset_workers(checkpoint_dir: str, *, sr: bool = False, backend: str = "eager", device: str = "cpu"):
+    """What a non-zero rank of the ``full`` preset needs: :func:`full_preset_dits` and a
+    :class:`engine.runner.DiTRunner` per DiT with ``backend`` applied (:func:`engine.backends.apply_backend`).
+
+    Returns:
+        an object with ``dit``, ``sr_dit``, ``runner`` and ``sr_runner`` (None without ``sr``).
+    """
+    from engine.backends import apply_backend
+
+    models = full_preset_dits(checkpoint_dir, sr=sr, device=device)
+    runners = []
+    for model in (models.dit, models.sr_dit):
+        runner = None if model is None else DiTRunner(model)
+        if runner is not None:
+            apply_backend(runner, backend, torch.device(device))
+        runners.append(runner)
+    models.runner, models.sr_runner = runners
+    return models
 
 
 def _rank_main(rank: int, cp: int, init_file: str, factories: tuple[EngineFactory, Callable[..., Any]],
@@ -732,16 +786,17 @@ def _rank_main(rank: int, cp: int, init_file: str, factories: tuple[EngineFactor
         dist.init_process_group("nccl" if device_kind == "cuda" else "gloo", init_method=f"file://{init_file}",
                                 rank=rank, world_size=cp, timeout=dt.timedelta(seconds=timeout_s))
         engine = factories[0 if rank == 0 else 1](device=device)
-        models = [engine.dit, getattr(engine, "sr_dit", None)]
+        models = [engine.runner, getattr(engine, "sr_runner", None)]  # the runners carry each DiT's backend
         for model in models:
             if model is not None:
                 check_degree(model.config, cp)
+                step_parts(model)  # refuse a step that cannot be split before reporting ready
         info = None
         channel = _Channel(device)
         if rank == 0:
-            engine.dit = DistributedDiT(engine.dit, 0, channel)
-            if models[1] is not None:
-                engine.sr_dit = DistributedDiT(models[1], 1, channel)
+            for index, runner in enumerate(models):
+                if runner is not None:
+                    runner.forward = distributed_step(runner, index, channel)
             info = {k: getattr(engine, k, None) for k in ("name", "width", "height", "fps", "sample_rate",
                                                           "max_segment_seconds", "sr_width", "sr_height",
                                                           "notice", "max_text_tokens")}
@@ -806,8 +861,9 @@ class ContextParallelEngine:
 
     Args:
         factory: :data:`EngineFactory` (rank 0, and the other ranks unless ``worker_factory``).
-        worker_factory: optional ``f(device=str)`` for ranks 1.. returning an object with ``dit`` and
-            ``sr_dit`` only (e.g. :func:`full_preset_dits`): same DiT weights as ``factory``'s engine.
+        worker_factory: optional ``f(device=str)`` for ranks 1.. returning an object with ``runner`` and
+            ``sr_runner`` (:class:`engine.runner.DiTRunner` or None, e.g. :func:`full_preset_workers`):
+            same DiT weights and backend as ``factory``'s engine.
         cp: number of ranks (>= 1; must split the DiT's heads, :func:`check_degree`).
         device: ``cpu`` or ``cuda`` (needs ``cp`` GPUs).
         timeout_s: collective timeout in seconds (bounds detection of a hung rank).
@@ -849,7 +905,7 @@ class ContextParallelEngine:
                     **kwargs) -> ContextParallelEngine:
         """The engine of :func:`engine.factory.create_engine` (``preview`` or ``full``) on ``cp`` ranks.
 
-        For ``full`` the ranks other than 0 load only the DiT(s) (:func:`full_preset_dits`).
+        For ``full`` the ranks other than 0 load only the DiT(s) (:func:`full_preset_workers`).
 
         Raises:
             ValueError: unknown preset, ``testpattern`` (no DiT), or a degree the preset's heads refuse.
@@ -865,7 +921,7 @@ class ContextParallelEngine:
         factory = functools.partial(create_engine, preset, checkpoint_dir=checkpoint_dir, seed=seed, sr=sr,
                                     backend=backend)
         if preset == "full" and checkpoint_dir:
-            kwargs.setdefault("worker_factory", functools.partial(full_preset_dits, checkpoint_dir, sr=sr,
+            kwargs.setdefault("worker_factory", functools.partial(full_preset_workers, checkpoint_dir, sr=sr,
                                                                   backend=backend))
         return cls(factory, cp, device=device, timeout_s=timeout_s, **kwargs)
 

@@ -200,7 +200,8 @@ def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
 
 AttentionKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 """``(q [L, Hq, D], k [L, Hkv, D], v [L, Hkv, D], mask [L, L] bool | None) -> [L, Hq, D]``, the
-contract of an attention backend (FlashAttention 3/2, SDPA) plugged into :class:`DiTModel`."""
+contract of an attention backend (FlashAttention 3/2, SDPA) passed to :meth:`DiTModel.forward`
+(``attention_kernel=``) by the runner's step."""
 
 
 def attention(
@@ -357,7 +358,6 @@ class DiTModel(nn.Module):
         self.final_norm_audio = RMSNorm(d, 1, config.norm_eps)
         self.final_linear_video = nn.Linear(d, config.video_in_channels, bias=False, dtype=torch.float32)
         self.final_linear_audio = nn.Linear(d, config.audio_in_channels, bias=False, dtype=torch.float32)
-        self.attention_kernel: AttentionKernel | None = None  # set by engine.backends; None = SDPA
 
     def forward(
         self,
@@ -371,6 +371,7 @@ class DiTModel(nn.Module):
         exact_attention: bool | None = None,
         intermediates: dict | None = None,
         valid_length: int | None = None,
+        attention_kernel: AttentionKernel | None = None,
     ) -> torch.Tensor:
         """Predict the flow velocity of every video and audio token.
 
@@ -391,6 +392,10 @@ class DiTModel(nn.Module):
                 them (a key-padding mask in every layer), so the rows before it equal the unpadded
                 call's within float summation order; padding rows attend to everything (finite,
                 discarded). None or ``L``: no padding, no mask in the global layers.
+            attention_kernel: the attention of every layer for this call (:data:`AttentionKernel`:
+                FlashAttention, SDPA, ... from :mod:`engine.backends.attention`, chosen by the runner's
+                backend, :func:`engine.backends.apply_backend`); None: :func:`attention` (SDPA, upcast
+                per ``exact_attention``).
 
         Returns:
             fp32 ``[L, out_channels]``: video rows hold ``video_in`` values, audio rows their
@@ -410,7 +415,7 @@ class DiTModel(nn.Module):
         for i, layer in enumerate(self.block.layers):
             taps = {} if (intermediates is not None and i == 0) else None
             mask = local_mask if layer.attention.local else global_mask
-            h = layer(h, spans, rope, mask, compute_dtype, exact_attention, taps, self.attention_kernel)
+            h = layer(h, spans, rope, mask, compute_dtype, exact_attention, taps, attention_kernel)
             if intermediates is not None:
                 if taps:
                     intermediates["layer0_attn_out"] = taps["attn_out"]

@@ -190,23 +190,14 @@ def build_full_engine(
 
 
 def use_backend(engine: MagiHumanEngine, backend: str, **options) -> MagiHumanEngine:
-    """Switch the engine's DiT(s) to ``backend`` (:func:`engine.backends.apply_backend` with
-    ``options``); with CUDA graphs (``reduce-overhead``) every DiT call of the runners starts a new
-    graph step."""
-    if backend == "eager":
-        return engine
+    """Switch the engine's runners (the DiT's and the SR DiT's) to ``backend``
+    (:func:`engine.backends.apply_backend` with ``options``); the DiT modules themselves are unchanged.
+    Returns ``engine``."""
     from engine.backends import apply_backend
 
-    info = None
-    for dit in (engine.dit, engine.sr_dit):
-        if dit is not None:
-            info = apply_backend(dit, backend, engine.device, **options)
-    if info is not None and info.compile_mode == "reduce-overhead":
-        from engine.backends.compile import mark_step
-
-        for runner in (engine.runner, engine.sr_runner):
-            if runner is not None:
-                runner.before_call = mark_step
+    for runner in (engine.runner, engine.sr_runner):
+        if runner is not None:
+            apply_backend(runner, backend, engine.device, **options)
     return engine
 
 

@@ -7,7 +7,8 @@ the video and audio tokens are written into at every step (:func:`engine.packing
 :meth:`DiTRunner.velocity` then does pack -> DiT -> unpack for one step, and
 :meth:`DiTRunner.velocity_fn` gives the sampler's :data:`engine.sampler.VelocityFn`.
 
-The live engine (generation and super-resolution), offline clips, the parity checks and
+The live engine (generation and super-resolution), offline clips, the parity checks, context
+parallel (rank 0's steps split over the ranks, :func:`engine.context_parallel.distributed_step`) and
 ``ops/bench`` all call this class, so the benchmark measures the code that serves.
 
 Static shapes (issue 17): with ``text_buckets`` the text is padded up to the smallest bucket that
@@ -16,11 +17,16 @@ bucketed prompt equals the unpadded one within float summation order and the num
 sequence lengths reaching the DiT is bounded by (segment lengths x buckets): that bounds
 ``torch.compile`` recompiles, CUDA-graph captures and oneDNN's primitive cache.
 
-Backends: :func:`engine.backends.apply_backend` changes how the DiT's layers run (attention kernel,
-FP8 GEMMs, compiled layers); what the runner calls per step is :attr:`DiTRunner.forward`
-``(packed) -> out``, which a backend that replaces the whole forward (TensorRT) swaps, and
+Backends wrap the runner, not the DiT: what the runner calls per step is :attr:`DiTRunner.forward`
+``(packed) -> fp32 [L, out_channels]``, by default a :class:`DiTStep` over the DiT; and
 :attr:`DiTRunner.before_call` (e.g. :func:`engine.backends.compile.mark_step` for CUDA graphs) runs
-before every DiT call.
+before every call. :func:`engine.backends.apply_backend` ``(runner, name, device)`` replaces those two
+and nothing else: a ``fast`` step passes its attention kernel with every DiT call, ``fp8`` and
+``compile`` (scope ``layer``) call the backend's own copy of the module tree (sharing the DiT's
+weight tensors), ``compile`` (scope ``model``) is ``torch.compile`` of the step, and ``tensorrt`` is
+a step that runs the engine. The :class:`engine.dit.DiTModel` is never changed by a backend, so one
+DiT can serve several runners with different backends, and :func:`engine.backends.reset_backend`
+gives back the eager step.
 
 Not done yet: the whole 8-step loop as one CUDA graph (issue 17). What it needs, in order: (1) the
 sampler's per-step host work off the loop: ``flow_timesteps`` and the sigmas as device tensors
@@ -44,7 +50,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from engine.dit import DiTModel
+from engine.backends.base import BackendInfo
+from engine.dit import AttentionKernel, DiTModel
 from engine.packing import (
     FRAME_RECEPTIVE_FIELD,
     CoordsStyle,
@@ -54,6 +61,10 @@ from engine.packing import (
     write_latents,
 )
 from engine.sampler import VelocityFn
+
+
+def _device_of(module) -> torch.device:
+    return next(module.parameters()).device
 
 
 def bucket_for(num_text: int, buckets: Sequence[int] | None) -> int:
@@ -74,11 +85,43 @@ def text_buckets_up_to(limit: int, candidates: Sequence[int] = (64, 128, 256, 38
     return tuple(sorted({b for b in candidates if b < limit} | {limit}))
 
 
+class DiTStep:
+    """The DiT call of one denoising step: ``(packed: PackedInputs) -> fp32 [L, out_channels]``.
+
+    Calls ``model(packed.x, packed.coords, packed.modality, spans=..., local_ranges=...,
+    compute_dtype=...)`` with ``valid_length`` when the text is padded (:func:`engine.packing.packed_layout`)
+    and ``attention_kernel`` when one is given.
+
+    Args:
+        model: what is called, with :meth:`engine.dit.DiTModel.forward`'s signature: the runner's DiT
+            (eager), a backend's copy of its module tree that shares its weight tensors (FP8 linears,
+            compiled layers: :func:`engine.backends.base.shadow_module`), or a context-parallel
+            :class:`engine.context_parallel.DistributedDiT`.
+        compute_dtype: block compute dtype.
+        attention_kernel: the attention kernel passed with every call (:data:`engine.dit.AttentionKernel`),
+            or None for the DiT's default SDPA attention.
+    """
+
+    def __init__(self, model, compute_dtype: torch.dtype,
+                 attention_kernel: AttentionKernel | None = None):
+        self.model, self.compute_dtype, self.attention_kernel = model, compute_dtype, attention_kernel
+
+    def __call__(self, packed: PackedInputs) -> torch.Tensor:
+        """fp32 ``[L, out_channels]`` for ``packed`` (``packed.x`` fp32 ``[L, in_channels]``)."""
+        kwargs = {}
+        if packed.num_padding:
+            kwargs["valid_length"] = packed.valid_length
+        if self.attention_kernel is not None:
+            kwargs["attention_kernel"] = self.attention_kernel
+        return self.model(packed.x, packed.coords, packed.modality, spans=packed.spans,
+                          local_ranges=packed.local_ranges, compute_dtype=self.compute_dtype, **kwargs)
+
+
 class DiTRunner:
     """Pack -> DiT -> unpack for one DiT, with per-segment static inputs.
 
     Args:
-        dit: the DiT (any backend applied), eval mode.
+        dit: the DiT, eval mode (a backend is applied to the runner, :func:`engine.backends.apply_backend`).
         compute_dtype: block compute dtype (``torch.bfloat16`` reference, ``torch.float32`` fp32 path).
         coords_style: ``v2`` (base/distill) or ``v1`` (SR), PIPELINE.md §8.4.
         text_buckets: text lengths the text is padded up to (None: no padding, every length its own
@@ -86,8 +129,11 @@ class DiTRunner:
         frame_receptive_field: local-attention window in latent frames (PIPELINE.md §8.5).
 
     Attributes:
-        forward: ``(packed: PackedInputs) -> fp32 [L, out_channels]``, the DiT call of one step.
+        dit: the DiT (shared, never changed by a backend).
+        forward: ``(packed: PackedInputs) -> fp32 [L, out_channels]``, the DiT call of one step: the
+            eager :class:`DiTStep` over ``dit``, or what :func:`engine.backends.apply_backend` set.
         before_call: called before every DiT call, or None.
+        backend: the :class:`engine.backends.BackendInfo` of ``forward`` (``eager`` at first).
         shapes: every ``(L, valid_length)`` that reached the DiT (a set; bounded by the buckets).
     """
 
@@ -99,8 +145,9 @@ class DiTRunner:
         self.coords_style: CoordsStyle = coords_style
         self.text_buckets = tuple(sorted(text_buckets)) if text_buckets else None
         self.frame_receptive_field = frame_receptive_field
-        self.forward: Callable[[PackedInputs], torch.Tensor] = self.dit_forward
+        self.forward: Callable[[PackedInputs], torch.Tensor] = self.eager_step()
         self.before_call: Callable[[], None] | None = None
+        self.backend = BackendInfo(name="eager", device=str(_device_of(dit)))
         self.shapes: set[tuple[int, int]] = set()
 
     @property
@@ -128,7 +175,7 @@ class DiTRunner:
         """
         shape = tuple(latent_shape)[-4:]
         if device is None:
-            device = next(self.dit.parameters()).device
+            device = _device_of(self.dit)
         cfg = self.dit.config
         return packed_layout(
             shape, num_audio, text_features, num_text=num_text, text_rows=self.text_rows(num_text),
@@ -136,13 +183,14 @@ class DiTRunner:
             frame_receptive_field=self.frame_receptive_field, device=device,
         )
 
+    def eager_step(self) -> DiTStep:
+        """A new eager step: the DiT itself, default attention, the runner's compute dtype."""
+        return DiTStep(self.dit, self.compute_dtype)
+
     def dit_forward(self, packed: PackedInputs) -> torch.Tensor:
-        """The eager DiT call on ``packed`` (padding masked through ``valid_length``)."""
-        kwargs = {}
-        if packed.num_padding:
-            kwargs["valid_length"] = packed.valid_length
-        return self.dit(packed.x, packed.coords, packed.modality, spans=packed.spans,
-                        local_ranges=packed.local_ranges, compute_dtype=self.compute_dtype, **kwargs)
+        """The eager DiT call on ``packed`` (padding masked through ``valid_length``), whatever backend
+        :attr:`forward` runs: the reference a backend's output is compared with."""
+        return DiTStep(self.dit, self.compute_dtype)(packed)
 
     def velocity(self, packed: PackedInputs, video: torch.Tensor, audio: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -369,7 +369,6 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def bench_backend(args, ctx: dict, backend: str, text_tokens: int) -> dict:
     """One record: every figure of one backend at one text length."""
     from engine.backends import apply_backend
-    from engine.backends.compile import mark_step
 
     device, dit, geo = ctx["device"], ctx["dit"], ctx["geo"]
     record: dict = {"device": ctx["device_name"], "backend": backend, "text_tokens": text_tokens,
@@ -380,10 +379,9 @@ def bench_backend(args, ctx: dict, backend: str, text_tokens: int) -> dict:
     if backend == "tensorrt":
         name = export_name(args.preset, geo.width, geo.height, geo.seconds, text_tokens, args.onnx_dtype)
         options = {"onnx_path": Path(args.onnx_dir or ".") / f"{name}.onnx"}
-    info = apply_backend(dit, backend, device, **options)
-    record["backend_info"] = info.to_dict()
     runner: DiTRunner = ctx["runner"]
-    runner.before_call = mark_step if info.compile_mode == "reduce-overhead" else None
+    info = apply_backend(runner, backend, device, **options)  # the runner's step; also sets before_call
+    record["backend_info"] = info.to_dict()
 
     packed = ctx["packed"][text_tokens]
     text = ctx["text"][text_tokens]
@@ -607,7 +605,7 @@ def run(args: argparse.Namespace) -> dict:
                 records.append({"device": ctx["device_name"], "backend": backend, "text_tokens": text_tokens,
                                 "error": f"{type(exc).__name__}: {exc}"})
             finally:
-                reset_backend(ctx["dit"])
+                reset_backend(ctx["runner"])
     if args.compile_cache is not None:
         from engine.backends.compile import save_compile_cache
 

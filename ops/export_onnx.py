@@ -32,7 +32,6 @@ import logging
 import tempfile
 import time
 import warnings
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -41,7 +40,7 @@ from torch import nn
 
 from engine.backends.attention import math_attention_kernel
 from engine.config import DiTConfig
-from engine.dit import DiTModel, Span
+from engine.dit import AttentionKernel, DiTModel, Span
 from engine.factory import preset_geometry, seeded_preset_dit
 from engine.geometry import SegmentGeometry
 from engine.packing import PackedInputs, pack
@@ -62,17 +61,21 @@ class FixedGeometryDiT(nn.Module):
         spans: modality spans of the packed sequence.
         modality: int64 ``[L]`` modality ids (kept for the DiT's signature; unused once spans are given).
         compute_dtype: block compute dtype (``torch.float32`` or ``torch.bfloat16``).
+        attention_kernel: passed to every DiT call (the export passes :func:`traceable_attention`'s
+            kernel); None: the DiT's default attention.
     """
 
-    def __init__(self, model: DiTModel, spans: list[Span], modality: torch.Tensor, compute_dtype: torch.dtype):
+    def __init__(self, model: DiTModel, spans: list[Span], modality: torch.Tensor, compute_dtype: torch.dtype,
+                 attention_kernel: AttentionKernel | None = None):
         super().__init__()
         self.model, self.spans, self.compute_dtype = model, list(spans), compute_dtype
+        self.attention_kernel = attention_kernel
         self.register_buffer("modality", modality.clone(), persistent=False)
 
     def forward(self, x: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
         """``x`` fp32 ``[L, in_channels]``, ``coords`` fp32 ``[L, 9]`` -> fp32 ``[L, out_channels]``."""
         return self.model(x, coords, self.modality, spans=self.spans, compute_dtype=self.compute_dtype,
-                          exact_attention=True)
+                          exact_attention=True, attention_kernel=self.attention_kernel)
 
 
 def example_inputs(config: DiTConfig, geo: SegmentGeometry, text_tokens: int, device, seed: int = 0) -> PackedInputs:
@@ -85,15 +88,9 @@ def example_inputs(config: DiTConfig, geo: SegmentGeometry, text_tokens: int, de
     return pack(video.to(device), audio.to(device), text.to(device), in_channels=config.in_channels)
 
 
-@contextmanager
-def traceable_attention(model: DiTModel, upcast: bool):
-    """Temporarily route attention through :func:`math_attention_kernel` (restores the previous kernel)."""
-    previous = model.attention_kernel
-    model.attention_kernel = math_attention_kernel(upcast=upcast)
-    try:
-        yield
-    finally:
-        model.attention_kernel = previous
+def traceable_attention(compute_dtype: torch.dtype) -> AttentionKernel:
+    """The attention kernel the export traces: :func:`math_attention_kernel`, upcast in fp32 compute."""
+    return math_attention_kernel(upcast=compute_dtype == torch.float32)
 
 
 @dataclass
@@ -131,10 +128,10 @@ def export_dit_onnx(model: DiTModel, packed: PackedInputs, out_path: str | Path,
 
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    module = FixedGeometryDiT(model, packed.spans, packed.modality, compute_dtype).eval()
+    module = FixedGeometryDiT(model, packed.spans, packed.modality, compute_dtype,
+                              traceable_attention(compute_dtype)).eval()
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp, \
-            traceable_attention(model, upcast=compute_dtype == torch.float32), warnings.catch_warnings():
+    with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TracerWarnings of the rotary-table finiteness check (constant here)
         raw = Path(tmp) / "raw.onnx"
         torch.onnx.export(
@@ -178,8 +175,9 @@ def verify_onnx(onnx_path: str | Path, model: DiTModel, packed: PackedInputs, *,
     start = time.perf_counter()
     ref = module(packed.x, packed.coords).float().cpu()
     torch_s = time.perf_counter() - start
-    with traceable_attention(model, upcast=compute_dtype == torch.float32):
-        traced = module(packed.x, packed.coords).float().cpu()
+    traced_module = FixedGeometryDiT(model, packed.spans, packed.modality, compute_dtype,
+                                     traceable_attention(compute_dtype)).eval()
+    traced = traced_module(packed.x, packed.coords).float().cpu()
     err = (got - ref).abs()
     return {
         "max_abs": float(err.max()),

@@ -25,6 +25,7 @@ from engine.backends.attention import (
 )
 from engine.backends.fp8 import (
     E4M3_MAX,
+    Fp8ExpertLinear,
     Fp8Weight,
     dequantize_rowwise,
     fp8_gemm,
@@ -33,8 +34,9 @@ from engine.backends.fp8 import (
     scaled_mm_available,
 )
 from engine.config import DiTConfig, preview_config
-from engine.dit import DiTModel, attention, init_seeded
+from engine.dit import DiTModel, ExpertLinear, attention, init_seeded
 from engine.packing import local_attention_ranges, pack
+from engine.runner import DiTRunner, DiTStep
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -100,6 +102,31 @@ def test_select_attention_kernel_on_cpu():
         select_attention_kernel("cpu", prefer="flash_attn_2")
 
 
+class _Runners:
+    """One DiT behind two runners (fp32 and bf16 compute): backends are applied to both, ``run(dtype)``
+    calls the runner step of that dtype, as the engine does."""
+
+    def __init__(self, model: DiTModel, packed):
+        self.model, self.packed = model, packed
+        self.by_dtype = {dtype: DiTRunner(model, compute_dtype=dtype) for dtype in (torch.float32, torch.bfloat16)}
+
+    def apply(self, name, device="cpu", **options):
+        infos = [apply_backend(runner, name, device, **options) for runner in self.by_dtype.values()]
+        return infos[-1]
+
+    def reset(self):
+        for runner in self.by_dtype.values():
+            reset_backend(runner)
+
+    @property
+    def step(self):
+        return self.by_dtype[torch.float32].forward
+
+    def run(self, dtype=torch.float32):
+        with torch.no_grad():
+            return self.by_dtype[dtype].forward(self.packed)
+
+
 def _model_and_inputs(config: DiTConfig, seed=0, frames=3):
     model = DiTModel(config)
     init_seeded(model, seed)
@@ -108,13 +135,8 @@ def _model_and_inputs(config: DiTConfig, seed=0, frames=3):
     packed = pack(torch.randn(1, 48, frames, 4, 6, generator=gen), torch.randn(1, 9, 64, generator=gen),
                   torch.randn(1, 7, config.text_in_channels, generator=gen), in_channels=config.in_channels,
                   frame_receptive_field=1)
-
-    def run(dtype=torch.float32):
-        with torch.no_grad():
-            return model(packed.x, packed.coords, packed.modality, spans=packed.spans,
-                         local_ranges=packed.local_ranges, compute_dtype=dtype)
-
-    return model, run
+    runners = _Runners(model, packed)
+    return runners, runners.run
 
 
 SMALL = DiTConfig(num_layers=3, hidden_size=64, head_dim=16, num_query_groups=2, text_in_channels=32,
@@ -122,40 +144,120 @@ SMALL = DiTConfig(num_layers=3, hidden_size=64, head_dim=16, num_query_groups=2,
 
 
 def test_fast_backend_with_local_attention_layer_matches_eager():
-    model, run = _model_and_inputs(SMALL)
+    runners, run = _model_and_inputs(SMALL)
     ref32, ref16 = run(torch.float32), run(torch.bfloat16)
-    info = apply_backend(model, "fast", "cpu")
-    assert info.attention == "sdpa" and model.attention_kernel is not None
+    info = runners.apply("fast")
+    assert info.attention == "sdpa" and runners.step.attention_kernel is not None
     torch.testing.assert_close(run(torch.float32), ref32, rtol=1e-5, atol=1e-5)
     assert _rel(run(torch.bfloat16), ref16) < 2e-2
 
 
 def test_eager_undoes_every_backend_bit_identically():
-    model, run = _model_and_inputs(SMALL)
+    runners, run = _model_and_inputs(SMALL)
+    model = runners.model
     keys = set(model.state_dict())
     ref32, ref16 = run(torch.float32), run(torch.bfloat16)
     for name in ("fast", "fp8", "fp8+compile"):
-        apply_backend(model, name, "cpu", compile_backend="eager")
+        runners.apply(name, compile_backend="eager")
         assert not torch.equal(run(torch.bfloat16), ref16) or name == "fast"
         assert set(model.state_dict()) == keys  # quantised weights stay out of the state dict
-        info = apply_backend(model, "eager", "cpu")
-        assert info.attention == "default" and model.attention_kernel is None
+        info = runners.apply("eager")
+        assert info.attention == "default" and runners.step.attention_kernel is None
         assert torch.equal(run(torch.float32), ref32) and torch.equal(run(torch.bfloat16), ref16)
 
 
 def test_compile_captures_each_layer_without_graph_breaks():
     """Dynamo traces every layer as one graph (fullgraph), with the local mask and with FP8; codegen is
     skipped (``eager`` compiler backend) to stay fast on CPU."""
-    model, run = _model_and_inputs(SMALL)
+    runners, run = _model_and_inputs(SMALL)
     ref = run(torch.bfloat16)
     torch._dynamo.reset()
-    info = apply_backend(model, "compile", "cpu", compile_backend="eager", compile_fullgraph=True)
+    info = runners.apply("compile", compile_backend="eager", compile_fullgraph=True)
     assert info.compile_mode == "default" and info.modules_changed == SMALL.num_layers
     assert _rel(run(torch.bfloat16), ref) < 2e-2
-    apply_backend(model, "fp8+compile", "cpu", compile_backend="eager", compile_fullgraph=True)
+    runners.apply("fp8+compile", compile_backend="eager", compile_fullgraph=True)
     assert 1e-3 < _rel(run(torch.bfloat16), ref) < 0.2
-    reset_backend(model)
+    runners.reset()
     assert torch.equal(run(torch.bfloat16), ref)
+
+
+def _module_snapshot(model: torch.nn.Module) -> dict:
+    """Every submodule's class and the identity of everything in its ``__dict__`` (children, parameters,
+    buffers, hook dicts and their entries, a compiled call, a ``forward`` override): what a backend
+    that changes the module would change."""
+    snap = {}
+    for name, module in model.named_modules():
+        attrs = {}
+        for key, value in vars(module).items():
+            entries = {k: id(v) for k, v in value.items()} if isinstance(value, dict) else None
+            attrs[key] = (id(value), entries)
+        snap[name] = (type(module), attrs)
+    return snap
+
+
+@pytest.mark.parametrize("name", ["fast", "fp8", "compile", "fp8+compile"])
+def test_backend_changes_the_runner_step_not_the_dit(name):
+    """Applied through the runner, a backend leaves the DiTModel instance as it was (same classes, no
+    attribute added or replaced, no compiled call, no forward override, the same weight tensors with
+    the same values), the DiT called directly is still the eager path bit for bit, and the runner's
+    step gives the backend's output (within the tolerances of the tests above)."""
+    runners, run = _model_and_inputs(SMALL)
+    model = runners.model
+    ref32, ref16 = run(torch.float32), run(torch.bfloat16)
+    before = _module_snapshot(model)
+    weights = {k: (v.data_ptr(), v.clone()) for k, v in model.state_dict().items()}
+    torch._dynamo.reset()
+    info = runners.apply(name, compile_backend="eager", fp8_impl="emulate")
+    out32, out16 = run(torch.float32), run(torch.bfloat16)
+
+    assert _module_snapshot(model) == before
+    assert "forward" not in vars(model) and not any(isinstance(m, Fp8ExpertLinear) for m in model.modules())
+    assert all(getattr(m, "_compiled_call_impl", None) is None for m in model.modules())
+    state = model.state_dict()
+    assert set(state) == set(weights)
+    assert all(state[k].data_ptr() == ptr and torch.equal(state[k], value) for k, (ptr, value) in weights.items())
+    for dtype, ref in ((torch.float32, ref32), (torch.bfloat16, ref16)):
+        assert torch.equal(runners.by_dtype[dtype].dit_forward(runners.packed), ref)  # the DiT is still eager
+
+    step = runners.step
+    assert isinstance(step, DiTStep) and step.attention_kernel is sdpa_kernel and info.attention == "sdpa"
+    shadow = step.model
+    if name == "fast":
+        assert shadow is model
+    else:  # fp8 / layer compile run the backend's own copy of the module tree, on the DiT's tensors
+        own = dict(model.named_parameters())
+        assert shadow is not model and all(p is own[k] for k, p in shadow.named_parameters())
+    if "fp8" in name:
+        linears = [m for m in shadow.modules() if isinstance(m, Fp8ExpertLinear)]
+        assert len(linears) == info.modules_changed - (SMALL.num_layers if "compile" in name else 0) == 4 * SMALL.num_layers
+        assert not any(isinstance(m, ExpertLinear) for m in shadow.modules())
+        assert 1e-3 < _rel(out16, ref16) < 0.2
+    else:
+        torch.testing.assert_close(out32, ref32, rtol=1e-5, atol=1e-5)
+        assert _rel(out16, ref16) < 2e-2
+    if "compile" in name:
+        assert all(layer._compiled_call_impl is not None for layer in shadow.block.layers)
+
+
+def test_compile_scope_model_compiles_the_step_and_context_parallel_refuses_it():
+    """Scope ``model``: the runner's step itself is ``torch.compile``d (one compiled callable, the DiT
+    untouched); a step that does not call a DiT module cannot be split over ranks, and says so."""
+    from engine.context_parallel import step_parts
+
+    runners, run = _model_and_inputs(SMALL)
+    model = runners.model
+    ref = run(torch.float32)
+    before = _module_snapshot(model)
+    torch._dynamo.reset()
+    info = runners.apply("compile", compile_backend="eager", compile_scope="model")
+    assert info.compile_scope == "model" and info.modules_changed == 1
+    assert not isinstance(runners.step, DiTStep)
+    torch.testing.assert_close(run(torch.float32), ref, rtol=1e-5, atol=1e-5)
+    assert _module_snapshot(model) == before
+    with pytest.raises(ValueError, match="backend 'compile' \\(compile scope 'model'\\)"):
+        step_parts(runners.by_dtype[torch.float32])
+    runners.reset()
+    assert step_parts(runners.by_dtype[torch.float32]) == (model, None)
 
 
 def test_rowwise_quantisation_error_bound():
@@ -207,12 +309,14 @@ def test_fp8_backend_velocity_error_on_preview_model():
     packed = pack(torch.randn(1, 48, 4, 8, 14, generator=gen), torch.randn(1, 13, 64, generator=gen),
                   torch.randn(1, 24, config.text_in_channels, generator=gen), in_channels=config.in_channels)
 
+    runner = DiTRunner(model, compute_dtype=torch.bfloat16)
+
     def run():
         with torch.no_grad():
-            return model(packed.x, packed.coords, packed.modality, spans=packed.spans, compute_dtype=torch.bfloat16)
+            return runner.forward(packed)
 
     ref = run()
-    info = apply_backend(model, "fp8", "cpu")
+    info = apply_backend(runner, "fp8", "cpu")
     assert info.fp8 == "emulate" and info.modules_changed == 4 * config.num_layers
     err = _rel(run(), ref)
     assert 1e-3 < err < 0.15
@@ -223,23 +327,30 @@ def test_tensorrt_missing_fails_at_once_with_install_hint(monkeypatch):
     from engine.backends.tensorrt_backend import TensorRTDiT, build_engine, require_tensorrt
 
     model = DiTModel(SMALL)
-    for call in (lambda: apply_backend(model, "tensorrt", "cpu"),  # no onnx_path given: still the package error
+    runner = DiTRunner(model)
+    eager = runner.forward
+    for call in (lambda: apply_backend(runner, "tensorrt", "cpu"),  # no onnx_path given: still the package error
                  require_tensorrt,
                  lambda: build_engine("missing.onnx", "missing.plan"),
                  lambda: TensorRTDiT("missing.plan")):
         with pytest.raises(BackendUnavailableError, match=r"`tensorrt`.*pip install tensorrt-cu12"):
             call()
-    assert model.attention_kernel is None and "forward" not in model.__dict__
+    assert runner.forward is eager and runner.forward.attention_kernel is None and "forward" not in model.__dict__
 
 
 def test_backend_names_are_validated():
     model = DiTModel(SMALL)
+    runner = DiTRunner(model)
     assert BACKEND_NAMES == ("eager", "fast", "compile", "fp8", "tensorrt")
     for bad in ("turbo", "", "eager+fp8", "tensorrt+compile"):
         with pytest.raises(ValueError):
-            apply_backend(model, bad, "cpu")
+            apply_backend(runner, bad, "cpu")
     with pytest.raises(ValueError, match="fp8_impl"):
-        apply_backend(model, "fp8", "cpu", fp8_impl="int8")
+        apply_backend(runner, "fp8", "cpu", fp8_impl="int8")
+    with pytest.raises(ValueError, match="compile scope"):
+        apply_backend(runner, "compile", "cpu", compile_scope="block")
+    with pytest.raises(TypeError, match="DiTRunner"):
+        apply_backend(model, "fast", "cpu")  # the DiT itself is no backend target any more
 
 
 def _fake_tensorrt(parse_ok: bool):

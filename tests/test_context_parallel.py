@@ -49,6 +49,7 @@ from engine.context_parallel import (
     allowed_degrees,
     check_degree,
     comm_bytes_per_layer,
+    distributed_step,
     forward_replicated,
     serve_forwards,
 )
@@ -284,9 +285,32 @@ def _rank_cp4(rank: int, cp: int, init_file: str) -> None:
         want = run(model)
         for a, b in zip(got, want, strict=True):
             assert rel_l2(a, b) <= FP32_REL, rel_l2(a, b)
+        # a runner with a backend (fp8: the step runs the backend's shadow of the DiT): rank 0's step
+        # through distributed_step, the other ranks run their own runners' fp8 shadows
+        split, single, eager = (_fp8_runner(model, name) for name in ("fp8", "fp8", "eager"))
+        split.forward = distributed_step(split, 0, channel)
+        video, audio = torch.randn(1, 48, 3, 4, 6), torch.randn(1, 9, 64)
+        outs = []
+        for runner in (split, single, eager):
+            inputs = runner.prepare(video.shape, audio.shape[1], text, text.shape[0])
+            outs.append(torch.cat([v.flatten() for v in runner.velocity(inputs, video, audio)]))
+        channel.finish()
+        assert channel.calls == DISTILL.num_steps + 2
+        assert rel_l2(outs[0], outs[1]) <= 1e-3 < 2e-2 < rel_l2(outs[1], outs[2]), (
+            rel_l2(outs[0], outs[1]), rel_l2(outs[1], outs[2]))
     else:
         assert serve_forwards([model], device="cpu") == DISTILL.num_steps + 1
+        assert serve_forwards([_fp8_runner(model, "fp8")], device="cpu") == 1
     dist.destroy_process_group()
+
+
+def _fp8_runner(model, backend: str):
+    from engine.backends import apply_backend
+    from engine.runner import DiTRunner
+
+    runner = DiTRunner(model, compute_dtype=torch.float32)
+    apply_backend(runner, backend, "cpu", fp8_impl="emulate")
+    return runner
 
 
 @needs_fixtures
@@ -394,6 +418,27 @@ def test_engine_on_two_ranks_matches_one_process_and_survives_a_killed_rank():
     # close() stops and reaps every rank: no process of the restarted ranks is left (zombies included).
     assert ranks and not any(psutil.pid_exists(pid) for pid in ranks)
     assert engine.pids == []
+
+
+def _preview_fp32_seed(seed: int, device: str = "cpu"):
+    from engine.factory import build_preview_engine
+
+    return build_preview_engine(seed=seed, device=device, compute_dtype=torch.float32)
+
+
+def test_engine_dit_calls_of_rank_0_run_on_every_rank():
+    """Rank 0's runner steps are split over the ranks (distributed_step): with other DiT weights on
+    rank 1 the segment changes. (A rank 0 that ran every forward alone would give the one-process
+    segment exactly.)"""
+    engine = ContextParallelEngine(functools.partial(_preview_fp32), 2, timeout_s=30.0, threads_per_rank=1,
+                                   worker_factory=functools.partial(_preview_fp32_seed, 1))
+    try:
+        got = engine.generate(_request(engine))
+    finally:
+        engine.close()
+    single = _preview_fp32()
+    want = single.generate(_request(single))
+    assert rel_l2(got.continuation.video_latent, want.continuation.video_latent) > 1e-2
 
 
 def test_engine_hung_rank_raises_within_the_collective_timeout():

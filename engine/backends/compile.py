@@ -1,10 +1,18 @@
-"""``torch.compile`` of the DiT's transformer layers with static shapes per segment geometry.
+"""``torch.compile`` of the runner's step, with static shapes per segment geometry.
 
-Set-up (packing, rotary table, span bookkeeping, the sampler) stays eager; only the per-layer hot
-function is compiled (STYLE.md §4). Each :class:`engine.dit.TransformerLayer` is compiled with
-``dynamic=False``: one graph per (layer kind, sequence length), i.e. per segment geometry and text
-length. The 40 layers come in 4 kinds (gelu7/swiglu7 × sandwich/shared), and with PyTorch's inlining
-of built-in modules the parameters are graph inputs, so layers of one kind share a compiled graph.
+Two scopes, both owned by the runner's backend, neither changing the shared DiT:
+
+* ``layer`` (default): set-up (packing, rotary table, span bookkeeping, the sampler) stays eager and
+  only the per-layer hot function is compiled (STYLE.md §4), on the backend's own
+  :func:`engine.backends.base.shadow_module` of the DiT (:func:`compile_layers`); the runner's step
+  calls that shadow. Each :class:`engine.dit.TransformerLayer` is compiled with ``dynamic=False``: one
+  graph per (layer kind, sequence length), i.e. per segment geometry and text length. The 40 layers
+  come in 4 kinds (gelu7/swiglu7 × sandwich/shared), and with PyTorch's inlining of built-in modules
+  the parameters are graph inputs, so layers of one kind share a compiled graph. This scope stays
+  (rather than compiling the whole step) for compile time: Dynamo would otherwise trace 40 layers
+  into one graph per shape and recompile all of them for every new sequence length.
+* ``model``: ``torch.compile`` of the step callable itself (:func:`compile_step`): one graph per
+  shape for the whole DiT call (longer compiles; graph breaks where the step does host work).
 
 Modes:
 
@@ -33,21 +41,24 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from engine.packing import PackedInputs
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "compile_layers",
+    "compile_step",
     "default_compile_mode",
     "load_compile_cache",
     "mark_step",
     "save_compile_cache",
     "set_compile_cache_dir",
-    "uncompile",
 ]
 
 RECOMPILE_LIMIT = 64  # 4 layer kinds x several geometries; PyTorch's default of 8 would fall back to eager
@@ -66,48 +77,45 @@ def _raise_recompile_limit(limit: int) -> None:
             return
 
 
-def compile_layers(model: nn.Module, *, mode: str, scope: str = "layer", fullgraph: bool = False,
-                   backend: str = "inductor") -> int:
-    """Compile ``model``'s transformer layers (``scope="layer"``) or its whole forward (``"model"``).
-
-    Uses :meth:`torch.nn.Module.compile`, which compiles the module's call in place, so the model's
-    own ``forward`` loop keeps calling its layers unchanged. Returns the number of modules compiled.
-
-    Args:
-        mode: ``torch.compile`` mode (``default`` = none given).
-        scope: ``layer`` or ``model``.
-        fullgraph: fail on graph breaks instead of splitting the graph.
-        backend: ``torch.compile`` backend; tests use ``eager`` to check graph capture without codegen.
-
-    Raises:
-        ValueError: unknown ``scope``.
-    """
+def _compile_options(mode: str, fullgraph: bool, backend: str) -> dict:
     _raise_recompile_limit(RECOMPILE_LIMIT)
     kwargs = {"dynamic": False, "fullgraph": fullgraph, "backend": backend}
     if mode != "default" and backend == "inductor":
         kwargs["mode"] = mode
-    if scope == "layer":
-        layers = list(model.block.layers)
-        for layer in layers:
-            layer.compile(**kwargs)
-        return len(layers)
-    if scope == "model":
-        model.compile(**kwargs)
-        return 1
-    raise ValueError(f"compile scope must be 'layer' or 'model', got {scope!r}")
+    return kwargs
+
+
+def compile_layers(model: nn.Module, *, mode: str, fullgraph: bool = False, backend: str = "inductor") -> int:
+    """Compile every transformer layer of ``model`` in place (:meth:`torch.nn.Module.compile`, which
+    sets the module's compiled call, so the model's own ``forward`` loop keeps calling its layers
+    unchanged). Returns the number of layers compiled.
+
+    Changes ``model``: the ``compile`` backend calls it on its shadow of the DiT
+    (:func:`engine.backends.base.shadow_module`), never on the runner's DiT.
+
+    Args:
+        mode: ``torch.compile`` mode (``default`` = none given).
+        fullgraph: fail on graph breaks instead of splitting the graph.
+        backend: ``torch.compile`` backend; tests use ``eager`` to check graph capture without codegen.
+    """
+    kwargs = _compile_options(mode, fullgraph, backend)
+    layers = list(model.block.layers)
+    for layer in layers:
+        layer.compile(**kwargs)
+    return len(layers)
+
+
+def compile_step(step: Callable[[PackedInputs], torch.Tensor], *, mode: str, fullgraph: bool = False,
+                 backend: str = "inductor") -> Callable[[PackedInputs], torch.Tensor]:
+    """``torch.compile`` of a runner step ``(packed) -> fp32 [L, out_channels]`` (scope ``model``);
+    returns the compiled callable, ``step`` itself is unchanged. Arguments as :func:`compile_layers`."""
+    return torch.compile(step, **_compile_options(mode, fullgraph, backend))
 
 
 def mark_step() -> None:
     """Start a new CUDA-graph step (``torch.compiler.cudagraph_mark_step_begin``); call before every DiT
     forward when the layers are compiled with ``mode="reduce-overhead"``."""
     torch.compiler.cudagraph_mark_step_begin()
-
-
-def uncompile(model: nn.Module) -> None:
-    """Drop every module's compiled call so that the eager code runs again."""
-    for module in model.modules():
-        if getattr(module, "_compiled_call_impl", None) is not None:
-            module._compiled_call_impl = None
 
 
 def set_compile_cache_dir(path: str | Path) -> Path:

@@ -1,7 +1,11 @@
 """FP8 (e4m3) GEMMs with dynamic row-wise scaling for the DiT's block linears (DIT.md §4.3).
 
 Every :class:`engine.dit.ExpertLinear` (qkv, proj, up/gate, down of all 40 layers: 99.9 % of the
-FLOPs that are not attention) gets its ``forward`` swapped for :func:`fp8_expert_forward`:
+FLOPs that are not attention) is replaced by an :class:`Fp8ExpertLinear` (:func:`apply_fp8`, a module
+transform in the manner of torchao's ``quantize_``). The ``fp8`` backend applies it to its own
+:func:`engine.backends.base.shadow_module` of the DiT, never to the DiT itself: the runner's step calls
+the shadow, the DiT keeps its bf16 linears, and dropping the shadow (another backend, ``reset_backend``)
+is all it takes to return to the bf16 path.
 
 * weights: quantised once per expert, one scale per output row (``w ≈ q_w · s_w``,
   ``s_w = amax(|w_row|) / 448``);
@@ -29,7 +33,6 @@ expert-sliced weights, which torchao's ``nn.Linear`` swaps do not see.
 
 from __future__ import annotations
 
-import types
 from dataclasses import dataclass
 from typing import Literal
 
@@ -41,6 +44,7 @@ from engine.dit import ExpertLinear, Span
 
 __all__ = [
     "E4M3_MAX",
+    "Fp8ExpertLinear",
     "Fp8Impl",
     "Fp8Weight",
     "apply_fp8",
@@ -48,7 +52,6 @@ __all__ = [
     "fp8_gemm",
     "fp8_linear_reference",
     "quantize_rowwise",
-    "remove_fp8",
     "scaled_mm_available",
 ]
 
@@ -149,42 +152,49 @@ def scaled_mm_available(device: str | torch.device) -> bool:
         return False
 
 
-def fp8_expert_forward(self: ExpertLinear, x: torch.Tensor, spans: list[Span] | None, dtype: torch.dtype) -> torch.Tensor:
-    """Drop-in ``ExpertLinear.forward`` on the module's ``_fp8_weights`` (one :class:`Fp8Weight` per expert).
+class Fp8ExpertLinear(nn.Module):
+    """FP8 stand-in for an :class:`ExpertLinear`: same call ``(x [L, in], spans, dtype) -> [L, out]`` in
+    ``dtype``, through :func:`fp8_gemm` on one :class:`Fp8Weight` per expert.
 
     The output is bf16-rounded (the kernel's output dtype) and returned in ``dtype``, like the bf16 GEMM.
+    The quantised weights are plain attributes, not parameters or buffers: they are derived from the
+    bf16 weight and stay out of every state dict.
+
+    Args:
+        linear: the bf16 linear to quantise (read once; not kept).
+        impl: ``scaled_mm`` or ``emulate``.
+        fast_accum: ``use_fast_accum`` of ``torch._scaled_mm``.
     """
-    weights: list[Fp8Weight] = self._fp8_weights
-    impl, fast_accum = self._fp8_impl, self._fp8_fast_accum
-    if self.num_experts == 1 or spans is None:
-        return fp8_gemm(x, weights[0], impl, fast_accum=fast_accum).to(dtype)
-    parts = [fp8_gemm(x[s:e], weights[m], impl, fast_accum=fast_accum) for m, s, e in spans]
-    return torch.cat(parts, dim=0).to(dtype)
+
+    def __init__(self, linear: ExpertLinear, impl: Fp8Impl, *, fast_accum: bool = False):
+        super().__init__()
+        out = linear.out_features
+        self.in_features, self.out_features, self.num_experts = linear.in_features, out, linear.num_experts
+        with torch.no_grad():
+            self.weights = [Fp8Weight.from_weight(linear.weight[e * out : (e + 1) * out])
+                            for e in range(linear.num_experts)]
+        self.impl, self.fast_accum = impl, fast_accum
+
+    def forward(self, x: torch.Tensor, spans: list[Span] | None, dtype: torch.dtype) -> torch.Tensor:
+        """``x`` ``[L, in]`` (bf16 or fp32) -> ``[L, out]`` in ``dtype``."""
+        if self.num_experts == 1 or spans is None:
+            return fp8_gemm(x, self.weights[0], self.impl, fast_accum=self.fast_accum).to(dtype)
+        parts = [fp8_gemm(x[s:e], self.weights[m], self.impl, fast_accum=self.fast_accum) for m, s, e in spans]
+        return torch.cat(parts, dim=0).to(dtype)
 
 
-@torch.no_grad()
 def apply_fp8(model: nn.Module, impl: Fp8Impl, *, fast_accum: bool = False) -> int:
-    """Swap every :class:`ExpertLinear` of ``model`` to FP8; returns the number of modules swapped.
+    """Replace every :class:`ExpertLinear` inside ``model`` by an :class:`Fp8ExpertLinear`, in place;
+    returns the number of modules replaced.
 
-    The quantised weights live next to the bf16 ones (``module._fp8_weights``, not in the state dict),
-    so :func:`remove_fp8` restores the bf16 path exactly. Call after the model is on its device.
+    A module transform: call it on a module tree you own -- the ``fp8`` backend calls it on its
+    :func:`engine.backends.base.shadow_module` of the DiT, so the DiT itself keeps its bf16 linears.
+    Call after the weights are on their device.
     """
     count = 0
-    for module in model.modules():
-        if isinstance(module, ExpertLinear):
-            out = module.out_features
-            module._fp8_weights = [Fp8Weight.from_weight(module.weight[e * out : (e + 1) * out])
-                                   for e in range(module.num_experts)]
-            module._fp8_impl, module._fp8_fast_accum = impl, fast_accum
-            module.forward = types.MethodType(fp8_expert_forward, module)
-            count += 1
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, ExpertLinear):
+                setattr(parent, name, Fp8ExpertLinear(child, impl, fast_accum=fast_accum))
+                count += 1
     return count
-
-
-def remove_fp8(model: nn.Module) -> None:
-    """Undo :func:`apply_fp8` (restores the class ``forward`` and frees the quantised weights)."""
-    for module in model.modules():
-        if isinstance(module, ExpertLinear) and "forward" in module.__dict__:
-            del module.forward
-            for attr in ("_fp8_weights", "_fp8_impl", "_fp8_fast_accum"):
-                module.__dict__.pop(attr, None)

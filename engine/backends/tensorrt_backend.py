@@ -1,5 +1,6 @@
-"""TensorRT backend: build an engine from the fixed-geometry ONNX export of the DiT and run it in
-place of :meth:`engine.dit.DiTModel.forward`.
+"""TensorRT backend: build an engine from the fixed-geometry ONNX export of the DiT and run it as the
+runner's step (:meth:`TensorRTDiT.step` becomes :attr:`engine.runner.DiTRunner.forward`; the DiT
+module is not called).
 
 The ONNX file comes from ``python -m ops.export_onnx`` (one file per segment geometry and text
 length: inputs ``x [L, in_channels]`` fp32 and ``coords [L, 9]`` fp32, output ``velocity
@@ -148,3 +149,18 @@ class TensorRTDiT:
         if not self.context.execute_async_v3(stream.cuda_stream):
             raise RuntimeError("TensorRT execute_async_v3 failed")
         return outs[self.outputs[0]].float()
+
+    def step(self, packed) -> torch.Tensor:
+        """The runner step ``(packed: engine.packing.PackedInputs) -> fp32 [L, out]`` on this engine.
+
+        Modality spans are baked into the engine; the text must be unpadded (export the unpadded
+        length; run the runner without text buckets).
+
+        Raises:
+            NotImplementedError: the text is padded (``packed.num_padding > 0``): the engine has no
+                key-padding mask.
+            ValueError: another geometry than the exported one.
+        """
+        if packed.num_padding:
+            raise NotImplementedError("the TensorRT backend has no key-padding mask; run it without text buckets")
+        return self(packed.x, packed.coords)
