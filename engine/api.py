@@ -4,7 +4,9 @@ This module holds the only types that cross from ``engine`` into ``streaming`` a
 ``avatar_server``. It is pure Python/NumPy/PyTorch: no asyncio, no I/O. Every engine
 (the real MagiHuman pipeline at any preset, the test-pattern engine) implements
 :class:`SegmentEngine`; callers run :meth:`SegmentEngine.generate` in a worker thread,
-never on an event loop.
+never on an event loop. ``generate`` may stream: it hands each decoded window of the segment to
+an ``on_chunk`` callback as a :class:`SegmentChunk` (frames with their audio) before it returns
+the whole :class:`Segment`, so playback can start before the segment is whole (issue 17).
 
 Timeline conventions (PIPELINE.md §3):
 

@@ -277,3 +277,21 @@ def test_writer_rejects_chunks_that_do_not_tile() -> None:
         writer.write(frames(6), ramp_audio(6), last=False)
     with pytest.raises(ValueError, match="do not fit"):
         writer.write(frames(3), ramp_audio(3), last=True)
+
+
+def test_streamed_segment_is_cross_faded_with_the_one_before_as_a_whole_one() -> None:
+    from streaming.playout import SegmentWriter
+
+    first, second = tone(10, 44_100), -tone(12, 44_100)
+    whole, _ = make_buffer()
+    whole.append(frames(10), first, 44_100, kind=SegmentKind.IDLE)
+    whole.append(frames(12, 10), second, 44_100, kind=SegmentKind.SPEAK)
+    streamed, _ = make_buffer()
+    streamed.append(frames(10), first, 44_100, kind=SegmentKind.IDLE)
+    writer = SegmentWriter(streamed, 44_100, 12, kind=SegmentKind.SPEAK)
+    for a, b in chunk_bounds(12, 5):
+        writer.write(frames(b - a, 10 + a), second[a * 1764 : b * 1764], last=b == 12)
+    for ref, got in zip(whole.segments(), streamed.segments(), strict=True):
+        assert np.array_equal(ref.frames, got.frames) and ref.start_frame == got.start_frame
+        np.testing.assert_allclose(got.audio, ref.audio, atol=1e-6)
+    assert list(streamed.segments())[1].crossfaded_from is list(streamed.segments())[0]
