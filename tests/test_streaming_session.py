@@ -436,3 +436,37 @@ async def test_interrupt_while_streaming_drops_the_rest_of_the_segment() -> None
         assert all(s.kind is not SegmentKind.SPEAK for s in runner.buffer.segments() if s.start_frame >= end)
     finally:
         await runner.close()
+
+
+class FailingMidStream(RecordingEngine):
+    """Fails its first segment after two chunks have gone out (a decoder error mid-segment)."""
+
+    def generate(self, request, cancel=None, on_chunk=None):
+        if self.fail_next and on_chunk is not None:
+            self.fail_next -= 1
+            sent = []
+
+            def relay(chunk) -> None:
+                if len(sent) == 2:
+                    raise RuntimeError("decoder failed")
+                sent.append(chunk)
+                on_chunk(chunk)
+
+            return super().generate(request, cancel, relay)
+        return super().generate(request, cancel, on_chunk)
+
+
+async def test_engine_failure_mid_stream_keeps_what_played_and_continues_from_it() -> None:
+    engine = FailingMidStream(chunk_frames=5)
+    engine.fail_next = 1
+    runner, engine, log = await make_runner(engine, idle_segment_seconds=1.0)
+    runner.start()
+    try:
+        await wait_until(lambda: len(engine.requests) >= 1, timeout_s=15.0)
+        first = next(iter(runner.buffer.segments()))
+        second_request = engine.requests[0]
+    finally:
+        await runner.close()
+    assert of_type(log, events.SessionError)[0].code == "engine_failed"
+    assert first.complete and first.num_frames == 10 and first.start_frame == 0
+    assert np.array_equal(second_request.continue_from.last_frame, first.frames[-1])
