@@ -4,7 +4,9 @@ This module holds the only types that cross from ``engine`` into ``streaming`` a
 ``avatar_server``. It is pure Python/NumPy/PyTorch: no asyncio, no I/O. Every engine
 (the real MagiHuman pipeline at any preset, the test-pattern engine) implements
 :class:`SegmentEngine`; callers run :meth:`SegmentEngine.generate` in a worker thread,
-never on an event loop.
+never on an event loop. ``generate`` may stream: it hands each decoded window of the segment to
+an ``on_chunk`` callback as a :class:`SegmentChunk` (frames with their audio) before it returns
+the whole :class:`Segment`, so playback can start before the segment is whole (issue 17).
 
 Timeline conventions (PIPELINE.md §3):
 
@@ -18,6 +20,7 @@ Timeline conventions (PIPELINE.md §3):
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -125,7 +128,8 @@ class Segment:
         fps: video frame rate in frames per second.
         continuation: what the next segment continues from.
         timings_s: wall-clock seconds per stage (``text``, ``dit``, ``decode_video``,
-            ``decode_audio``, ``total``, ...), for metrics.
+            ``decode_audio``, ``total``, ...; ``first_chunk``: from the start to the first
+            :class:`SegmentChunk` handed out, when streamed), for metrics.
         request: the request that produced the segment (needed to super-resolve it later).
         super_resolved: True once the frames come from the latent SR stage (PIPELINE.md §14).
     """
@@ -147,6 +151,79 @@ class Segment:
     def duration_s(self) -> float:
         """Media duration of the segment in seconds (``F / fps``)."""
         return self.num_frames / self.fps
+
+
+@dataclass(frozen=True)
+class SegmentChunk:
+    """A leading part of a segment, handed out while the rest is still being decoded (issue 17).
+
+    An engine that streams calls ``on_chunk(chunk)`` from :meth:`SegmentEngine.generate`'s thread
+    once per decoder window, in order; then ``generate`` returns the whole :class:`Segment` as usual.
+    The chunks tile the segment exactly: concatenated in order, their ``frames`` equal
+    ``Segment.frames`` and their ``audio`` equals ``Segment.audio`` (no frame or sample twice, none
+    missing). Frames ``[start_frame, start_frame + n)`` own the samples
+    ``[audio_sample_offset(start_frame), audio_sample_offset(start_frame + n))``, so a chunk's audio
+    and video start and end together.
+
+    Attributes:
+        frames: uint8 ``[n, H, W, 3]`` RGB frames, ``n >= 1``.
+        audio: float32 mono ``[m]`` in [-1, 1] at ``sample_rate`` Hz,
+            ``m = audio_sample_offset(start_frame + n, fps, sample_rate) - audio_sample_offset(start_frame, ...)``.
+        sample_rate: audio sample rate in Hz (the segment's).
+        fps: video frame rate in frames per second.
+        start_frame: index of ``frames[0]`` in the segment's frames.
+        total_frames: ``F``, frames of the whole segment.
+    """
+
+    frames: np.ndarray
+    audio: np.ndarray
+    sample_rate: int
+    fps: int
+    start_frame: int
+    total_frames: int
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.frames.shape[0])
+
+    @property
+    def end_frame(self) -> int:
+        """Index just after the chunk's last frame in the segment."""
+        return self.start_frame + self.num_frames
+
+    @property
+    def last(self) -> bool:
+        """The chunk ends the segment."""
+        return self.end_frame >= self.total_frames
+
+
+def audio_sample_offset(frame: int, fps: int, sample_rate: int) -> int:
+    """First audio sample of frame ``frame`` on a segment's timeline: ``round(frame / fps * rate)``.
+
+    At ``frame = F`` this is the segment's sample count ``N`` (:class:`Segment`), so chunks cut at
+    these offsets tile the audio exactly.
+    """
+    return int(round(frame / fps * sample_rate))
+
+
+def split_segment(frames: np.ndarray, audio: np.ndarray, sample_rate: int, fps: int,
+                  bounds: list[int]) -> list[SegmentChunk]:
+    """Cut a whole segment's ``frames`` (uint8 ``[F, H, W, 3]``) and ``audio`` (float32 ``[N]``)
+    into :class:`SegmentChunk` at the frame indices ``bounds`` (increasing, ``0 < b < F``; others are
+    ignored). The chunks are views, not copies.
+    """
+    total = int(frames.shape[0])
+    cuts = [0, *sorted({b for b in bounds if 0 < b < total}), total]
+    return [
+        SegmentChunk(frames=frames[a:b],
+                     audio=audio[audio_sample_offset(a, fps, sample_rate):audio_sample_offset(b, fps, sample_rate)],
+                     sample_rate=sample_rate, fps=fps, start_frame=a, total_frames=total)
+        for a, b in zip(cuts[:-1], cuts[1:], strict=True)
+    ]
+
+
+ChunkCallback = Callable[[SegmentChunk], None]
+"""``on_chunk`` of :meth:`SegmentEngine.generate`: called in the engine's thread; must not block."""
 
 
 class CancelledError(RuntimeError):
@@ -198,7 +275,8 @@ class SegmentEngine(Protocol):
         """
         ...
 
-    def generate(self, request: SegmentRequest, cancel: Any = None) -> Segment:
+    def generate(self, request: SegmentRequest, cancel: Any = None,
+                 on_chunk: ChunkCallback | None = None) -> Segment:
         """Generate one segment. Blocking; call from a worker thread.
 
         Engines that can super-resolve also offer ``sr_width``/``sr_height`` (pixels, or None when no
@@ -210,6 +288,12 @@ class SegmentEngine(Protocol):
             request: the segment to generate.
             cancel: optional ``threading.Event``; when set, generation stops at the next
                 denoising step and :class:`CancelledError` is raised.
+            on_chunk: optional; called in this thread with each :class:`SegmentChunk` as soon as
+                its frames are decoded (one per decoder window, in order), before ``generate``
+                returns. The chunks tile the returned segment exactly. A cancelled call may have
+                delivered some chunks (never all of them) before raising. Engines that cannot
+                stream call it once with the whole segment. Callers must accept engines whose
+                ``generate`` has no ``on_chunk`` parameter (they deliver whole segments only).
 
         Raises:
             EngineInputError: a request field is out of range (message names field and limit).

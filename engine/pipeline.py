@@ -8,8 +8,10 @@ request's seed:
 2. the prompt through the text encoder (fp16-rounded, padded to 640, §5);
 3. the distilled 8-step loop (§10.3, §12) with the image latent of the identity (first segment)
    or of the previous segment's last frame (continuation) written into latent frame 0 (§7);
-4. decode video (Wan2.2 VAE or Turbo decoder, §15.1) and audio (Oobleck + 441/512 resample,
-   §15.2).
+4. decode audio (Oobleck + 441/512 resample, §15.2), then video (Wan2.2 VAE or Turbo decoder,
+   §15.1) window by window; with ``on_chunk`` each window's frames and their audio are handed out
+   (:class:`~engine.api.SegmentChunk`) as soon as the window is decoded, so the first frames can
+   play before the segment is whole (issue 17).
 
 Deliberate, named differences from the reference (all options, reference behaviour available):
 
@@ -34,6 +36,7 @@ import dataclasses
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -41,12 +44,15 @@ import torch
 from engine.api import (
     VIDEO_FPS,
     CancelledError,
+    ChunkCallback,
     Continuation,
     EngineInputError,
     Identity,
     Segment,
+    SegmentChunk,
     SegmentKind,
     SegmentRequest,
+    audio_sample_offset,
 )
 from engine.codecs.image import frames_to_uint8
 from engine.codecs.text_encoder import TEXT_TARGET_LENGTH
@@ -276,8 +282,13 @@ class MagiHumanEngine:
         return features.to(self.device), min(num_text, self.max_text_tokens)
 
     @torch.inference_mode()
-    def generate(self, request: SegmentRequest, cancel: threading.Event | None = None) -> Segment:
+    def generate(self, request: SegmentRequest, cancel: threading.Event | None = None,
+                 on_chunk: ChunkCallback | None = None) -> Segment:
         """Generate one segment (see module doc). Blocking; run it in a worker thread.
+
+        ``on_chunk`` (optional) gets each decoder window's frames with their audio as a
+        :class:`~engine.api.SegmentChunk` as soon as the window is decoded (the audio is decoded
+        before the video for that; :meth:`engine.api.SegmentEngine.generate`).
 
         Raises:
             EngineInputError: a request field is out of range.
@@ -286,9 +297,9 @@ class MagiHumanEngine:
         """
         self._check(request)
         with self._lock:
-            return self._generate(request, cancel)
+            return self._generate(request, cancel, on_chunk)
 
-    def _generate(self, request: SegmentRequest, cancel) -> Segment:
+    def _generate(self, request: SegmentRequest, cancel, on_chunk: ChunkCallback | None = None) -> Segment:
         timings: dict[str, float] = {}
         t_start = time.perf_counter()
         gen = torch.Generator(device=self.device).manual_seed(int(request.seed))
@@ -326,10 +337,8 @@ class MagiHumanEngine:
         if cancel is not None and cancel.is_set():
             raise CancelledError("cancelled before decoding")
 
-        # 4. decode (§15)
-        t0 = time.perf_counter()
-        frames = self._decode_frames(video, cancel)
-        timings["decode_video"] = time.perf_counter() - t0
+        # 4. decode (§15): the audio first (cheap next to the video), so that every video window
+        # can stream out with its audio as soon as it is decoded (issue 17)
         t0 = time.perf_counter()
         if lipsync:
             waveform, rate = np.asarray(request.audio, dtype=np.float32), int(request.audio_sample_rate)
@@ -339,10 +348,29 @@ class MagiHumanEngine:
         timings["decode_audio"] = time.perf_counter() - t0
 
         # one timeline: drop the duplicated conditioning frame of a continuation, trim audio to video
-        if prev is not None and frames.shape[0] > 1:
-            frames = frames[1:]
+        decoded = 4 * int(video.shape[2]) - 3  # F = 4T - 3 (PIPELINE.md §3)
+        skip = 1 if prev is not None and decoded > 1 else 0
+        if skip:
             waveform = waveform[int(round(rate / self.fps)):]
-        waveform = fit_length(waveform, int(round(frames.shape[0] / self.fps * rate)))
+        num_frames = decoded - skip
+        waveform = fit_length(waveform, audio_sample_offset(num_frames, self.fps, rate))
+
+        def stream(first: int, window: np.ndarray) -> None:
+            """Hand decoded frames ``[first, first + n)`` (before the skip) out as one chunk."""
+            kept = window[max(0, skip - first):]
+            start = max(0, first - skip)
+            if on_chunk is None or kept.shape[0] == 0:
+                return
+            end = start + kept.shape[0]
+            timings.setdefault("first_chunk", time.perf_counter() - t_start)
+            on_chunk(SegmentChunk(
+                frames=kept,
+                audio=waveform[audio_sample_offset(start, self.fps, rate):audio_sample_offset(end, self.fps, rate)],
+                sample_rate=rate, fps=self.fps, start_frame=start, total_frames=num_frames))
+
+        t0 = time.perf_counter()
+        frames = self._decode_frames(video, cancel, on_window=stream)[skip:]
+        timings["decode_video"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         last = np.ascontiguousarray(frames[-1])
@@ -353,23 +381,34 @@ class MagiHumanEngine:
         return Segment(frames=frames, audio=waveform, sample_rate=rate, fps=self.fps,
                        continuation=continuation, timings_s=timings, request=request)
 
-    def _decode_frames(self, latent: torch.Tensor, cancel: threading.Event | None) -> np.ndarray:
-        """Decode ``float32 [1, 48, T, h, w]`` to ``uint8 [4T - 3, 16h, 16w, 3]``, checking ``cancel``
-        between the decoder's windows when it decodes in windows (the Turbo decoder's ``decode_chunks``,
-        CODECS.md §2.4), so a preempted job gives the worker back within one window.
+    def _decode_frames(self, latent: torch.Tensor, cancel: threading.Event | None,
+                       on_window: Callable[[int, np.ndarray], None] | None = None) -> np.ndarray:
+        """Decode ``float32 [1, 48, T, h, w]`` to ``uint8 [4T - 3, 16h, 16w, 3]`` window by window when the
+        decoder has ``decode_chunks`` (the Turbo decoder's windows, CODECS.md §2.4; the Wan VAE's latent
+        frames), else in one call. ``cancel`` is checked after every window, so a preempted job gives the
+        worker back within one window; ``on_window(first, frames)`` gets each window's uint8 frames (``first``:
+        index of its first frame) before the next window is decoded. The windows concatenate to the result.
 
         Raises:
             CancelledError: ``cancel`` was set between two windows.
         """
         chunks_fn = getattr(self.video_decoder, "decode_chunks", None)
         if chunks_fn is None:
-            return self.video_decoder.decode_to_uint8(latent)
-        chunks = []
+            frames = self.video_decoder.decode_to_uint8(latent)
+            if on_window is not None:
+                on_window(0, frames)
+            return frames
+        windows: list[np.ndarray] = []
+        done = 0
         for chunk in chunks_fn(latent):
-            chunks.append(chunk)
+            window = frames_to_uint8(chunk)  # per frame, so per window = on the whole
+            windows.append(window)
             if cancel is not None and cancel.is_set():
-                raise CancelledError(f"cancelled while decoding, after {sum(c.shape[2] for c in chunks)} frames")
-        return frames_to_uint8(torch.cat(chunks, dim=2))
+                raise CancelledError(f"cancelled while decoding, after {done + window.shape[0]} frames")
+            if on_window is not None:
+                on_window(done, window)
+            done += window.shape[0]
+        return windows[0] if len(windows) == 1 else np.concatenate(windows)
 
     # -- latent super-resolution of a buffered segment ------------------------------------
     @property

@@ -18,6 +18,10 @@ The counter strip encodes a running frame number in ``COUNTER_BITS`` black/white
 (most significant bit first). The number continues across segments through the continuation
 (it is read back from ``Continuation.last_frame``), so a receiver can tell frames apart and a
 test can check that each segment was continued from the previous one.
+
+**Streaming.** With ``on_chunk``, ``generate`` hands the segment out in chunks of ``chunk_frames``
+frames (:class:`~engine.api.SegmentChunk`, as a windowed decoder does), ``chunk_delay_s`` apart, so
+the streaming path of the session runs in the fast tests without a model.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from engine.api import (
     TESTPATTERN_NOTICE,
     VIDEO_FPS,
     CancelledError,
+    ChunkCallback,
     Continuation,
     EngineInputError,
     Identity,
@@ -41,6 +46,7 @@ from engine.api import (
     SegmentKind,
     SegmentRequest,
     segment_frame_count,
+    split_segment,
 )
 
 COUNTER_BITS = 16
@@ -86,6 +92,9 @@ class TestPatternEngine:
         max_segment_seconds: longest segment accepted.
         click_ms: length of the audio click in milliseconds.
         click_amplitude: peak amplitude of the click in [0, 1].
+        chunk_frames: frames per :class:`~engine.api.SegmentChunk` handed to ``on_chunk`` (>= 1).
+        chunk_delay_s: wall-clock seconds between two chunks (after ``generate_delay_s``, before
+            the first one), to simulate a windowed decoder; cut short when the cancel event is set.
     """
 
     __test__ = False  # not a pytest test class despite the name
@@ -104,9 +113,13 @@ class TestPatternEngine:
         max_segment_seconds: float = 10.0,
         click_ms: float = 5.0,
         click_amplitude: float = 0.9,
+        chunk_frames: int = 10,
+        chunk_delay_s: float = 0.0,
     ) -> None:
         if width < 4 * COUNTER_BITS or height < 4 * COUNTER_STRIP_PX:
             raise ValueError(f"test pattern needs at least {4 * COUNTER_BITS}x{4 * COUNTER_STRIP_PX} pixels")
+        if chunk_frames < 1:
+            raise ValueError(f"chunk_frames {chunk_frames} must be >= 1")
         self.width = width
         self.height = height
         self.sample_rate = sample_rate
@@ -114,6 +127,8 @@ class TestPatternEngine:
         self.max_segment_seconds = max_segment_seconds
         self.click_ms = click_ms
         self.click_amplitude = click_amplitude
+        self.chunk_frames = chunk_frames
+        self.chunk_delay_s = chunk_delay_s
         self._frames_generated = 0
 
     max_text_tokens = 640
@@ -137,10 +152,17 @@ class TestPatternEngine:
         )
         return Identity(image=np.asarray(resized, dtype=np.uint8), latent=None, appearance=appearance)
 
-    def generate(self, request: SegmentRequest, cancel: Any = None) -> Segment:
+    def generate(self, request: SegmentRequest, cancel: Any = None, on_chunk: ChunkCallback | None = None) -> Segment:
+        """:meth:`engine.api.SegmentEngine.generate`: the pattern after ``generate_delay_s``; with
+        ``on_chunk``, handed out in chunks of ``chunk_frames`` frames ``chunk_delay_s`` apart.
+
+        Raises:
+            EngineInputError: ``seconds`` out of range, or a lip-sync request without mono audio.
+            CancelledError: ``cancel`` was set (during the delays).
+        """
         started = time.perf_counter()
         self._check_request(request)
-        self._wait(cancel)
+        self._wait(cancel, self.generate_delay_s)
 
         num_frames = segment_frame_count(request.seconds, self.fps)
         first_number = 0
@@ -152,6 +174,12 @@ class TestPatternEngine:
             audio = self._lipsync_audio(request, num_samples)
         else:
             audio = self._click_track(num_frames, num_samples)
+        if on_chunk is not None:
+            bounds = list(range(self.chunk_frames, num_frames, self.chunk_frames))
+            for index, chunk in enumerate(split_segment(frames, audio, self.sample_rate, self.fps, bounds)):
+                if index:
+                    self._wait(cancel, self.chunk_delay_s)
+                on_chunk(chunk)
         self._frames_generated += num_frames
         total_s = time.perf_counter() - started
         return Segment(
@@ -174,8 +202,8 @@ class TestPatternEngine:
             if request.audio_sample_rate <= 0:
                 raise EngineInputError(f"audio_sample_rate: {request.audio_sample_rate} must be > 0")
 
-    def _wait(self, cancel: Any) -> None:
-        deadline = time.monotonic() + self.generate_delay_s
+    def _wait(self, cancel: Any, delay_s: float) -> None:
+        deadline = time.monotonic() + delay_s
         while True:
             if cancel is not None and cancel.is_set():
                 raise CancelledError("segment generation cancelled")

@@ -16,6 +16,11 @@ it unless the background job is expected to end in time for the new job to still
 deadline (``estimate_s`` of both, plus :data:`PREEMPT_MARGIN_S`); a cancelled background job
 ends with :class:`~engine.api.CancelledError` from the engine at its next step.
 
+A foreground ``generate`` can stream: :meth:`EngineWorker.generate` takes an ``on_chunk``
+callback that gets every :class:`~engine.api.SegmentChunk` on the event loop (the engine calls
+it in the worker thread; the worker hands it over with ``loop.call_soon_threadsafe``, in order and
+before the call's result). Background jobs (super-resolution) never stream.
+
 Jobs are blocking callables ``fn(*args)`` run in the worker thread; an ``asyncio`` caller
 awaits :meth:`EdfJobQueue.run`. Cancelling the awaiting task sets the job's cancel event, and
 a job that has not started yet is skipped (its future raises
@@ -28,6 +33,7 @@ import asyncio
 import collections
 import concurrent.futures
 import heapq
+import inspect
 import itertools
 import threading
 import time
@@ -37,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.api import CancelledError, Identity, Segment, SegmentEngine, SegmentRequest
+from engine.api import CancelledError, Identity, Segment, SegmentChunk, SegmentEngine, SegmentRequest
 
 PREEMPT_MARGIN_S = 0.1
 
@@ -271,6 +277,20 @@ class EdfJobQueue:
             self._thread.join(wait_s)
 
 
+def _on_loop(loop: asyncio.AbstractEventLoop, callback: Callable[[SegmentChunk], None]) -> Callable[[SegmentChunk], None]:
+    """``callback`` wrapped to be called from the worker thread: it runs on ``loop``, in call order
+    (``call_soon_threadsafe`` is FIFO, and the job's result reaches the loop the same way, after
+    them). A loop already closed drops the chunk (its session is gone)."""
+
+    def relay(chunk: SegmentChunk) -> None:
+        try:
+            loop.call_soon_threadsafe(callback, chunk)
+        except RuntimeError:  # the loop is closed
+            pass
+
+    return relay
+
+
 class EngineWorker:
     """An engine and the one worker thread that runs it, shared by every session.
 
@@ -281,11 +301,19 @@ class EngineWorker:
 
     Args:
         engine: any :class:`~engine.api.SegmentEngine`.
+
+    Attributes:
+        streams: the engine's ``generate`` takes ``on_chunk`` (engines without it, e.g. one whose DiT
+            runs in other processes, deliver whole segments only).
     """
 
     def __init__(self, engine: SegmentEngine) -> None:
         self.engine = engine
         self.jobs = EdfJobQueue(engine.name)
+        try:
+            self.streams = "on_chunk" in inspect.signature(engine.generate).parameters
+        except (TypeError, ValueError):  # no signature to read: assume the old one
+            self.streams = False
 
     @property
     def can_super_resolve(self) -> bool:
@@ -304,16 +332,25 @@ class EngineWorker:
         *,
         deadline_s: float | None = None,
         estimate_s: float = 0.0,
+        on_chunk: Callable[[SegmentChunk], None] | None = None,
     ) -> Segment:
         """Run ``engine.generate`` in the worker thread; cancelling the awaiting task sets ``cancel``.
+
+        ``on_chunk`` (optional) is called *on the event loop* with each
+        :class:`~engine.api.SegmentChunk` of the segment, in order, all of them before this returns;
+        it is not called when the engine cannot stream (:attr:`streams` false). Chunks of a call
+        that is then cancelled may still arrive (a few, never the whole segment); the caller decides
+        whether to keep them. It must not block.
 
         Raises:
             engine.api.CancelledError: ``cancel`` was set (before or while it ran).
         """
+        args: tuple[Any, ...] = (request, cancel)
+        if on_chunk is not None and self.streams:
+            args = (request, cancel, _on_loop(asyncio.get_running_loop(), on_chunk))
         return await self.jobs.run(
             self.engine.generate,
-            request,
-            cancel,
+            *args,
             deadline_s=time.monotonic() if deadline_s is None else deadline_s,
             cancel=cancel,
             estimate_s=estimate_s,

@@ -26,6 +26,14 @@ discontinuity gets a *de-click* ramp: the jump from the last sample sent decays 
 by super-resolution) are resized bilinearly as they are pulled, so the outgoing video never
 changes size.
 
+**Segments that arrive in chunks** (issue 17: the engine hands out each decoder window as soon
+as it is decoded) are written by a :class:`SegmentWriter`: its frames join the timeline chunk by
+chunk, so the first ones can play while the rest is decoded. Its audio goes through one stateful
+soxr resampler (the same samples as a one-shot resample of the whole clip) and a frame joins only
+with its audio. If the head passes the end of what has arrived (an underrun inside the segment),
+the rest continues as a new piece (:class:`QueuedSegment`) at the head: a pause, never lost or
+skipped frames.
+
 **Taps** (``video_taps``, ``audio_taps``) see every frame and chunk as it is pulled (the
 session recorder, latency probes), with its timeline index.
 
@@ -86,6 +94,7 @@ class QueuedSegment:
         dropped: removed before it played.
         source: the engine's :class:`~engine.api.Segment` it came from (for super-resolution).
         super_resolved: ``frames`` come from the super-resolution stage.
+        complete: no more frames will join it (False while a :class:`SegmentWriter` still writes it).
     """
 
     frames: np.ndarray
@@ -102,6 +111,7 @@ class QueuedSegment:
     dropped: bool = False
     source: Any = field(default=None, repr=False)
     super_resolved: bool = False
+    complete: bool = True
     fps: int = field(default=PLAYOUT_FPS, repr=False)
     # cross-fade bookkeeping: the segment this one's head was faded with, and this one's tail
     # as generated (restored when the segment faded into it is dropped)
@@ -263,6 +273,22 @@ class PlayoutBuffer:
             raise ValueError(f"frames: expected uint8 [F>0, H, W, 3], got shape {frames.shape}")
         num_samples = frames.shape[0] * self.samples_per_frame
         audio_out = resample_audio(audio, audio_sample_rate_hz, self.sample_rate_hz, num_samples)
+        return self._insert(frames, audio_out, kind=kind, utterance_id=utterance_id, continuation=continuation,
+                            tag=tag, source=source)
+
+    def _insert(
+        self,
+        frames: np.ndarray,
+        audio_out: np.ndarray,
+        *,
+        kind: SegmentKind,
+        utterance_id: str | None = None,
+        continuation: Continuation | None = None,
+        tag: Any = None,
+        source: Any = None,
+        complete: bool = True,
+    ) -> QueuedSegment:
+        """Queue ``frames`` with ``audio_out`` (at the buffer's rate, ``F * samples_per_frame``) as is."""
         segment = QueuedSegment(
             frames=frames,
             audio=audio_out,
@@ -272,6 +298,7 @@ class PlayoutBuffer:
             continuation=continuation,
             tag=tag,
             source=source,
+            complete=complete,
             fps=self.fps,
         )
         if self._segments:
@@ -279,6 +306,18 @@ class PlayoutBuffer:
         self._segments.append(segment)
         self._end_frame = segment.end_frame
         return segment
+
+    def _grow(self, segment: QueuedSegment, frames: np.ndarray, audio_out: np.ndarray) -> None:
+        """Make ``frames``/``audio_out`` (longer views of the same store) the content of the last
+        queued ``segment`` (:class:`SegmentWriter`).
+
+        Raises:
+            RuntimeError: ``segment`` is complete or not the last queued one.
+        """
+        if segment.complete or not self._segments or self._segments[-1] is not segment:
+            raise RuntimeError("only the last queued, open segment can grow")
+        segment.frames, segment.audio = frames, audio_out
+        self._end_frame = segment.end_frame
 
     def _crossfade(self, prev: QueuedSegment, new: QueuedSegment) -> None:
         """Cross-fade the join of ``prev`` and ``new`` if ``prev``'s tail is not pulled yet."""
@@ -336,10 +375,12 @@ class PlayoutBuffer:
                 seg.audio = seg.audio[: keep * self.samples_per_frame]
                 seg.tail_original = None  # its tail is elsewhere now
                 seg.cut = True
+                seg.complete = True  # a writer still writing it stops
                 kept.append(seg)
                 playing = seg
             else:
                 seg.dropped = True
+                seg.complete = True
                 self.frames_dropped += seg.num_frames
                 dropped.append(seg)
         self._segments = kept
@@ -362,6 +403,7 @@ class PlayoutBuffer:
                 break
             self._segments.pop()
             seg.dropped = True
+            seg.complete = True
             self.frames_dropped += seg.num_frames
             self._restore_tail(seg)
             dropped.append(seg)
@@ -458,6 +500,144 @@ class PlayoutBuffer:
         for seg in started:
             if self.on_segment_start is not None:
                 self.on_segment_start(seg)
+
+
+class SegmentWriter:
+    """Writes one segment that arrives in chunks onto a :class:`PlayoutBuffer` (module docstring).
+
+    The chunks' frames go into one store of ``total_frames`` frames; the queued pieces
+    (:attr:`pieces`) are views of it, so a frame is copied once. Each chunk's audio (mono float32 at
+    ``audio_sample_rate_hz``) goes through one stateful soxr resampler (``HQ``, as
+    :func:`resample_audio`); a frame joins the timeline once its ``samples_per_frame`` output
+    samples are there (the resampler holds back about 11 ms), all remaining frames with the last
+    chunk (the audio then trimmed or zero-padded to exactly ``total_frames`` frames, as
+    :meth:`PlayoutBuffer.append` does). Runs on the event loop.
+
+    Args:
+        buffer: the playout buffer.
+        audio_sample_rate_hz: rate of the chunks' audio in Hz.
+        total_frames: frames of the whole segment (``SegmentChunk.total_frames``), ``> 0``.
+        kind, utterance_id, tag: as :meth:`PlayoutBuffer.append`, for every piece.
+
+    Attributes:
+        pieces: the segment's pieces on the timeline, in order (one unless the head overtook it).
+        frames_received: frames written so far.
+        closed: no more chunks are taken (last chunk written, :meth:`close` called, or its last
+            piece was cut or dropped from the buffer).
+
+    Raises:
+        ValueError: ``total_frames`` or ``audio_sample_rate_hz`` not positive.
+    """
+
+    def __init__(
+        self,
+        buffer: PlayoutBuffer,
+        audio_sample_rate_hz: int,
+        total_frames: int,
+        *,
+        kind: SegmentKind,
+        utterance_id: str | None = None,
+        tag: Any = None,
+    ) -> None:
+        if total_frames <= 0 or audio_sample_rate_hz <= 0:
+            raise ValueError(f"total_frames {total_frames} and audio_sample_rate_hz {audio_sample_rate_hz} must be > 0")
+        self.buffer = buffer
+        self.total_frames = total_frames
+        self.kind, self.utterance_id, self.tag = kind, utterance_id, tag
+        self.pieces: list[QueuedSegment] = []
+        self.frames_received = 0
+        self.closed = False
+        self._resampler = None
+        if audio_sample_rate_hz != buffer.sample_rate_hz:
+            self._resampler = soxr.ResampleStream(audio_sample_rate_hz, buffer.sample_rate_hz, 1,
+                                                  dtype="float32", quality="HQ")
+        self._frames: np.ndarray | None = None  # uint8 [total_frames, H, W, 3], allocated with the first chunk
+        self._audio = np.zeros(total_frames * buffer.samples_per_frame, dtype=np.float32)
+        self._audio_samples = 0  # resampled samples in _audio
+        self._placed = 0  # frames handed to pieces
+        self._piece_start = 0  # store index of the last piece's first frame
+
+    @property
+    def frames_placed(self) -> int:
+        """Frames on the timeline so far (received ones wait for their audio)."""
+        return self._placed
+
+    def write(self, frames: np.ndarray, audio: np.ndarray, *, last: bool) -> list[QueuedSegment]:
+        """Add the next chunk: uint8 ``[n, H, W, 3]`` frames and their mono audio; ``last``: it ends the
+        segment. Returns the pieces it started (the first chunk starts the first one). Ignored once
+        :attr:`closed`.
+
+        Raises:
+            ValueError: bad shapes, more than ``total_frames`` frames, or ``last`` short of them.
+        """
+        if self.closed or self._closed_by_buffer():
+            self.closed = True
+            return []
+        if frames.ndim != 4 or frames.shape[3] != 3:
+            raise ValueError(f"frames: expected uint8 [n, H, W, 3], got shape {frames.shape}")
+        count = int(frames.shape[0])
+        end = self.frames_received + count
+        if end > self.total_frames or (last and end != self.total_frames):
+            raise ValueError(f"chunk frames [{self.frames_received}, {end}) do not fit a segment of {self.total_frames}")
+        if self._frames is None:
+            self._frames = np.empty((self.total_frames, *frames.shape[1:]), dtype=np.uint8)
+        elif frames.shape[1:] != self._frames.shape[1:]:
+            raise ValueError(f"frames: chunk of shape {frames.shape[1:]}, segment of {self._frames.shape[1:]}")
+        self._frames[self.frames_received : end] = frames
+        self.frames_received = end
+        clip = np.asarray(audio, dtype=np.float32).reshape(-1)
+        if self._resampler is not None:
+            clip = self._resampler.resample_chunk(clip, last=last)
+        take = min(clip.size, self._audio.size - self._audio_samples)
+        self._audio[self._audio_samples : self._audio_samples + take] = clip[:take]
+        self._audio_samples += take
+        if last:
+            self.closed = True
+            ready = self.total_frames  # the rest of the audio is zero padding
+        else:
+            ready = min(end, self._audio_samples // self.buffer.samples_per_frame)
+        started = self._place(ready)
+        if last and self.pieces:
+            self.pieces[-1].complete = True
+        return started
+
+    def close(self) -> QueuedSegment | None:
+        """Take no more chunks (the job was cancelled or failed): frames still waiting for their
+        audio are dropped and the last piece is complete as it is. Returns that piece, or None when
+        nothing was placed or it was cut or dropped from the buffer meanwhile."""
+        self.closed = True
+        if not self.pieces:
+            return None
+        piece = self.pieces[-1]
+        piece.complete = True
+        return None if piece.dropped or piece.cut else piece
+
+    def _closed_by_buffer(self) -> bool:
+        return bool(self.pieces) and (self.pieces[-1].dropped or self.pieces[-1].cut)
+
+    def _place(self, ready: int) -> list[QueuedSegment]:
+        if ready <= self._placed:
+            return []
+        assert self._frames is not None
+        spf = self.buffer.samples_per_frame
+        piece = self.pieces[-1] if self.pieces else None
+        if piece is not None and self.buffer.head_frame <= piece.end_frame:
+            self._placed = ready
+            start = self._piece_start
+            self.buffer._grow(piece, self._frames[start:ready], self._audio[start * spf : ready * spf])
+            return []
+        # first piece, or the head passed the last one's end (underrun inside the segment): a new
+        # piece at the head
+        if piece is not None:
+            piece.complete = True
+            piece.continuation = Continuation(last_frame=np.array(piece.frames[-1]))
+        start, self._piece_start, self._placed = self._placed, self._placed, ready
+        new = self.buffer._insert(
+            self._frames[start:ready], self._audio[start * spf : ready * spf],
+            kind=self.kind, utterance_id=self.utterance_id, tag=self.tag, complete=False,
+        )
+        self.pieces.append(new)
+        return [new]
 
 
 def frames_to_ms(frames: int, fps: int = PLAYOUT_FPS) -> int:

@@ -12,6 +12,16 @@ the shared :class:`~streaming.engine_client.EngineWorker`.
 Every segment continues from the previous one (``continue_from`` is the last queued
 segment's :class:`~engine.api.Continuation`, or the frame on screen where it cuts into idle
 content or where an interrupt cut the buffer).
+
+**Segments stream into the buffer** (issue 17): the engine hands out each decoder window as a
+:class:`~engine.api.SegmentChunk` and the session writes it into the playout buffer at once
+(:class:`~streaming.playout.SegmentWriter`), so a segment starts playing before it is whole. A
+planned cut into idle content is made at the first chunk. Chunks of a job that was made stale
+(interrupt, idle overtaken by speech) are ignored from then on; what was already written stays, as
+played media does: an interrupt cuts or drops it with the rest of the buffer, and idle content
+that speech overtakes ends at its last written frame, whose picture the next segment continues from
+(``Continuation(last_frame=...)``), so the timeline stays continuous. Super-resolution (background
+work) never streams.
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ from engine.api import (
     EngineInputError,
     Identity,
     Segment,
+    SegmentChunk,
     SegmentKind,
     SegmentRequest,
 )
@@ -58,7 +69,7 @@ from streaming.events import (
 from streaming.frames import fit_frame
 from streaming.microphone import MIC_SAMPLE_RATE_HZ, Microphone
 from streaming.planner import LoopConfig
-from streaming.playout import PlayoutBuffer, QueuedSegment
+from streaming.playout import PlayoutBuffer, QueuedSegment, SegmentWriter
 from streaming.recorder import RecordingResult, SessionRecorder
 from streaming.super_resolution import SegmentSuperResolver, SuperResolutionResult
 from streaming.tasks import cancel_and_wait
@@ -83,6 +94,8 @@ class _InFlight:
     kind: SegmentKind
     cancel: threading.Event
     stale: bool = False
+    submitted_s: float = 0.0  # monotonic time the job was submitted
+    writer: SegmentWriter | None = None  # its chunks in the buffer (None until the first one)
 
 
 EventCallback = Callable[[SessionEvent], None]
@@ -147,6 +160,8 @@ class SessionRunner:
         self.last_real_time_factor: float | None = None
         self.last_generate_s: float | None = None
         self.first_frame_s: float | None = None
+        # seconds from submitting the last segment's job to its first frame being in the playout buffer
+        self.last_time_to_buffer_s: float | None = None
         self.last_voice_s: float | None = None  # monotonic time the microphone last carried voice
         self.last_interrupt_to_silence_s: float | None = None
         self.late_cuts = 0  # planned idle cuts that the new segment missed
@@ -372,13 +387,16 @@ class SessionRunner:
             segment_index += 1
             if utt is not None:
                 utt.in_flight += 1
+            in_flight = _InFlight(kind=request.kind, cancel=threading.Event())
             try:
-                segment = await self._generate(request)
+                segment = await self._generate(request, in_flight, utt, cut)
             finally:
                 if utt is not None:
                     utt.in_flight -= 1
             if segment is not None:
-                self._queue(segment, request, utt, cut)
+                self._queue(segment, request, utt, cut, in_flight)
+            elif in_flight.writer is not None:
+                self._end_partial(in_flight.writer)
             if utt is not None:
                 self._maybe_finish(utt)
 
@@ -474,16 +492,21 @@ class SessionRunner:
         )
         return request, utt, cut
 
-    async def _generate(self, request: SegmentRequest) -> Segment | None:
-        in_flight = _InFlight(kind=request.kind, cancel=threading.Event())
+    async def _generate(
+        self, request: SegmentRequest, in_flight: _InFlight, utt: Utterance | None, cut: _PlannedCut | None
+    ) -> Segment | None:
         self._in_flight = in_flight
         # Earliest deadline first across sessions: needed when the buffer's end will play.
-        now_s = time.monotonic()
+        now_s = in_flight.submitted_s = time.monotonic()
         deadline_s = self.clock.wall_time_s(self.buffer.end_frame / self.buffer.fps) if self.clock.started else now_s
         estimate_s = (self.last_real_time_factor or 0.0) * request.seconds
+
+        def on_chunk(chunk: SegmentChunk) -> None:
+            self._write_chunk(chunk, request, in_flight, utt, cut)
+
         try:
             segment = await self.worker.generate(
-                request, in_flight.cancel, deadline_s=deadline_s, estimate_s=estimate_s
+                request, in_flight.cancel, deadline_s=deadline_s, estimate_s=estimate_s, on_chunk=on_chunk
             )
         except CancelledError:
             return None
@@ -502,20 +525,75 @@ class SessionRunner:
             return None
         return segment
 
+    def _write_chunk(
+        self, chunk: SegmentChunk, request: SegmentRequest, in_flight: _InFlight, utt: Utterance | None,
+        cut: _PlannedCut | None,
+    ) -> None:
+        """Write a streamed chunk of the segment in flight into the buffer (on the event loop)."""
+        if in_flight.stale or self._closed:
+            return  # interrupted or overtaken: the rest of this segment is not wanted
+        if utt is not None and self.utterances.get(utt.utterance_id) is not utt:
+            return  # its utterance was interrupted
+        writer = in_flight.writer
+        if writer is None:
+            self._apply_cut(cut)
+            writer = in_flight.writer = SegmentWriter(
+                self.buffer, chunk.sample_rate, chunk.total_frames,
+                kind=request.kind, utterance_id=None if utt is None else utt.utterance_id,
+            )
+        placed = writer.frames_placed
+        try:
+            pieces = writer.write(chunk.frames, chunk.audio, last=chunk.last)
+        except ValueError:  # an engine whose chunks do not tile its segment: keep what fits
+            logger.exception("engine streamed a bad chunk; the rest of the segment is dropped")
+            writer.close()
+            return
+        if placed == 0 and writer.frames_placed > 0:
+            self.last_time_to_buffer_s = time.monotonic() - in_flight.submitted_s
+        if utt is not None:
+            utt.segments.extend(pieces)
+
+    def _end_partial(self, writer: SegmentWriter) -> None:
+        """A streamed job ended without its segment (cancelled, failed): what it wrote stays and
+        ends at its last written frame, which the next segment continues from (unless an interrupt
+        or a drop already removed it and set the continuation)."""
+        piece = writer.close()
+        if piece is None:
+            return
+        piece.continuation = self._frame_continuation(piece)
+        self._tail_continuation = piece.continuation  # nothing was queued after it meanwhile
+        if piece.ended:
+            self._played_continuation = piece.continuation
+
+    def _frame_continuation(self, seg: QueuedSegment) -> Continuation:
+        """Continue from ``seg``'s last frame (at the engine's size), encoded by the engine."""
+        return Continuation(
+            last_frame=np.array(fit_frame(seg.frames[-1], self.engine.width, self.engine.height, downscale=True)))
+
+    def _apply_cut(self, cut: _PlannedCut | None) -> None:
+        """Cut queued idle content at the planned frame, where the new segment starts."""
+        if cut is None:
+            return
+        held = list(self.buffer.segments())
+        after = held[held.index(cut.segment) :] if cut.segment in held else []
+        if after and not cut.segment.dropped and all(seg.kind in planner.IDLE_KINDS for seg in after):
+            if self.buffer.head_frame > cut.frame:
+                self.late_cuts += 1  # generation took longer than planned: cut at the head
+            trimmed, _ = self.buffer.clear(cut.frame)
+            if trimmed is not None:
+                trimmed.continuation = cut.continuation
+
     def _queue(
-        self, segment: Segment, request: SegmentRequest, utt: Utterance | None, cut: _PlannedCut | None = None
+        self, segment: Segment, request: SegmentRequest, utt: Utterance | None, cut: _PlannedCut | None,
+        in_flight: _InFlight,
     ) -> None:
         if utt is not None and self.utterances.get(utt.utterance_id) is not utt:
             return  # interrupted while generating
-        if cut is not None:
-            held = list(self.buffer.segments())
-            after = held[held.index(cut.segment) :] if cut.segment in held else []
-            if after and not cut.segment.dropped and all(seg.kind in planner.IDLE_KINDS for seg in after):
-                if self.buffer.head_frame > cut.frame:
-                    self.late_cuts += 1  # generation took longer than planned: cut at the head
-                trimmed, _ = self.buffer.clear(cut.frame)
-                if trimmed is not None:
-                    trimmed.continuation = cut.continuation
+        if in_flight.writer is not None:
+            self._finish_streamed(segment, request, in_flight.writer)
+            return
+        self.last_time_to_buffer_s = time.monotonic() - in_flight.submitted_s
+        self._apply_cut(cut)
         queued = self.buffer.append(
             segment.frames,
             segment.audio,
@@ -528,6 +606,28 @@ class SessionRunner:
         self._tail_continuation = segment.continuation
         if utt is not None:
             utt.segments.append(queued)
+        self._count(segment, request)
+
+    def _finish_streamed(self, segment: Segment, request: SegmentRequest, writer: SegmentWriter) -> None:
+        """The streamed segment is whole: its last piece carries its continuation (and, when it is
+        one piece, the segment itself for super-resolution)."""
+        if writer.frames_placed != segment.num_frames:  # a bad chunk closed it: it ends where it ends
+            logger.error("engine streamed %d of %d frames", writer.frames_placed, segment.num_frames)
+            self._end_partial(writer)
+            return
+        writer.close()
+        pieces = writer.pieces
+        if not pieces or pieces[-1].dropped or pieces[-1].cut:
+            return
+        pieces[-1].continuation = segment.continuation
+        if pieces[-1].ended:
+            self._played_continuation = segment.continuation
+        if len(pieces) == 1 and self.super_resolver is not None:
+            pieces[0].source = segment
+        self._tail_continuation = segment.continuation
+        self._count(segment, request)
+
+    def _count(self, segment: Segment, request: SegmentRequest) -> None:
         self.segments_generated += 1
         generate_s = float(segment.timings_s.get("total", 0.0))
         self.last_generate_s = generate_s
@@ -569,7 +669,10 @@ class SessionRunner:
         self._update_state()
 
     def _on_segment_end(self, seg: QueuedSegment) -> None:
-        self._played_continuation = seg.continuation  # a cut one's continues from its cut frame
+        continuation = seg.continuation  # a cut one's continues from its cut frame
+        if continuation is None:
+            continuation = self._frame_continuation(seg)  # played before its engine call returned (streamed)
+        self._played_continuation = continuation
         if seg.utterance_id is not None:
             utt = self.utterances.get(seg.utterance_id)
             if utt is not None:

@@ -127,3 +127,14 @@ def test_from_pretrained_round_trip(vae, tmp_path):
     z = torch.randn(1, 48, 2, 2, 2)
     torch.testing.assert_close(loaded32.decode(z), vae.decode(z), rtol=0, atol=0)
     assert WanVideoVAE.from_pretrained(tmp_path / "vae").dtype == torch.bfloat16  # default dtype
+
+
+def test_decode_chunks_are_the_decode_one_latent_frame_at_a_time() -> None:
+    """``decode_chunks`` runs diffusers' own per-latent-frame loop and yields as it goes (issue 17):
+    1 frame, then 4 per latent frame, concatenating to ``decode`` bit for bit."""
+    vae = WanVideoVAE.preview(seed=0)
+    latent = torch.randn(1, 48, 3, 2, 2, generator=torch.Generator().manual_seed(0))
+    chunks = list(vae.decode_chunks(latent))
+    assert [c.shape[2] for c in chunks] == [1, 4, 4]
+    assert torch.equal(torch.cat(chunks, dim=2), vae.decode(latent))
+    assert torch.equal(torch.cat(list(vae.decode_chunks(latent)), dim=2), vae.decode(latent))  # cache cleared

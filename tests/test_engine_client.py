@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from engine.api import CancelledError, SegmentKind
+from engine.api import CancelledError, SegmentKind, SegmentRequest
 from engine.testpattern import TestPatternEngine
 from streaming.engine_client import EdfJobQueue, EngineWorker
 from streaming.session import LoopConfig, SessionRunner
@@ -274,3 +274,41 @@ async def test_foreground_utilization_counts_finished_and_running_foreground_job
         assert jobs.foreground_utilization(10.0) == 0.0  # everything left the window
     finally:
         jobs.close()
+
+
+async def test_generate_streams_chunks_on_the_loop_before_the_result() -> None:
+    """The engine calls ``on_chunk`` in the worker thread; the session's callback runs on the event
+    loop, in order, every chunk before ``generate`` returns (issue 17)."""
+    engine = TestPatternEngine(chunk_frames=4, chunk_delay_s=0.01)
+    worker = EngineWorker(engine)
+    loop_thread = threading.current_thread().name
+    seen: list[tuple[int, str]] = []
+    try:
+        identity = await worker.prepare_identity(np.zeros((64, 64, 3), np.uint8), "")
+        request = SegmentRequest(identity=identity, seconds=1.0)
+        chunks: list = []
+
+        def on_chunk(chunk) -> None:
+            seen.append((chunk.start_frame, threading.current_thread().name))
+            chunks.append(chunk)
+
+        segment = await worker.generate(request, threading.Event(), on_chunk=on_chunk)
+    finally:
+        worker.close()
+    assert worker.streams
+    assert seen == [(start, loop_thread) for start in range(0, 25, 4)]
+    assert np.array_equal(np.concatenate([c.frames for c in chunks]), segment.frames)
+
+
+async def test_engine_without_on_chunk_delivers_whole_segments() -> None:
+    """An engine whose ``generate`` has no ``on_chunk`` (e.g. context parallel) is still served."""
+    engine = OrderEngine()
+    worker = EngineWorker(engine)
+    called: list = []
+    try:
+        identity = await worker.prepare_identity(np.zeros((64, 64, 3), np.uint8), "x")
+        segment = await worker.generate(SegmentRequest(identity=identity, seconds=0.5), threading.Event(),
+                                        on_chunk=called.append)
+    finally:
+        worker.close()
+    assert not worker.streams and called == [] and segment.num_frames == 13 and engine.served == ["x"]

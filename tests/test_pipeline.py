@@ -176,6 +176,27 @@ def test_windowed_decode_matches_and_cancels_between_windows(engine, identity):
         engine.video_decoder = saved
 
 
+def test_chunks_stream_out_and_tile_the_segment_exactly(engine, identity):
+    """Issue 17: ``on_chunk`` gets every decoded window with its audio, in order; the chunks
+    concatenate to the returned frames and audio exactly. The preview's Wan VAE decodes one latent
+    frame at a time (1 frame, then 4 each); a continuation drops its first (duplicated) frame and
+    the first 1/25 s of audio from the first chunk, as from the whole segment."""
+    base_chunks, cont_chunks = [], []
+    base = engine.generate(SegmentRequest(identity=identity, kind=SegmentKind.SPEAK, prompt="speak", seconds=1.0,
+                                          seed=11), on_chunk=base_chunks.append)
+    cont = engine.generate(SegmentRequest(identity=identity, kind=SegmentKind.SPEAK, prompt="speak", seconds=1.0,
+                                          seed=12, continue_from=base.continuation), on_chunk=cont_chunks.append)
+    for segment, chunks in ((base, base_chunks), (cont, cont_chunks)):
+        assert np.array_equal(np.concatenate([c.frames for c in chunks]), segment.frames)
+        assert np.array_equal(np.concatenate([c.audio for c in chunks]), segment.audio)
+        starts = [c.start_frame for c in chunks]
+        assert starts == sorted(starts) and all(c.total_frames == segment.num_frames for c in chunks)
+        assert [c.last for c in chunks] == [False] * (len(chunks) - 1) + [True]
+        assert all(c.audio.shape[0] == c.num_frames * 1764 for c in chunks)  # 44.1 kHz / 25 fps
+    assert [c.num_frames for c in base_chunks] == [1] + [4] * 6  # 25 frames: T = 7 latent frames
+    assert [c.num_frames for c in cont_chunks] == [4] * 6  # the 1-frame window is the duplicate
+
+
 def test_backend_selection_keeps_segments_close(identity):
     """The `fast` backend (best attention kernel: SDPA on CPU) gives the same segment as eager
     (fp32 compute, so that only the attention kernel differs)."""

@@ -175,3 +175,123 @@ def test_frames_to_ms() -> None:
     assert frames_to_ms(0) == 0
     assert frames_to_ms(1) == 40
     assert frames_to_ms(49) == 1960
+
+
+# ------------------------------------------------------------------ segments that arrive in chunks
+def tone(count_frames: int, sample_rate: int) -> np.ndarray:
+    """A 440 Hz tone plus a ramp: resampling edge effects would show at any chunk boundary."""
+    n = round(count_frames / 25 * sample_rate)
+    t = np.arange(n) / sample_rate
+    return (0.5 * np.sin(2 * np.pi * 440 * t) + 0.3 * t / t[-1]).astype(np.float32)
+
+
+def chunk_bounds(total: int, size: int) -> list[tuple[int, int]]:
+    return [(a, min(total, a + size)) for a in range(0, total, size)]
+
+
+@pytest.mark.parametrize("rate", [48_000, 44_100])
+def test_writer_gives_the_same_timeline_as_one_append(rate: int) -> None:
+    """Chunks of 1 and then 4 frames (the Wan VAE's windows) at 44.1 kHz end as the same frames
+    and the same samples as appending the whole segment: one stateful resampler, no seam."""
+    from streaming.playout import SegmentWriter
+
+    total = 21
+    video, audio = frames(total), tone(total, rate)
+    whole, _ = make_buffer()
+    whole.append(video, audio, rate, kind=SegmentKind.SPEAK)
+    streamed, log = make_buffer()
+    writer = SegmentWriter(streamed, rate, total, kind=SegmentKind.SPEAK)
+    ranges = [(0, 1)] + [(a + 1, b + 1) for a, b in chunk_bounds(total - 1, 4)]  # 1, 4, 4, ... frames
+    placed, started = [], 0
+    for a, b in ranges:
+        sa, sb = round(a / 25 * rate), round(b / 25 * rate)
+        started += len(writer.write(video[a:b], audio[sa:sb], last=b == total))
+        placed.append(writer.frames_placed)
+    assert started == 1
+    seg, ref = writer.pieces[0], next(whole.segments())
+    assert len(writer.pieces) == 1 and seg.complete and writer.closed
+    assert np.array_equal(seg.frames, ref.frames)
+    np.testing.assert_allclose(seg.audio, ref.audio, atol=1e-6)
+    # a frame joins with its audio: at 44.1 kHz the resampler holds ~11 ms back, one frame behind
+    if rate == 48_000:
+        assert placed == [b for _, b in ranges]
+    else:
+        assert [b - p for p, (_, b) in zip(placed, ranges, strict=True)] == [1] * (len(ranges) - 1) + [0]
+    assert streamed.end_frame == whole.end_frame == total
+
+
+def test_writer_frames_play_while_the_rest_arrives() -> None:
+    from streaming.playout import SegmentWriter
+
+    buf, log = make_buffer()
+    writer = SegmentWriter(buf, 48_000, 12, kind=SegmentKind.SPEAK)
+    writer.write(frames(4), ramp_audio(4), last=False)
+    assert buf.end_frame == 4 and buf.depth_frames == 4
+    video, _ = play(buf, 0, 3)
+    assert [int(f[0, 0, 0]) for f in video] == [0, 1, 2] and log == [("start", 0)]
+    writer.write(frames(8, first=4), ramp_audio(8), last=True)
+    video, _ = play(buf, 3, 9)
+    assert [int(f[0, 0, 0]) for f in video] == list(range(3, 12))
+    assert len(writer.pieces) == 1 and buf.underruns == 0
+
+
+def test_underrun_inside_a_streamed_segment_pauses_and_loses_nothing() -> None:
+    """The head passes the last frame that arrived: the rest starts at the head as a new piece
+    (a pause with the last frame held), every frame still plays once, in order."""
+    from streaming.playout import SegmentWriter
+
+    buf, log = make_buffer()
+    writer = SegmentWriter(buf, 48_000, 10, kind=SegmentKind.SPEAK, utterance_id="u")
+    writer.write(frames(4), ramp_audio(4), last=False)
+    video, _ = play(buf, 0, 6)  # frames 4 and 5 of the timeline are an underrun
+    assert buf.underruns == 1 and [int(f[0, 0, 0]) for f in video] == [0, 1, 2, 3, 3, 3]
+    pieces = writer.write(frames(6, first=4), ramp_audio(6), last=True)
+    assert len(pieces) == 1 and pieces[0].start_frame == 6 and pieces[0].utterance_id == "u"
+    first = writer.pieces[0]
+    assert first.complete and first.ended and int(first.continuation.last_frame[0, 0, 0]) == 3
+    video, _ = play(buf, 6, 6)
+    assert [int(f[0, 0, 0]) for f in video] == [4, 5, 6, 7, 8, 9]
+    assert sum(p.num_frames for p in writer.pieces) == 10
+
+
+def test_interrupt_stops_a_writer_and_keeps_the_cut() -> None:
+    from streaming.playout import SegmentWriter
+
+    buf, _ = make_buffer()
+    writer = SegmentWriter(buf, 48_000, 20, kind=SegmentKind.SPEAK)
+    writer.write(frames(8), ramp_audio(8), last=False)
+    play(buf, 0, 3)
+    cut, dropped = buf.clear()
+    assert cut is writer.pieces[0] and cut.num_frames == 3 and not dropped
+    assert writer.write(frames(12, first=8), ramp_audio(12), last=True) == []
+    assert writer.closed and buf.end_frame == 3 and cut.num_frames == 3
+    assert writer.close() is None  # cut by the buffer: the caller's continuation stands
+
+
+def test_writer_rejects_chunks_that_do_not_tile() -> None:
+    from streaming.playout import SegmentWriter
+
+    buf, _ = make_buffer()
+    writer = SegmentWriter(buf, 48_000, 5, kind=SegmentKind.IDLE)
+    with pytest.raises(ValueError, match="do not fit"):
+        writer.write(frames(6), ramp_audio(6), last=False)
+    with pytest.raises(ValueError, match="do not fit"):
+        writer.write(frames(3), ramp_audio(3), last=True)
+
+
+def test_streamed_segment_is_cross_faded_with_the_one_before_as_a_whole_one() -> None:
+    from streaming.playout import SegmentWriter
+
+    first, second = tone(10, 44_100), -tone(12, 44_100)
+    whole, _ = make_buffer()
+    whole.append(frames(10), first, 44_100, kind=SegmentKind.IDLE)
+    whole.append(frames(12, 10), second, 44_100, kind=SegmentKind.SPEAK)
+    streamed, _ = make_buffer()
+    streamed.append(frames(10), first, 44_100, kind=SegmentKind.IDLE)
+    writer = SegmentWriter(streamed, 44_100, 12, kind=SegmentKind.SPEAK)
+    for a, b in chunk_bounds(12, 5):
+        writer.write(frames(b - a, 10 + a), second[a * 1764 : b * 1764], last=b == 12)
+    for ref, got in zip(whole.segments(), streamed.segments(), strict=True):
+        assert np.array_equal(ref.frames, got.frames) and ref.start_frame == got.start_frame
+        np.testing.assert_allclose(got.audio, ref.audio, atol=1e-6)
+    assert list(streamed.segments())[1].crossfaded_from is list(streamed.segments())[0]

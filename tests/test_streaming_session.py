@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from engine.api import EngineInputError, SegmentKind, SegmentRequest
-from engine.testpattern import TestPatternEngine
+from engine.testpattern import TestPatternEngine, decode_counter
 from streaming import events
 from streaming.engine_client import EngineWorker
 from streaming.session import LoopConfig, SessionInputError, SessionRunner
@@ -26,12 +26,12 @@ class RecordingEngine(TestPatternEngine):
         self.threads: set[str] = set()
         self.fail_next = 0
 
-    def generate(self, request, cancel=None):
+    def generate(self, request, cancel=None, on_chunk=None):
         self.threads.add(threading.current_thread().name)
         if self.fail_next:
             self.fail_next -= 1
             raise EngineInputError("seconds: made-up failure")
-        result = super().generate(request, cancel)
+        result = super().generate(request, cancel, on_chunk)
         self.requests.append(request)
         self.results.append(result)
         return result
@@ -214,6 +214,8 @@ async def test_speech_overtakes_idle_that_is_queued_but_not_playing() -> None:
         runner.speak_end("u1")
         await wait_until(lambda: any(s.kind is SegmentKind.SPEAK for s in runner.buffer.segments()))
         held = list(runner.buffer.segments())
+        # its first chunk is in the buffer before generate returns (issue 17)
+        await wait_until(lambda: any(r.kind is SegmentKind.SPEAK for r in engine.requests))
     finally:
         await runner.close()
     assert held[0] is playing and held[1].kind is SegmentKind.SPEAK
@@ -356,3 +358,115 @@ async def test_stats_are_a_typed_record_that_reads_as_the_protocol_mapping() -> 
     assert stats.encode_ms is None and stats.av_offset_ms is None  # no tracks
     with pytest.raises(KeyError):
         stats["nope"]
+
+
+def frame_at(runner: SessionRunner, frame: int) -> np.ndarray:
+    """The frame at timeline index ``frame`` (still held by the buffer)."""
+    seg = next(s for s in runner.buffer.segments() if s.start_frame <= frame < s.end_frame)
+    return seg.frames[frame - seg.start_frame]
+
+
+async def test_a_segment_plays_while_the_engine_still_decodes_it() -> None:
+    """Issue 17: the first chunk is in the playout buffer, and plays, before ``generate`` returns;
+    the chunks add up to exactly the segment the engine returns."""
+    engine = RecordingEngine(chunk_frames=5, chunk_delay_s=0.25)
+    runner, engine, log = await make_runner(engine, idle_segment_seconds=1.0)
+    runner.start()
+    try:
+        await wait_until(lambda: runner.buffer.end_frame > 0)
+        assert runner.buffer.end_frame == 5 and engine.results == []
+        assert runner.last_time_to_buffer_s is not None and runner.last_time_to_buffer_s < 0.25
+        await play(runner, 3)
+        assert of_type(log, events.FirstFrame) and engine.results == []  # on screen before the segment is whole
+        await wait_until(lambda: len(engine.results) >= 1 and runner.segments_generated >= 1)
+        first = next(iter(runner.buffer.segments()))
+        await wait_until(lambda: len(engine.requests) >= 2, timeout_s=15.0)
+    finally:
+        await runner.close()
+    result = engine.results[0]
+    assert first.complete and first.num_frames == 25 and np.array_equal(first.frames, result.frames)
+    assert first.continuation is result.continuation
+    assert engine.requests[1].continue_from is result.continuation
+    assert of_type(log, events.SegmentGenerated)[0].duration_s == pytest.approx(1.0)
+
+
+async def test_idle_overtaken_while_streaming_keeps_one_continuous_timeline() -> None:
+    """Speech arrives while an idle segment is streaming in: the idle job is cancelled, the frames
+    already written stay (they may be on screen), and the speech segment continues from exactly
+    the frame before it on the timeline."""
+    engine = RecordingEngine(chunk_frames=5, chunk_delay_s=0.3)
+    runner, engine, log = await make_runner(engine, idle_segment_seconds=2.0)
+    runner.start()
+    try:
+        await wait_until(lambda: runner.buffer.end_frame >= 10)
+        await play(runner, 2)
+        idle = next(iter(runner.buffer.segments()))
+        runner.speak("u1", "Hello there. This sentence has enough words to be spoken at once.")
+        runner.speak_end("u1")
+        await wait_until(lambda: any(s.kind is SegmentKind.SPEAK for s in runner.buffer.segments()), timeout_s=15.0)
+        speech = next(s for s in runner.buffer.segments() if s.kind is SegmentKind.SPEAK)
+        before = frame_at(runner, speech.start_frame - 1)
+        await wait_until(lambda: any(r.kind is SegmentKind.SPEAK for r in engine.requests), timeout_s=15.0)
+    finally:
+        await runner.close()
+    assert idle.kind is SegmentKind.IDLE and idle.complete and idle.num_frames < 50  # cut short, not whole
+    assert not any(r.kind is SegmentKind.IDLE for r in engine.requests[:1])  # the idle job never finished
+    request = next(r for r in engine.requests if r.kind is SegmentKind.SPEAK)
+    assert np.array_equal(request.continue_from.last_frame, before)
+    assert speech.start_frame == idle.end_frame
+    assert decode_counter(speech.frames[0]) == decode_counter(before) + 1
+
+
+async def test_interrupt_while_streaming_drops_the_rest_of_the_segment() -> None:
+    engine = RecordingEngine(chunk_frames=5, chunk_delay_s=0.3)
+    runner, engine, log = await make_runner(engine, segment_seconds=2.0)
+    runner.start()
+    try:
+        runner.speak("u1", "A long sentence that streams in while it plays. " * 2)
+        runner.speak_end("u1")
+        await play_until(runner, log, lambda e: isinstance(e, events.SpeakStarted))
+        await play(runner, 2)
+        speech = next(s for s in runner.buffer.segments() if s.kind is SegmentKind.SPEAK)
+        assert not speech.complete
+        runner.interrupt()
+        assert runner.buffer.depth_frames == 0 and speech.cut
+        end = speech.end_frame
+        await asyncio.sleep(0.7)  # chunks of the cancelled job would have come by now
+        assert speech.end_frame == end
+        assert all(s.kind is not SegmentKind.SPEAK for s in runner.buffer.segments() if s.start_frame >= end)
+    finally:
+        await runner.close()
+
+
+class FailingMidStream(RecordingEngine):
+    """Fails its first segment after two chunks have gone out (a decoder error mid-segment)."""
+
+    def generate(self, request, cancel=None, on_chunk=None):
+        if self.fail_next and on_chunk is not None:
+            self.fail_next -= 1
+            sent = []
+
+            def relay(chunk) -> None:
+                if len(sent) == 2:
+                    raise RuntimeError("decoder failed")
+                sent.append(chunk)
+                on_chunk(chunk)
+
+            return super().generate(request, cancel, relay)
+        return super().generate(request, cancel, on_chunk)
+
+
+async def test_engine_failure_mid_stream_keeps_what_played_and_continues_from_it() -> None:
+    engine = FailingMidStream(chunk_frames=5)
+    engine.fail_next = 1
+    runner, engine, log = await make_runner(engine, idle_segment_seconds=1.0)
+    runner.start()
+    try:
+        await wait_until(lambda: len(engine.requests) >= 1, timeout_s=15.0)
+        first = next(iter(runner.buffer.segments()))
+        second_request = engine.requests[0]
+    finally:
+        await runner.close()
+    assert of_type(log, events.SessionError)[0].code == "engine_failed"
+    assert first.complete and first.num_frames == 10 and first.start_frame == 0
+    assert np.array_equal(second_request.continue_from.last_frame, first.frames[-1])

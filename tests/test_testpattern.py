@@ -100,3 +100,34 @@ def test_generate_delay_and_cancel() -> None:
     with pytest.raises(CancelledError):
         engine.generate(SegmentRequest(identity=identity, seconds=1.0), cancel)
     assert time.monotonic() - started < 0.2
+
+
+@pytest.mark.parametrize("kind", [SegmentKind.SPEAK, SegmentKind.LIPSYNC])
+def test_chunks_tile_the_segment_exactly(identity, kind) -> None:
+    """``on_chunk`` gets the segment in ``chunk_frames`` pieces whose frames and audio concatenate to
+    the returned segment exactly (issue 17); 1.0 s = 25 frames at 48 kHz (1,920 samples a frame)."""
+    engine = TestPatternEngine(chunk_frames=10)
+    chunks = []
+    audio = np.random.default_rng(1).uniform(-0.5, 0.5, 16_000).astype(np.float32)
+    request = SegmentRequest(identity=identity, kind=kind, seconds=1.0, audio=audio, audio_sample_rate=16_000)
+    segment = engine.generate(request, on_chunk=chunks.append)
+    assert [(c.start_frame, c.num_frames, c.last) for c in chunks] == [(0, 10, False), (10, 10, False), (20, 5, True)]
+    assert all(c.total_frames == 25 and c.sample_rate == 48_000 and c.fps == 25 for c in chunks)
+    assert [c.audio.shape[0] for c in chunks] == [19_200, 19_200, 9_600]
+    assert np.array_equal(np.concatenate([c.frames for c in chunks]), segment.frames)
+    assert np.array_equal(np.concatenate([c.audio for c in chunks]), segment.audio)
+
+
+def test_cancel_between_chunks_stops_the_stream(identity) -> None:
+    engine = TestPatternEngine(chunk_frames=5, chunk_delay_s=0.2)
+    cancel = threading.Event()
+    chunks = []
+
+    def on_chunk(chunk) -> None:
+        chunks.append(chunk)
+        cancel.set()  # the worker's relay returns at once; the next wait sees the event
+
+    started = time.monotonic()
+    with pytest.raises(CancelledError):
+        engine.generate(SegmentRequest(identity=identity, seconds=1.0), cancel, on_chunk)
+    assert len(chunks) == 1 and time.monotonic() - started < 0.15

@@ -14,11 +14,13 @@ raw latents, so this wrapper applies the normalisation on both sides. Precision 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 from diffusers import AutoencoderKLWan
+from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
 
 from engine.codecs.image import frames_to_uint8, image_to_tensor
 
@@ -212,6 +214,44 @@ class WanVideoVAE:
         raw = self.denormalize(latent)
         out = self.vae.decode(raw).sample
         return out.float().clamp(-1.0, 1.0)
+
+    @torch.no_grad()
+    def decode_chunks(self, latent: torch.Tensor) -> Iterator[torch.Tensor]:
+        """:meth:`decode` one latent frame at a time, yielding each frame's pixels as soon as it is done.
+
+        The Wan decoder is causal in time: diffusers' ``AutoencoderKLWan._decode`` already runs it on one
+        latent frame after the other with a feature cache and concatenates the outputs; this runs the
+        same loop and yields instead (issue 17: the first frames can play before the segment is whole).
+        With tiling on, or a diffusers version without that loop, it yields :meth:`decode` whole.
+
+        Args:
+            latent: ``float32 [1, 48, T, h, w]`` normalised latent, ``T >= 1``.
+
+        Yields:
+            ``float32 [1, 3, f_i, 16h, 16w]`` clamped to [-1, 1]; ``f_0 = 1``, then 4 per latent frame. They
+            concatenate (in time) to :meth:`decode`'s output exactly.
+
+        Raises:
+            ValueError: ``latent`` is not ``[1, 48, T, h, w]``.
+        """
+        if latent.ndim != 5 or latent.shape[0] != 1 or latent.shape[1] != Z_DIM or latent.shape[2] < 1:
+            raise ValueError(f"latent must be [1, {Z_DIM}, T>=1, h, w], got {list(latent.shape)}")
+        vae = self.vae
+        if not getattr(vae, "use_tiling", True) and hasattr(vae, "clear_cache"):
+            vae.clear_cache()  # sets the feature cache the loop needs
+        if getattr(vae, "use_tiling", True) or not all(hasattr(vae, name) for name in ("_feat_map", "_conv_idx")):
+            yield self.decode(latent)
+            return
+        x = vae.post_quant_conv(self.denormalize(latent))
+        try:
+            for i in range(x.shape[2]):
+                vae._conv_idx = [0]
+                out = vae.decoder(x[:, :, i : i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx,
+                                  first_chunk=i == 0)
+                out = unpatchify(out, patch_size=vae.config.patch_size).clamp(-1.0, 1.0)
+                yield out.float().clamp(-1.0, 1.0)
+        finally:
+            vae.clear_cache()
 
     def decode_to_uint8(self, latent: torch.Tensor) -> np.ndarray:
         """:meth:`decode` then :func:`~engine.codecs.image.frames_to_uint8`: ``uint8 [4T - 3, 16h, 16w, 3]``."""
