@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from pipecat.frames.frames import Frame
@@ -26,6 +27,7 @@ from pipecat.workers.runner import WorkerRunner
 
 from avatar_server.webrtc import use_host_addresses
 from clients.media import AudioRecord, VideoRecord, audio_frame_to_mono
+from clients.pipecat_avatar import BufferedSmallWebRTCTransport
 
 SAMPLE_RATE_HZ = 48_000
 
@@ -85,10 +87,16 @@ class Bot:
 
 @contextlib.asynccontextmanager
 async def pipecat_bot(
-    processors: Sequence[FrameProcessor], *, width: int = 224, height: int = 128
+    processors: Sequence[FrameProcessor],
+    *,
+    width: int = 224,
+    height: int = 128,
+    audio_out_10ms_chunks: int = 4,
+    transport_class: type[SmallWebRTCTransport] = BufferedSmallWebRTCTransport,
 ) -> AsyncIterator[Bot]:
     """``transport.input() -> *processors -> transport.output() -> Recorder`` running, its
-    transport connected to a headless viewer (loopback ICE)."""
+    transport (``transport_class``: the buffered one that docs/PIPECAT.md recommends, or
+    Pipecat's own ``SmallWebRTCTransport``) connected to a headless viewer (loopback ICE)."""
     use_host_addresses(["127.0.0.1"])
     viewer = Viewer(RTCPeerConnection())
     viewer.pc.addTransceiver("audio", direction="recvonly")
@@ -106,13 +114,14 @@ async def pipecat_bot(
     params = TransportParams(
         audio_out_enabled=True,
         audio_out_sample_rate=SAMPLE_RATE_HZ,
+        audio_out_10ms_chunks=audio_out_10ms_chunks,
         video_out_enabled=True,
         video_out_is_live=True,
         video_out_width=width,
         video_out_height=height,
         video_out_framerate=25,
     )
-    transport = SmallWebRTCTransport(webrtc_connection=connection, params=params)
+    transport = transport_class(webrtc_connection=connection, params=params)
     recorder = Recorder()
     pipeline = Pipeline([transport.input(), *processors, transport.output(), recorder])
     worker = PipelineWorker(
@@ -134,6 +143,29 @@ async def pipecat_bot(
         for task in viewer.tasks:
             task.cancel()
         await connection.disconnect()
+
+
+def heard_audio(audio: Sequence[AudioRecord]) -> tuple[np.ndarray, int]:
+    """What a listener plays of ``audio`` (frames in arrival order): each frame's samples at
+    its pts (RTP timestamp), the time of missing packets as silence, float32 mono; and the
+    number of samples missing. Raises ``ValueError`` if the frames have mixed sample rates."""
+    if not audio:
+        return np.zeros(0, np.float32), 0
+    rates = {a.sample_rate for a in audio}
+    if len(rates) != 1:
+        raise ValueError(f"audio: mixed sample rates {sorted(rates)}")
+    rate = rates.pop()
+    first = round(audio[0].pts_s * rate)
+    starts = [round(a.pts_s * rate) - first for a in audio]
+    end = max(s + a.samples.size for s, a in zip(starts, audio, strict=True))
+    out = np.zeros(end, np.float32)
+    covered = np.zeros(end, bool)
+    for start, record in zip(starts, audio, strict=True):
+        if start < 0:
+            continue  # a late packet from before the first one: not played
+        out[start : start + record.samples.size] = record.samples
+        covered[start : start + record.samples.size] = True
+    return out, int(end - np.count_nonzero(covered))
 
 
 async def wait_until(predicate, timeout_s: float, what: str) -> None:
