@@ -31,8 +31,9 @@ Measured at the viewer:
 
 * the transport alone (no server): ``english.wav`` as a TTS's audio while the event loop is
   blocked for 30 ms after every 20 ms; through ``BufferedSmallWebRTCTransport`` the viewer's
-  envelope correlation stays > 0.95 with no packet lost (Pipecat's own transport is printed
-  beside it: 0.33-0.45 measured).
+  envelope correlation stays > 0.95 with no packet lost, and its energy is 0.45-0.55 x the
+  input's (the -3 dB of aiortc's upmix, nothing else); Pipecat's own transport is printed
+  beside it (correlation 0.33-0.45 measured).
 
 Skipped when Pipecat is not installed (``pip install -e ".[pipecat]"``; CI installs it).
 """
@@ -79,7 +80,7 @@ pytestmark = pytest.mark.slow
 SHORT = "Hello there, this is the avatar speaking through Pipecat."
 LONG = "This sentence goes on and on for a long while so that it can be cut off in the middle of it. " * 2
 CLICK_LEVEL = 0.3  # the clicks peak at 0.9
-# as the microphone test; measured 0.86-0.996 (median 0.986) in 7 runs at load averages 8-26
+# as the microphone test; measured 0.86-0.996 (median 0.986) in 11 runs at load averages 5-26
 # with BufferedSmallWebRTCTransport, 0.50-0.82 with Pipecat's own transport (docs/PIPECAT.md)
 VIEWER_MIN_CORRELATION = 0.8
 SPEAKING = (TTSStartedFrame, TTSStoppedFrame, BotStartedSpeakingFrame, BotStoppedSpeakingFrame)
@@ -304,13 +305,20 @@ async def test_buffered_transport_sends_the_speech_whole_while_the_event_loop_st
     for transport_class in (SmallWebRTCTransport, BufferedSmallWebRTCTransport):
         heard, missing, stalls = await heard_through(transport_class, pcm)
         corr, _ = best_lag_correlation(rms_envelope(speech), rms_envelope(heard))
-        results[transport_class.__name__] = (corr, missing, stalls)
+        energy_ratio = float(np.sum(heard**2) / np.sum((pcm / 32768.0) ** 2))
+        results[transport_class.__name__] = (corr, missing, stalls, energy_ratio)
     print(
         "\nenvelope correlation at the viewer, event loop blocked 30 ms after every 20 ms: "
-        + ", ".join(f"{name} {c:.3f} ({s} stalls, {m} samples lost)" for name, (c, m, s) in results.items())
+        + ", ".join(
+            f"{name} {c:.3f} ({s} stalls, {m} samples lost, energy {e:.3f} x the input)"
+            for name, (c, m, s, e) in results.items()
+        )
     )
-    corr, missing, stalls = results["BufferedSmallWebRTCTransport"]
+    corr, missing, stalls, energy_ratio = results["BufferedSmallWebRTCTransport"]
     # 4.7 s of speech: a 30 ms stall every 50-90 ms (53-60 measured), each over the 10 ms that
     # the stock transport leaves for a hand-over and under the buffered one's 50 ms
     assert stalls > 30 and missing == 0
     assert corr > 0.95
+    # the input's own samples, -3 dB: aiortc's Opus encoder puts the mono track on both
+    # channels at 1/sqrt(2) (docs/PIPECAT.md, "Level")
+    assert 0.45 < energy_ratio < 0.55
