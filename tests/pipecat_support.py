@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
@@ -143,6 +144,50 @@ async def pipecat_bot(
         for task in viewer.tasks:
             task.cancel()
         await connection.disconnect()
+
+
+class _CountingDeque(deque):
+    """A deque that counts ``popleft`` calls."""
+
+    pops = 0
+
+    def popleft(self):
+        self.pops += 1
+        return super().popleft()
+
+
+class TrackReads:
+    """The reads of the transport's output audio track that took no audio from it (so the track
+    sent 10 ms of silence), with the output transport's queue of chunks at that moment. A
+    diagnosis of Pipecat 1.14's internals (``RawAudioTrack._chunk_queue``, the output's media
+    sender), printed by the tests, never asserted; :meth:`install` returns ``False`` where they
+    are not found."""
+
+    def __init__(self) -> None:
+        self.silent: list[tuple[float, int]] = []  # (monotonic s, chunks waiting upstream)
+
+    def install(self, transport: SmallWebRTCTransport) -> bool:
+        track = getattr(getattr(transport, "_client", None), "_audio_output_track", None)
+        sender = getattr(transport.output(), "_media_senders", {}).get(None)
+        if track is None or sender is None or not isinstance(getattr(track, "_chunk_queue", None), deque):
+            return False
+        queue = track._chunk_queue = _CountingDeque(track._chunk_queue)
+        recv = track.recv
+
+        async def counted_recv():
+            pops = queue.pops
+            frame = await recv()
+            if queue.pops == pops:
+                self.silent.append((time.monotonic(), sender._audio_queue.qsize()))
+            return frame
+
+        track.recv = counted_recv
+        return True
+
+    def between(self, start_s: float, end_s: float) -> tuple[int, int]:
+        """Silent reads in ``[start_s, end_s]``, and how many of them had audio waiting upstream."""
+        inside = [queued for t, queued in self.silent if start_s <= t <= end_s]
+        return len(inside), sum(queued > 0 for queued in inside)
 
 
 def heard_audio(audio: Sequence[AudioRecord]) -> tuple[np.ndarray, int]:
