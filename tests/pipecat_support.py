@@ -1,6 +1,8 @@
-"""Harness of the Pipecat tests: a Pipecat pipeline whose output transport is Pipecat's own
-WebRTC transport (``SmallWebRTCTransport``, aiortc) to a headless aiortc viewer in this
-process, with a recorder of the frames that leave the transport.
+"""Harness of the Pipecat tests: a Pipecat pipeline whose output transport is Pipecat's
+WebRTC transport (``SmallWebRTCTransport``, aiortc; by default as
+:class:`clients.pipecat_avatar.BufferedSmallWebRTCTransport`) to a headless aiortc viewer in
+this process, with a recorder of the frames that leave the transport; what the viewer hears
+(:func:`heard_audio`) and the silence the transport's track sent (:class:`TrackReads`).
 
 Import only after ``pytest.importorskip("pipecat")``.
 """
