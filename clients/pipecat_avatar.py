@@ -34,6 +34,11 @@ utterance's text at :attr:`AvatarService.words_per_second` (the server plans its
 ``on_avatar_interrupted`` event handler ``(service, utterance_id, played_ms, heard_text)``.
 In lipsync mode the other TTS's ``TTSTextFrame`` are held back and released when the returned
 audio has reached the point where they were fed.
+
+Transport. :class:`BufferedSmallWebRTCTransport` is Pipecat's ``SmallWebRTCTransport`` with
+one chunk of audio queued ahead in its output track: the stock one leaves its writer 10 ms to
+hand over each next chunk, and inserts 10 ms of silence whenever a busy event loop misses that
+(docs/PIPECAT.md, "Gaps in the transport's audio").
 """
 
 from __future__ import annotations
@@ -62,6 +67,7 @@ try:
         LLMFullResponseEndFrame,
         LLMFullResponseStartFrame,
         LLMTextFrame,
+        OutputAudioRawFrame,
         OutputImageRawFrame,
         StartFrame,
         TextFrame,
@@ -74,6 +80,7 @@ try:
     from pipecat.processors.frame_processor import FrameDirection
     from pipecat.services.ai_service import AIService
     from pipecat.services.settings import ServiceSettings
+    from pipecat.transports.smallwebrtc.transport import SmallWebRTCOutputTransport, SmallWebRTCTransport
     from pipecat.utils.text.base_text_aggregator import TextType
 except ModuleNotFoundError as exc:  # pragma: no cover - depends on the optional extra
     raise ImportError(f'clients.pipecat_avatar needs Pipecat: pip install -e ".[pipecat]" ({exc})') from exc
@@ -192,6 +199,7 @@ class AvatarService(AIService):
         self._current: _Utterance | None = None  # receiving text
         self._playing: _Utterance | None = None  # its audio is passed on
         self._count = 0
+        self._pending_interrupt: list[_Utterance] = []  # interrupted, the server not yet told
         # lipsync mode
         self._mic: PushAudioTrack | None = None
         self._resampler: av.AudioResampler | None = None
@@ -307,7 +315,10 @@ class AvatarService(AIService):
     async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
         """Text (speech mode) or TTS audio (lipsync mode) in; interruptions; the rest passes on."""
         if isinstance(frame, InterruptionFrame) and direction == FrameDirection.DOWNSTREAM:
-            self._epoch += 1  # before anything awaits: the pump drops what it holds of the old speech
+            # before anything awaits: the pump drops what it holds of the old speech, and no
+            # audio that arrives meanwhile is queued behind the interruption
+            self._epoch += 1
+            self._stop_passing_on()
             self._drop_queued_audio()
         await super().process_frame(frame, direction)
         if direction != FrameDirection.DOWNSTREAM or isinstance(frame, (StartFrame, EndFrame, CancelFrame)):
@@ -378,18 +389,17 @@ class AvatarService(AIService):
             self._fed_samples += samples.size
             self._fed_since_mute = True
 
-    async def _interrupt(self) -> None:
-        """Pipecat interrupted the bot: stop passing the avatar's audio on, tell the server."""
+    def _stop_passing_on(self) -> None:
+        """Pipecat interrupted the bot: no more of the avatar's audio is passed on (nothing
+        awaits here, so no audio callback runs in between)."""
         if self.mode == "speech":
-            pending = [u for u in self._utterances.values() if not u.interrupted]
-            for utterance in pending:
+            self._pending_interrupt = [u for u in self._utterances.values() if not u.interrupted]
+            for utterance in self._pending_interrupt:
                 utterance.interrupted = True
             # No TTSStoppedFrame: the output transport ends the bot's speech on the interruption
             # itself (a stop frame behind it would flush audio it has just dropped).
             self._playing = None
             self._current = None
-            if pending and self.client is not None:
-                await self.client.interrupt()
         else:
             if self._mic is not None:
                 self._mic.clear()
@@ -398,8 +408,12 @@ class AvatarService(AIService):
             self._lipsync_quiet_since_mute = self._fed_since_mute = False
             self._lipsync_speaking = False
             self._lipsync_stop_s = None
-            if self.client is not None:
-                await self.client.interrupt()
+
+    async def _interrupt(self) -> None:
+        """Tell the server (speech mode: only if an utterance was under way)."""
+        pending, self._pending_interrupt = self._pending_interrupt, []
+        if self.client is not None and (self.mode == "lipsync" or pending):
+            await self.client.interrupt()
 
     def _emit(self, item: Frame | tuple[str, tuple[Any, ...]]) -> None:
         """Queue a frame (or an event: name, arguments) for the pump."""
@@ -534,3 +548,50 @@ class AvatarService(AIService):
         self._returned_samples += frame.samples * MIC_SAMPLE_RATE_HZ // frame.sample_rate
         while self._held and self._held[0].at_samples <= self._returned_samples:
             self._emit(self._held.pop(0).frame)
+
+
+class _BufferedOutputTransport(SmallWebRTCOutputTransport):
+    """SmallWebRTC output whose audio writes return once the chunk before is played."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._ahead: tuple[Any, asyncio.Future[Any]] | None = None  # (track, its last chunk played)
+
+    async def write_audio_frame(self, frame: OutputAudioRawFrame) -> bool:
+        """Queue ``frame.audio`` (int16 at the output rate, a whole number of 10 ms) on the
+        output track and wait until the chunk written before it has been played; the first
+        chunk, and one after a new track, return at once. A Pipecat without the attributes
+        this relies on gets the stock write."""
+        client = self._client
+        track = getattr(client, "_audio_output_track", None)
+        can_send = getattr(client, "_can_send", None)
+        if track is None or can_send is None or not hasattr(track, "add_audio_bytes"):
+            return await super().write_audio_frame(frame)
+        if not can_send():
+            return False
+        played = track.add_audio_bytes(frame.audio)
+        before, self._ahead = self._ahead, (track, played)
+        if before is not None and before[0] is track:
+            await before[1]
+        return True
+
+
+class BufferedSmallWebRTCTransport(SmallWebRTCTransport):
+    """Pipecat's ``SmallWebRTCTransport`` (same arguments) with one audio chunk queued ahead.
+
+    Pipecat 1.14's output track (``RawAudioTrack``) is handed one chunk of
+    ``audio_out_10ms_chunks`` x 10 ms at a time and the writer waits until the chunk has been
+    played, so the next one must be written within the 10 ms between the track's last two
+    reads; when the event loop is late for that, the track sends 10 ms of silence and the rest
+    of the speech 10 ms later, however much audio waits upstream. Here the writer waits for
+    the chunk before the one it wrote instead: the track holds one more chunk (40 ms at the
+    default 4), which is the writer's slack, and as much more audio still plays after an
+    interruption. ``BotStoppedSpeakingFrame`` comes one chunk before the end of the audio.
+    Measured, docs/PIPECAT.md.
+    """
+
+    def output(self) -> SmallWebRTCOutputTransport:
+        """The output processor (created once), buffered as the class says."""
+        if self._output is None:
+            self._output = _BufferedOutputTransport(self._client, self._params, name=self._output_name)
+        return self._output
