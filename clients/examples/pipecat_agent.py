@@ -179,11 +179,12 @@ def build_pipeline(config: AgentConfig, connection: Any) -> tuple[Any, Any]:
     from pipecat.services.openai.llm import OpenAILLMService
     from pipecat.services.openai.stt import OpenAISTTService
     from pipecat.transports.base_transport import TransportParams
-    from pipecat.transports.smallwebrtc.transport import SmallWebRTCTransport
 
-    from clients.pipecat_avatar import AvatarService
+    from clients.pipecat_avatar import AvatarService, BufferedSmallWebRTCTransport
 
-    transport = SmallWebRTCTransport(
+    # Pipecat's SmallWebRTCTransport with one audio chunk queued ahead, so a late event loop does
+    # not cut 10 ms gaps into the avatar's speech (docs/PIPECAT.md, "Gaps in the transport's audio").
+    transport = BufferedSmallWebRTCTransport(
         webrtc_connection=connection,
         params=TransportParams(
             audio_in_enabled=True,
