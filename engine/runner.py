@@ -45,13 +45,14 @@ exercised without a GPU here.
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Callable, Sequence
 
 import torch
 
 from engine.backends.base import BackendInfo
-from engine.dit import AttentionKernel, DiTModel
+from engine.dit import AttentionKernel, DiTModel, attention_masks
 from engine.packing import (
     FRAME_RECEPTIVE_FIELD,
     CoordsStyle,
@@ -85,12 +86,24 @@ def text_buckets_up_to(limit: int, candidates: Sequence[int] = (64, 128, 256, 38
     return tuple(sorted({b for b in candidates if b < limit} | {limit}))
 
 
+def _takes_static_inputs(model) -> bool:
+    """``model``'s call accepts ``rope`` and ``masks`` (:meth:`engine.dit.DiTModel.forward`)."""
+    call = model.forward if isinstance(model, torch.nn.Module) else model
+    try:
+        params = inspect.signature(call).parameters
+    except (TypeError, ValueError):
+        return False
+    return "rope" in params and "masks" in params
+
+
 class DiTStep:
     """The DiT call of one denoising step: ``(packed: PackedInputs) -> fp32 [L, out_channels]``.
 
     Calls ``model(packed.x, packed.coords, packed.modality, spans=..., local_ranges=...,
-    compute_dtype=...)`` with ``valid_length`` when the text is padded (:func:`engine.packing.packed_layout`)
-    and ``attention_kernel`` when one is given.
+    compute_dtype=...)`` with the segment's precomputed ``rope`` and ``masks`` (:meth:`DiTRunner.prepare`)
+    when ``model`` takes them (:attr:`takes_static_inputs`: no host sync in the call, issue 17), else with
+    ``valid_length`` when the text is padded (:func:`engine.packing.packed_layout`); and with
+    ``attention_kernel`` when one is given.
 
     Args:
         model: what is called, with :meth:`engine.dit.DiTModel.forward`'s signature: the runner's DiT
@@ -100,16 +113,23 @@ class DiTStep:
         compute_dtype: block compute dtype.
         attention_kernel: the attention kernel passed with every call (:data:`engine.dit.AttentionKernel`),
             or None for the DiT's default SDPA attention.
+
+    Attributes:
+        takes_static_inputs: ``model``'s call accepts ``rope`` and ``masks`` (a :class:`DiTModel` or a
+            shadow of one; not :class:`engine.context_parallel.DistributedDiT`).
     """
 
     def __init__(self, model, compute_dtype: torch.dtype,
                  attention_kernel: AttentionKernel | None = None):
         self.model, self.compute_dtype, self.attention_kernel = model, compute_dtype, attention_kernel
+        self.takes_static_inputs = _takes_static_inputs(model)
 
     def __call__(self, packed: PackedInputs) -> torch.Tensor:
         """fp32 ``[L, out_channels]`` for ``packed`` (``packed.x`` fp32 ``[L, in_channels]``)."""
         kwargs = {}
-        if packed.num_padding:
+        if packed.rope is not None and packed.masks is not None and self.takes_static_inputs:
+            kwargs["rope"], kwargs["masks"] = packed.rope, packed.masks
+        elif packed.num_padding:
             kwargs["valid_length"] = packed.valid_length
         if self.attention_kernel is not None:
             kwargs["attention_kernel"] = self.attention_kernel
@@ -170,18 +190,39 @@ class DiTRunner:
             num_text: text tokens that carry the prompt (``<= 640``).
             device: device of the inputs (default the DiT's).
 
+        The rotary table and the attention masks are computed here once (``packed.rope``,
+        ``packed.masks``) and passed to every DiT call that accepts them (:attr:`takes_static_inputs`), so
+        a step does no host synchronisation (issue 17).
+
         Raises:
-            ValueError: ``num_text`` above the rows given.
+            ValueError: ``num_text`` above the rows given, or coordinates with a non-finite rotary scale.
         """
         shape = tuple(latent_shape)[-4:]
         if device is None:
             device = _device_of(self.dit)
         cfg = self.dit.config
-        return packed_layout(
+        packed = packed_layout(
             shape, num_audio, text_features, num_text=num_text, text_rows=self.text_rows(num_text),
             in_channels=cfg.in_channels, audio_channels=cfg.audio_in_channels, coords_style=self.coords_style,
             frame_receptive_field=self.frame_receptive_field, device=device,
         )
+        with torch.no_grad():
+            packed.rope = self.dit.adapter.rope(packed.coords)
+        packed.masks = attention_masks(packed.length, packed.x.device,
+                                       packed.local_ranges if cfg.local_attn_layers else None,
+                                       packed.valid_length if packed.num_padding else None)
+        return packed
+
+    @property
+    def takes_static_inputs(self) -> bool:
+        """The step passes the precomputed ``rope``/``masks`` of :meth:`prepare` to the DiT (a
+        :class:`DiTStep` over a module with :meth:`DiTModel.forward`'s signature, also under ``torch.compile``);
+        False for TensorRT and context-parallel steps, which compute both themselves."""
+        step = self.forward
+        flag = getattr(step, "takes_static_inputs", None)
+        if flag is None:  # torch.compile of a step keeps the original callable
+            flag = getattr(getattr(step, "_torchdynamo_orig_callable", None), "takes_static_inputs", False)
+        return bool(flag)
 
     def eager_step(self) -> DiTStep:
         """A new eager step: the DiT itself, default attention, the runner's compute dtype."""
