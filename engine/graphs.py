@@ -217,7 +217,12 @@ class _StaticSegment:
 
     def capture(self, pool, warmup_runs: int) -> None:
         """Warm up on a side stream, then capture :meth:`body` into one CUDA graph (PyTorch's "whole
-        network capture" recipe). The outputs of the capture stay the graph's static outputs."""
+        network capture" recipe). The outputs of the capture stay the graph's static outputs.
+
+        Every graph of a :class:`GraphLoop` shares one memory pool: a later capture may place its
+        intermediates (and its outputs) in memory that an earlier graph uses as scratch. That is safe
+        here because replays never overlap (the engine's lock), every static input lives outside the
+        pool, and :meth:`run` copies the outputs out right after the replay, before another graph runs."""
         device = self.video.device
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
@@ -226,7 +231,8 @@ class _StaticSegment:
                 self.body()
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
+        # thread_local: the server's other threads (identity encodes, decodes) may use CUDA meanwhile
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
             outputs = self.body()
         self.graph, self.outputs = graph, outputs
 

@@ -28,19 +28,27 @@ a step that runs the engine. The :class:`engine.dit.DiTModel` is never changed b
 DiT can serve several runners with different backends, and :func:`engine.backends.reset_backend`
 gives back the eager step.
 
-Not done yet: the whole 8-step loop as one CUDA graph (issue 17). What it needs, in order: (1) the
-sampler's per-step host work off the loop: ``flow_timesteps`` and the sigmas as device tensors
-computed once, the ``timesteps.tolist()`` iteration and ``cancel.is_set()`` checks moved outside the
-captured region (cancel then acts per segment, not per step); (2) the noise of every step drawn
-up front into static buffers (``generator_noise`` draws on the host-side generator state inside the
-loop; a CUDA generator registered with the graph via ``graph.register_generator_state`` or
-pre-drawn ``[steps, ...]`` buffers keeps the reference's draw order, PIPELINE.md §4.3); (3)
-``write_latents``/``unpack`` are already copies into/out of the static ``PackedInputs.x`` of
-:meth:`DiTRunner.prepare`, and ``attention_masks`` is shape-static per bucket, so the DiT call
-itself captures as is; (4) capture with ``torch.cuda.graph`` per (segment length x bucket), keyed
-like :meth:`engine.pipeline.MagiHumanEngine.warm_up`'s shapes, and replay after copying the initial
-noise and image latent into the graph's inputs. It is not written because none of it can be
-exercised without a GPU here.
+The whole 8-step loop as one CUDA graph (issue 17) is :class:`engine.graphs.GraphLoop`, used by
+:class:`engine.pipeline.MagiHumanEngine` when ``graph_loop`` is on (default on CUDA). What it rests on:
+(1) no host work between the loop's device operations: the sigmas live on the device, the steps are
+unrolled, the cancel event is checked before and after the loop only (cancel acts per segment);
+(2) the noise of every step drawn up front into ``[steps, ...]`` buffers in the reference's order
+(:func:`engine.graphs.draw_step_noise`, PIPELINE.md §4.3); (3) :meth:`DiTRunner.prepare` computes the
+rotary table and the attention masks once per segment (``PackedInputs.rope``/``masks``), so the DiT call
+no longer reads a value back to the host (it checked the rotary scale's finiteness at every call) and
+the text-padding mask is data in a buffer, not ``valid_length`` baked into the captured slices; the
+latents are copied into the static ``PackedInputs.x``; (4) one static segment and one graph per
+(latent shape, audio tokens, text rows, steps, audio stepped, image), captured after a warm-up on a
+side stream, every graph in one shared memory pool, replayed after copying the request's noise, image
+latent, text rows, rotary table and mask into the static buffers (:meth:`engine.pipeline.MagiHumanEngine.warm_up`
+captures each segment length x text bucket of a speak segment). On CPU the same buffers and loop run
+eagerly; tests/test_graph_loop.py shows there that the loop equals :func:`engine.sampler.sample`
+bit for bit (text, lip-sync) and dispatches no host-synchronising operation and no random draw.
+Only a GPU can check: that the capture succeeds with each backend (``fast``, ``fp8``, ``compile``
+without CUDA graphs of its own; ``reduce-overhead`` compile, TensorRT and context parallel are not
+captured and run the static loop eagerly), that replays of several graphs in any order equal the eager
+loop, and the time saved (``python -m ops.bench --graph-loop``); the CUDA tests of
+tests/test_graph_loop.py and that benchmark do it.
 """
 
 from __future__ import annotations

@@ -297,6 +297,24 @@ def test_a_backend_change_drops_the_static_segments(dit):
     reset_backend(model)
 
 
+def test_bench_times_the_graph_loop_against_sample(dit):
+    """ops.bench --graph-loop's figures: the loop equals sample() (relative error 0 on CPU), not captured."""
+    import argparse
+
+    from ops.bench import bench_graph_loop
+
+    runner = make_runner(dit)
+    _, video, audio, _, features = segment_inputs(4)
+    args = argparse.Namespace(seed=4, warmup=0, loop_repeats=1)
+    config = dataclasses.replace(TEXT, num_steps=2)
+    with torch.inference_mode():
+        packed = runner.prepare(video.shape, audio.shape[1], features, 40)
+    figures = bench_graph_loop(args, runner, packed, config, video, audio)
+    assert figures["rel_err_graph_vs_sample"] == 0.0 and figures["graph_captured"] is False
+    assert len(figures["dit_8step_graph_s_all"]) == 1 and figures["dit_8step_graph_s"] > 0
+    assert figures["graph_first_call_s"] > 0
+
+
 # ---------------------------------------------------------------------------------------- engine
 
 
