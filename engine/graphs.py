@@ -59,8 +59,10 @@ __all__ = [
     "GraphLoop",
     "HostSyncRecorder",
     "StepNoise",
+    "check_static_config",
     "draw_step_noise",
     "static_denoise",
+    "steps_audio",
 ]
 
 StaticVelocity = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
