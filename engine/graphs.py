@@ -253,8 +253,8 @@ class GraphLoop:
     captured graph) per shape key; see the module doc.
 
     Args:
-        runner: the runner whose DiT the loop calls (its backend already applied or applied later:
-            a backend change is noticed and the cache dropped).
+        runner: the runner whose step the loop calls (its backend applied before or after: a new
+            ``runner.forward`` is noticed and the cache dropped).
         capture: capture CUDA graphs when the device is CUDA and :meth:`capturable` holds (default
             True); False runs the static loop eagerly everywhere.
         warmup_runs: eager runs on a side stream before a capture (cuBLAS/compile warm-up).
@@ -271,13 +271,13 @@ class GraphLoop:
         self._segments: dict[ShapeKey, _StaticSegment] = {}
         self._sigmas: dict[tuple, torch.Tensor] = {}
         self._pool = None
-        self._backend = None
+        self._step = runner.forward
         self.captures = 0
         self.failures: set[ShapeKey] = set()
 
     def capturable(self, device: torch.device) -> bool:
-        """True when the loop is captured on ``device``: CUDA, ``capture`` on, the runner's DiT takes the
-        precomputed rope/masks (:attr:`DiTRunner.takes_static_inputs`, not TensorRT or context parallel)
+        """True when the loop is captured on ``device``: CUDA, ``capture`` on, the runner's step passes the
+        precomputed rope/masks (:attr:`DiTRunner.takes_static_inputs`: not TensorRT, not context parallel)
         and no ``before_call`` hook (``reduce-overhead`` compile manages CUDA graphs of its own)."""
         return (self.capture and torch.device(device).type == "cuda" and self.runner.before_call is None
                 and self.runner.takes_static_inputs)
@@ -329,10 +329,9 @@ class GraphLoop:
         if tuple(noise.video.shape) != (steps, *video.shape) or tuple(noise.audio.shape) != (steps, *audio.shape):
             raise ValueError(f"step noise {tuple(noise.video.shape)}, {tuple(noise.audio.shape)} does not match "
                              f"{steps} steps of video {tuple(video.shape)} and audio {tuple(audio.shape)}")
-        backend = getattr(self.runner.dit, "_backend_info", None)
-        if backend is not self._backend:
+        if self.runner.forward is not self._step:  # a backend was applied: graphs of the old step are stale
             self.clear()
-            self._backend = backend
+            self._step = self.runner.forward
         device = video.device
         key = self.key(packed, config, image_latent is not None)
         segment = self._segments.get(key)

@@ -257,8 +257,9 @@ def test_capturable_only_on_cuda_with_a_static_dit_call(dit):
 
 
 def test_an_older_dit_signature_gets_valid_length_and_still_matches(dit):
-    """A backend that replaces the forward with the older signature (TensorRT, context parallel) is
-    called without rope/masks, is never captured, and the eager static loop still equals sample()."""
+    """A DiT call with the older signature (context parallel's DistributedDiT) is called without
+    rope/masks, is never captured, and the eager static loop still equals sample(); nor is a step that is
+    no DiTStep (TensorRT's) captured."""
     model = seeded_dit(preview_config(), seed=0)
     calls = []
 
@@ -275,13 +276,14 @@ def test_an_older_dit_signature_gets_valid_length_and_still_matches(dit):
     assert calls == [56 + 6 + 40] * 16
     (ref_video, _), _ = run_both(make_runner(dit), TEXT, num_text=40)
     assert torch.equal(g_video, video) and torch.equal(g_audio, audio) and torch.equal(video, ref_video)
+    runner.forward = lambda packed: torch.zeros(packed.length, 192)
+    assert not runner.takes_static_inputs
 
 
 def test_a_backend_change_drops_the_static_segments(dit):
-    from engine.backends import apply_backend, reset_backend
+    from engine.backends import apply_backend
 
-    model = seeded_dit(preview_config(), seed=0)
-    runner = make_runner(model)
+    runner = make_runner(dit)
     loop = GraphLoop(runner)
     gen, video, audio, image, features = segment_inputs(2)
     with torch.inference_mode():
@@ -291,10 +293,10 @@ def test_a_backend_change_drops_the_static_segments(dit):
         first = next(iter(loop._segments.values()))
         loop.run(packed, video, audio, TEXT, noise)
         assert next(iter(loop._segments.values())) is first
-        apply_backend(model, "eager", "cpu")
+        apply_backend(runner, "fast", "cpu")
+        assert runner.takes_static_inputs  # the fast step passes them with its attention kernel
         loop.run(packed, video, audio, TEXT, noise)
         assert len(loop) == 1 and next(iter(loop._segments.values())) is not first
-    reset_backend(model)
 
 
 def test_bench_times_the_graph_loop_against_sample(dit):
