@@ -25,8 +25,8 @@ equal within fp32 summation order there (tests/test_graph_loop.py).
 steps, whether audio is stepped, whether an image latent conditions frame 0), copies each request's
 inputs into them and runs :func:`static_denoise` on them. On CUDA with a DiT call that can be captured
 (:meth:`GraphLoop.capturable`: the runner passes static inputs and no backend CUDA graphs of its own)
-the loop is captured once per key with ``torch.cuda.graph`` after a warm-up on a side stream and then
-replayed; everywhere else (CPU, TensorRT, context parallel, ``reduce-overhead`` compile) the same buffers
+the loop is captured once per key with ``torch.cuda.graph`` after a warm-up on a side stream (at the
+key's second run, or at once from :meth:`engine.pipeline.MagiHumanEngine.warm_up`) and then replayed; everywhere else (CPU, TensorRT, context parallel, ``reduce-overhead`` compile) the same buffers
 and the same function run eagerly, so CPU tests cover every line but the capture and replay calls.
 
 Cancellation acts per segment: nothing is checked inside the loop (a replay cannot be stopped), so a
@@ -42,6 +42,7 @@ draws from a random generator.
 from __future__ import annotations
 
 import logging
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -258,17 +259,27 @@ class GraphLoop:
         capture: capture CUDA graphs when the device is CUDA and :meth:`capturable` holds (default
             True); False runs the static loop eagerly everywhere.
         warmup_runs: eager runs on a side stream before a capture (cuBLAS/compile warm-up).
+        capture_after: a shape is captured at its ``capture_after``-th run (default 2), unless
+            :meth:`run` is asked to capture at once (``warm_up``): a one-off shape (a lip-sync clip of an
+            unusual length) then costs no capture (two loop runs), only one eager run.
+        max_shapes: static segments kept at most, least recently used dropped first (each holds the
+            inputs of one segment, ~100 MB for a 5 s 448x256 segment of the full model).
 
     Attributes:
         captures: number of graphs captured so far; failures: keys whose capture raised (they run
             eagerly, logged once).
     """
 
-    def __init__(self, runner: DiTRunner, *, capture: bool = True, warmup_runs: int = 1):
+    def __init__(self, runner: DiTRunner, *, capture: bool = True, warmup_runs: int = 1, capture_after: int = 2,
+                 max_shapes: int = 64):
+        if capture_after < 1 or max_shapes < 1:
+            raise ValueError(f"capture_after {capture_after} and max_shapes {max_shapes} must be >= 1")
         self.runner = runner
         self.capture = capture
         self.warmup_runs = warmup_runs
-        self._segments: dict[ShapeKey, _StaticSegment] = {}
+        self.capture_after, self.max_shapes = capture_after, max_shapes
+        self._segments: OrderedDict[ShapeKey, _StaticSegment] = OrderedDict()
+        self._runs: Counter[ShapeKey] = Counter()
         self._sigmas: dict[tuple, torch.Tensor] = {}
         self._pool = None
         self._step = runner.forward
@@ -285,6 +296,7 @@ class GraphLoop:
     def clear(self) -> None:
         """Drop every static segment and graph (e.g. after a backend change)."""
         self._segments.clear()
+        self._runs.clear()
         self._sigmas.clear()
         self.failures.clear()
 
@@ -304,7 +316,8 @@ class GraphLoop:
         return self._sigmas[key]
 
     def run(self, packed: PackedInputs, video: torch.Tensor, audio: torch.Tensor, config: SamplerConfig,
-            noise: StepNoise, *, image_latent: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            noise: StepNoise, *, image_latent: torch.Tensor | None = None,
+            capture_now: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Denoise one segment: what :func:`engine.sampler.sample` returns for the same inputs with
         ``noise_fn`` drawing ``noise`` (see the module doc for exactness).
 
@@ -314,6 +327,7 @@ class GraphLoop:
             config: a distilled :class:`SamplerConfig` (``a2v``/``keep_audio_clean`` honoured).
             noise: :func:`draw_step_noise` for ``config.num_steps`` steps.
             image_latent: fp32 ``[1, C, 1, h, w]`` written into frame 0 (§7), or None.
+            capture_now: capture this shape now (where :meth:`capturable`), not at its ``capture_after``-th run.
 
         Returns:
             (video, audio): fp32 final latents (new tensors, not the static buffers).
@@ -339,8 +353,14 @@ class GraphLoop:
             segment = _StaticSegment(self.runner, packed, video, audio, self.sigmas(config, device), noise,
                                      steps_audio(config), image_latent)
             self._segments[key] = segment
+            while len(self._segments) > self.max_shapes:
+                old, _ = self._segments.popitem(last=False)
+                self._runs.pop(old, None)
+        self._segments.move_to_end(key)
+        self._runs[key] += 1
         segment.load(packed, video, audio, noise, image_latent)
-        if segment.graph is None and key not in self.failures and self.capturable(device):
+        wanted = capture_now or self._runs[key] >= self.capture_after
+        if segment.graph is None and wanted and key not in self.failures and self.capturable(device):
             self._capture(key, segment)
         return segment.run()
 

@@ -178,7 +178,7 @@ class MagiHumanEngine:
         speak segment once, which captures its CUDA graph where allowed. Inputs are zeros (only the
         shapes matter). Lip-sync segments have one audio latent fewer than a speak segment of the same
         length (fewer still when the audio is shorter): those shapes are not covered (the graph loop
-        captures them at their first use).
+        captures them at their second use).
 
         Args:
             segment_seconds: requested segment lengths in seconds (each ``0 < s <= max_segment_seconds``).
@@ -246,7 +246,7 @@ class MagiHumanEngine:
         steps = config.num_steps
         noise = StepNoise(video.new_zeros((steps, *video.shape)), audio.new_zeros((steps, *audio.shape)))
         image_latent = video.new_zeros((*video.shape[:2], 1, *video.shape[3:]))
-        self.graph_loop.run(inputs, video, audio, config, noise, image_latent=image_latent)
+        self.graph_loop.run(inputs, video, audio, config, noise, image_latent=image_latent, capture_now=True)
         return True
 
     def _denoise(self, inputs, video: torch.Tensor, audio: torch.Tensor, config: SamplerConfig,

@@ -299,6 +299,43 @@ def test_a_backend_change_drops_the_static_segments(dit):
         assert len(loop) == 1 and next(iter(loop._segments.values())) is not first
 
 
+class RecordingCaptures(GraphLoop):
+    """The capture policy without a GPU: capturable everywhere, the capture call recorded (the capture
+    itself is checked by the CUDA tests below)."""
+
+    def capturable(self, device):
+        return True
+
+    def _capture(self, key, segment):
+        self.captures += 1
+        self.captured.append(key)
+
+
+def test_capture_policy_second_run_warm_up_at_once_and_lru_bound(dit):
+    runner = make_runner(dit)
+    loop = RecordingCaptures(runner, max_shapes=2)
+    loop.captured = []
+    config = dataclasses.replace(TEXT, num_steps=1)
+    with torch.inference_mode():
+        def run(seconds, num_text, **kwargs):
+            gen, video, audio, _, features = segment_inputs(1, seconds)
+            packed = runner.prepare(video.shape, audio.shape[1], features, num_text)
+            loop.run(packed, video, audio, config, draw_step_noise(gen, video, audio, 1), **kwargs)
+            return loop.key(packed, config, False)
+
+        a = run(SECONDS, 40)
+        assert loop.captured == []  # a one-off shape is not captured
+        assert run(SECONDS, 10) == a and loop.captured == [a]  # its second run (another text length) is
+        b = run(SECONDS, 100, capture_now=True)  # warm_up: at once
+        assert loop.captured == [a, b]
+        c = run(0.4, 40)
+        assert len(loop) == 2 and a not in loop._segments  # least recently used dropped
+        run(SECONDS, 40)  # a again: a new static segment, its first run
+        assert loop.captured == [a, b] and c in loop._segments and b not in loop._segments
+    with pytest.raises(ValueError, match="capture_after"):
+        GraphLoop(runner, capture_after=0)
+
+
 def test_bench_times_the_graph_loop_against_sample(dit):
     """ops.bench --graph-loop's figures: the loop equals sample() (relative error 0 on CPU), not captured."""
     import argparse
