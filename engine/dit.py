@@ -372,6 +372,8 @@ class DiTModel(nn.Module):
         intermediates: dict | None = None,
         valid_length: int | None = None,
         attention_kernel: AttentionKernel | None = None,
+        rope: torch.Tensor | None = None,
+        masks: tuple[torch.Tensor | None, torch.Tensor | None] | None = None,
     ) -> torch.Tensor:
         """Predict the flow velocity of every video and audio token.
 
@@ -396,6 +398,12 @@ class DiTModel(nn.Module):
                 FlashAttention, SDPA, ... from :mod:`engine.backends.attention`, chosen by the runner's
                 backend, :func:`engine.backends.apply_backend`); None: :func:`attention` (SDPA, upcast
                 per ``exact_attention``).
+            rope: precomputed ``self.adapter.rope(coords)``, fp32 ``[L, 6 B]`` (static over a segment,
+                :meth:`engine.runner.DiTRunner.prepare`); skips the table and its finiteness check, the
+                one host synchronisation of a call (issue 17). None: computed from ``coords``.
+            masks: precomputed ``(global, local)`` bool ``[L, L]`` masks (:func:`attention_masks`, or any
+                masks of that shape; True = attend); ``local_ranges`` and ``valid_length`` are then not
+                used. None: built from them at every call.
 
         Returns:
             fp32 ``[L, out_channels]``: video rows hold ``video_in`` values, audio rows their
@@ -406,10 +414,13 @@ class DiTModel(nn.Module):
             spans = modality_spans(modality)
         if exact_attention is None:
             exact_attention = x.device.type != "cuda"
-        rope = self.adapter.rope(coords)
+        if rope is None:
+            rope = self.adapter.rope(coords)
         h = self.adapter(x, spans)
-        global_mask, local_mask = attention_masks(
-            x.shape[0], x.device, local_ranges if cfg.local_attn_layers else None, valid_length)
+        if masks is None:
+            masks = attention_masks(x.shape[0], x.device, local_ranges if cfg.local_attn_layers else None,
+                                    valid_length)
+        global_mask, local_mask = masks
         if intermediates is not None:
             intermediates["rope"], intermediates["adapter_out"] = rope, h
         for i, layer in enumerate(self.block.layers):

@@ -98,7 +98,7 @@ def _buckets(text_buckets: TextBuckets, limit: int) -> tuple[int, ...] | None:
 def build_preview_engine(*, seed: int = 0, device: str = "cpu", width: int = PREVIEW_WIDTH,
                          height: int = PREVIEW_HEIGHT, compute_dtype: torch.dtype | None = None,
                          sr: bool = False, backend: str = "eager",
-                         text_buckets: TextBuckets = "auto") -> MagiHumanEngine:
+                         text_buckets: TextBuckets = "auto", graph_loop: bool | None = None) -> MagiHumanEngine:
     """The ``preview`` preset: the same classes at a small size with seeded, untrained weights.
 
     Its pictures and sounds are noise by design; the structure (shapes, rates, timing, the
@@ -109,7 +109,8 @@ def build_preview_engine(*, seed: int = 0, device: str = "cpu", width: int = PRE
     fp32 at 51.2 kHz) that keep 25 audio latents per second. ``sr=True`` adds a seeded preview SR DiT
     that super-resolves segments to twice the size (``2 width x 2 height``). ``backend`` selects the
     DiT execution path (:func:`engine.backends.apply_backend`: eager, fast, compile, fp8, ...).
-    ``text_buckets``: see :data:`TextBuckets` (default ``"auto"``: 64, 128, 256).
+    ``text_buckets``: see :data:`TextBuckets` (default ``"auto"``: 64, 128, 256). ``graph_loop``: the
+    engine's option (:class:`engine.pipeline.MagiHumanEngine`; None: on for CUDA, off elsewhere).
     """
     from engine.codecs.audio_vae import OobleckAudioVAE
     from engine.codecs.text_encoder import T5GemmaTextEncoder
@@ -125,7 +126,7 @@ def build_preview_engine(*, seed: int = 0, device: str = "cpu", width: int = PRE
         OobleckAudioVAE.preview(seed=seed, encode_dtype=torch.bfloat16, model_sample_rate=PREVIEW_AUDIO_MODEL_RATE_HZ),
         width=width, height=height, device=device, compute_dtype=compute_dtype or torch.bfloat16, name="preview", notice=PREVIEW_NOTICE,
         sr_dit=sr_dit, sr_size=(2 * width, 2 * height) if sr else None, max_text_tokens=PREVIEW_TEXT_TOKENS,
-        text_buckets=_buckets(text_buckets, PREVIEW_TEXT_TOKENS),
+        text_buckets=_buckets(text_buckets, PREVIEW_TEXT_TOKENS), graph_loop=graph_loop,
     )
     return use_backend(engine, backend)
 
@@ -142,6 +143,7 @@ def build_full_engine(
     sr: bool = False,
     sr_size: tuple[int, int] = FULL_SR_SIZE,
     text_buckets: TextBuckets = "auto",
+    graph_loop: bool | None = None,
 ) -> MagiHumanEngine:
     """The streaming engine on the released stack: distilled DiT, Turbo decoder, bf16 compute.
 
@@ -161,6 +163,8 @@ def build_full_engine(
         progress: loading progress bars.
         sr, sr_size: load the SR DiT, and its output size in pixels.
         text_buckets: see :data:`TextBuckets` (default ``"auto"``: 64, 128, 256, 384, 512, 640).
+        graph_loop: the distilled loop as one CUDA graph per shape (:class:`engine.graphs.GraphLoop`;
+            None: on for CUDA).
 
     Returns:
         :class:`engine.pipeline.MagiHumanEngine` named ``full``.
@@ -185,7 +189,7 @@ def build_full_engine(
         width=width, height=height, device=device, compute_dtype=compute_dtype, sampler=DISTILL,
         keep_audio_clean=True, video_decoder=models.turbo_decoder, name="full",
         sr_dit=models.sr_dit if sr else None, sr_size=sr_size if sr else None,
-        text_buckets=_buckets(text_buckets, FULL_TEXT_TOKENS),
+        text_buckets=_buckets(text_buckets, FULL_TEXT_TOKENS), graph_loop=graph_loop,
     )
 
 
@@ -203,7 +207,8 @@ def use_backend(engine: MagiHumanEngine, backend: str, **options) -> MagiHumanEn
 
 def create_engine(preset: str, *, checkpoint_dir: str | None = None, device: str = "cpu", seed: int = 0,
                   sr: bool = False, backend: str = "eager", testpattern_delay_s: float = 0.0,
-                  text_buckets: TextBuckets = "auto", compile_cache_dir: str | Path | None = None):
+                  text_buckets: TextBuckets = "auto", compile_cache_dir: str | Path | None = None,
+                  graph_loop: bool | None = None):
     """Build a :class:`engine.api.SegmentEngine` by preset name (the one dispatcher).
 
     * ``preview``: :func:`build_preview_engine` (CPU friendly, seeded weights).
@@ -224,6 +229,8 @@ def create_engine(preset: str, *, checkpoint_dir: str | None = None, device: str
         text_buckets: see :data:`TextBuckets` (default ``"auto"``: static shapes, issue 17).
         compile_cache_dir: keep ``torch.compile``'s caches there
             (:func:`engine.backends.compile.set_compile_cache_dir`), e.g. a persistent volume.
+        graph_loop: model presets: the distilled loop as one CUDA graph per shape
+            (:class:`engine.graphs.GraphLoop`); None: on for CUDA, off elsewhere.
 
     After building, a server calls :meth:`engine.pipeline.MagiHumanEngine.warm_up` with the segment
     lengths its planner can ask for, before reporting ready.
@@ -236,7 +243,8 @@ def create_engine(preset: str, *, checkpoint_dir: str | None = None, device: str
 
         set_compile_cache_dir(compile_cache_dir)
     if preset == "preview":
-        return build_preview_engine(seed=seed, device=device, sr=sr, backend=backend, text_buckets=text_buckets)
+        return build_preview_engine(seed=seed, device=device, sr=sr, backend=backend, text_buckets=text_buckets,
+                                    graph_loop=graph_loop)
     if preset == "testpattern":
         from engine.testpattern import TestPatternEngine
 
@@ -244,6 +252,6 @@ def create_engine(preset: str, *, checkpoint_dir: str | None = None, device: str
     if preset == "full":
         if not checkpoint_dir:
             raise ValueError("preset 'full' needs checkpoint_dir (the released daVinci-MagiHuman stack)")
-        return use_backend(build_full_engine(checkpoint_dir, device=device, sr=sr, text_buckets=text_buckets),
-                           backend)
+        return use_backend(build_full_engine(checkpoint_dir, device=device, sr=sr, text_buckets=text_buckets,
+                                             graph_loop=graph_loop), backend)
     raise ValueError(f"unknown engine preset {preset!r}; known: {', '.join(PRESETS)}")

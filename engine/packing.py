@@ -36,6 +36,10 @@ class PackedInputs:
         latent_shape: ``(C, T, H, W)`` of the video latent (for unpacking).
         num_video, num_audio, num_text: token counts (``num_text`` real text tokens).
         num_padding: text padding rows after the real text (a text bucket, :func:`packed_layout`).
+        rope: fp32 ``[L, 6 B]`` rotary table of ``coords`` (the DiT's ``rope`` argument), or None.
+        masks: ``(global, local)`` bool ``[L, L]`` attention masks (the DiT's ``masks`` argument), or None.
+            ``rope`` and ``masks`` are static over a segment; :meth:`engine.runner.DiTRunner.prepare`
+            fills them.
     """
 
     x: torch.Tensor
@@ -48,6 +52,8 @@ class PackedInputs:
     num_audio: int
     num_text: int
     num_padding: int = 0
+    rope: torch.Tensor | None = None
+    masks: tuple[torch.Tensor | None, torch.Tensor | None] | None = None
 
     @property
     def length(self) -> int:

@@ -58,6 +58,7 @@ from engine.codecs.image import frames_to_uint8
 from engine.codecs.text_encoder import TEXT_TARGET_LENGTH
 from engine.dit import DiTModel
 from engine.geometry import SegmentGeometry, check_resolution
+from engine.graphs import GraphLoop, StepNoise, check_static_config, draw_step_noise
 from engine.runner import DiTRunner
 from engine.sampler import DISTILL, SamplerConfig, generator_noise, sample
 
@@ -92,9 +93,13 @@ class MagiHumanEngine:
             the attribute is always an int.
         text_buckets: text lengths the DiT's text is padded up to (static shapes, :mod:`engine.runner`);
             None: no padding.
+        graph_loop: run the distilled loop with static inputs (:class:`engine.graphs.GraphLoop`), captured
+            as one CUDA graph per shape where the backend allows it (issue 17); cancel then acts per
+            segment, not per step. None (default): on for a CUDA device, off elsewhere.
 
     Attributes:
         runner, sr_runner: the :class:`engine.runner.DiTRunner` of the DiT and of the SR DiT (or None).
+        graph_loop: the :class:`engine.graphs.GraphLoop` of ``runner``, or None when off.
     """
 
     fps = VIDEO_FPS
@@ -120,6 +125,7 @@ class MagiHumanEngine:
         sr_size: tuple[int, int] | None = None,
         max_text_tokens: int | None = None,
         text_buckets: tuple[int, ...] | None = None,
+        graph_loop: bool | None = None,
     ):
         check_resolution(width, height)
         self.dit, self.text_encoder, self.video_vae, self.audio_vae = dit, text_encoder, video_vae, audio_vae
@@ -146,6 +152,8 @@ class MagiHumanEngine:
         if sr_size is not None:
             check_resolution(*sr_size)
         self.sr_width, self.sr_height = sr_size if sr_size is not None else (None, None)
+        use_graph_loop = self.device.type == "cuda" if graph_loop is None else bool(graph_loop)
+        self.graph_loop = GraphLoop(self.runner) if use_graph_loop else None
         self._lock = threading.Lock()
 
     # -- warm start -----------------------------------------------------------------------
@@ -166,8 +174,11 @@ class MagiHumanEngine:
         A server calls this once after building the engine, with the segment lengths its planner can
         ask for, and stays not-ready until it returns. Blocking; run it off the event loop. Each
         shape gets one call (two when :attr:`DiTRunner.before_call` is set: CUDA-graph trees record
-        on the second); inputs are zeros (only the shapes matter). Lip-sync segments whose audio is
-        shorter than the requested length have fewer audio latents: those shapes are not covered.
+        on the second); with :attr:`graph_loop` the DiT's shapes instead run the whole static loop of a
+        speak segment once, which captures its CUDA graph where allowed. Inputs are zeros (only the
+        shapes matter). Lip-sync segments have one audio latent fewer than a speak segment of the same
+        length (fewer still when the audio is shorter): those shapes are not covered (the graph loop
+        captures them at their second use).
 
         Args:
             segment_seconds: requested segment lengths in seconds (each ``0 < s <= max_segment_seconds``).
@@ -175,7 +186,7 @@ class MagiHumanEngine:
 
         Returns:
             ``{"shapes": [{"model": "dit"|"sr_dit", "seconds", "audio_latents", "text_rows", "seq_len",
-            "first_call_s"}, ...], "total_s": float}``.
+            "first_call_s", "graph_loop"}, ...], "total_s": float}`` (``graph_loop``: the whole loop ran).
 
         Raises:
             EngineInputError: a length outside ``(0, max_segment_seconds]``.
@@ -203,16 +214,62 @@ class MagiHumanEngine:
                     for rows in self.text_rows_options():
                         inputs = runner.prepare(video.shape, geo.audio_latents, features, rows, device=self.device)
                         t0 = time.perf_counter()
-                        for _ in range(2 if runner.before_call is not None else 1):
-                            runner.velocity(inputs, video, audio)
+                        whole_loop = model == "dit" and self._warm_graph_loop(inputs, video, audio)
+                        if not whole_loop:
+                            for _ in range(2 if runner.before_call is not None else 1):
+                                runner.velocity(inputs, video, audio)
                         if self.device.type == "cuda":
                             torch.cuda.synchronize(self.device)
                         shapes.append({"model": model, "seconds": seconds, "audio_latents": geo.audio_latents,
-                                       "text_rows": rows,
-                                       "seq_len": inputs.length, "first_call_s": time.perf_counter() - t0})
+                                       "text_rows": rows, "seq_len": inputs.length,
+                                       "first_call_s": time.perf_counter() - t0, "graph_loop": whole_loop})
         total = time.perf_counter() - started
         logger.info("warmed %d DiT shapes in %.1f s", len(shapes), total)
         return {"shapes": shapes, "total_s": total}
+
+    def _static_loop_config(self, config: SamplerConfig) -> bool:
+        """The graph loop is on and runs ``config`` (a distilled one)."""
+        if self.graph_loop is None:
+            return False
+        try:
+            check_static_config(config)
+        except ValueError:
+            return False
+        return True
+
+    def _warm_graph_loop(self, inputs, video: torch.Tensor, audio: torch.Tensor) -> bool:
+        """Run (and capture, where allowed) the static loop of a speak segment on ``inputs``; False when
+        the graph loop is off or does not run the engine's sampler."""
+        config = dataclasses.replace(self.sampler, a2v=False, keep_audio_clean=self.keep_audio_clean)
+        if not self._static_loop_config(config):
+            return False
+        steps = config.num_steps
+        noise = StepNoise(video.new_zeros((steps, *video.shape)), audio.new_zeros((steps, *audio.shape)))
+        image_latent = video.new_zeros((*video.shape[:2], 1, *video.shape[3:]))
+        self.graph_loop.run(inputs, video, audio, config, noise, image_latent=image_latent, capture_now=True)
+        return True
+
+    def _denoise(self, inputs, video: torch.Tensor, audio: torch.Tensor, config: SamplerConfig,
+                 image_latent: torch.Tensor, gen: torch.Generator, cancel,
+                 timings: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The base stage's denoising loop (PIPELINE.md §10.3, §12): the graph loop for a distilled config
+        when :attr:`graph_loop` is on (noise drawn up front from ``gen``, cancel checked before the loop
+        only), else :func:`engine.sampler.sample` (cancel checked before every step). ``timings["dit"]``
+        gets the wall seconds (a graph replay is timed as launched, not synchronised).
+
+        Raises:
+            CancelledError: ``cancel`` was set before the loop (graph loop) or before a step.
+        """
+        if not self._static_loop_config(config):
+            return sample(self.runner.velocity_fn(inputs, timings, "dit"), video, audio, config,
+                          image_latent=image_latent, noise_fn=generator_noise(gen), cancel=cancel)
+        if cancel is not None and cancel.is_set():
+            raise CancelledError("cancelled before denoising")
+        noise = draw_step_noise(gen, video, audio, config.num_steps)
+        t0 = time.perf_counter()
+        video, audio = self.graph_loop.run(inputs, video, audio, config, noise, image_latent=image_latent)
+        timings["dit"] = timings.get("dit", 0.0) + time.perf_counter() - t0
+        return video, audio
 
     # -- identity -------------------------------------------------------------------------
     @torch.inference_mode()
@@ -292,8 +349,8 @@ class MagiHumanEngine:
 
         Raises:
             EngineInputError: a request field is out of range.
-            CancelledError: ``cancel`` was set; checked before every denoising step, before the
-                decode and between the decoder's windows.
+            CancelledError: ``cancel`` was set; checked before every denoising step (before the whole
+                loop with :attr:`graph_loop`), before the decode and between the decoder's windows.
         """
         self._check(request)
         with self._lock:
@@ -331,9 +388,8 @@ class MagiHumanEngine:
         image_latent = self._conditioning_latent(request)
         config = dataclasses.replace(self.sampler, a2v=lipsync, keep_audio_clean=self.keep_audio_clean)
         inputs = self.runner.prepare(video.shape, audio.shape[1], features, num_text, device=self.device)
-        video, audio = sample(self.runner.velocity_fn(inputs, timings, "dit"), video, audio, config,
-                              image_latent=image_latent.to(self.device), noise_fn=generator_noise(gen),
-                              cancel=cancel)
+        video, audio = self._denoise(inputs, video, audio, config, image_latent.to(self.device), gen, cancel,
+                                     timings)
         if cancel is not None and cancel.is_set():
             raise CancelledError("cancelled before decoding")
 

@@ -28,30 +28,39 @@ a step that runs the engine. The :class:`engine.dit.DiTModel` is never changed b
 DiT can serve several runners with different backends, and :func:`engine.backends.reset_backend`
 gives back the eager step.
 
-Not done yet: the whole 8-step loop as one CUDA graph (issue 17). What it needs, in order: (1) the
-sampler's per-step host work off the loop: ``flow_timesteps`` and the sigmas as device tensors
-computed once, the ``timesteps.tolist()`` iteration and ``cancel.is_set()`` checks moved outside the
-captured region (cancel then acts per segment, not per step); (2) the noise of every step drawn
-up front into static buffers (``generator_noise`` draws on the host-side generator state inside the
-loop; a CUDA generator registered with the graph via ``graph.register_generator_state`` or
-pre-drawn ``[steps, ...]`` buffers keeps the reference's draw order, PIPELINE.md §4.3); (3)
-``write_latents``/``unpack`` are already copies into/out of the static ``PackedInputs.x`` of
-:meth:`DiTRunner.prepare`, and ``attention_masks`` is shape-static per bucket, so the DiT call
-itself captures as is; (4) capture with ``torch.cuda.graph`` per (segment length x bucket), keyed
-like :meth:`engine.pipeline.MagiHumanEngine.warm_up`'s shapes, and replay after copying the initial
-noise and image latent into the graph's inputs. It is not written because none of it can be
-exercised without a GPU here.
+The whole 8-step loop as one CUDA graph (issue 17) is :class:`engine.graphs.GraphLoop`, used by
+:class:`engine.pipeline.MagiHumanEngine` when ``graph_loop`` is on (default on CUDA). What it rests on:
+(1) no host work between the loop's device operations: the sigmas live on the device, the steps are
+unrolled, the cancel event is checked before and after the loop only (cancel acts per segment);
+(2) the noise of every step drawn up front into ``[steps, ...]`` buffers in the reference's order
+(:func:`engine.graphs.draw_step_noise`, PIPELINE.md §4.3); (3) :meth:`DiTRunner.prepare` computes the
+rotary table and the attention masks once per segment (``PackedInputs.rope``/``masks``), so the DiT call
+no longer reads a value back to the host (it checked the rotary scale's finiteness at every call) and
+the text-padding mask is data in a buffer, not ``valid_length`` baked into the captured slices; the
+latents are copied into the static ``PackedInputs.x``; (4) one static segment and one graph per
+(latent shape, audio tokens, text rows, steps, audio stepped, image), captured after a warm-up on a
+side stream, every graph in one shared memory pool, replayed after copying the request's noise, image
+latent, text rows, rotary table and mask into the static buffers (:meth:`engine.pipeline.MagiHumanEngine.warm_up`
+captures each segment length x text bucket of a speak segment). On CPU the same buffers and loop run
+eagerly; tests/test_graph_loop.py shows there that the loop equals :func:`engine.sampler.sample`
+bit for bit (text, lip-sync) and dispatches no host-synchronising operation and no random draw.
+Only a GPU can check: that the capture succeeds with each backend (``fast``, ``fp8``, ``compile``
+without CUDA graphs of its own; ``reduce-overhead`` compile, TensorRT and context parallel are not
+captured and run the static loop eagerly), that replays of several graphs in any order equal the eager
+loop, and the time saved (``python -m ops.bench --graph-loop``); the CUDA tests of
+tests/test_graph_loop.py and that benchmark do it.
 """
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Callable, Sequence
 
 import torch
 
 from engine.backends.base import BackendInfo
-from engine.dit import AttentionKernel, DiTModel
+from engine.dit import AttentionKernel, DiTModel, attention_masks
 from engine.packing import (
     FRAME_RECEPTIVE_FIELD,
     CoordsStyle,
@@ -85,12 +94,24 @@ def text_buckets_up_to(limit: int, candidates: Sequence[int] = (64, 128, 256, 38
     return tuple(sorted({b for b in candidates if b < limit} | {limit}))
 
 
+def _takes_static_inputs(model) -> bool:
+    """``model``'s call accepts ``rope`` and ``masks`` (:meth:`engine.dit.DiTModel.forward`)."""
+    call = model.forward if isinstance(model, torch.nn.Module) else model
+    try:
+        params = inspect.signature(call).parameters
+    except (TypeError, ValueError):
+        return False
+    return "rope" in params and "masks" in params
+
+
 class DiTStep:
     """The DiT call of one denoising step: ``(packed: PackedInputs) -> fp32 [L, out_channels]``.
 
     Calls ``model(packed.x, packed.coords, packed.modality, spans=..., local_ranges=...,
-    compute_dtype=...)`` with ``valid_length`` when the text is padded (:func:`engine.packing.packed_layout`)
-    and ``attention_kernel`` when one is given.
+    compute_dtype=...)`` with the segment's precomputed ``rope`` and ``masks`` (:meth:`DiTRunner.prepare`)
+    when ``model`` takes them (:attr:`takes_static_inputs`: no host sync in the call, issue 17), else with
+    ``valid_length`` when the text is padded (:func:`engine.packing.packed_layout`); and with
+    ``attention_kernel`` when one is given.
 
     Args:
         model: what is called, with :meth:`engine.dit.DiTModel.forward`'s signature: the runner's DiT
@@ -100,16 +121,23 @@ class DiTStep:
         compute_dtype: block compute dtype.
         attention_kernel: the attention kernel passed with every call (:data:`engine.dit.AttentionKernel`),
             or None for the DiT's default SDPA attention.
+
+    Attributes:
+        takes_static_inputs: ``model``'s call accepts ``rope`` and ``masks`` (a :class:`DiTModel` or a
+            shadow of one; not :class:`engine.context_parallel.DistributedDiT`).
     """
 
     def __init__(self, model, compute_dtype: torch.dtype,
                  attention_kernel: AttentionKernel | None = None):
         self.model, self.compute_dtype, self.attention_kernel = model, compute_dtype, attention_kernel
+        self.takes_static_inputs = _takes_static_inputs(model)
 
     def __call__(self, packed: PackedInputs) -> torch.Tensor:
         """fp32 ``[L, out_channels]`` for ``packed`` (``packed.x`` fp32 ``[L, in_channels]``)."""
         kwargs = {}
-        if packed.num_padding:
+        if packed.rope is not None and packed.masks is not None and self.takes_static_inputs:
+            kwargs["rope"], kwargs["masks"] = packed.rope, packed.masks
+        elif packed.num_padding:
             kwargs["valid_length"] = packed.valid_length
         if self.attention_kernel is not None:
             kwargs["attention_kernel"] = self.attention_kernel
@@ -170,18 +198,39 @@ class DiTRunner:
             num_text: text tokens that carry the prompt (``<= 640``).
             device: device of the inputs (default the DiT's).
 
+        The rotary table and the attention masks are computed here once (``packed.rope``,
+        ``packed.masks``) and passed to every DiT call that accepts them (:attr:`takes_static_inputs`), so
+        a step does no host synchronisation (issue 17).
+
         Raises:
-            ValueError: ``num_text`` above the rows given.
+            ValueError: ``num_text`` above the rows given, or coordinates with a non-finite rotary scale.
         """
         shape = tuple(latent_shape)[-4:]
         if device is None:
             device = _device_of(self.dit)
         cfg = self.dit.config
-        return packed_layout(
+        packed = packed_layout(
             shape, num_audio, text_features, num_text=num_text, text_rows=self.text_rows(num_text),
             in_channels=cfg.in_channels, audio_channels=cfg.audio_in_channels, coords_style=self.coords_style,
             frame_receptive_field=self.frame_receptive_field, device=device,
         )
+        with torch.no_grad():
+            packed.rope = self.dit.adapter.rope(packed.coords)
+        packed.masks = attention_masks(packed.length, packed.x.device,
+                                       packed.local_ranges if cfg.local_attn_layers else None,
+                                       packed.valid_length if packed.num_padding else None)
+        return packed
+
+    @property
+    def takes_static_inputs(self) -> bool:
+        """The step passes the precomputed ``rope``/``masks`` of :meth:`prepare` to the DiT (a
+        :class:`DiTStep` over a module with :meth:`DiTModel.forward`'s signature, also under ``torch.compile``);
+        False for TensorRT and context-parallel steps, which compute both themselves."""
+        step = self.forward
+        flag = getattr(step, "takes_static_inputs", None)
+        if flag is None:  # torch.compile of a step keeps the original callable
+            flag = getattr(getattr(step, "_torchdynamo_orig_callable", None), "takes_static_inputs", False)
+        return bool(flag)
 
     def eager_step(self) -> DiTStep:
         """A new eager step: the DiT itself, default attention, the runner's compute dtype."""

@@ -22,6 +22,12 @@ Measures, for one segment geometry (default 5 s; 448x256 for ``full``, the previ
 * ``rel_err_vs_eager``: ``‖v - v_eager‖ / ‖v_eager‖`` of one forward's velocity on the same inputs.
 * ``compile_s``: wall time of the first forward after applying the backend (compile + autotune for
   ``compile``; near the forward time otherwise).
+* ``--graph-loop``: also ``dit_8step_graph_s``, the same loop through :class:`engine.graphs.GraphLoop`
+  (noise drawn up front, static inputs; one CUDA graph per shape on CUDA where the backend allows it,
+  ``graph_captured``), timed like ``dit_8step_s`` including the up-front noise draws;
+  ``graph_first_call_s`` (its first call: warm-up and capture) and ``rel_err_graph_vs_sample`` (final video
+  latent against ``sample`` with the same seed); ``segment_s`` then runs the engine with its graph loop on.
+  Compare ``dit_8step_graph_s`` with ``dit_8step_s`` per backend ("compile with and without CUDA graphs").
 * ``profile_forward`` (``--profile K``): ``torch.profiler`` over one forward, the top ``K`` operators
   and kernels by self time on the device (CUDA kernels on a GPU, CPU operators otherwise), with
   their share of the total; ``--profile-trace-dir`` also writes Chrome traces.
@@ -425,6 +431,8 @@ def bench_backend(args, ctx: dict, backend: str, text_tokens: int) -> dict:
     loop_times = measure(loop, device=device, warmup=min(args.warmup, 1), repeats=args.loop_repeats)
     record["dit_8step_s"], record["dit_8step_s_all"] = _median(loop_times), loop_times
     record["dit_8step_min_s"] = min(loop_times) if loop_times else None
+    if getattr(args, "graph_loop", False):
+        record.update(bench_graph_loop(args, runner, inputs, config, video0, audio0))
 
     decoder = ctx["decoders"][0] if ctx["decoders"] else None
     seg_marks = [run_segment(velocity, geo, args.steps, device, args.seed, decoder, ctx["audio_vae"])
@@ -452,6 +460,36 @@ def bench_backend(args, ctx: dict, backend: str, text_tokens: int) -> dict:
     record["mfu_forward"] = flops["total"] / record["forward_s"] / peak if peak else None
     record["mfu_vs_bf16_peak"] = loop_flops_per_s / peak_bf16 if peak_bf16 else None
     return record
+
+
+def bench_graph_loop(args, runner: DiTRunner, inputs, config, video0: torch.Tensor, audio0: torch.Tensor) -> dict:
+    """The distilled loop through :class:`engine.graphs.GraphLoop` on the prepared ``inputs`` (see the
+    module doc's ``--graph-loop``): first call (warm-up and capture), median of ``--loop-repeats`` calls
+    including the up-front noise draws, and the relative error of the final video latent against
+    :func:`engine.sampler.sample` with the same seed."""
+    from engine.graphs import GraphLoop, draw_step_noise
+
+    device = video0.device
+    loop = GraphLoop(runner)
+
+    def run_graph(gen: torch.Generator):
+        with torch.inference_mode():
+            noise = draw_step_noise(gen, video0, audio0, config.num_steps)
+            return loop.run(inputs, video0, audio0, config, noise)
+
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    _sync(device)
+    t0 = time.perf_counter()
+    graph_video, _ = run_graph(torch.Generator(device=device).manual_seed(args.seed))
+    _sync(device)
+    first_s = time.perf_counter() - t0
+    with torch.inference_mode():
+        ref_video, _ = sample(runner.velocity_fn(inputs), video0, audio0, config,
+                              noise_fn=generator_noise(torch.Generator(device=device).manual_seed(args.seed)))
+    times = measure(lambda: run_graph(gen), device=device, warmup=min(args.warmup, 1), repeats=args.loop_repeats)
+    return {"dit_8step_graph_s": _median(times), "dit_8step_graph_s_all": times,
+            "dit_8step_graph_min_s": min(times) if times else None, "graph_first_call_s": first_s,
+            "graph_captured": loop.captures > 0, "rel_err_graph_vs_sample": _rel(graph_video, ref_video)}
 
 
 def _bench_generate(args, ctx: dict, text_tokens: int) -> dict:
@@ -519,6 +557,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--onnx-dtype", choices=("fp32", "bf16"), default="bf16")
     p.add_argument("--peak-tflops", type=float, default=None, help="override the peak used for MFU")
     p.add_argument("--no-generate", action="store_true", help="preview: skip engine.generate")
+    p.add_argument("--graph-loop", action="store_true",
+                   help="also time the distilled loop through engine.graphs.GraphLoop (one CUDA graph per shape on "
+                        "CUDA); the preview engine's generate runs with it too")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--profile", type=int, default=0, metavar="K",
                    help="torch.profiler over one forward per record: the top K operators/kernels by self time")
@@ -562,7 +603,7 @@ def run(args: argparse.Namespace) -> dict:
         from engine.factory import build_preview_engine
 
         engine = build_preview_engine(seed=args.seed, device=str(device), width=geo.width, height=geo.height,
-                                      compute_dtype=dtype)
+                                      compute_dtype=dtype, graph_loop=args.graph_loop)
         ctx["engine"], ctx["dit"], ctx["runner"] = engine, engine.dit, engine.runner
         rng = np.random.default_rng(args.seed)
         image = rng.integers(0, 256, (geo.height, geo.width, 3), dtype=np.uint8)
@@ -629,6 +670,7 @@ def run(args: argparse.Namespace) -> dict:
         "warmup": args.warmup,
         "repeats": args.repeats,
         "loop_repeats": args.loop_repeats,
+        "graph_loop": args.graph_loop,
         "model_build_s": build_s,
         "host_cpus": os.cpu_count(),
         "host_load_avg_1m": {"start": load_before[0], "end": os.getloadavg()[0]},
@@ -649,6 +691,7 @@ def _fmt(value, digits: int = 3) -> str:
 def format_table(doc: dict) -> str:
     """A fixed-width table of the records (seconds, GB, MFU in %)."""
     cols = [("backend", "backend"), ("text_tokens", "Nt"), ("forward_s", "fwd_s"), ("dit_8step_s", "loop_s"),
+            ("dit_8step_graph_s", "graph_loop_s"),
             ("decode_s", "dec_s"), ("first_frame_s", "first_s"), ("segment_s", "seg_s"), ("compile_s", "first_call_s"),
             ("peak_mem_gb", "mem_gb"), ("mfu", "mfu_%"), ("rel_err_vs_eager", "rel_err")]
     rows = [[h for _, h in cols]]
