@@ -340,6 +340,22 @@ def _preview_prompt(engine, text_tokens: int) -> tuple[str, int]:
     return prompt, engine.text_encoder.encode(prompt)[1]
 
 
+def _bench_text_encoder(text_encoder, device: torch.device, text_tokens: int, repeats: int = 3) -> dict:
+    """``text_encode_s``: median seconds to encode a prompt of ``text_tokens`` ByteTokenizer tokens
+    (cache bypassed) with the resident encoder, its parameter count and dtype."""
+    prompt = "x" * max(text_tokens - 1, 1)  # BOS + one token per byte
+    times = []
+    for _ in range(repeats + 1):  # the first call warms up
+        _sync(device)
+        t0 = time.perf_counter()
+        text_encoder.encode(prompt + " " * len(times))  # another prompt each time: no cache hit
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return {"text_encode_s": _median(times[1:]),
+            "text_encoder_params": sum(p.numel() for p in text_encoder.model.parameters()),
+            "text_encoder_dtype": str(next(text_encoder.model.parameters()).dtype).replace("torch.", "")}
+
+
 # ---------------------------------------------------------------------------------------------
 # the benchmark
 
@@ -446,6 +462,9 @@ def bench_backend(args, ctx: dict, backend: str, text_tokens: int) -> dict:
         record["segment_s"] = record["segment_core_s"]
         record["segment_method"] = "noise + denoise + video decode + audio decode (no text encoder)"
     record.update(ctx["decode"])
+    text_encoder = ctx.get("text_encoder")
+    if text_encoder is not None:
+        record.update(_bench_text_encoder(text_encoder, device, text_tokens))
     record["peak_mem_gb"] = _peak_mem_gb(device)
 
     flops = flops_per_forward(dit.config, geo.video_tokens, geo.audio_tokens, text_tokens)
@@ -560,6 +579,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--graph-loop", action="store_true",
                    help="also time the distilled loop through engine.graphs.GraphLoop (one CUDA graph per shape on "
                         "CUDA); the preview engine's generate runs with it too")
+    p.add_argument("--resident-text-encoder", action="store_true",
+                   help="keep the text encoder resident (full: T5Gemma 9B shapes, seeded, bf16) so peak_mem_gb counts "
+                        "DiT + Turbo decoder + text encoder; adds text_encode_s per record")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--profile", type=int, default=0, metavar="K",
                    help="torch.profiler over one forward per record: the top K operators/kernels by self time")
@@ -612,6 +634,15 @@ def run(args: argparse.Namespace) -> dict:
         ctx["dit"] = seeded_preset_dit("full", device, args.seed)
         ctx["runner"] = DiTRunner(ctx["dit"], compute_dtype=dtype)
     build_s = time.perf_counter() - t0
+    if args.resident_text_encoder:
+        if ctx.get("engine") is not None:
+            ctx["text_encoder"] = ctx["engine"].text_encoder
+        else:
+            from engine.codecs.text_encoder import T5GemmaTextEncoder
+
+            t1 = time.perf_counter()
+            ctx["text_encoder"] = T5GemmaTextEncoder.seeded(device, torch.bfloat16, args.seed)
+            logger.info("seeded T5Gemma 9B encoder resident on %s in %.1f s", device, time.perf_counter() - t1)
     turbo, ctx["turbo_status"] = build_turbo(args.preset, device, args.seed)
     ctx["decoders"] = [d for d in (turbo, build_wan(args.preset, device, args.seed)) if d is not None]
     ctx["audio_vae"] = build_audio_vae(args.preset, device, args.seed)

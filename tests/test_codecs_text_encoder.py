@@ -125,3 +125,31 @@ def test_from_pretrained_encoder_only(tmp_path):
     enc16 = T5GemmaTextEncoder.from_pretrained(tmp_path)
     assert next(enc16.model.parameters()).dtype == torch.bfloat16
     assert not enc16.model.config.is_encoder_decoder
+
+
+def test_seeded_encoder_has_the_9b_shapes_and_initialised_buffers():
+    """``T5GemmaTextEncoder.seeded``: the 9B encoder's config (checked on the meta device, no memory),
+    and at a small size a working encoder whose rotary buffers were rebuilt after ``to_empty``."""
+    from transformers import T5GemmaConfig, T5GemmaEncoderModel
+
+    from engine.codecs.text_encoder import T5GEMMA_9B_ENCODER
+
+    config = T5GemmaConfig(encoder=dict(T5GEMMA_9B_ENCODER), decoder=dict(T5GEMMA_9B_ENCODER),
+                           is_encoder_decoder=False, vocab_size=T5GEMMA_9B_ENCODER["vocab_size"])
+    with torch.device("meta"):
+        full = T5GemmaEncoderModel(config)
+    assert 9.2e9 < sum(p.numel() for p in full.parameters()) < 9.3e9
+    assert full.config.encoder.hidden_size == 3584  # the DiT's text_in_channels
+
+    small = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=32, vocab_size=512)
+    encoder = T5GemmaTextEncoder.seeded("cpu", torch.float32, seed=3, **small)
+    inv_freq = 1.0 / (encoder.model.config.encoder.rope_parameters["rope_theta"] ** (torch.arange(0, 32, 2) / 32))
+    torch.testing.assert_close(encoder.model.encoder.rotary_emb.inv_freq, inv_freq.float())
+    features, kept = encoder.encode("hello world")
+    assert features.shape == (640, 64) and kept == 12  # BOS + 11 bytes
+    assert torch.isfinite(features).all() and features[:kept].abs().sum() > 0 and not features[kept:].any()
+    again = T5GemmaTextEncoder.seeded("cpu", torch.float32, seed=3, **small)
+    assert torch.equal(again.encode("hello world")[0], features)  # seeded
+    with pytest.raises(ValueError, match="unknown T5Gemma encoder keys \\['layers'\\]"):
+        T5GemmaTextEncoder.seeded("cpu", layers=2)

@@ -28,9 +28,22 @@ from transformers import AutoTokenizer, T5GemmaConfig, T5GemmaEncoderModel
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NEGATIVE_PROMPT", "TEXT_TARGET_LENGTH", "ByteTokenizer", "T5GemmaTextEncoder"]
+__all__ = ["NEGATIVE_PROMPT", "T5GEMMA_9B_ENCODER", "TEXT_TARGET_LENGTH", "ByteTokenizer", "T5GemmaTextEncoder"]
 
 TEXT_TARGET_LENGTH = 640  # rows of the text context (PIPELINE.md §5)
+
+# The encoder half of google/t5gemma-9b-9b-ul2 (a Gemma 2 9B stack; its public config.json).
+T5GEMMA_9B_ENCODER: dict[str, int | float] = dict(
+    vocab_size=256_000,
+    hidden_size=3584,
+    intermediate_size=14_336,
+    num_hidden_layers=42,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    head_dim=256,
+    query_pre_attn_scalar=256,
+    sliding_window=4096,
+)
 
 # PIPELINE.md §5: the null / negative context for CFG, 1,719 characters, no line breaks.
 NEGATIVE_PROMPT = (
@@ -128,6 +141,58 @@ class T5GemmaTextEncoder:
         )
         torch.manual_seed(seed)
         return cls(T5GemmaEncoderModel(config), tok)
+
+    @classmethod
+    def seeded(
+        cls,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.bfloat16,
+        seed: int = 0,
+        **overrides: int | float,
+    ) -> T5GemmaTextEncoder:
+        """The T5Gemma 9B encoder's shapes (:data:`T5GEMMA_9B_ENCODER`, ``overrides`` replacing any key)
+        with seeded, untrained weights: built on the meta device, materialised on ``device`` in
+        ``dtype`` and filled there with ``N(0, 0.02)`` draws from one ``torch.Generator(device)``
+        (RMSNorm weights 0, i.e. scale 1). For the memory and time of a resident encoder where the
+        checkpoint cannot be downloaded (``ops/bench --resident-text-encoder``); the features mean
+        nothing. Tokenizer: :class:`ByteTokenizer` (its ids lie inside the 256,000-word vocabulary).
+
+        About 9.2 B parameters, 18.5 GB in bf16, at the default shapes.
+
+        Raises:
+            ValueError: an override names no key of :data:`T5GEMMA_9B_ENCODER`.
+        """
+        unknown = sorted(set(overrides) - set(T5GEMMA_9B_ENCODER))
+        if unknown:
+            raise ValueError(f"unknown T5Gemma encoder keys {unknown}; known: {sorted(T5GEMMA_9B_ENCODER)}")
+        tok = ByteTokenizer()
+        module = {**T5GEMMA_9B_ENCODER, **overrides, "pad_token_id": tok.pad_token_id,
+                  "eos_token_id": tok.eos_token_id, "bos_token_id": tok.bos_token_id}
+        config = T5GemmaConfig(encoder=dict(module), decoder=dict(module), is_encoder_decoder=False,
+                               vocab_size=module["vocab_size"])
+        device = torch.device(device)
+        with torch.device("meta"):
+            model = T5GemmaEncoderModel(config)
+        model = model.to(dtype).to_empty(device=device)
+        gen = torch.Generator(device=device).manual_seed(seed)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    param.zero_()
+                    continue
+                flat = param.view(-1)
+                for start in range(0, flat.numel(), 1 << 26):
+                    n = min(1 << 26, flat.numel() - start)
+                    flat[start:start + n].copy_(torch.randn(n, generator=gen, device=device).mul_(0.02))
+            # to_empty left the buffers (rotary inverse frequencies) uninitialised: rebuild each
+            # module that owns buffers on the CPU from its own config and copy them over.
+            for module in model.modules():
+                own = dict(module.named_buffers(recurse=False))
+                if own:
+                    fresh = type(module)(config=module.config)
+                    for buffer_name, buffer in own.items():
+                        buffer.copy_(getattr(fresh, buffer_name))
+        return cls(model.eval().requires_grad_(False), tok)
 
     @classmethod
     def from_pretrained(
