@@ -130,11 +130,15 @@ def test_from_pretrained_round_trip(vae, tmp_path):
 
 
 def test_decode_chunks_are_the_decode_one_latent_frame_at_a_time() -> None:
-    """``decode_chunks`` runs diffusers' own per-latent-frame loop and yields as it goes (issue 17):
-    1 frame, then 4 per latent frame, concatenating to ``decode`` bit for bit."""
+    """``decode_chunks`` runs the decoder one latent frame at a time with its own feature cache and
+    yields as it goes (issue 17): 1 frame, then 4 per latent frame, concatenating to ``decode`` bit
+    for bit; a half-consumed stream leaves nothing behind for the next call."""
     vae = WanVideoVAE.preview(seed=0)
     latent = torch.randn(1, 48, 3, 2, 2, generator=torch.Generator().manual_seed(0))
     chunks = list(vae.decode_chunks(latent))
     assert [c.shape[2] for c in chunks] == [1, 4, 4]
     assert torch.equal(torch.cat(chunks, dim=2), vae.decode(latent))
     assert torch.equal(torch.cat(list(vae.decode_chunks(latent)), dim=2), vae.decode(latent))  # cache cleared
+    abandoned = vae.decode_chunks(torch.randn(1, 48, 3, 2, 2, generator=torch.Generator().manual_seed(1)))
+    next(abandoned)  # a cancelled job stops reading after its first window
+    assert torch.equal(torch.cat(list(vae.decode_chunks(latent)), dim=2), vae.decode(latent))

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import AutoencoderKLWan
-from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, unpatchify
 
 from engine.codecs.image import frames_to_uint8, image_to_tensor
 
@@ -222,7 +222,7 @@ class WanVideoVAE:
         The Wan decoder is causal in time: diffusers' ``AutoencoderKLWan._decode`` already runs it on one
         latent frame after the other with a feature cache and concatenates the outputs; this runs the
         same loop and yields instead (issue 17: the first frames can play before the segment is whole).
-        With tiling on, or a diffusers version without that loop, it yields :meth:`decode` whole.
+        With tiling on it yields :meth:`decode` whole. The feature cache is this call's own list.
 
         Args:
             latent: ``float32 [1, 48, T, h, w]`` normalised latent, ``T >= 1``.
@@ -237,21 +237,16 @@ class WanVideoVAE:
         if latent.ndim != 5 or latent.shape[0] != 1 or latent.shape[1] != Z_DIM or latent.shape[2] < 1:
             raise ValueError(f"latent must be [1, {Z_DIM}, T>=1, h, w], got {list(latent.shape)}")
         vae = self.vae
-        if not getattr(vae, "use_tiling", True) and hasattr(vae, "clear_cache"):
-            vae.clear_cache()  # sets the feature cache the loop needs
-        if getattr(vae, "use_tiling", True) or not all(hasattr(vae, name) for name in ("_feat_map", "_conv_idx")):
+        if getattr(vae, "use_tiling", False):
             yield self.decode(latent)
             return
+        # Our own feature cache, one slot per causal conv of the decoder (what diffusers sizes its
+        # cache by), so the loop touches only the decoder's public forward arguments.
+        feat_cache: list = [None] * sum(isinstance(m, WanCausalConv3d) for m in vae.decoder.modules())
         x = vae.post_quant_conv(self.denormalize(latent))
-        try:
-            for i in range(x.shape[2]):
-                vae._conv_idx = [0]
-                out = vae.decoder(x[:, :, i : i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx,
-                                  first_chunk=i == 0)
-                out = unpatchify(out, patch_size=vae.config.patch_size).clamp(-1.0, 1.0)
-                yield out.float().clamp(-1.0, 1.0)
-        finally:
-            vae.clear_cache()
+        for i in range(x.shape[2]):
+            out = vae.decoder(x[:, :, i : i + 1], feat_cache=feat_cache, feat_idx=[0], first_chunk=i == 0)
+            yield unpatchify(out, patch_size=vae.config.patch_size).float().clamp(-1.0, 1.0)
 
     def decode_to_uint8(self, latent: torch.Tensor) -> np.ndarray:
         """:meth:`decode` then :func:`~engine.codecs.image.frames_to_uint8`: ``uint8 [4T - 3, 16h, 16w, 3]``."""
