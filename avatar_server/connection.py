@@ -47,6 +47,7 @@ from streaming import events
 from streaming.playout import PLAYOUT_SAMPLE_RATE_HZ
 from streaming.session import SessionInputError, SessionRunner
 from streaming.tasks import cancel_and_wait
+from streaming.tracks import StereoTrack
 
 if TYPE_CHECKING:
     from avatar_server.app import AvatarServer
@@ -765,7 +766,7 @@ class ClientConnection:
             video.on_encode = self.app.metrics.video_encode_seconds.observe
             pc.addTrack(self._wrap_track(video))
             if "audio" in kinds:
-                pc.addTrack(self._wrap_track(session.audio_track()))
+                pc.addTrack(self._wrap_track(StereoTrack(session.audio_track())))  # no -3 dB upmix in Opus
             await pc.setLocalDescription(await pc.createAnswer())
         except Exception as exc:
             self.pc = None

@@ -44,6 +44,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from streaming.fanout import MediaFanout, MediaKind, SinkTrack, copy_frame
 from streaming.outputs.base import receiver_report_key
+from streaming.tracks import StereoTrack
 
 logger = logging.getLogger(__name__)
 
@@ -402,7 +403,7 @@ class WhepRelay:
                 transceiver.setCodecPreferences(codecs + rtx)
             if "m=audio" in offer_sdp:
                 audio = self._sink_track(viewer_id, "audio")
-                pc.addTransceiver(audio, direction="sendonly")
+                pc.addTransceiver(StereoTrack(audio), direction="sendonly")  # no -3 dB upmix in Opus
             try:
                 await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
             except Exception as exc:

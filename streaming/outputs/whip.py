@@ -42,6 +42,7 @@ from streaming.outputs.base import (
     redact_url,
     url_secrets,
 )
+from streaming.tracks import StereoTrack
 
 logger = logging.getLogger(__name__)
 
@@ -204,7 +205,7 @@ class WhipOutput:
         for kind in ("video", "audio"):
             track = SinkTrack(self._fanout, kind)
             self._tracks.append(track)
-            pc.addTransceiver(track, direction="sendonly")
+            pc.addTransceiver(StereoTrack(track) if kind == "audio" else track, direction="sendonly")
         async with asyncio.timeout(self._connect_timeout_s):
             await pc.setLocalDescription(await pc.createOffer())
             async with httpx.AsyncClient(timeout=self._connect_timeout_s) as http:
