@@ -109,8 +109,8 @@ class LiveSession:
         owns_runner: start and close the runner (and its recording) with this object. ``False``
             for a session that a WebSocket connection runs: only the pump, outputs and viewers
             are this object's; the pump is then a second reader of the playout buffer beside
-            the peer's tracks (both read the same frame at the same time, so its ``frames_sent``
-            counts both).
+            the peer's tracks: both get the same frames and chunks, counted once
+            (:meth:`~streaming.playout.PlayoutBuffer.pull_video_frame`).
     """
 
     def __init__(

@@ -54,6 +54,8 @@ import soxr
 from engine.api import Continuation, SegmentKind
 from streaming.frames import fit_frame
 
+RECENT_PULLS = 64  # frames / audio chunks kept for a second reader of the same index (>1 s of audio chunks)
+
 PLAYOUT_FPS = 25
 PLAYOUT_SAMPLE_RATE_HZ = 48_000
 AUDIO_CHUNK_SAMPLES = 960  # 20 ms at 48 kHz, one Opus frame
@@ -204,6 +206,11 @@ class PlayoutBuffer:
         self._last_sample = 0.0  # last audio sample pulled
         self._last_source: QueuedSegment | None = None  # segment of the last chunk pulled (None: silence)
 
+        # What the leading reader got for the last indices: a second reader of the same track
+        # kind (the media pump beside a peer connection) gets the very same frame or chunk, and
+        # counters, underruns, declicks and taps see each timeline index once.
+        self._recent_video: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
+        self._recent_audio: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
         self.video_taps: list[Callable[[int, np.ndarray], None]] = []
         self.audio_taps: list[Callable[[int, np.ndarray], None]] = []
         self.underruns = 0
@@ -413,8 +420,18 @@ class PlayoutBuffer:
 
     # ----------------------------------------------------------------------------- reading
     def pull_video_frame(self, index: int) -> np.ndarray:
-        """Frame at timeline index ``index`` (the last frame again on underrun)."""
-        self._video_next = max(self._video_next, index + 1)
+        """Frame at timeline index ``index`` (the last frame again on underrun).
+
+        An index already pulled (by another reader) returns what the first reader got, with no
+        side effect (``video_frames_pulled``, underruns and taps count each index once)."""
+        if index < self._video_next:
+            again = self._recent_video.get(index)
+            if again is not None:
+                return again
+            segment = self._find(index)  # a reader further behind than the recent frames
+            return fit_frame(segment.frames[index - segment.start_frame], self.width, self.height) \
+                if segment is not None else self._last_frame
+        self._video_next = index + 1
         self.video_frames_pulled += 1
         segment = self._find(index)
         if segment is not None:
@@ -428,14 +445,29 @@ class PlayoutBuffer:
                 if self.on_underrun is not None:
                     self.on_underrun()
         frame = self._last_frame
+        self._recent_video[index] = frame
+        while len(self._recent_video) > RECENT_PULLS:
+            self._recent_video.popitem(last=False)
         for tap in self.video_taps:
             tap(index, frame)
         self._advance()
         return frame
 
     def pull_audio_chunk(self, index: int) -> np.ndarray:
-        """Audio chunk ``index`` (``chunk_samples`` float32 samples; silence on underrun)."""
-        self._audio_next = max(self._audio_next, index + 1)
+        """Audio chunk ``index`` (``chunk_samples`` float32 samples; silence on underrun).
+
+        An index already pulled (by another reader) returns what the first reader got, declick
+        included, with no side effect (as :meth:`pull_video_frame`)."""
+        if index < self._audio_next:
+            again = self._recent_audio.get(index)
+            if again is not None:
+                return again
+            segment = self._find(index // self.chunks_per_frame)
+            if segment is None:
+                return self._silence
+            offset = (index - segment.start_frame * self.chunks_per_frame) * self.chunk_samples
+            return segment.audio[offset : offset + self.chunk_samples]
+        self._audio_next = index + 1
         self.audio_chunks_pulled += 1
         segment = self._find(index // self.chunks_per_frame)
         chunk = self._silence
@@ -448,6 +480,9 @@ class PlayoutBuffer:
                 chunk = self._declick(chunk)
             self._last_source = segment
         self._last_sample = float(chunk[-1]) if chunk.size else 0.0
+        self._recent_audio[index] = chunk
+        while len(self._recent_audio) > RECENT_PULLS:
+            self._recent_audio.popitem(last=False)
         for tap in self.audio_taps:
             tap(index, chunk)
         self._advance()

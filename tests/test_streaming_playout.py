@@ -295,3 +295,30 @@ def test_streamed_segment_is_cross_faded_with_the_one_before_as_a_whole_one() ->
         assert np.array_equal(ref.frames, got.frames) and ref.start_frame == got.start_frame
         np.testing.assert_allclose(got.audio, ref.audio, atol=1e-6)
     assert list(streamed.segments())[1].crossfaded_from is list(streamed.segments())[0]
+
+
+def test_a_second_reader_gets_the_same_media_and_counts_nothing_twice() -> None:
+    """A peer connection and the media pump both read one buffer (a WebSocket session with a
+    live output): each gets the same frames and chunks (declicks included), and the counters,
+    underruns and taps see every timeline index once."""
+    tapped: list[int] = []
+    one, _ = make_buffer()
+    two, _ = make_buffer()
+    two.video_taps.append(lambda index, frame: tapped.append(index))
+    for buf in (one, two):
+        buf.append(frames(10), ramp_audio(10), 48_000, kind=SegmentKind.SPEAK, utterance_id="a")
+        buf.append(frames(10, first=100), ramp_audio(10), 48_000, kind=SegmentKind.SPEAK, utterance_id="b")
+    alone_video, alone_audio = play(one, 0, 25)  # 20 frames, then 5 of underrun
+    for index in range(25):  # two readers, the second just behind the first
+        for _reader in range(2):
+            chunks = [two.pull_audio_chunk(2 * index), two.pull_audio_chunk(2 * index + 1)]
+            frame = two.pull_video_frame(index)
+            np.testing.assert_array_equal(frame, alone_video[index])
+            np.testing.assert_array_equal(chunks[0], alone_audio[2 * index])
+            np.testing.assert_array_equal(chunks[1], alone_audio[2 * index + 1])
+    assert two.video_frames_pulled == one.video_frames_pulled == 25
+    assert two.audio_chunks_pulled == one.audio_chunks_pulled == 50
+    assert (two.underruns, two.underrun_frames, two.declicks) == (one.underruns, one.underrun_frames, one.declicks)
+    assert one.underrun_frames == 5
+    assert alone_audio[40][0] > 0.9 and not alone_audio[40][480:].any()  # the ramp into the underrun's silence
+    assert tapped == list(range(25))
