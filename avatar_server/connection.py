@@ -47,7 +47,7 @@ from streaming import events
 from streaming.playout import PLAYOUT_SAMPLE_RATE_HZ
 from streaming.session import SessionInputError, SessionRunner
 from streaming.tasks import cancel_and_wait
-from streaming.tracks import StereoTrack
+from streaming.webrtc import StereoTrack
 
 if TYPE_CHECKING:
     from avatar_server.app import AvatarServer

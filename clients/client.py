@@ -49,6 +49,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from avatar_server import protocol
 from avatar_server.webrtc import make_peer_connection, use_host_addresses, wait_connected
 from clients.media import AudioFileTrack, AudioRecord, ForwardTrack, VideoRecord, audio_frame_to_mono
+from streaming.webrtc import StereoTrack
 
 logger = logging.getLogger(__name__)
 
@@ -581,7 +582,8 @@ class AvatarClient:
             if microphone.kind != "audio":
                 raise ValueError(f"microphone: need an audio track, got {microphone.kind}")
             self.microphone = microphone
-            pc.addTransceiver(microphone, direction="sendrecv")
+            # stereo on the wire: aiortc's Opus encoder would upmix a mono track at -3 dB
+            pc.addTransceiver(StereoTrack(microphone), direction="sendrecv")
         else:
             pc.addTransceiver("audio", direction="recvonly")
         if self.record_path is not None:

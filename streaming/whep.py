@@ -44,7 +44,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from streaming.fanout import MediaFanout, MediaKind, SinkTrack, copy_frame
 from streaming.outputs.base import receiver_report_key
-from streaming.tracks import StereoTrack
+from streaming.webrtc import StereoTrack
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The avatar's audio reaches a WebRTC listener at its own level.
 
 aiortc's Opus encoder always encodes stereo; a mono track is upmixed at 1/sqrt(2) per channel
-(-3 dB, half the energy). :class:`streaming.tracks.StereoTrack` hands the encoder the channel
+(-3 dB, half the energy). :class:`streaming.webrtc.StereoTrack` hands the encoder the channel
 duplicated instead. Measured through two real aiortc peer connections on loopback: a 440 Hz tone
 at amplitude 0.5, 48 kHz mono s16, received and averaged over channels.
 """
@@ -17,7 +17,7 @@ from aiortc import RTCPeerConnection
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from clients.media import audio_frame_to_mono
-from streaming.tracks import StereoTrack
+from streaming.webrtc import StereoTrack
 
 RATE_HZ = 48_000
 CHUNK = 960  # 20 ms

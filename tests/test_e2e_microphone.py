@@ -51,10 +51,15 @@ async def test_microphone_drives_lipsync_with_the_users_audio(media_dir) -> None
         await client.close()
 
     delay_s = (lag - onset) / 100  # received stream time vs. time in the file
+    # Level: the speech comes back at the level sent (two aiortc hops, the microphone's and the
+    # avatar's, each stereo on the wire; a mono track loses 3 dB in aiortc's Opus upmix, two: 6 dB).
+    level = float(np.sqrt(np.mean(received_env[lag : lag + reference.size] ** 2) / np.mean(reference**2)))
     print(
         f"\nlistening after {listening_s:.2f} s, lip-sync on screen after {speaking_s:.2f} s; "
         f"envelope correlation {corr:.3f} at lag {lag / 100:.2f} s in the received stream "
-        f"(speech starts {onset / 100:.2f} s into the file: {delay_s:.2f} s later than sent)"
+        f"(speech starts {onset / 100:.2f} s into the file: {delay_s:.2f} s later than sent); "
+        f"level {level:.2f} x sent ({20 * np.log10(level):.1f} dB)"
     )
     assert listening.state == "listening"
     assert corr > 0.8
+    assert 0.8 < level < 1.25, level

@@ -42,7 +42,7 @@ from streaming.outputs.base import (
     redact_url,
     url_secrets,
 )
-from streaming.tracks import StereoTrack
+from streaming.webrtc import StereoTrack
 
 logger = logging.getLogger(__name__)
 
