@@ -268,6 +268,7 @@ class GraphLoop:
     Attributes:
         captures: number of graphs captured so far; failures: keys whose capture raised (they run
             eagerly, logged once).
+        allocations: static segments (input buffers) built so far; a kept shape reuses its own.
     """
 
     def __init__(self, runner: DiTRunner, *, capture: bool = True, warmup_runs: int = 1, capture_after: int = 2,
@@ -284,6 +285,7 @@ class GraphLoop:
         self._pool = None
         self._step = runner.forward
         self.captures = 0
+        self.allocations = 0
         self.failures: set[ShapeKey] = set()
 
     def capturable(self, device: torch.device) -> bool:
@@ -307,6 +309,10 @@ class GraphLoop:
 
     def __len__(self) -> int:
         return len(self._segments)
+
+    def keys(self) -> list[ShapeKey]:
+        """The shape keys kept, least recently used first."""
+        return list(self._segments)
 
     def sigmas(self, config: SamplerConfig, device: torch.device) -> torch.Tensor:
         """fp32 ``[N + 1]`` sigmas of ``config`` on ``device``, computed once."""
@@ -353,6 +359,7 @@ class GraphLoop:
             segment = _StaticSegment(self.runner, packed, video, audio, self.sigmas(config, device), noise,
                                      steps_audio(config), image_latent)
             self._segments[key] = segment
+            self.allocations += 1
             while len(self._segments) > self.max_shapes:
                 old, _ = self._segments.popitem(last=False)
                 self._runs.pop(old, None)

@@ -166,7 +166,7 @@ class MagiHumanEngine:
         return tuple(range(1, self.max_text_tokens + 1))
 
     @torch.inference_mode()
-    def warm_up(self, segment_seconds, *, super_resolution: bool = True) -> dict:
+    def warm_up(self, segment_seconds, *, super_resolution: bool = True, lipsync: bool = True) -> dict:
         """Run the DiT once on every (segment length x text bucket) shape it can be asked for, so that
         ``torch.compile`` compiles (or loads from its cache, :func:`engine.factory.create_engine`'s
         ``compile_cache_dir``) and CUDA graphs are captured before the first session (issue 17).
@@ -176,17 +176,19 @@ class MagiHumanEngine:
         shape gets one call (two when :attr:`DiTRunner.before_call` is set: CUDA-graph trees record
         on the second); with :attr:`graph_loop` the DiT's shapes instead run the whole static loop of a
         speak segment once, which captures its CUDA graph where allowed. Inputs are zeros (only the
-        shapes matter). Lip-sync segments have one audio latent fewer than a speak segment of the same
-        length (fewer still when the audio is shorter): those shapes are not covered (the graph loop
-        captures them at their second use).
+        shapes matter). A lip-sync segment of the same length has one audio latent fewer (its audio is
+        encoded, ``floor(25 s)``) and keeps its audio clean: with ``lipsync`` those shapes are warmed
+        too (as a lip-sync loop); a shorter microphone segment still captures at its second use.
 
         Args:
             segment_seconds: requested segment lengths in seconds (each ``0 < s <= max_segment_seconds``).
             super_resolution: also warm the SR DiT's shapes when one is loaded.
+            lipsync: also warm the lip-sync shape of each length (base DiT only).
 
         Returns:
-            ``{"shapes": [{"model": "dit"|"sr_dit", "seconds", "audio_latents", "text_rows", "seq_len",
-            "first_call_s", "graph_loop"}, ...], "total_s": float}`` (``graph_loop``: the whole loop ran).
+            ``{"shapes": [{"model": "dit"|"sr_dit", "kind": "speak"|"lipsync", "seconds", "audio_latents",
+            "text_rows", "seq_len", "first_call_s", "graph_loop"}, ...], "total_s": float}``
+            (``graph_loop``: the whole loop ran).
 
         Raises:
             EngineInputError: a length outside ``(0, max_segment_seconds]``.
@@ -208,21 +210,29 @@ class MagiHumanEngine:
                 cfg = runner.config
                 features = torch.zeros(TEXT_TARGET_LENGTH, cfg.text_in_channels, device=self.device)
                 for seconds in lengths:
-                    geo = SegmentGeometry.for_seconds(seconds, width, height, self.fps)
-                    video = torch.zeros(geo.latent_shape(cfg.latent_channels), device=self.device)
-                    audio = torch.zeros(1, geo.audio_latents, cfg.audio_in_channels, device=self.device)
-                    for rows in self.text_rows_options():
-                        inputs = runner.prepare(video.shape, geo.audio_latents, features, rows, device=self.device)
-                        t0 = time.perf_counter()
-                        whole_loop = model == "dit" and self._warm_graph_loop(inputs, video, audio)
-                        if not whole_loop:
-                            for _ in range(2 if runner.before_call is not None else 1):
-                                runner.velocity(inputs, video, audio)
-                        if self.device.type == "cuda":
-                            torch.cuda.synchronize(self.device)
-                        shapes.append({"model": model, "seconds": seconds, "audio_latents": geo.audio_latents,
-                                       "text_rows": rows, "seq_len": inputs.length,
-                                       "first_call_s": time.perf_counter() - t0, "graph_loop": whole_loop})
+                    speak = SegmentGeometry.for_seconds(seconds, width, height, self.fps)
+                    kinds = [("speak", speak)]
+                    if lipsync and model == "dit" and speak.audio_latents > 1:
+                        kinds.append(("lipsync", SegmentGeometry.for_audio_latents(speak.audio_latents - 1,
+                                                                                   width, height)))
+                    for kind, geo in kinds:
+                        video = torch.zeros(geo.latent_shape(cfg.latent_channels), device=self.device)
+                        audio = torch.zeros(1, geo.audio_latents, cfg.audio_in_channels, device=self.device)
+                        for rows in self.text_rows_options():
+                            inputs = runner.prepare(video.shape, geo.audio_latents, features, rows,
+                                                    device=self.device)
+                            t0 = time.perf_counter()
+                            whole_loop = model == "dit" and self._warm_graph_loop(inputs, video, audio,
+                                                                                  a2v=kind == "lipsync")
+                            if not whole_loop:
+                                for _ in range(2 if runner.before_call is not None else 1):
+                                    runner.velocity(inputs, video, audio)
+                            if self.device.type == "cuda":
+                                torch.cuda.synchronize(self.device)
+                            shapes.append({"model": model, "kind": kind, "seconds": seconds,
+                                           "audio_latents": geo.audio_latents, "text_rows": rows,
+                                           "seq_len": inputs.length, "first_call_s": time.perf_counter() - t0,
+                                           "graph_loop": whole_loop})
         total = time.perf_counter() - started
         logger.info("warmed %d DiT shapes in %.1f s", len(shapes), total)
         return {"shapes": shapes, "total_s": total}
@@ -237,10 +247,10 @@ class MagiHumanEngine:
             return False
         return True
 
-    def _warm_graph_loop(self, inputs, video: torch.Tensor, audio: torch.Tensor) -> bool:
-        """Run (and capture, where allowed) the static loop of a speak segment on ``inputs``; False when
-        the graph loop is off or does not run the engine's sampler."""
-        config = dataclasses.replace(self.sampler, a2v=False, keep_audio_clean=self.keep_audio_clean)
+    def _warm_graph_loop(self, inputs, video: torch.Tensor, audio: torch.Tensor, *, a2v: bool = False) -> bool:
+        """Run (and capture, where allowed) the static loop of a speak (``a2v``: lip-sync) segment on
+        ``inputs``; False when the graph loop is off or does not run the engine's sampler."""
+        config = dataclasses.replace(self.sampler, a2v=a2v, keep_audio_clean=self.keep_audio_clean)
         if not self._static_loop_config(config):
             return False
         steps = config.num_steps

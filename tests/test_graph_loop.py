@@ -290,13 +290,12 @@ def test_a_backend_change_drops_the_static_segments(dit):
         packed = runner.prepare(video.shape, audio.shape[1], features, 40)
         noise = draw_step_noise(gen, video, audio, 8)
         loop.run(packed, video, audio, TEXT, noise)
-        first = next(iter(loop._segments.values()))
         loop.run(packed, video, audio, TEXT, noise)
-        assert next(iter(loop._segments.values())) is first
+        assert len(loop) == 1 and loop.allocations == 1  # the second run reuses the first's buffers
         apply_backend(runner, "fast", "cpu")
         assert runner.takes_static_inputs  # the fast step passes them with its attention kernel
         loop.run(packed, video, audio, TEXT, noise)
-        assert len(loop) == 1 and next(iter(loop._segments.values())) is not first
+        assert len(loop) == 1 and loop.allocations == 2  # new buffers for the new step
 
 
 class RecordingCaptures(GraphLoop):
@@ -329,9 +328,9 @@ def test_capture_policy_second_run_warm_up_at_once_and_lru_bound(dit):
         b = run(SECONDS, 100, capture_now=True)  # warm_up: at once
         assert loop.captured == [a, b]
         c = run(0.4, 40)
-        assert len(loop) == 2 and a not in loop._segments  # least recently used dropped
+        assert len(loop) == 2 and a not in loop.keys()  # least recently used dropped
         run(SECONDS, 40)  # a again: a new static segment, its first run
-        assert loop.captured == [a, b] and c in loop._segments and b not in loop._segments
+        assert loop.captured == [a, b] and loop.keys() == [c, a]
     with pytest.raises(ValueError, match="capture_after"):
         GraphLoop(runner, capture_after=0)
 
@@ -415,10 +414,16 @@ def test_warm_up_runs_the_loop_of_every_shape(engine):
     report = engine.warm_up([SECONDS])
     rows = engine.text_rows_options()
     dit_shapes = [s for s in report["shapes"] if s["model"] == "dit"]
-    assert [s["text_rows"] for s in dit_shapes] == list(rows) and all(s["graph_loop"] for s in dit_shapes)
+    speak_shapes = [s for s in dit_shapes if s["kind"] == "speak"]
+    assert [s["text_rows"] for s in speak_shapes] == list(rows) and all(s["graph_loop"] for s in dit_shapes)
     geo = SegmentGeometry.for_seconds(SECONDS, WIDTH, HEIGHT)
-    keys = {k for k in engine.graph_loop._segments if k[1] == geo.audio_latents and k[5]}
+    keys = {k for k in engine.graph_loop.keys() if k[1] == geo.audio_latents and k[5]}
     assert {k[2] - geo.video_tokens - geo.audio_latents for k in keys} >= set(rows)
+    # the lip-sync shape of the same length: one audio latent fewer (a2v loop)
+    assert [s["kind"] for s in dit_shapes] == ["speak"] * len(rows) + ["lipsync"] * len(rows)
+    lipsync = SegmentGeometry.for_audio_latents(geo.audio_latents - 1, WIDTH, HEIGHT)
+    keys = {k for k in engine.graph_loop.keys() if k[1] == lipsync.audio_latents}
+    assert {k[2] - lipsync.video_tokens - lipsync.audio_latents for k in keys} >= set(rows)
 
 
 # ---------------------------------------------------------------------------------------- CUDA only
