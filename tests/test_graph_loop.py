@@ -479,12 +479,13 @@ def test_cuda_static_loop_has_no_device_to_host_copy():
 
 @cuda
 def test_cuda_engine_captures_in_warm_up_and_replays_while_serving():
-    """warm_up captures one graph per text bucket; a request of a warmed shape replays it (no new
-    capture) and matches sample(). The codecs are left out (only the DiT runs here)."""
+    """warm_up captures one graph per text bucket and kind (speak, lip-sync); a request of a warmed
+    shape replays it (no new capture) and matches sample(). The codecs are left out (only the DiT
+    runs here)."""
     engine = build_preview_engine(seed=0, device="cuda")
     assert engine.graph_loop is not None  # on by default for CUDA
     report = engine.warm_up([SECONDS], super_resolution=False)
-    assert engine.graph_loop.captures == len(report["shapes"]) == len(engine.text_rows_options())
+    assert engine.graph_loop.captures == len(report["shapes"]) == 2 * len(engine.text_rows_options())
     assert not engine.graph_loop.failures
     config = dataclasses.replace(engine.sampler, a2v=False, keep_audio_clean=engine.keep_audio_clean)
     gen, video, audio, image, features = segment_inputs(9, device="cuda")

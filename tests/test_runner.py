@@ -165,11 +165,14 @@ def test_distinct_dit_shapes_are_bounded_by_the_buckets(engine, identity):
 
 def test_warm_up_runs_every_shape_generation_can_ask_for(engine, identity):
     report = engine.warm_up([0.4, 0.8], super_resolution=False)
-    shapes = {(s["seconds"], s["text_rows"], s["seq_len"]) for s in report["shapes"]}
+    shapes = {(s["kind"], s["seconds"], s["text_rows"], s["seq_len"]) for s in report["shapes"]}
     expected = set()
     for seconds in (0.4, 0.8):
         geo = SegmentGeometry.for_seconds(seconds, engine.width, engine.height)
-        expected |= {(seconds, b, geo.sequence_length(b)) for b in (64, 128, 256)}
+        # lip-sync of the same length: the encoded audio has one latent fewer (floor(25 s))
+        lipsync = SegmentGeometry.for_audio_latents(geo.audio_latents - 1, engine.width, engine.height)
+        expected |= {("speak", seconds, b, geo.sequence_length(b)) for b in (64, 128, 256)}
+        expected |= {("lipsync", seconds, b, lipsync.sequence_length(b)) for b in (64, 128, 256)}
     assert shapes == expected and report["total_s"] >= max(s["first_call_s"] for s in report["shapes"])
     seen, handle = _dit_lengths(engine)
     try:
