@@ -102,33 +102,71 @@ def read_audio_file(path: str | Path, sample_rate_hz: int = MIC_SAMPLE_RATE_HZ) 
     return (np.clip(samples, -1.0, 1.0) * 32767.0).astype(np.int16)
 
 
-class AudioFileTrack(MediaStreamTrack):
-    """Mono int16 samples sent as a live microphone: 20 ms frames paced at real time.
+class PacedMicrophoneTrack(MediaStreamTrack):
+    """A live microphone of mono int16 samples: 20 ms frames paced at real time.
 
     Frame ``k`` carries ``pts = k * samples_per_frame`` in a ``1 / sample_rate_hz`` time base
     and is released at ``start + pts / sample_rate_hz`` on a monotonic clock (the start is the
-    first :meth:`recv`, when the peer connection begins to send). After the last sample the
-    track goes on with silence, as a microphone in a quiet room does, so the server's voice
-    detection sees the speech end; :attr:`finished` is set once the last sample is handed out.
+    first :meth:`recv`, when the peer connection begins to send). Subclasses give the samples
+    of each frame (:meth:`next_chunk`); a short chunk is padded with silence.
+
+    Args:
+        sample_rate_hz: sample rate of the frames sent.
+    """
+
+    kind = "audio"
+
+    def __init__(self, sample_rate_hz: int = MIC_SAMPLE_RATE_HZ) -> None:
+        super().__init__()
+        self.sample_rate_hz = sample_rate_hz
+        self.samples_per_frame = sample_rate_hz * MIC_FRAME_MS // 1000
+        self._time_base = Fraction(1, sample_rate_hz)
+        self._start_s: float | None = None
+        self._pts = 0
+
+    def next_chunk(self, pts: int) -> np.ndarray:
+        """The int16 samples of the frame at ``pts`` (at most ``samples_per_frame``)."""
+        raise NotImplementedError
+
+    async def recv(self) -> av.AudioFrame:
+        """The next 20 ms frame, released at its media time."""
+        if self.readyState != "live":
+            raise MediaStreamError
+        now_s = time.monotonic()
+        if self._start_s is None:
+            self._start_s = now_s
+        pts = self._pts
+        wait_s = self._start_s + pts / self.sample_rate_hz - now_s
+        if wait_s > 0:
+            await asyncio.sleep(wait_s)
+        chunk = self.next_chunk(pts)
+        if chunk.size < self.samples_per_frame:
+            chunk = np.concatenate([chunk, np.zeros(self.samples_per_frame - chunk.size, dtype=np.int16)])
+        frame = av.AudioFrame.from_ndarray(chunk.reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate = self.sample_rate_hz
+        frame.pts = pts
+        frame.time_base = self._time_base
+        self._pts = pts + self.samples_per_frame
+        return frame
+
+
+class AudioFileTrack(PacedMicrophoneTrack):
+    """Mono int16 samples sent as a live microphone (:class:`PacedMicrophoneTrack`). After the
+    last sample the track goes on with silence, as a microphone in a quiet room does, so the
+    server's voice detection sees the speech end; :attr:`finished` is set once the last sample
+    is handed out.
 
     Args:
         samples: mono int16 audio (see :func:`read_audio_file`).
         sample_rate_hz: its sample rate.
     """
 
-    kind = "audio"
-
     def __init__(self, samples: np.ndarray, sample_rate_hz: int = MIC_SAMPLE_RATE_HZ) -> None:
-        super().__init__()
         if samples.ndim != 1 or samples.dtype != np.int16:
             raise ValueError(f"samples: need mono int16, got {samples.dtype} with shape {samples.shape}")
+        super().__init__(sample_rate_hz)
         self.samples = samples
-        self.sample_rate_hz = sample_rate_hz
-        self.samples_per_frame = sample_rate_hz * MIC_FRAME_MS // 1000
         self.finished = asyncio.Event()
-        self._time_base = Fraction(1, sample_rate_hz)
-        self._start_s: float | None = None
-        self._pts = 0
 
     @classmethod
     def from_file(cls, path: str | Path) -> AudioFileTrack:
@@ -140,54 +178,26 @@ class AudioFileTrack(MediaStreamTrack):
         """Length of the audio (the silence after it not counted)."""
         return self.samples.size / self.sample_rate_hz
 
-    async def recv(self) -> av.AudioFrame:
-        """The next 20 ms frame, released at its media time (silence after the file)."""
-        if self.readyState != "live":
-            raise MediaStreamError
-        now_s = time.monotonic()
-        if self._start_s is None:
-            self._start_s = now_s
-        pts = self._pts
-        wait_s = self._start_s + pts / self.sample_rate_hz - now_s
-        if wait_s > 0:
-            await asyncio.sleep(wait_s)
-        chunk = self.samples[pts : pts + self.samples_per_frame]
-        if chunk.size < self.samples_per_frame:
-            chunk = np.concatenate([chunk, np.zeros(self.samples_per_frame - chunk.size, dtype=np.int16)])
+    def next_chunk(self, pts: int) -> np.ndarray:
+        """The file's samples at ``pts`` (none after its end)."""
         if pts + self.samples_per_frame >= self.samples.size:
             self.finished.set()
-        frame = av.AudioFrame.from_ndarray(chunk.reshape(1, -1), format="s16", layout="mono")
-        frame.sample_rate = self.sample_rate_hz
-        frame.pts = pts
-        frame.time_base = self._time_base
-        self._pts = pts + self.samples_per_frame
-        return frame
+        return self.samples[pts : pts + self.samples_per_frame]
 
 
-class PushAudioTrack(MediaStreamTrack):
-    """A live microphone fed by :meth:`push`: mono int16 samples played out in 20 ms frames at
-    real time on a monotonic clock, silence whenever nothing is queued.
-
-    Frame ``k`` carries ``pts = k * samples_per_frame`` in a ``1 / sample_rate_hz`` time base
-    and is released at ``start + pts / sample_rate_hz`` (the start is the first :meth:`recv`).
-    Audio pushed faster than real time (a TTS answers in bursts) waits in the queue; audio
-    pushed while the queue is empty starts with the next frame.
+class PushAudioTrack(PacedMicrophoneTrack):
+    """A live microphone fed by :meth:`push` (:class:`PacedMicrophoneTrack`), silence whenever
+    nothing is queued. Audio pushed faster than real time (a TTS answers in bursts) waits in the
+    queue; audio pushed while the queue is empty starts with the next frame.
 
     Args:
         sample_rate_hz: sample rate of the pushed samples and of the frames sent.
     """
 
-    kind = "audio"
-
     def __init__(self, sample_rate_hz: int = MIC_SAMPLE_RATE_HZ) -> None:
-        super().__init__()
-        self.sample_rate_hz = sample_rate_hz
-        self.samples_per_frame = sample_rate_hz * MIC_FRAME_MS // 1000
+        super().__init__(sample_rate_hz)
         self.sent_samples = 0  # pushed samples handed out so far (silence not counted)
         self._queue = np.zeros(0, dtype=np.int16)
-        self._time_base = Fraction(1, sample_rate_hz)
-        self._start_s: float | None = None
-        self._pts = 0
 
     @property
     def queued_samples(self) -> int:
@@ -210,24 +220,8 @@ class PushAudioTrack(MediaStreamTrack):
         self._queue = np.zeros(0, dtype=np.int16)
         return int(dropped)
 
-    async def recv(self) -> av.AudioFrame:
-        """The next 20 ms frame (queued samples, padded with silence), released at its media time."""
-        if self.readyState != "live":
-            raise MediaStreamError
-        now_s = time.monotonic()
-        if self._start_s is None:
-            self._start_s = now_s
-        pts = self._pts
-        wait_s = self._start_s + pts / self.sample_rate_hz - now_s
-        if wait_s > 0:
-            await asyncio.sleep(wait_s)
+    def next_chunk(self, pts: int) -> np.ndarray:
+        """The next queued samples (counted in :attr:`sent_samples`)."""
         chunk, self._queue = self._queue[: self.samples_per_frame], self._queue[self.samples_per_frame :]
         self.sent_samples += chunk.size
-        if chunk.size < self.samples_per_frame:
-            chunk = np.concatenate([chunk, np.zeros(self.samples_per_frame - chunk.size, dtype=np.int16)])
-        frame = av.AudioFrame.from_ndarray(chunk.reshape(1, -1), format="s16", layout="mono")
-        frame.sample_rate = self.sample_rate_hz
-        frame.pts = pts
-        frame.time_base = self._time_base
-        self._pts = pts + self.samples_per_frame
-        return frame
+        return chunk
